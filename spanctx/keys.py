@@ -1,0 +1,70 @@
+"""Content keys of spans: 128-bit xxhash digests chained like vLLM's block hashes.
+
+A span's key names its KV cache. Two spans share a key only if their KV is the same
+tensor: same model (namespace), same tokens, and the same past they were computed
+after (the parent key). Keys are plain ``bytes`` so the store and the planner never
+see a tensor or a model.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from collections.abc import Sequence
+
+import torch
+import xxhash
+
+KEY_BYTES = 16
+
+
+def _digest(*parts: bytes) -> bytes:
+    h = xxhash.xxh3_128()
+    for part in parts:
+        # length-prefix every part so that ("ab", "c") and ("a", "bc") never collide
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.digest()
+
+
+def _ids_bytes(token_ids: Sequence[int]) -> bytes:
+    return array("I", token_ids).tobytes()
+
+
+def root_key(namespace: bytes) -> bytes:
+    """Key of the empty prompt of one namespace: the parent of every first span."""
+    return _digest(b"root", namespace)
+
+
+def span_key(parent_key: bytes, token_ids: Sequence[int], namespace: bytes) -> bytes:
+    """Key of a span's KV computed right after the prompt named by ``parent_key``."""
+    if len(parent_key) != KEY_BYTES:
+        raise ValueError(f"parent key must be {KEY_BYTES} bytes, got {len(parent_key)}")
+    return _digest(b"span", parent_key, _ids_bytes(token_ids), namespace)
+
+
+def model_namespace(model: torch.nn.Module, adapter: str | None = None) -> bytes:
+    """Fingerprint of everything that changes a span's KV besides its tokens and past.
+
+    It covers the model class, its config, its dtype, a sample of its weights (two
+    random-weight models with one config must not share entries) and the adapter id.
+    """
+    config = model.config.to_dict()
+    config.pop("_name_or_path", None)
+    config.pop("transformers_version", None)
+    parts = [
+        type(model).__name__.encode(),
+        json.dumps(config, sort_keys=True, default=str).encode(),
+        str(model.dtype).encode(),
+        _weight_sample(model),
+        (adapter or "").encode(),
+    ]
+    return _digest(b"namespace", *parts)
+
+
+def _weight_sample(model: torch.nn.Module) -> bytes:
+    """A few values of the first and last parameter tensors, as bytes."""
+    params = list(model.parameters())
+    picks = [params[0], params[-1]] if params else []
+    sample = [p.detach().reshape(-1)[:64].float().cpu() for p in picks]
+    return b"".join(t.numpy().tobytes() for t in sample)

@@ -1,0 +1,92 @@
+"""The one module that talks to transformers' Cache objects.
+
+Layout everywhere: keys and values ``[B, H_kv, S, D]`` per layer, keys after RoPE.
+Caches built here are plain ``DynamicCache``s of full ``DynamicLayer``s, also for
+sliding-window models: the store keeps whole spans, and transformers' sliding masks
+follow positions, so a full layer gives the same attention as a truncated one (the
+tests check this on Mistral- and Gemma2-style models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .store import SpanKV
+
+
+@attrs.frozen(eq=False)
+class KVSlice:
+    """Tokens ``[start, end)`` of a stored span (relative to the span)."""
+
+    kv: SpanKV
+    start: int
+    end: int
+
+    @classmethod
+    def whole(cls, kv: SpanKV) -> KVSlice:
+        return cls(kv, 0, kv.num_tokens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+def empty_cache() -> DynamicCache:
+    return DynamicCache()
+
+
+def assemble(pieces: Sequence[KVSlice]) -> DynamicCache:
+    """A fresh cache holding ``pieces`` one after the other along the sequence.
+
+    The result owns new tensors (one ``torch.cat`` per layer): nothing it does later
+    can change a stored span.
+    """
+    cache = DynamicCache()
+    if not pieces:
+        return cache
+    num_layers = len(pieces[0].kv.keys)
+    for layer_idx in range(num_layers):
+        # k, v: [1, H_kv, sum(S_i), D]
+        k = torch.cat([p.kv.keys[layer_idx][:, :, p.start : p.end] for p in pieces], dim=-2)
+        v = torch.cat([p.kv.values[layer_idx][:, :, p.start : p.end] for p in pieces], dim=-2)
+        cache.layers.append(_full_layer(k, v))
+    return cache
+
+
+def _full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
+    layer = DynamicLayer()
+    layer.lazy_initialization(keys, values)
+    layer.keys, layer.values = keys, values
+    return layer
+
+
+def cache_length(cache: DynamicCache) -> int:
+    return cache.get_seq_length()
+
+
+def extract(cache: DynamicCache, start: int, end: int) -> SpanKV:
+    """Copy tokens ``[start, end)`` of every layer of ``cache`` into a new ``SpanKV``."""
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False):
+            raise RuntimeError("spanctx caches use full layers; got a sliding layer")
+    keys = tuple(layer.keys[:, :, start:end].clone() for layer in cache.layers)
+    values = tuple(layer.values[:, :, start:end].clone() for layer in cache.layers)
+    return SpanKV(keys, values)
+
+
+def as_slices(cache: DynamicCache) -> SpanKV:
+    """The whole of ``cache`` as a ``SpanKV`` view (no copy): for re-assembling."""
+    return SpanKV(
+        tuple(layer.keys for layer in cache.layers),
+        tuple(layer.values for layer in cache.layers),
+    )
+
+
+def layout(kv: SpanKV) -> tuple[tuple[int, int, str], ...]:
+    """Per layer (H_kv, D, dtype): what must match between a span and a model."""
+    return tuple((k.shape[1], k.shape[-1], str(k.dtype)) for k in kv.keys)

@@ -1,0 +1,129 @@
+"""Built-in models: random weights in a given shape, with the offline byte tokenizer.
+
+Tiny presets run in seconds on a CPU (the demo's default and the tests' models). The
+real-shape presets have the exact shapes of public models, for benchmarks: timing does
+not depend on the weights' values. All preset weights are RANDOM: their text is noise.
+To use a real model, pass a local folder or a hub id to ``Runtime.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+from .tokenizer import byte_tokenizer
+
+TINY_VOCAB = len(byte_tokenizer())
+_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=8192,
+             bos_token_id=256, eos_token_id=257, pad_token_id=258, tie_word_embeddings=False)
+
+
+@attrs.frozen
+class Preset:
+    """A named random-weight model: its config and the dtype it is meant to run in."""
+
+    name: str
+    make_config: Callable[[], PretrainedConfig]
+    dtype: torch.dtype
+    description: str
+
+
+def _tiny(config_cls, **extra) -> Callable[[], PretrainedConfig]:
+    return lambda: config_cls(**{**_TINY, **extra})
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("tiny-llama", _tiny(LlamaConfig), torch.float32, "Llama, 4 layers, hidden 128"),
+        Preset("tiny-qwen2", _tiny(Qwen2Config), torch.float32, "Qwen2 (QKV bias), 4 layers"),
+        Preset("tiny-mistral", _tiny(MistralConfig, sliding_window=64), torch.float32,
+               "Mistral, sliding window 64"),
+        Preset("tiny-gemma2", _tiny(Gemma2Config, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+                                    hidden_activation="gelu_pytorch_tanh"), torch.float32,
+               "Gemma2: alternating sliding/full layers, logit soft-capping"),
+        Preset("tiny-gemma3", _tiny(Gemma3TextConfig, head_dim=32, query_pre_attn_scalar=32, sliding_window=64,
+                                    layer_types=["sliding_attention", "full_attention"] * 2,
+                                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                     "sliding_attention": {"rope_type": "default",
+                                                                           "rope_theta": 1e4}}),
+               torch.float32, "Gemma3 text: per-layer-type RoPE"),
+        Preset("tiny-gpt2", lambda: GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=4096,
+                                               vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257,
+                                               pad_token_id=258),
+               torch.float32, "GPT-2: absolute position embeddings, no RoPE"),
+        Preset("llama-3.1-8b", lambda: LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192},
+            rms_norm_eps=1e-5, bos_token_id=256, eos_token_id=257, pad_token_id=258),
+            torch.bfloat16, "Llama-3.1-8B shape (random weights)"),
+        Preset("granite-3.3-8b", lambda: GraniteConfig(
+            hidden_size=4096, intermediate_size=12800, num_hidden_layers=40, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=49159, max_position_embeddings=131072,
+            rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0},
+            attention_multiplier=0.0078125, embedding_multiplier=12.0, residual_multiplier=0.22,
+            logits_scaling=16.0, tie_word_embeddings=True, bos_token_id=256, eos_token_id=257,
+            pad_token_id=258),
+            torch.bfloat16, "Granite-3.3-8B shape (random weights)"),
+        Preset("qwen2.5-7b", lambda: Qwen2Config(
+            hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+            num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, rms_norm_eps=1e-6,
+            bos_token_id=256, eos_token_id=257, pad_token_id=258),
+            torch.bfloat16, "Qwen2.5-7B shape (random weights)"),
+    ]
+}
+
+DEFAULT_PRESET = "tiny-llama"
+
+
+def preset_config(name: str, **overrides) -> PretrainedConfig:
+    """The config of preset ``name`` with ``overrides`` applied (e.g. fewer layers)."""
+    config = _preset(name).make_config()
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            raise ValueError(f"{type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                seed: int = 0, attn_implementation: str | None = None, **overrides):
+    """Build preset ``name`` with random weights (seeded) on ``device``.
+
+    Returns ``(model, tokenizer)``. Weights are initialised on the device itself, so an
+    8B shape takes seconds on a GPU.
+    """
+    preset = _preset(name)
+    config = preset_config(name, **overrides)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or preset.dtype, **kwargs)
+    model.eval()
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model, byte_tokenizer()
+
+
+def _preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
