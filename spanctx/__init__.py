@@ -1,6 +1,6 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
-from .index import EntryInfo, SpanIndex, lru, lru_large_first
+from .index import EntryInfo, SpanIndex, lru
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
 from .runtime import GenerationStats, KVLayoutMismatch, Result, Runtime
@@ -29,7 +29,6 @@ __all__ = [
     "byte_tokenizer",
     "load_preset",
     "lru",
-    "lru_large_first",
     "plan_prompt",
     "preset_config",
 ]

@@ -32,11 +32,6 @@ def lru(entry: EntryInfo) -> object:
     return entry.last_used
 
 
-def lru_large_first(entry: EntryInfo) -> object:
-    """Least recently used first; among equally old entries, the larger first."""
-    return (entry.last_used, -entry.nbytes)
-
-
 @attrs.frozen
 class Admission:
     """Result of ``SpanIndex.admit``: whether the entry went in, and what left for it."""
