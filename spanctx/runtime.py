@@ -8,6 +8,7 @@ forward), then store the spans that the final call computed.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -105,6 +106,9 @@ class Runtime:
         device = device or default_device()
         if name_or_path in PRESETS:
             model, tokenizer = load_preset(name_or_path, device=device, dtype=dtype, **model_kwargs)
+        elif "/" not in name_or_path and not os.path.isdir(name_or_path):
+            raise ValueError(f"unknown preset {name_or_path!r} (and no such folder); presets: "
+                             f"{', '.join(PRESETS)}; or pass a local model folder or a hub id 'org/name'")
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 

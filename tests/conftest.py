@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
 
 import spanctx
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 
 # Sliding windows are shrunk so that the test prompts cross them.
 ARCHS = {
