@@ -10,6 +10,7 @@ what lets a span's KV be stored once and reused.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import attrs
 
@@ -59,7 +60,7 @@ class PromptResolver:
         for ids in pieces:
             key = self._key(key, ids)
             segments.append(PlanSegment(key, len(ids)))
-        token_ids = tuple(t for ids in pieces for t in ids)
+        token_ids = tuple(itertools.chain.from_iterable(pieces))
         return ResolvedPrompt(token_ids, tuple(segments))
 
     def span_ids(self, span: Span) -> tuple[int, ...]:
