@@ -96,21 +96,17 @@ class Runtime:
         self._kv_layout = self._probe_layout()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: str | None = None, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
+                        dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+                        quantization: str | None = None, max_gpu_memory: str | int | None = None,
                         store_bytes: int | None = None, **model_kwargs) -> Runtime:
         """A runtime on a preset (random weights, see ``spanctx.PRESETS``), a local model
-        folder, or a hub id. Device defaults to cuda, then mps, then cpu."""
-        from .presets import PRESETS, load_preset
+        folder, or a hub id. Device defaults to cuda, then mps, then cpu; the loading
+        options are documented in ``spanctx.loading``."""
+        from .loading import load_model
 
-        device = device or default_device()
-        if name_or_path in PRESETS:
-            model, tokenizer = load_preset(name_or_path, device=device, dtype=dtype, **model_kwargs)
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto", **model_kwargs)
-            model.to(device)
+        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, device_map=device_map,
+                                      quantization=quantization, max_gpu_memory=max_gpu_memory, **model_kwargs)
         return cls(model, tokenizer, store_bytes)
 
     # -- public API --------------------------------------------------------------------
