@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -18,12 +18,17 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from . import kv as kvops
+from . import scoring, states, structured
+from . import tools as tools_mod
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
 from .plan import Compute, Plan, Reuse, plan_prompt
 from .prompt import PromptResolver, ResolvedPrompt
+from .scoring import Candidate, Ranked, Score
 from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
+from .structured import JsonResult
+from .tools import ToolRun, ToolTurn
 
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
@@ -162,6 +167,37 @@ class Runtime:
             if reuse:
                 self._store_tail(call, cache)
             return out.logits[0, -1].float()
+
+    # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
+
+    def score(self, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True) -> list[Score]:
+        """Log-probabilities of each candidate after ``ctx``; the context is computed once
+        (through the store) for all of them. See ``spanctx.scoring``."""
+        return scoring.score(self, ctx, candidates, reuse=reuse)
+
+    def rank(self, ctx: Context, candidates: Sequence[Candidate], *, by: str = "logprob",
+             reuse: bool = True) -> list[Ranked]:
+        """``candidates`` best first by ``"logprob"`` or ``"mean_logprob"``."""
+        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse)
+
+    def hidden_states(self, ctx: Context, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:
+        """An embedding ``[hidden]`` of ``ctx``: the last token's final hidden state
+        (reuses the store) or the mean over all tokens (a full forward). See ``spanctx.states``."""
+        return states.hidden_states(self, ctx, reduction, reuse=reuse)
+
+    def generate_json(self, ctx: Context, format, *, max_new_tokens: int = 256, **generate_kwargs) -> JsonResult:
+        """Generate a value of ``format`` (pydantic model or JSON schema) under a grammar
+        mask, parsed and validated. See ``spanctx.structured``."""
+        return structured.generate_json(self, ctx, format, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def tool_turn(self, messages: Sequence[dict], tools: Sequence, **kwargs) -> ToolTurn:
+        """Render ``messages`` with ``tools``, generate, parse the tool calls. See ``spanctx.tools``."""
+        return tools_mod.tool_turn(self, messages, tools, **kwargs)
+
+    def run_tools(self, messages: Sequence[dict], tools: Sequence, **kwargs) -> ToolRun:
+        """Generate, call the requested tools, append their results, repeat until a reply
+        calls none. See ``spanctx.tools``."""
+        return tools_mod.run_tools(self, messages, tools, **kwargs)
 
     # -- execution ---------------------------------------------------------------------
 

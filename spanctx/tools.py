@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from . import validation
 from .spans import Context
 
 if TYPE_CHECKING:
@@ -85,13 +86,11 @@ class Tool:
     def __attrs_post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
             raise ValueError(f"a tool needs a non-empty string name, got {self.name!r}")
-        validator_cls = _jsonschema().Draft202012Validator
-        schema = _strict_nullable(self.parameters)
         try:
-            validator_cls.check_schema(schema)
-        except _jsonschema().SchemaError as exc:
-            raise ValueError(f"tool {self.name!r}: invalid parameter schema: {exc.message}") from None
-        object.__setattr__(self, "_validator", validator_cls(schema))
+            checker = validation.validator(_strict_nullable(self.parameters))
+        except ValueError as exc:
+            raise ValueError(f"tool {self.name!r}: {exc}") from None
+        object.__setattr__(self, "_validator", checker)
 
     @classmethod
     def from_function(cls, function: Callable) -> Tool:
@@ -120,8 +119,7 @@ class Tool:
 
     def argument_errors(self, arguments: dict) -> list[str]:
         """What is wrong with ``arguments`` (empty when they are valid)."""
-        errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.absolute_path))
-        return [f"{'/'.join(map(str, e.absolute_path)) or '(arguments)'}: {e.message}" for e in errors]
+        return validation.errors(self._validator, arguments)
 
 
 _NO_PARAMETERS = {"type": "object", "properties": {}}
@@ -151,14 +149,6 @@ def _strict_nullable(schema: Any) -> Any:
         types = out["type"] if isinstance(out["type"], list) else [out["type"]]
         out["type"] = types if "null" in types else [*types, "null"]
     return out
-
-
-def _jsonschema():
-    try:
-        import jsonschema
-    except ImportError:
-        raise ImportError("tool argument validation needs jsonschema: pip install 'spanctx[tools]'") from None
-    return jsonschema
 
 
 # -- parsing -----------------------------------------------------------------------------
