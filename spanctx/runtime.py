@@ -93,7 +93,8 @@ class Runtime:
         self.tokenizer = tokenizer
         self.device = model.device
         self.namespace = model_namespace(model)
-        self.store = store or KVStore(
+        # not ``store or ...``: an empty KVStore is falsy (it has __len__)
+        self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.max_positions = _max_positions(model.config)
