@@ -114,6 +114,7 @@ def test_score_input_errors():
 # -- hidden states ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
 def test_hidden_states_match_a_full_forward(arch):
     rt = tiny_runtime(arch)
     base = spanctx.Context().append("A shared system prompt, long enough to matter. ")

@@ -32,7 +32,7 @@ class Pet(pydantic.BaseModel):
     tags: list[Literal["a", "b"]] = pydantic.Field(max_length=2)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(schema=bounded_json_schemas)
 def test_random_model_output_always_parses_and_validates(schema):
     rt = tiny_runtime("llama")
