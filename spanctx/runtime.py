@@ -171,15 +171,16 @@ class Runtime:
 
     # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
 
-    def score(self, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True) -> list[Score]:
+    def score(self, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+              batch_size: int = 16) -> list[Score]:
         """Log-probabilities of each candidate after ``ctx``; the context is computed once
         (through the store) for all of them. See ``spanctx.scoring``."""
-        return scoring.score(self, ctx, candidates, reuse=reuse)
+        return scoring.score(self, ctx, candidates, reuse=reuse, batch_size=batch_size)
 
     def rank(self, ctx: Context, candidates: Sequence[Candidate], *, by: str = "logprob",
-             reuse: bool = True) -> list[Ranked]:
+             reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
         """``candidates`` best first by ``"logprob"`` or ``"mean_logprob"``."""
-        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse)
+        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse, batch_size=batch_size)
 
     def hidden_states(self, ctx: Context, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:
         """An embedding ``[hidden]`` of ``ctx``: the last token's final hidden state

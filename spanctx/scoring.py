@@ -11,7 +11,9 @@ Cost of one call, in tokens run through the model:
 ``computed(ctx) + B * (L_max - 1)`` where ``B`` candidates have at most ``L_max``
 tokens, and ``computed(ctx)`` is the context's uncached part (at least one token). A
 full-prefill baseline (one forward of context + candidate per candidate) costs
-``B * len(ctx) + sum(L_i)``. Candidates are not stored: their KV is a one-off.
+``B * len(ctx) + sum(L_i)``. Candidates are not stored: their KV is a one-off. Memory:
+a batch holds ``batch_size`` copies of the context's KV, so large contexts want smaller
+batches.
 
 Batching: candidates are right-padded. Padding at the END of a row is never attended by
 the row's real tokens (attention is causal), so no attention mask is needed and every
@@ -62,12 +64,16 @@ class Ranked:
     score: Score
 
 
-def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True) -> list[Score]:
+def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+          batch_size: int = 16) -> list[Score]:
     """Scores of ``candidates`` after ``ctx``, in input order (see the module doc).
 
-    ``reuse=False`` computes the whole context without reading or writing the store
-    (still once for all candidates).
+    Candidates run ``batch_size`` at a time after the context's cache. ``reuse=False``
+    computes the whole context without reading or writing the store (still once for all
+    candidates).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(candidates, (str, Span)):
         raise TypeError("candidates is a sequence of candidates; wrap a single one in a list")
     if not candidates:
@@ -76,21 +82,23 @@ def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: 
     with rt._lock, torch.inference_mode():
         call = rt._prepare(ctx, reuse, max(len(ids) for ids in cand_ids))
         cache, last_logits = prefill_to_end(rt, call, reuse)
-        first = torch.log_softmax(last_logits.float(), dim=-1)  # [V]
-        rest = _continuation_logprobs(rt.model, cache, cand_ids)  # [B, L_max - 1]
-    scores = []
-    for row, ids in enumerate(cand_ids):
-        logprobs = [first[ids[0]].item(), *rest[row, : len(ids) - 1].tolist()]
-        scores.append(Score(tuple(ids), tuple(logprobs)))
+        first = torch.log_softmax(last_logits.float(), dim=-1).cpu()  # [V]
+        scores = []
+        for start in range(0, len(cand_ids), batch_size):
+            batch = cand_ids[start:start + batch_size]
+            rest = _continuation_logprobs(rt.model, cache, batch)  # [b, L_max - 1]
+            for row, ids in enumerate(batch):
+                logprobs = [first[ids[0]].item(), *rest[row, : len(ids) - 1].tolist()]
+                scores.append(Score(tuple(ids), tuple(logprobs)))
     return scores
 
 
 def rank(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *,
-         by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True) -> list[Ranked]:
+         by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
     """``candidates`` best first by ``by`` (ties keep input order)."""
     if by not in ("logprob", "mean_logprob"):
         raise ValueError(f"rank by 'logprob' or 'mean_logprob', got {by!r}")
-    scores = score(rt, ctx, candidates, reuse=reuse)
+    scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size)
     ranked = [Ranked(i, c, s) for i, (c, s) in enumerate(zip(candidates, scores))]
     return sorted(ranked, key=lambda r: -getattr(r.score, by))
 

@@ -73,6 +73,11 @@ def test_score_computes_the_context_once(arch):
         again = rt.score(ctx, CANDIDATES)
     assert counts == [1, len(CANDIDATES) * widest]  # the stored context is reused
     assert [s.token_ids for s in again] == [s.token_ids for s in scores]
+    with count_model_tokens(rt) as counts:
+        chunked = rt.score(ctx, CANDIDATES, batch_size=2)  # batches of 2, 2 and 1 candidates
+    assert len(counts) == 1 + 3
+    for a, b in zip(chunked, scores):
+        torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), atol=1e-5, rtol=0)
 
 
 def test_single_token_candidates_need_no_batch_forward():
@@ -105,6 +110,8 @@ def test_score_input_errors():
     assert rt.score(context(), []) == []
     with pytest.raises(TypeError, match="wrap a single one in a list"):
         rt.score(context(), " four")
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        rt.score(context(), ["a"], batch_size=0)
     with pytest.raises(ValueError, match="rank by"):
         rt.rank(context(), ["a"], by="sum")
     with pytest.raises(ValueError, match="cannot be empty"):
