@@ -101,7 +101,7 @@ def generate_json(rt: Runtime, ctx: Context, format: Any, *, max_new_tokens: int
         if generate_kwargs.get(key, 1) != 1:
             raise ValueError(f"generate_json makes one sequence: {key} must be 1")
     fmt = JsonFormat.of(format)
-    mask = GrammarMask(json_matcher(rt, fmt.schema), _eos_ids(rt))
+    mask = GrammarMask(json_matcher(rt, fmt.schema), eos_ids(rt))
     processors = LogitsProcessorList([*generate_kwargs.pop("logits_processor", []), mask])
     result = rt.generate(ctx, max_new_tokens, logits_processor=processors, **generate_kwargs)
     mask.advance(result.token_ids)  # the last token is sampled after the mask's last call
@@ -115,8 +115,8 @@ def json_matcher(rt: Runtime, schema: dict):
     """A fresh llguidance matcher for ``schema`` over ``rt``'s tokenizer and vocabulary."""
     llguidance = _llguidance()
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
-    matcher = llguidance.LLMatcher(_ll_tokenizer(rt.tokenizer, rt.model.config.get_text_config().vocab_size),
-                                   grammar, log_level=0)
+    ll_tokenizer = _ll_tokenizer(rt.tokenizer, rt.model.config.get_text_config().vocab_size, eos_ids(rt))
+    matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
     if matcher.is_error():
         raise ValueError(f"llguidance cannot compile this schema: {matcher.get_error()}")
     return matcher
@@ -167,8 +167,9 @@ def _unpack_bitmask(bitmask: bytes, vocab_size: int) -> torch.Tensor:
     return allowed[:vocab_size]
 
 
-def _eos_ids(rt: Runtime) -> frozenset[int]:
-    """The ids that end generation: the generation config's EOS ids and the tokenizer's."""
+def eos_ids(rt: Runtime) -> frozenset[int]:
+    """The ids that end generation: the generation config's EOS ids and the tokenizer's.
+    The mask allows all of them once the value is complete."""
     config_eos = getattr(rt.model.generation_config, "eos_token_id", None)
     ids = config_eos if isinstance(config_eos, list) else [config_eos]
     return frozenset(i for i in [*ids, rt.tokenizer.eos_token_id] if i is not None)
@@ -177,14 +178,16 @@ def _eos_ids(rt: Runtime) -> frozenset[int]:
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _ll_tokenizer(tokenizer, vocab_size: int):
-    """llguidance's view of ``tokenizer`` (built once per tokenizer and vocabulary size)."""
-    per_size = _LL_TOKENIZERS.setdefault(tokenizer, {})
-    if vocab_size not in per_size:
+def _ll_tokenizer(tokenizer, vocab_size: int, eos: frozenset[int]):
+    """llguidance's view of ``tokenizer`` (built once per tokenizer, vocabulary size and
+    EOS ids: it takes about a second for a real vocabulary)."""
+    built = _LL_TOKENIZERS.setdefault(tokenizer, {})
+    key = (vocab_size, tuple(sorted(eos)))
+    if key not in built:
         import llguidance.hf
 
-        per_size[vocab_size] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-    return per_size[vocab_size]
+        built[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(key[1]))
+    return built[key]
 
 
 def _llguidance():
