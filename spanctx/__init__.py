@@ -1,8 +1,8 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
 from .index import EntryInfo, SpanIndex, lru, lru_large_first
-from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .loading import load_model
+from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
 from .reward import RewardModel
 from .runtime import GenerationStats, KVLayoutMismatch, Result, Runtime

@@ -29,7 +29,8 @@ def full_reward(model, ids: list[int]) -> float:
 
 def test_rewards_match_full_forwards_and_reuse_the_conversation():
     rm = reward_model()
-    conversation = spanctx.Context().extend(["<|im_start|>user\nTell me a joke.<|im_end|>\n", "<|im_start|>assistant\n"])
+    conversation = spanctx.Context().extend(["<|im_start|>user\nTell me a joke.<|im_end|>\n",
+                                             "<|im_start|>assistant\n"])
     responses = [conversation.append(f"Joke number {i}.<|im_end|>") for i in range(4)]
     rewards = rm.rewards(responses)
     expected = [full_reward(rm.runtime.model, rm.runtime.token_ids(ctx)) for ctx in responses]

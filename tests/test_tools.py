@@ -59,7 +59,8 @@ def test_tool_from_function_reads_signature_and_docstring():
 
 
 def test_tool_from_schema_accepts_both_shapes():
-    inner = {"name": "f", "description": "d", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}
+    parameters = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    inner = {"name": "f", "description": "d", "parameters": parameters}
     for schema in (inner, {"type": "function", "function": inner}):
         tool = Tool.from_schema(schema)
         assert (tool.name, tool.description, tool.parameters) == ("f", "d", inner["parameters"])
