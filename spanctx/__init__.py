@@ -1,34 +1,68 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
 from .index import EntryInfo, SpanIndex, lru
+from .loading import load_model
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
+from .reward import RewardModel
 from .runtime import GenerationStats, KVLayoutMismatch, Result, Runtime
+from .scoring import Ranked, Score
 from .spans import Context, Span
 from .store import KVStore, SpanKV, StoreStats
+from .structured import JsonResult, StructuredOutputError
 from .tokenizer import byte_tokenizer
+from .tools import (
+    AssistantReply,
+    InvalidArguments,
+    MalformedToolCall,
+    Tool,
+    ToolCall,
+    ToolCallError,
+    ToolLoopLimit,
+    ToolRun,
+    ToolTurn,
+    UnknownTool,
+    parse_tool_calls,
+)
 
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
+    "AssistantReply",
     "Compute",
     "Context",
     "EntryInfo",
     "GenerationStats",
+    "InvalidArguments",
+    "JsonResult",
     "KVLayoutMismatch",
     "KVStore",
+    "MalformedToolCall",
     "Plan",
     "PlanSegment",
+    "Ranked",
     "Result",
     "Reuse",
+    "RewardModel",
     "Runtime",
+    "Score",
     "Span",
     "SpanIndex",
     "SpanKV",
     "StoreStats",
+    "StructuredOutputError",
+    "Tool",
+    "ToolCall",
+    "ToolCallError",
+    "ToolLoopLimit",
+    "ToolRun",
+    "ToolTurn",
+    "UnknownTool",
     "byte_tokenizer",
+    "load_model",
     "load_preset",
     "lru",
+    "parse_tool_calls",
     "plan_prompt",
     "preset_config",
 ]

@@ -105,20 +105,23 @@ def preset_config(name: str, **overrides) -> PretrainedConfig:
 
 
 def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                seed: int = 0, attn_implementation: str | None = None, **overrides):
+                seed: int = 0, attn_implementation: str | None = None, model_class=AutoModelForCausalLM,
+                **overrides):
     """Build preset ``name`` with random weights (seeded) on ``device``.
 
     Returns ``(model, tokenizer)``. Weights are initialised on the device itself, so an
-    8B shape takes seconds on a GPU.
+    8B shape takes seconds on a GPU. ``model_class`` is an ``AutoModelFor...`` class
+    (e.g. ``AutoModelForSequenceClassification`` for a random reward model).
     """
     preset = _preset(name)
     config = preset_config(name, **overrides)
     torch.manual_seed(seed)
     with torch.device(device):
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or preset.dtype, **kwargs)
+        model = model_class.from_config(config, dtype=dtype or preset.dtype, **kwargs)
     model.eval()
-    model.generation_config.pad_token_id = config.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = config.pad_token_id
     return model, byte_tokenizer()
 
 

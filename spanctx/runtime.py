@@ -8,11 +8,10 @@ forward), then store the spans that the final call computed.
 
 from __future__ import annotations
 
-import os
 import threading
-from array import array
 import time
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -20,12 +19,17 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from . import kv as kvops
+from . import scoring, states, structured
+from . import tools as tools_mod
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
 from .plan import Compute, Plan, Reuse, plan_prompt
 from .prompt import PromptResolver, ResolvedPrompt
+from .scoring import Candidate, Ranked, Score
 from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
+from .structured import JsonResult
+from .tools import ToolRun, ToolTurn
 
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
@@ -90,7 +94,8 @@ class Runtime:
         self.tokenizer = tokenizer
         self.device = model.device
         self.namespace = model_namespace(model)
-        self.store = store or KVStore(
+        # not ``store or ...``: an empty KVStore is falsy (it has __len__)
+        self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.max_positions = _max_positions(model.config)
@@ -98,24 +103,17 @@ class Runtime:
         self._kv_layout = self._probe_layout()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, device: str | None = None, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
+                        dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
+                        quantization: str | None = None, max_gpu_memory: str | int | None = None,
                         store_bytes: int | None = None, **model_kwargs) -> Runtime:
         """A runtime on a preset (random weights, see ``spanctx.PRESETS``), a local model
-        folder, or a hub id. Device defaults to cuda, then mps, then cpu."""
-        from .presets import PRESETS, load_preset
+        folder, or a hub id. Device defaults to cuda, then mps, then cpu; the loading
+        options are documented in ``spanctx.loading``."""
+        from .loading import load_model
 
-        device = device or default_device()
-        if name_or_path in PRESETS:
-            model, tokenizer = load_preset(name_or_path, device=device, dtype=dtype, **model_kwargs)
-        elif "/" not in name_or_path and not os.path.isdir(name_or_path):
-            raise ValueError(f"unknown preset {name_or_path!r} (and no such folder); presets: "
-                             f"{', '.join(PRESETS)}; or pass a local model folder or a hub id 'org/name'")
-        else:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto", **model_kwargs)
-            model.to(device)
+        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, device_map=device_map,
+                                      quantization=quantization, max_gpu_memory=max_gpu_memory, **model_kwargs)
         return cls(model, tokenizer, store_bytes)
 
     # -- public API --------------------------------------------------------------------
@@ -171,6 +169,38 @@ class Runtime:
             if reuse:
                 self._store_tail(call, cache)
             return out.logits[0, -1].float()
+
+    # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
+
+    def score(self, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+              batch_size: int = 16) -> list[Score]:
+        """Log-probabilities of each candidate after ``ctx``; the context is computed once
+        (through the store) for all of them. See ``spanctx.scoring``."""
+        return scoring.score(self, ctx, candidates, reuse=reuse, batch_size=batch_size)
+
+    def rank(self, ctx: Context, candidates: Sequence[Candidate], *, by: str = "logprob",
+             reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
+        """``candidates`` best first by ``"logprob"`` or ``"mean_logprob"``."""
+        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse, batch_size=batch_size)
+
+    def hidden_states(self, ctx: Context, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:
+        """An embedding ``[hidden]`` of ``ctx``: the last token's final hidden state
+        (reuses the store) or the mean over all tokens (a full forward). See ``spanctx.states``."""
+        return states.hidden_states(self, ctx, reduction, reuse=reuse)
+
+    def generate_json(self, ctx: Context, format, *, max_new_tokens: int = 256, **generate_kwargs) -> JsonResult:
+        """Generate a value of ``format`` (pydantic model or JSON schema) under a grammar
+        mask, parsed and validated. See ``spanctx.structured``."""
+        return structured.generate_json(self, ctx, format, max_new_tokens=max_new_tokens, **generate_kwargs)
+
+    def tool_turn(self, messages: Sequence[dict], tools: Sequence, **kwargs) -> ToolTurn:
+        """Render ``messages`` with ``tools``, generate, parse the tool calls. See ``spanctx.tools``."""
+        return tools_mod.tool_turn(self, messages, tools, **kwargs)
+
+    def run_tools(self, messages: Sequence[dict], tools: Sequence, **kwargs) -> ToolRun:
+        """Generate, call the requested tools, append their results, repeat until a reply
+        calls none. See ``spanctx.tools``."""
+        return tools_mod.run_tools(self, messages, tools, **kwargs)
 
     # -- execution ---------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import strategies as st
 
 import spanctx
@@ -38,3 +40,105 @@ def planner_inputs(draw, max_segments: int = 8):
     segments = [spanctx.PlanSegment(i.to_bytes(16, "little"), length) for i, length in enumerate(lengths)]
     stored = {seg.key for seg in segments if draw(st.booleans())}
     return segments, stored
+
+
+# -- tools (tests/test_tools.py) ---------------------------------------------------------
+
+
+def get_weather(city: str, days: int | None = None) -> dict:
+    """Weather forecast for a city.
+
+    Args:
+        city: The city's name.
+        days: How many days ahead (today when absent).
+    """
+    return {"city": city, "days": days, "forecast": "sunny"}
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first term.
+        b: The second term.
+    """
+    return a + b
+
+
+def now() -> str:
+    """The current time."""
+    return "12:00"
+
+
+TOOL_FUNCTIONS = (get_weather, add, now)
+
+_json_ints = st.integers(min_value=-(10**6), max_value=10**6)
+_texts = st.text(st.characters(codec="utf-8", exclude_characters="<>"), max_size=12)
+
+# valid arguments per tool, as (name, arguments)
+valid_calls = st.one_of(
+    st.tuples(st.just("get_weather"),
+              st.fixed_dictionaries({"city": _texts}, optional={"days": st.none() | st.integers(0, 30)})),
+    st.tuples(st.just("add"), st.fixed_dictionaries({"a": _json_ints, "b": _json_ints})),
+    st.tuples(st.just("now"), st.just({})),
+)
+
+
+@st.composite
+def call_json(draw, call: tuple[str, dict]) -> str:
+    """One call as the JSON a model could write: key order, alias, string-encoded
+    arguments and indentation vary."""
+    name, arguments = call
+    key = draw(st.sampled_from(["arguments", "parameters"]))
+    value = json.dumps(arguments) if draw(st.booleans()) else arguments
+    body = {"name": name, key: value} if draw(st.booleans()) else {key: value, "name": name}
+    return json.dumps(body, indent=draw(st.sampled_from([None, 2])), ensure_ascii=draw(st.booleans()))
+
+
+@st.composite
+def tagged_replies(draw) -> tuple[str, str, list[tuple[str, dict]]]:
+    """``(text, content, calls)``: prose around ``<tool_call>`` blocks holding ``calls``."""
+    calls = draw(st.lists(valid_calls, max_size=3))
+    prose = [draw(_texts) for _ in range(len(calls) + 1)]
+    pieces = [prose[0]]
+    for call, after in zip(calls, prose[1:]):
+        pad = draw(st.sampled_from(["", "\n", " "]))
+        pieces += [f"<tool_call>{pad}{draw(call_json(call))}{pad}</tool_call>", after]
+    return "".join(pieces), "".join(prose).strip(), calls
+
+
+noisy_replies = st.lists(
+    st.sampled_from(['<tool_call>', '</tool_call>', '{', '}', '[', ']', ',', ':', '"name"', '"arguments"',
+                     '"parameters"', '"get_weather"', '"add"', '"now"', '"city"', '"a"', '"b"', '1', '"x"',
+                     'null', 'true', ' ', '\n'])
+    | _texts,
+    max_size=24,
+).map("".join)
+
+# -- JSON output (tests/test_structured.py) ---------------------------------------------
+# Schemas whose values have a bounded length in compact JSON, so that a random model
+# under the grammar mask must finish within a few dozen tokens.
+
+_leaf_schemas = st.one_of(
+    st.just({"type": "boolean"}),
+    st.just({"type": "null"}),
+    st.integers(0, 999).map(lambda hi: {"type": "integer", "minimum": 0, "maximum": hi}),
+    st.lists(st.sampled_from(["red", "green", "blue", "x"]), min_size=1, max_size=3, unique=True)
+    .map(lambda words: {"enum": words}),
+    st.just({"type": "string", "pattern": "^[a-z]{1,4}$"}),
+    st.integers(0, 2).map(lambda n: {"type": "array", "items": {"type": "boolean"}, "maxItems": n}),
+)
+_property_names = st.text(st.sampled_from("abcxyz"), min_size=1, max_size=3)
+
+
+def _objects(values) -> st.SearchStrategy[dict]:
+    @st.composite
+    def build(draw) -> dict:
+        props = draw(st.dictionaries(_property_names, values, min_size=1, max_size=3))
+        required = [name for name in props if draw(st.booleans())]
+        return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+    return build()
+
+
+bounded_json_schemas = _objects(_leaf_schemas | _objects(_leaf_schemas))

@@ -1,0 +1,133 @@
+"""Scoring candidate continuations of a context: log-probabilities and ranking.
+
+``score(rt, ctx, candidates)`` gives, per candidate, the log-probability of its tokens
+after the context. The context's KV is assembled through the store (reused spans are not
+recomputed; computed spans are stored), extended to the context's end once, and then all
+candidates run in ONE batched forward after it. Each candidate is tokenized as a span
+after the context (``prompt.py``'s rule), so its ids are exactly the ids that
+``rt.generate(ctx.append(candidate))`` would see after the context.
+
+Cost of one call, in tokens run through the model:
+``computed(ctx) + B * (L_max - 1)`` where ``B`` candidates have at most ``L_max``
+tokens, and ``computed(ctx)`` is the context's uncached part (at least one token). A
+full-prefill baseline (one forward of context + candidate per candidate) costs
+``B * len(ctx) + sum(L_i)``. Candidates are not stored: their KV is a one-off. Memory:
+a batch holds ``batch_size`` copies of the context's KV, so large contexts want smaller
+batches.
+
+Batching: candidates are right-padded. Padding at the END of a row is never attended by
+the row's real tokens (attention is causal), so no attention mask is needed and every
+real position's logits are those of the unpadded row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import attrs
+import torch
+
+from . import kv as kvops
+from .spans import Context, Span
+
+if TYPE_CHECKING:
+    from .runtime import PreparedCall, Runtime
+
+Candidate = str | Sequence[int] | Span
+
+
+@attrs.frozen
+class Score:
+    """Log-probabilities (natural log) of one candidate's tokens after a context."""
+
+    token_ids: tuple[int, ...]
+    token_logprobs: tuple[float, ...]
+
+    @property
+    def logprob(self) -> float:
+        """log P(candidate | context): the sum over its tokens."""
+        return sum(self.token_logprobs)
+
+    @property
+    def mean_logprob(self) -> float:
+        """The per-token mean: a length-normalized score."""
+        return self.logprob / len(self.token_logprobs)
+
+
+@attrs.frozen
+class Ranked:
+    """One candidate in a ranking: its position in the input, itself, and its score."""
+
+    index: int
+    candidate: Candidate
+    score: Score
+
+
+def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+          batch_size: int = 16) -> list[Score]:
+    """Scores of ``candidates`` after ``ctx``, in input order (see the module doc).
+
+    Candidates run ``batch_size`` at a time after the context's cache. ``reuse=False``
+    computes the whole context without reading or writing the store (still once for all
+    candidates).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(candidates, (str, Span)):
+        raise TypeError("candidates is a sequence of candidates; wrap a single one in a list")
+    if not candidates:
+        return []
+    cand_ids = [rt.resolver.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
+    with rt._lock, torch.inference_mode():
+        call = rt._prepare(ctx, reuse, max(len(ids) for ids in cand_ids))
+        cache, last_logits = prefill_to_end(rt, call, reuse)
+        first = torch.log_softmax(last_logits.float(), dim=-1).cpu()  # [V]
+        scores = []
+        for start in range(0, len(cand_ids), batch_size):
+            batch = cand_ids[start:start + batch_size]
+            rest = _continuation_logprobs(rt.model, cache, batch)  # [b, L_max - 1]
+            for row, ids in enumerate(batch):
+                logprobs = [first[ids[0]].item(), *rest[row, : len(ids) - 1].tolist()]
+                scores.append(Score(tuple(ids), tuple(logprobs)))
+    return scores
+
+
+def rank(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *,
+         by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
+    """``candidates`` best first by ``by`` (ties keep input order)."""
+    if by not in ("logprob", "mean_logprob"):
+        raise ValueError(f"rank by 'logprob' or 'mean_logprob', got {by!r}")
+    scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size)
+    ranked = [Ranked(i, c, s) for i, (c, s) in enumerate(zip(candidates, scores))]
+    return sorted(ranked, key=lambda r: -getattr(r.score, by))
+
+
+def prefill_to_end(rt: Runtime, call: PreparedCall, reuse: bool):
+    """Run the prepared call's uncached tail; returns ``(cache, logits)``: a cache
+    holding the whole prompt and the last prompt token's logits ``[V]``. With ``reuse``
+    the tail's spans are stored, as after ``generate``."""
+    tail = call.input_ids[:, call.tail_start:]
+    cache = call.cache if reuse else kvops.empty_cache()
+    out = rt.model(input_ids=tail, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if reuse:
+        rt._store_tail(call, cache)
+    return cache, out.logits[0, -1]
+
+
+def _continuation_logprobs(model, cache, cand_ids: list[tuple[int, ...]]) -> torch.Tensor:
+    """``[B, L_max - 1]``: entry ``[b, j]`` is log P(token j+1 of candidate b | context and
+    its tokens 0..j). Entries past a candidate's end are padding."""
+    batch, width = len(cand_ids), max(len(ids) for ids in cand_ids) - 1
+    if width == 0:
+        return torch.empty(batch, 0)
+    device = model.device
+    # inputs: every candidate but its last token; targets: every candidate but its first
+    inputs = torch.zeros(batch, width, dtype=torch.long)
+    targets = torch.zeros(batch, width, dtype=torch.long)
+    for row, ids in enumerate(cand_ids):
+        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
+    out = model(input_ids=inputs.to(device), past_key_values=kvops.repeat_batch(cache, batch), use_cache=True)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, W, V]
+    return logprobs.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()
