@@ -1,5 +1,7 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
+from .adapters import AdapterError, AdapterInfo
+from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
 from .index import EntryInfo, SpanIndex, lru, lru_large_first
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
@@ -11,6 +13,11 @@ from .tokenizer import byte_tokenizer
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
+    "AdapterError",
+    "AdapterInfo",
+    "Attempt",
+    "CheckConfig",
+    "CheckLoopResult",
     "Compute",
     "Context",
     "EntryInfo",
@@ -26,6 +33,7 @@ __all__ = [
     "SpanIndex",
     "SpanKV",
     "StoreStats",
+    "Verdict",
     "byte_tokenizer",
     "load_preset",
     "lru",

@@ -8,16 +8,20 @@ forward), then store the spans that the final call computed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import attrs
 import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from . import checks
 from . import kv as kvops
+from .adapters import AdapterInfo, AdapterSet
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
 from .plan import Compute, Plan, Reuse, plan_prompt
@@ -94,6 +98,7 @@ class Runtime:
         self.max_positions = _max_positions(model.config)
         self._lock = threading.RLock()
         self._kv_layout = self._probe_layout()
+        self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None, dtype: torch.dtype | None = None,
@@ -115,16 +120,19 @@ class Runtime:
 
     # -- public API --------------------------------------------------------------------
 
-    def token_ids(self, ctx: Context) -> list[int]:
-        """The exact prompt ids of ``ctx``, the same with and without reuse."""
-        return list(self.resolver.resolve(ctx).token_ids)
+    def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
+        """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
+        appended), the same with and without reuse."""
+        with self._lock:
+            return list(self.adapters.resolve(ctx, adapter)[0].token_ids)
 
-    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, **generate_kwargs) -> Result:
+    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
+                 **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; other HF
         ``generate`` kwargs pass through. ``reuse=False`` is an ordinary full prefill of the
-        same ids that neither reads nor writes the store."""
-        with self._lock, torch.inference_mode():
-            call = self._prepare(ctx, reuse, max_new_tokens)
+        same ids that neither reads nor writes the store. ``adapter`` names a loaded
+        adapter (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``."""
+        with self._lock, torch.inference_mode(), self._prepared(ctx, reuse, max_new_tokens, adapter) as call:
             timer = _FirstTokenTimer()
             out = self._generate(call, max_new_tokens, timer, generate_kwargs)
             new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
@@ -134,7 +142,7 @@ class Runtime:
                 stats=self._stats(call, len(new_ids), timer.first_token_at),
             )
 
-    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True,
+    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
                **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -142,8 +150,7 @@ class Runtime:
 
         def run() -> None:
             try:
-                with self._lock, torch.inference_mode():
-                    call = self._prepare(ctx, reuse, max_new_tokens)
+                with self._lock, torch.inference_mode(), self._prepared(ctx, reuse, max_new_tokens, adapter) as call:
                     self._generate(call, max_new_tokens, streamer, generate_kwargs)
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
@@ -156,22 +163,68 @@ class Runtime:
         if failure:
             raise failure[0]
 
-    def next_token_logits(self, ctx: Context, *, reuse: bool = True) -> torch.Tensor:
-        """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``."""
-        with self._lock, torch.inference_mode():
-            call = self._prepare(ctx, reuse, 0)
+    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None) -> torch.Tensor:
+        """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
+        (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
+        return self._next_token_logits(ctx, reuse, adapter)[0]
+
+    # -- adapters and constraint checks (issue 4: adapters.py, checks.py) ----------------
+
+    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None) -> AdapterInfo:
+        """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
+        ``alora_invocation_tokens``) as ``name``. The model is adapted in place and never
+        reloaded; base calls keep running on base weights. ``invocation``: the aLoRA's
+        invocation text, checked against the configured token ids."""
+        with self._lock:
+            return self.adapters.add(name, path, invocation)
+
+    def list_adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded adapters by name, in load order."""
+        with self._lock:
+            return self.adapters.infos()
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from the model (its store entries age out by LRU)."""
+        with self._lock:
+            self.adapters.remove(name)
+
+    def check(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+              config: checks.CheckConfig = checks.DEFAULT_CHECK, reuse: bool = True) -> list[checks.Verdict]:
+        """One verdict per requirement on ``ctx`` (see ``spanctx.checks.check``)."""
+        return checks.check(self, ctx, requirements, adapter=adapter, config=config, reuse=reuse)
+
+    def check_loop(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+                   max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
+                   config: checks.CheckConfig = checks.DEFAULT_CHECK, **generate_kwargs) -> checks.CheckLoopResult:
+        """Generate, check, regenerate with the failed requirements as feedback (see
+        ``spanctx.checks.check_loop``)."""
+        return checks.check_loop(self, ctx, requirements, adapter=adapter, max_rounds=max_rounds,
+                                 max_new_tokens=max_new_tokens, generator=generator, config=config,
+                                 **generate_kwargs)
+
+    # -- execution ---------------------------------------------------------------------
+
+    def _next_token_logits(self, ctx: Context, reuse: bool, adapter: str | None
+                           ) -> tuple[torch.Tensor, GenerationStats]:
+        with self._lock, torch.inference_mode(), self._prepared(ctx, reuse, 0, adapter) as call:
             tail = call.input_ids[:, call.tail_start:]
             cache = call.cache if reuse else kvops.empty_cache()
             out = self.model(input_ids=tail, past_key_values=cache, use_cache=reuse, logits_to_keep=1)
             if reuse:
                 self._store_tail(call, cache)
-            return out.logits[0, -1].float()
+            return out.logits[0, -1].float(), self._stats(call, 0, None)
 
-    # -- execution ---------------------------------------------------------------------
-
-    def _prepare(self, ctx: Context, reuse: bool, max_new_tokens: int) -> PreparedCall:
+    @contextlib.contextmanager
+    def _prepared(self, ctx: Context, reuse: bool, max_new_tokens: int, adapter: str | None
+                  ) -> Iterator[PreparedCall]:
+        """Resolve ``ctx`` for the base model or ``adapter`` and assemble its cache; the
+        adapter stays on until the block ends, so the final call runs inside it."""
         started = time.perf_counter()
-        prompt = self.resolver.resolve(ctx)
+        prompt, activation = self.adapters.resolve(ctx, adapter)
+        with self.adapters.activated(activation):
+            yield self._prepare(prompt, reuse, max_new_tokens, started)
+
+    def _prepare(self, prompt: ResolvedPrompt, reuse: bool, max_new_tokens: int, started: float) -> PreparedCall:
         self._check_length(prompt.num_tokens + max_new_tokens)
         input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)
         if not reuse:
