@@ -162,10 +162,12 @@ class AdapterSet:
     def remove(self, name: str) -> None:
         """Unload ``name``. Unloading the last adapter restores the model's own modules."""
         self.get(name)
-        if len(self._infos) == 1:
+        others = [n for n in self._infos if n != name]
+        if not others:
             self._peft.base_model.unload()
             self._peft = None
         else:
+            self._peft.set_adapter(others[0])  # PEFT warns when the active adapter goes
             self._peft.delete_adapter(name)
         del self._infos[name]
         self._resolvers.pop(name, None)
@@ -227,7 +229,9 @@ class AdapterSet:
         h = xxhash.xxh3_128()
         config = self._peft.peft_config[name].to_dict()
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
-        for key, tensor in sorted(get_peft_model_state_dict(self._peft, adapter_name=name).items()):
+        # save_embedding_layers=False: "auto" would look the base model up on the hub
+        weights = get_peft_model_state_dict(self._peft, adapter_name=name, save_embedding_layers=False)
+        for key, tensor in sorted(weights.items()):
             flat = tensor.detach().reshape(-1).contiguous().cpu()
             h.update(f"{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
             h.update(flat.view(torch.uint8).numpy().tobytes())
@@ -348,7 +352,7 @@ def check_base_model(model: torch.nn.Module, folder: Path, config: dict) -> None
             side = "input" if part == "A" else "output"
             raise AdapterError(f"{str(folder)!r} adapts {path} with {side} size {got}, but this model's has "
                                f"{want}: the adapter is for another base model{made_for}")
-    ours = getattr(model, "name_or_path", "") or ""
+    ours = getattr(model.config, "name_or_path", "") or ""
     if trained_on and ours and _model_id(trained_on) != _model_id(ours):
         warnings.warn(f"adapter {str(folder)!r} was trained on {trained_on!r} but the model is {ours!r}; "
                       "its shapes fit, so it is loaded", UserWarning, stacklevel=4)
