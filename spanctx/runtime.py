@@ -195,12 +195,13 @@ class Runtime:
 
     def check_loop(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
                    max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
-                   config: checks.CheckConfig = checks.DEFAULT_CHECK, **generate_kwargs) -> checks.CheckLoopResult:
+                   config: checks.CheckConfig = checks.DEFAULT_CHECK, feedback: str = checks.DEFAULT_FEEDBACK,
+                   **generate_kwargs) -> checks.CheckLoopResult:
         """Generate, check, regenerate with the failed requirements as feedback (see
         ``spanctx.checks.check_loop``)."""
         return checks.check_loop(self, ctx, requirements, adapter=adapter, max_rounds=max_rounds,
                                  max_new_tokens=max_new_tokens, generator=generator, config=config,
-                                 **generate_kwargs)
+                                 feedback=feedback, **generate_kwargs)
 
     # -- execution ---------------------------------------------------------------------
 
