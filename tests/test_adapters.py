@@ -178,6 +178,20 @@ def test_lora_and_alora_mixed(setup):
         rt.generate(ctx, 4, adapter="style")
 
 
+def test_switching_agrees_with_peft(setup):
+    arch, alora, lora = setup
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", alora)
+    rt.add_adapter("style", lora)
+    layers = [m for m in rt.model.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(layer.disable_adapters for layer in layers)
+    for name in ["style", "check"]:
+        _, activation = rt.adapters.resolve(context(), name)
+        with rt.adapters.activated(activation):
+            assert all(layer.active_adapters == [name] and not layer.disable_adapters for layer in layers)
+        assert all(layer.disable_adapters for layer in layers)
+
+
 def test_stream_with_an_adapter(setup):
     arch, alora, _ = setup
     rt = fresh_runtime(arch)
@@ -272,9 +286,10 @@ def test_adapters_that_cannot_run_on_the_base_cache(tmp_path):
     rt = fresh_runtime("llama")
     model, tokenizer = tiny_model("llama")
     inv = invocation_ids(tokenizer)
-    make_adapter(model, tmp_path / "saves", invocation=inv, modules_to_save=["lm_head"])
-    with pytest.raises(AdapterError, match="modules_to_save"):
-        rt.add_adapter("x", tmp_path / "saves")
+    for adapter_invocation in (inv, None):
+        make_adapter(model, tmp_path / "saves", invocation=adapter_invocation, modules_to_save=["lm_head"])
+        with pytest.raises(AdapterError, match="modules_to_save"):
+            rt.add_adapter("x", tmp_path / "saves")
     make_adapter(model, tmp_path / "bias", bias="all")
     with pytest.raises(AdapterError, match="biases"):
         rt.add_adapter("x", tmp_path / "bias")
