@@ -121,9 +121,6 @@ class AdapterSet:
         self._resolvers: dict[str, PromptResolver] = {}  # plain LoRAs: keys under their namespace
         self._lora_layers: list[torch.nn.Module] = []
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
     def infos(self) -> dict[str, AdapterInfo]:
         return dict(self._infos)
 
@@ -151,8 +148,7 @@ class AdapterSet:
         config = read_adapter_config(folder)
         invocation_ids = self._invocation_ids(name, config, invocation)
         check_base_model(self.model, folder, config)
-        self._load(name, folder)
-        namespace = adapter_namespace(self.base_namespace, self._fingerprint(name))
+        namespace = adapter_namespace(self.base_namespace, self._load(name, folder))
         info = AdapterInfo(name, str(folder), invocation_ids, namespace)
         self._infos[name] = info
         if invocation_ids is None:
@@ -192,7 +188,9 @@ class AdapterSet:
                                    f"configured for {list(ids)}: the adapter would not activate on it")
         return ids
 
-    def _load(self, name: str, folder: Path) -> None:
+    def _load(self, name: str, folder: Path) -> bytes:
+        """Inject and load the adapter; returns its fingerprint. On failure the model is
+        left as it was."""
         from peft import LoraConfig, PeftModel
 
         try:
@@ -202,6 +200,7 @@ class AdapterSet:
                 self._peft = PeftModel(self.model, config, adapter_name=name)
             self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False,
                                     torch_device=str(self.model.device))
+            return self._fingerprint(name)
         except Exception:
             if self._peft is not None and name in self._peft.peft_config:
                 if len(self._peft.peft_config) == 1:

@@ -73,7 +73,8 @@ DEFAULT_CHECK = CheckConfig()
 
 @attrs.frozen
 class Verdict:
-    """One requirement's verdict; ``stats`` are those of its logits call."""
+    """One requirement's verdict. ``stats`` are those of its logits call (prompt, cached
+    and computed tokens; ``new_tokens`` is 0 and ``ttft_s`` is the time to the logits)."""
 
     requirement: str
     passed: bool

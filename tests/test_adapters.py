@@ -7,6 +7,7 @@ bitwise what they gave before any adapter call.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -21,6 +22,7 @@ from adapter_helpers import (
     reference_tokens,
 )
 from conftest import tiny_model
+from peft import IA3Config, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import spanctx
@@ -69,6 +71,25 @@ def test_alora_reuses_the_base_cache_and_matches_peft(setup):
     assert rt.generate(ctx, 8, adapter="check", reuse=False).token_ids == res.token_ids
     torch.testing.assert_close(rt.next_token_logits(ctx, adapter="check", reuse=False), logits, atol=ATOL, rtol=0)
     assert not torch.equal(base_logits, logits)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "gpt2"])
+def test_alora_on_other_architectures(arch, tmp_path):
+    """Sliding windows crossed by the prompt, per-layer RoPE, and GPT-2's Conv1D layers."""
+    model, tokenizer = tiny_model(arch)
+    gpt2_layers = {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True} if arch == "gpt2" else {}
+    make_adapter(model, tmp_path, invocation=invocation_ids(tokenizer), seed=1, **gpt2_layers)
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", tmp_path)
+    ref = peft_reference(arch, tmp_path)
+    ctx = context()
+    rt.generate(ctx, 1)
+    ids = rt.token_ids(ctx, adapter="check")
+    res = rt.generate(ctx, 8, adapter="check")
+    assert res.stats.cached_tokens == len(rt.token_ids(ctx))
+    assert res.token_ids == reference_tokens(ref, ids, 8)
+    torch.testing.assert_close(rt.next_token_logits(ctx, adapter="check"), reference_logits(ref, ids),
+                               atol=ATOL, rtol=0)
 
 
 def test_alora_cold_then_repeated(setup):
@@ -280,9 +301,35 @@ def test_adapters_for_another_base_model(tmp_path):
     assert "x" in rt.list_adapters()
 
 
-def test_adapters_that_cannot_run_on_the_base_cache(tmp_path):
-    from peft import IA3Config, get_peft_model
+def test_a_failed_load_leaves_the_model_as_it_was(setup, monkeypatch, tmp_path):
+    arch, alora, lora = setup
+    rt = fresh_runtime(arch)
+    rt.generate(context(), 1)
+    before = rt.next_token_logits(context())
 
+    def broken(self, name):
+        raise RuntimeError("disk on fire")
+
+    for loaded in ([], ["style"]):  # the first adapter (PEFT wraps the model) and a later one
+        for name in loaded:
+            rt.add_adapter(name, lora)
+        with monkeypatch.context() as patch:
+            patch.setattr(spanctx.adapters.AdapterSet, "_fingerprint", broken)
+            with pytest.raises(RuntimeError, match="disk on fire"):
+                rt.add_adapter("check", alora)
+        assert list(rt.list_adapters()) == loaded
+        assert all("check" not in layer.lora_A for layer in rt.model.modules() if isinstance(layer, LoraLayer))
+        assert torch.equal(rt.next_token_logits(context()), before)
+    rt.unload_adapter("style")
+    assert not any(isinstance(m, LoraLayer) for m in rt.model.modules())
+    config_file = tmp_path / "adapter_config.json"
+    make_adapter(tiny_model(arch)[0], tmp_path, invocation=[5, 99999])
+    with pytest.raises(AdapterError, match="not token ids"):
+        rt.add_adapter("x", tmp_path)
+    assert config_file.is_file()
+
+
+def test_refused_adapter_kinds(tmp_path):
     rt = fresh_runtime("llama")
     model, tokenizer = tiny_model("llama")
     inv = invocation_ids(tokenizer)
@@ -293,8 +340,6 @@ def test_adapters_that_cannot_run_on_the_base_cache(tmp_path):
     make_adapter(model, tmp_path / "bias", bias="all")
     with pytest.raises(AdapterError, match="biases"):
         rt.add_adapter("x", tmp_path / "bias")
-    import copy
-
     ia3 = get_peft_model(copy.deepcopy(model), IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj"],
                                                          feedforward_modules=[]))
     ia3.save_pretrained(tmp_path / "ia3")
