@@ -45,8 +45,8 @@ def test_verdicts_match_peft_full_prefill(setup):
     refs = {"check": peft_reference(arch, alora), "style": peft_reference(arch, lora), None: tiny_model(arch)[0]}
     ctx = context()
     for adapter, reference in refs.items():
-        verdicts = rt.check(ctx, REQUIREMENTS, adapter=adapter)
-        assert [v.requirement for v in verdicts] == REQUIREMENTS
+        verdicts = rt.check(ctx, REQUIREMENTS[:2], adapter=adapter)
+        assert [v.requirement for v in verdicts] == REQUIREMENTS[:2]
         for v in verdicts:
             expected = reference_probability(rt, reference, ctx, v.requirement, adapter)
             assert v.probability == pytest.approx(expected, abs=1e-4)
