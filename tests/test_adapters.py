@@ -59,16 +59,16 @@ def test_alora_reuses_the_base_cache_and_matches_peft(setup):
     ids = rt.token_ids(ctx, adapter="check")
     assert ids == base_ids + invocation_ids(rt.tokenizer)
 
-    res = rt.generate(ctx, 8, adapter="check")
+    res = rt.generate(ctx, 6, adapter="check")
     assert res.stats.cached_tokens == len(base_ids)
     assert res.stats.computed_tokens == len(ids) - len(base_ids)
-    assert res.token_ids == reference_tokens(ref, ids, 8)
+    assert res.token_ids == reference_tokens(ref, ids, 6)
 
     logits = rt.next_token_logits(ctx, adapter="check")
     torch.testing.assert_close(logits, reference_logits(ref, ids), atol=ATOL, rtol=0)
     # the adapter matters: its logits are far from the base model's on the same ids
     assert (logits - reference_logits(rt.model, ids)).abs().max() > 1e-2
-    assert rt.generate(ctx, 8, adapter="check", reuse=False).token_ids == res.token_ids
+    assert rt.generate(ctx, 6, adapter="check", reuse=False).token_ids == res.token_ids
     torch.testing.assert_close(rt.next_token_logits(ctx, adapter="check", reuse=False), logits, atol=ATOL, rtol=0)
     assert not torch.equal(base_logits, logits)
 
@@ -85,9 +85,9 @@ def test_alora_on_other_architectures(arch, tmp_path):
     ctx = context()
     rt.generate(ctx, 1)
     ids = rt.token_ids(ctx, adapter="check")
-    res = rt.generate(ctx, 8, adapter="check")
+    res = rt.generate(ctx, 6, adapter="check")
     assert res.stats.cached_tokens == len(rt.token_ids(ctx))
-    assert res.token_ids == reference_tokens(ref, ids, 8)
+    assert res.token_ids == reference_tokens(ref, ids, 6)
     torch.testing.assert_close(rt.next_token_logits(ctx, adapter="check"), reference_logits(ref, ids),
                                atol=ATOL, rtol=0)
 
@@ -135,11 +135,11 @@ def test_lora_spans_live_under_the_adapter_namespace(setup):
     ids = rt.token_ids(ctx)
     assert rt.token_ids(ctx, adapter="style") == ids
     rt.generate(ctx, 4)  # base entries for every span of ctx
-    first = rt.generate(ctx, 8, adapter="style")
+    first = rt.generate(ctx, 6, adapter="style")
     assert first.stats.cached_tokens == 0  # base KV is never used for a LoRA
-    second = rt.generate(ctx.append(" Be brief."), 8, adapter="style")
+    second = rt.generate(ctx.append(" Be brief."), 6, adapter="style")
     assert second.stats.cached_tokens == len(ids)  # its own entries are
-    assert first.token_ids == reference_tokens(ref, ids, 8)
+    assert first.token_ids == reference_tokens(ref, ids, 6)
     torch.testing.assert_close(rt.next_token_logits(ctx, adapter="style"), reference_logits(ref, ids),
                                atol=ATOL, rtol=0)
     assert (reference_logits(ref, ids) - reference_logits(rt.model, ids)).abs().max() > 1e-2
@@ -152,7 +152,7 @@ def test_base_calls_are_untouched_by_adapter_calls(setup):
     contexts = [context(), context().append(INVOCATION), spanctx.Context().append("Other text.")]
 
     def base_outputs():
-        return [(rt.generate(c, 6).token_ids, rt.next_token_logits(c), rt.next_token_logits(c, reuse=False))
+        return [(rt.generate(c, 4).token_ids, rt.next_token_logits(c), rt.next_token_logits(c, reuse=False))
                 for c in contexts]
 
     before = base_outputs()
@@ -160,8 +160,8 @@ def test_base_calls_are_untouched_by_adapter_calls(setup):
     rt.add_adapter("style", lora)
     assert rt.namespace == namespace
     for c in contexts:
-        rt.generate(c, 6, adapter="style")
-        rt.generate(c, 6, adapter="check")
+        rt.generate(c, 4, adapter="style")
+        rt.generate(c, 4, adapter="check")
         "".join(rt.stream(c, 4, adapter="check"))
         rt.check(c, ["Is short."], adapter="check")
     after = base_outputs()
@@ -218,7 +218,7 @@ def test_stream_with_an_adapter(setup):
     rt = fresh_runtime(arch)
     rt.add_adapter("check", alora)
     ctx = context()
-    assert "".join(rt.stream(ctx, 8, adapter="check")) == rt.generate(ctx, 8, adapter="check").text
+    assert "".join(rt.stream(ctx, 6, adapter="check")) == rt.generate(ctx, 6, adapter="check").text
 
 
 def test_alora_prompt_keys():
