@@ -1,5 +1,7 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
+from .adapters import AdapterError, AdapterInfo
+from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
@@ -28,7 +30,12 @@ from .tools import (
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
+    "AdapterError",
+    "AdapterInfo",
     "AssistantReply",
+    "Attempt",
+    "CheckConfig",
+    "CheckLoopResult",
     "Compute",
     "Context",
     "EntryInfo",
@@ -58,6 +65,7 @@ __all__ = [
     "ToolRun",
     "ToolTurn",
     "UnknownTool",
+    "Verdict",
     "byte_tokenizer",
     "load_model",
     "load_preset",

@@ -62,6 +62,16 @@ def model_namespace(model: torch.nn.Module, adapter: str | None = None) -> bytes
     return _digest(b"namespace", *parts)
 
 
+def adapter_namespace(base_namespace: bytes, adapter_fingerprint: bytes) -> bytes:
+    """Namespace of KV computed with an adapter on the model named by ``base_namespace``.
+
+    ``adapter_fingerprint`` must cover everything of the adapter that changes KV (its
+    config and weights), so that reloading other weights under one name never hits
+    entries of the old ones.
+    """
+    return _digest(b"adapter", base_namespace, adapter_fingerprint)
+
+
 def _weight_sample(model: torch.nn.Module) -> bytes:
     """A few values of the first and last parameter tensors, as bytes."""
     params = list(model.parameters())

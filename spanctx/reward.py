@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
-from . import kv as kvops
 from .runtime import Runtime
 from .spans import Context
 from .store import KVStore
@@ -57,18 +55,13 @@ class RewardModel:
     def reward(self, ctx: Context, *, reuse: bool = True) -> float:
         """The reward of ``ctx``'s prompt. ``reuse=False``: a full forward, store untouched."""
         rt = self.runtime
-        with rt._lock, torch.inference_mode():
-            call = rt._prepare(ctx, reuse, 0)
+        with rt.prepared(ctx, reuse=reuse) as call:
             if call.prompt.token_ids[-1] == rt.model.config.pad_token_id:
                 # the head pools the last NON-pad token: a trailing pad would move it
                 raise ValueError("the prompt ends with the pad token; the reward head reads the last non-pad token")
-            tail = call.input_ids[:, call.tail_start:]
-            cache = call.cache if reuse else kvops.empty_cache()
             # one row, no padding: the head pools the tail's last token, the prompt's last
-            logits = rt.model(input_ids=tail, past_key_values=cache, use_cache=reuse).logits  # [1, 1]
-            if reuse:
-                rt._store_tail(call, cache)
-            return logits[0, 0].float().item()
+            out, _ = rt.forward_tail(call)  # logits: [1, 1]
+            return out.logits[0, 0].float().item()
 
     def rewards(self, contexts: Sequence[Context], *, reuse: bool = True) -> list[float]:
         """``reward`` of each context, in order (one at a time: each reuses the spans the

@@ -8,22 +8,26 @@ forward), then store the spans that the final call computed.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from array import array
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import attrs
 import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
+from . import checks
 from . import kv as kvops
 from . import scoring, states, structured
 from . import tools as tools_mod
+from .adapters import AdapterInfo, AdapterSet
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
-from .plan import Compute, Plan, Reuse, plan_prompt
+from .plan import Plan, Reuse, plan_prompt
 from .prompt import PromptResolver, ResolvedPrompt
 from .scoring import Candidate, Ranked, Score
 from .spans import Context
@@ -101,6 +105,7 @@ class Runtime:
         self.max_positions = _max_positions(model.config)
         self._lock = threading.RLock()
         self._kv_layout = self._probe_layout()
+        self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
@@ -118,16 +123,19 @@ class Runtime:
 
     # -- public API --------------------------------------------------------------------
 
-    def token_ids(self, ctx: Context) -> list[int]:
-        """The exact prompt ids of ``ctx``, the same with and without reuse."""
-        return list(self.resolver.resolve(ctx).token_ids)
+    def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
+        """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
+        appended), the same with and without reuse."""
+        with self._lock:
+            return list(self.adapters.resolve(ctx, adapter)[0].token_ids)
 
-    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, **generate_kwargs) -> Result:
+    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
+                 **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; other HF
         ``generate`` kwargs pass through. ``reuse=False`` is an ordinary full prefill of the
-        same ids that neither reads nor writes the store."""
-        with self._lock, torch.inference_mode():
-            call = self._prepare(ctx, reuse, max_new_tokens)
+        same ids that neither reads nor writes the store. ``adapter`` names a loaded
+        adapter (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``."""
+        with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter) as call:
             timer = _FirstTokenTimer()
             out = self._generate(call, max_new_tokens, timer, generate_kwargs)
             new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
@@ -137,7 +145,7 @@ class Runtime:
                 stats=self._stats(call, len(new_ids), timer.first_token_at),
             )
 
-    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True,
+    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
                **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -145,8 +153,7 @@ class Runtime:
 
         def run() -> None:
             try:
-                with self._lock, torch.inference_mode():
-                    call = self._prepare(ctx, reuse, max_new_tokens)
+                with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter) as call:
                     self._generate(call, max_new_tokens, streamer, generate_kwargs)
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
@@ -159,16 +166,51 @@ class Runtime:
         if failure:
             raise failure[0]
 
-    def next_token_logits(self, ctx: Context, *, reuse: bool = True) -> torch.Tensor:
-        """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``."""
-        with self._lock, torch.inference_mode():
-            call = self._prepare(ctx, reuse, 0)
-            tail = call.input_ids[:, call.tail_start:]
-            cache = call.cache if reuse else kvops.empty_cache()
-            out = self.model(input_ids=tail, past_key_values=cache, use_cache=reuse, logits_to_keep=1)
-            if reuse:
-                self._store_tail(call, cache)
-            return out.logits[0, -1].float()
+    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None) -> torch.Tensor:
+        """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
+        (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
+        return self._next_token_logits(ctx, reuse, adapter)[0]
+
+    # -- adapters and constraint checks (issue 4: adapters.py, checks.py) ----------------
+
+    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None) -> AdapterInfo:
+        """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
+        ``alora_invocation_tokens``) as ``name``. The model is adapted in place and never
+        reloaded; base calls keep running on base weights. ``invocation``: the aLoRA's
+        invocation text, checked against the configured token ids."""
+        with self._lock:
+            return self.adapters.add(name, path, invocation)
+
+    def list_adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded adapters by name, in load order."""
+        with self._lock:
+            return self.adapters.infos()
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from the model (its store entries age out by LRU)."""
+        with self._lock:
+            self.adapters.remove(name)
+
+    def check(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+              config: checks.CheckConfig = checks.DEFAULT_CHECK, reuse: bool = True) -> list[checks.Verdict]:
+        """One verdict per requirement on ``ctx`` (see ``spanctx.checks.check``)."""
+        return checks.check(self, ctx, requirements, adapter=adapter, config=config, reuse=reuse)
+
+    def check_loop(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+                   max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
+                   config: checks.CheckConfig = checks.DEFAULT_CHECK, feedback: str = checks.DEFAULT_FEEDBACK,
+                   **generate_kwargs) -> checks.CheckLoopResult:
+        """Generate, check, regenerate with the failed requirements as feedback (see
+        ``spanctx.checks.check_loop``)."""
+        return checks.check_loop(self, ctx, requirements, adapter=adapter, max_rounds=max_rounds,
+                                 max_new_tokens=max_new_tokens, generator=generator, config=config,
+                                 feedback=feedback, **generate_kwargs)
+
+    def _next_token_logits(self, ctx: Context, reuse: bool, adapter: str | None
+                           ) -> tuple[torch.Tensor, GenerationStats]:
+        with self.prepared(ctx, reuse=reuse, adapter=adapter) as call:
+            out, _ = self.forward_tail(call, logits_to_keep=1)
+            return out.logits[0, -1].float(), self._stats(call, 0, None)
 
     # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
 
@@ -202,11 +244,42 @@ class Runtime:
         calls none. See ``spanctx.tools``."""
         return tools_mod.run_tools(self, messages, tools, **kwargs)
 
+    # -- building blocks for calls (used by generate and the feature modules) ----------
+
+    @contextlib.contextmanager
+    def prepared(self, ctx: Context, *, reuse: bool = True, max_new_tokens: int = 0,
+                 adapter: str | None = None) -> Iterator[PreparedCall]:
+        """Hold the runtime (its lock, inference mode, ``adapter`` switched on) and yield
+        ``ctx``'s prompt with its cache assembled up to ``call.tail_start`` (no cache when
+        ``reuse=False``). The caller runs the final model call inside the block, e.g.
+        through ``forward_tail``."""
+        with self._lock, torch.inference_mode():
+            started = time.perf_counter()
+            prompt, activation = self.adapters.resolve(ctx, adapter)
+            with self.adapters.activated(activation):
+                yield self._prepare(prompt, reuse, max_new_tokens, started)
+
+    def forward_tail(self, call: PreparedCall, module=None, **forward_kwargs):
+        """Run the prompt tokens ``call``'s cache does not cover through ``module`` (default:
+        the model) and, when reusing, store the spans this computed. Returns ``(output,
+        cache)``, the cache now holding the whole prompt."""
+        tail = call.input_ids[:, call.tail_start:]
+        cache = call.cache if call.plan is not None else kvops.empty_cache()
+        out = (module or self.model)(input_ids=tail, past_key_values=cache, use_cache=True, **forward_kwargs)
+        if call.plan is not None:
+            self.store_spans(call.prompt, cache, call.plan.tail.segments)
+        return out, cache
+
+    def store_spans(self, prompt: ResolvedPrompt, cache, segments: Sequence[int]) -> None:
+        """Store spans ``segments`` of ``prompt`` from ``cache``, which covers them."""
+        ranges = prompt.span_ranges()
+        for i in segments:
+            start, end = ranges[i]
+            self.store.put(prompt.segments[i].key, kvops.extract(cache, start, end))
+
     # -- execution ---------------------------------------------------------------------
 
-    def _prepare(self, ctx: Context, reuse: bool, max_new_tokens: int) -> PreparedCall:
-        started = time.perf_counter()
-        prompt = self.resolver.resolve(ctx)
+    def _prepare(self, prompt: ResolvedPrompt, reuse: bool, max_new_tokens: int, started: float) -> PreparedCall:
         self._check_length(prompt.num_tokens + max_new_tokens)
         # [1, S]; through an int64 buffer: torch.tensor over a long tuple of ints costs ms
         input_ids = torch.frombuffer(array("q", prompt.token_ids), dtype=torch.long)[None].to(self.device)
@@ -234,7 +307,7 @@ class Runtime:
                 cache = kvops.assemble(pieces)
                 self.model(input_ids=input_ids[:, step.start:step.end], past_key_values=cache, use_cache=True,
                            logits_to_keep=1)
-                self._store_segments(step, prompt, cache)
+                self.store_spans(prompt, cache, step.segments)
                 pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]
         return kvops.assemble(pieces)
 
@@ -247,18 +320,8 @@ class Runtime:
             input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids),
             max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
         if call.cache is not None:
-            self._store_tail(call, call.cache)
+            self.store_spans(call.prompt, call.cache, call.plan.tail.segments)
         return out
-
-    def _store_tail(self, call: PreparedCall, cache) -> None:
-        """Store the spans the final call computed; ``cache`` holds the whole prompt now."""
-        self._store_segments(call.plan.tail, call.prompt, cache)
-
-    def _store_segments(self, step: Compute, prompt: ResolvedPrompt, cache) -> None:
-        ranges = prompt.span_ranges()
-        for i in step.segments:
-            start, end = ranges[i]
-            self.store.put(prompt.segments[i].key, kvops.extract(cache, start, end))
 
     def _stats(self, call: PreparedCall, new_tokens: int, first_token_at: float | None) -> GenerationStats:
         now = time.perf_counter()

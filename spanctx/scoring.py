@@ -32,7 +32,7 @@ from . import kv as kvops
 from .spans import Context, Span
 
 if TYPE_CHECKING:
-    from .runtime import PreparedCall, Runtime
+    from .runtime import Runtime
 
 Candidate = str | Sequence[int] | Span
 
@@ -79,10 +79,9 @@ def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: 
     if not candidates:
         return []
     cand_ids = [rt.resolver.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
-    with rt._lock, torch.inference_mode():
-        call = rt._prepare(ctx, reuse, max(len(ids) for ids in cand_ids))
-        cache, last_logits = prefill_to_end(rt, call, reuse)
-        first = torch.log_softmax(last_logits.float(), dim=-1).cpu()  # [V]
+    with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids)) as call:
+        out, cache = rt.forward_tail(call, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # [V]
         scores = []
         for start in range(0, len(cand_ids), batch_size):
             batch = cand_ids[start:start + batch_size]
@@ -101,18 +100,6 @@ def rank(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *,
     scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size)
     ranked = [Ranked(i, c, s) for i, (c, s) in enumerate(zip(candidates, scores))]
     return sorted(ranked, key=lambda r: -getattr(r.score, by))
-
-
-def prefill_to_end(rt: Runtime, call: PreparedCall, reuse: bool):
-    """Run the prepared call's uncached tail; returns ``(cache, logits)``: a cache
-    holding the whole prompt and the last prompt token's logits ``[V]``. With ``reuse``
-    the tail's spans are stored, as after ``generate``."""
-    tail = call.input_ids[:, call.tail_start:]
-    cache = call.cache if reuse else kvops.empty_cache()
-    out = rt.model(input_ids=tail, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if reuse:
-        rt._store_tail(call, cache)
-    return cache, out.logits[0, -1]
 
 
 def _continuation_logprobs(model, cache, cand_ids: list[tuple[int, ...]]) -> torch.Tensor:

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from . import kv as kvops
-from .plan import Compute
 from .spans import Context
 
 if TYPE_CHECKING:
@@ -37,20 +36,15 @@ def hidden_states(rt: Runtime, ctx: Context, reduction: Reduction = "last", *, r
     if reduction not in ("last", "mean"):
         raise ValueError(f"reduction must be 'last' or 'mean', got {reduction!r}")
     backbone = rt.model.base_model
-    with rt._lock, torch.inference_mode():
-        if reduction == "last":
-            call = rt._prepare(ctx, reuse, 0)
-            tail = call.input_ids[:, call.tail_start:]
-            cache = call.cache if reuse else kvops.empty_cache()
-            states = backbone(input_ids=tail, past_key_values=cache, use_cache=reuse).last_hidden_state
-            if reuse:
-                rt._store_tail(call, cache)
-            return states[0, -1].float()
-        call = rt._prepare(ctx, False, 0)
+    if reduction == "last":
+        with rt.prepared(ctx, reuse=reuse) as call:
+            out, _ = rt.forward_tail(call, module=backbone)
+            return out.last_hidden_state[0, -1].float()
+    # the store keeps keys and values, not hidden states: the mean needs a full forward
+    with rt.prepared(ctx, reuse=False) as call:
         cache = kvops.empty_cache()
         states = backbone(input_ids=call.input_ids, past_key_values=cache, use_cache=reuse).last_hidden_state
         if reuse:
-            segments = call.prompt.segments
-            missing = tuple(i for i, seg in enumerate(segments) if seg.key not in rt.store)
-            rt._store_segments(Compute(missing, 0, call.prompt.num_tokens), call.prompt, cache)
+            missing = [i for i, seg in enumerate(call.prompt.segments) if seg.key not in rt.store]
+            rt.store_spans(call.prompt, cache, missing)
         return states[0].float().mean(dim=0)
