@@ -58,6 +58,42 @@ def assemble(pieces: Sequence[KVSlice]) -> DynamicCache:
     return cache
 
 
+def take(kv: SpanKV, start: int, end: int) -> SpanKV:
+    """Tokens ``[start, end)`` of ``kv`` as views (no copy): read them, never write them."""
+    return SpanKV(tuple(k[:, :, start:end] for k in kv.keys), tuple(v[:, :, start:end] for v in kv.values))
+
+
+def cut(pieces: Sequence[KVSlice], end: int) -> list[KVSlice]:
+    """The first ``end`` tokens of ``pieces`` (laid one after the other), as slices."""
+    out, start = [], 0
+    for piece in pieces:
+        if start >= end:
+            break
+        take = min(piece.num_tokens, end - start)
+        out.append(KVSlice(piece.kv, piece.start, piece.start + take))
+        start += take
+    if start < end:
+        raise ValueError(f"pieces cover {start} tokens, asked for {end}")
+    return out
+
+
+def move_tail_into(cache: DynamicCache, start: int, slots: torch.Tensor) -> None:
+    """In every layer that grew past ``start`` (by ``len(slots)`` entries), write those
+    entries into ``slots`` and drop them, so the cache is ``start`` long again.
+
+    The cache's tensors are written in place: only pass a cache built here (fresh).
+    """
+    for layer in cache.layers:
+        grown = layer.keys.shape[-2] - start
+        if grown == 0:
+            continue
+        if grown != slots.numel():
+            raise ValueError(f"layer grew by {grown} entries, got {slots.numel()} slots")
+        layer.keys.index_copy_(-2, slots, layer.keys[:, :, start:].clone())
+        layer.values.index_copy_(-2, slots, layer.values[:, :, start:].clone())
+        layer.crop(-grown)
+
+
 def _full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     layer = DynamicLayer()
     layer.lazy_initialization(keys, values)
@@ -85,6 +121,12 @@ def as_slices(cache: DynamicCache) -> SpanKV:
         tuple(layer.keys for layer in cache.layers),
         tuple(layer.values for layer in cache.layers),
     )
+
+
+def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[B, H_kv, S, D]`` of one layer of ``cache`` (views: read only)."""
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
 
 
 def layout(kv: SpanKV) -> tuple[tuple[int, int, str], ...]:

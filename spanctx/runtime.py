@@ -8,6 +8,7 @@ forward), then store the spans that the final call computed.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -20,8 +21,11 @@ from transformers.generation.streamers import BaseStreamer
 from . import kv as kvops
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
+from .parallel import ParallelStats, build_cache, parallel_stats, resolve_layout
+from .placement import PlacementPlan, Repair
 from .plan import Compute, Plan, Reuse, plan_prompt
 from .prompt import PromptResolver, ResolvedPrompt
+from .rope import KeyMover, key_mover
 from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
 
@@ -38,6 +42,10 @@ class GenerationStats:
     new_tokens: int
     ttft_s: float  # call start to the first new token on the host
     total_s: float
+    # prompt tokens whose KV was already placed and was computed again, in place, by
+    # ``repair`` (parallel spans); not part of computed_tokens
+    recomputed_tokens: int = 0
+    parallel: ParallelStats | None = None  # details, for prompts with parallel groups
 
 
 @attrs.frozen
@@ -55,9 +63,10 @@ class PreparedCall:
 
     prompt: ResolvedPrompt
     cache: object  # a DynamicCache covering [0, tail_start), or None without reuse
-    plan: Plan | None
+    plan: Plan | PlacementPlan | None
     input_ids: torch.Tensor  # [1, S] the whole prompt
     started: float
+    parallel: ParallelStats | None = None
 
     @property
     def tail_start(self) -> int:
@@ -77,11 +86,13 @@ class Runtime:
 
     ``store_bytes`` bounds the store (default: half of free GPU memory, or a quarter of
     free RAM on CPU). Pass ``store=`` to share one store between runtimes: entries are
-    namespaced by model fingerprint, so they never mix.
+    namespaced by model fingerprint, so they never mix. ``repair`` is the default repair
+    mode of prompts with parallel groups (``Context.parallel``): "none", "head:k",
+    "blend:r" or "full" (see ``spanctx.placement``).
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
-                 policy: EvictionPolicy = lru) -> None:
+                 policy: EvictionPolicy = lru, repair: str | Repair = "none") -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         self.model = model.eval()
@@ -92,6 +103,7 @@ class Runtime:
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.max_positions = _max_positions(model.config)
+        self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
         self._kv_layout = self._probe_layout()
 
@@ -117,14 +129,18 @@ class Runtime:
 
     def token_ids(self, ctx: Context) -> list[int]:
         """The exact prompt ids of ``ctx``, the same with and without reuse."""
+        if ctx.has_parallel:
+            return list(resolve_layout(self.resolver, ctx, self.repair).token_ids)
         return list(self.resolver.resolve(ctx).token_ids)
 
-    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, **generate_kwargs) -> Result:
+    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, repair: str | None = None,
+                 **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; other HF
         ``generate`` kwargs pass through. ``reuse=False`` is an ordinary full prefill of the
-        same ids that neither reads nor writes the store."""
+        same ids that neither reads nor writes the store. ``repair`` overrides the
+        runtime's repair mode for parallel groups."""
         with self._lock, torch.inference_mode():
-            call = self._prepare(ctx, reuse, max_new_tokens)
+            call = self._prepare(ctx, reuse, max_new_tokens, repair)
             timer = _FirstTokenTimer()
             out = self._generate(call, max_new_tokens, timer, generate_kwargs)
             new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
@@ -134,7 +150,7 @@ class Runtime:
                 stats=self._stats(call, len(new_ids), timer.first_token_at),
             )
 
-    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True,
+    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, repair: str | None = None,
                **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -143,7 +159,7 @@ class Runtime:
         def run() -> None:
             try:
                 with self._lock, torch.inference_mode():
-                    call = self._prepare(ctx, reuse, max_new_tokens)
+                    call = self._prepare(ctx, reuse, max_new_tokens, repair)
                     self._generate(call, max_new_tokens, streamer, generate_kwargs)
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
@@ -156,10 +172,10 @@ class Runtime:
         if failure:
             raise failure[0]
 
-    def next_token_logits(self, ctx: Context, *, reuse: bool = True) -> torch.Tensor:
+    def next_token_logits(self, ctx: Context, *, reuse: bool = True, repair: str | None = None) -> torch.Tensor:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``."""
         with self._lock, torch.inference_mode():
-            call = self._prepare(ctx, reuse, 0)
+            call = self._prepare(ctx, reuse, 0, repair)
             tail = call.input_ids[:, call.tail_start:]
             cache = call.cache if reuse else kvops.empty_cache()
             out = self.model(input_ids=tail, past_key_values=cache, use_cache=reuse, logits_to_keep=1)
@@ -169,8 +185,10 @@ class Runtime:
 
     # -- execution ---------------------------------------------------------------------
 
-    def _prepare(self, ctx: Context, reuse: bool, max_new_tokens: int) -> PreparedCall:
+    def _prepare(self, ctx: Context, reuse: bool, max_new_tokens: int, repair: str | None = None) -> PreparedCall:
         started = time.perf_counter()
+        if ctx.has_parallel:
+            return self._prepare_parallel(ctx, reuse, max_new_tokens, repair, started)
         prompt = self.resolver.resolve(ctx)
         self._check_length(prompt.num_tokens + max_new_tokens)
         input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)
@@ -233,7 +251,29 @@ class Runtime:
             new_tokens=new_tokens,
             ttft_s=(first_token_at or now) - call.started,
             total_s=now - call.started,
+            recomputed_tokens=call.parallel.recomputed_tokens if call.parallel else 0,
+            parallel=call.parallel,
         )
+
+    # -- parallel spans (issue 3): see parallel.py ------------------------------------------
+
+    @functools.cached_property
+    def key_mover(self) -> KeyMover:
+        """How this model's cached keys move along positions (probed on first use)."""
+        with torch.inference_mode():
+            return key_mover(self.model)
+
+    def _prepare_parallel(self, ctx: Context, reuse: bool, max_new_tokens: int, repair: str | None,
+                          started: float) -> PreparedCall:
+        mode = self.repair if repair is None else Repair.parse(repair)
+        prompt = resolve_layout(self.resolver, ctx, mode)
+        self._check_length(prompt.num_tokens + max_new_tokens)
+        input_ids = torch.tensor([prompt.token_ids], dtype=torch.long, device=self.device)
+        if not reuse:
+            return PreparedCall(prompt, None, None, input_ids, started)
+        plan, cache = build_cache(self, prompt, input_ids, mode)
+        stats = parallel_stats(plan, self.key_mover.reason)
+        return PreparedCall(prompt, cache, plan, input_ids, started, stats)
 
     # -- checks ------------------------------------------------------------------------
 
