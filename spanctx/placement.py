@@ -53,9 +53,9 @@ class Repair:
         if self.kind not in REPAIR_KINDS:
             raise ValueError(f"repair kind must be one of {REPAIR_KINDS}, got {self.kind!r}")
         if self.kind == "head" and self.k < 1:
-            raise ValueError(f"head:k needs k >= 1, got {self.k}")
+            raise ValueError(f"repair head:k needs k >= 1, got {self.k}")
         if self.kind == "blend" and not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"blend:r needs 0 < r <= 1, got {self.fraction}")
+            raise ValueError(f"repair blend:r needs 0 < r <= 1, got {self.fraction}")
 
     @classmethod
     def parse(cls, spec: str | Repair) -> Repair:

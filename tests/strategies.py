@@ -63,3 +63,31 @@ def placement_cases(draw, max_nodes: int = 6) -> PlacementCase:
     all_keys = sorted({s.key for s in segments} | {g.key for g in groups})
     stored = draw(st.sets(st.sampled_from(all_keys))) if all_keys else set()
     return PlacementCase(tuple(segments), tuple(groups), frozenset(stored), draw(st.booleans()), draw(repairs()))
+
+
+@attrs.frozen
+class ParallelPromptSpec:
+    """A prompt as nodes: ``("span", ids)`` or ``("group", members, anchor_depth)``, where
+    ``anchor_depth`` counts the nodes before the group that its members attend to."""
+
+    nodes: tuple[tuple, ...]
+
+
+def token_lists(max_len: int = 6) -> st.SearchStrategy[tuple[int, ...]]:
+    return st.lists(st.integers(0, 255), min_size=1, max_size=max_len).map(tuple)
+
+
+@st.composite
+def parallel_prompt_specs(draw, max_nodes: int = 3) -> ParallelPromptSpec:
+    """Random prompts of byte-token spans and parallel groups (at least one group), each
+    group anchored at a random prefix of the path."""
+    nodes: list[tuple] = []
+    count = draw(st.integers(1, max_nodes))
+    group_at = draw(st.integers(0, count - 1))
+    for n in range(count):
+        if n == group_at or draw(st.booleans()):
+            members = tuple(draw(st.lists(token_lists(), min_size=1, max_size=3)))
+            nodes.append(("group", members, draw(st.integers(0, n))))
+        else:
+            nodes.append(("span", draw(token_lists())))
+    return ParallelPromptSpec(tuple(nodes))
