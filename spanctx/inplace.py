@@ -17,9 +17,10 @@ Custom masks need the ``eager`` or ``sdpa`` attention implementation.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
+
+from . import kv as kvops
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -65,11 +66,12 @@ def forward_queries(model, cache, input_ids: torch.Tensor, positions: torch.Tens
         raise ValueError(f"allowed is {tuple(allowed.shape)}, expected {(positions.numel(), cache_len + positions.numel())}")
     key_positions = torch.cat([torch.arange(cache_len, device=positions.device), positions])
     mask = _mask_argument(model.config.get_text_config(), allowed, positions, key_positions, model.dtype)
-    with _stop_after(model, stop_after_layer):
+    stop = contextlib.nullcontext() if stop_after_layer is None else kvops.stop_after_layer(cache, stop_after_layer)
+    with stop:
         try:
             model(input_ids=input_ids, position_ids=positions[None], attention_mask=mask, past_key_values=cache,
                   use_cache=True, logits_to_keep=1)
-        except _StopForward:
+        except kvops.StopForward:
             pass
 
 
@@ -95,31 +97,3 @@ def _mask_argument(text_config, allowed: torch.Tensor, q_pos: torch.Tensor, k_po
     if kinds == {"full_attention"}:
         return additive(allowed)
     return {"full_attention": additive(allowed), "sliding_attention": additive(sliding(allowed))}
-
-
-class _StopForward(Exception):
-    """Raised by a forward hook to end a forward after a given decoder layer."""
-
-
-@contextlib.contextmanager
-def _stop_after(model, layer_idx: int | None) -> Iterator[None]:
-    if layer_idx is None:
-        yield
-        return
-    handle = _decoder_layers(model)[layer_idx].register_forward_hook(_raise_stop)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _raise_stop(module, args, output) -> None:
-    raise _StopForward
-
-
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    num_layers = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
-            return module
-    raise NotImplementedError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")

@@ -9,7 +9,8 @@ tests check this on Mistral- and Gemma2-style models).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -121,6 +122,29 @@ def as_slices(cache: DynamicCache) -> SpanKV:
         tuple(layer.keys for layer in cache.layers),
         tuple(layer.values for layer in cache.layers),
     )
+
+
+class StopForward(Exception):
+    """Raised from a cache update to end a forward early (see ``stop_after_layer``)."""
+
+
+@contextlib.contextmanager
+def stop_after_layer(cache: DynamicCache, layer_idx: int) -> Iterator[None]:
+    """Within the block, a forward over ``cache`` raises ``StopForward`` as soon as a layer
+    past ``layer_idx`` writes to it: layers ``0..layer_idx`` have run and grown the cache,
+    later ones have not. Catch ``StopForward`` around the forward."""
+    update = cache.update
+
+    def guarded_update(key_states, value_states, idx, *args, **kwargs):
+        if idx > layer_idx:
+            raise StopForward
+        return update(key_states, value_states, idx, *args, **kwargs)
+
+    cache.update = guarded_update
+    try:
+        yield
+    finally:
+        del cache.update
 
 
 def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

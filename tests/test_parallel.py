@@ -10,13 +10,13 @@ import torch
 from conftest import tiny_runtime
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rope_models import ROPE_MODELS, rope_model, rope_runtime
+from rope_models import ROPE_MODELS, rope_runtime
 from strategies import ParallelPromptSpec, parallel_prompt_specs
 from transformers import DynamicCache
 
 import spanctx
 from spanctx import Context
-from spanctx.inplace import forward_queries
+from spanctx.inplace import forward_queries, in_place_allowed
 
 ATOL = 1e-4
 SYSTEM = "You are terse. "
@@ -106,15 +106,22 @@ def _reversed_groups(spec: ParallelPromptSpec) -> ParallelPromptSpec:
     return ParallelPromptSpec(tuple((n[0], n[1][::-1], n[2]) if n[0] == "group" else n for n in spec.nodes))
 
 
-@given(kind=st.sampled_from(list(ROPE_MODELS)), spec=parallel_prompt_specs())
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_next_token_logits_match_the_hf_reference(kind, spec):
-    model, tokenizer = rope_model(kind)
-    movable = ROPE_MODELS[kind][2]
-    rt = rope_runtime(kind)
+# every rope kind, and sliding windows (16) that the test prompts cross
+REFERENCE_KINDS = [*ROPE_MODELS, "mistral", "gemma2"]
+
+
+@given(kind=st.sampled_from(REFERENCE_KINDS), spec=parallel_prompt_specs())
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_logits_match_the_hf_reference_and_full_repair_matches_sequential_prefill(kind, spec):
+    rt = rope_runtime(kind) if kind in ROPE_MODELS else tiny_runtime(kind)
+    model, tokenizer = rt.model, rt.tokenizer
+    movable = ROPE_MODELS[kind][2] if kind in ROPE_MODELS else True
     for prompt in (spec, _reversed_groups(spec)):  # the second one reuses what the first stored
         expected = reference_logits(model, _with_bos(prompt, tokenizer.bos_token_id), movable)
         torch.testing.assert_close(rt.next_token_logits(_context(prompt)), expected, atol=ATOL, rtol=0)
+    ctx = _context(spec)
+    torch.testing.assert_close(rt.next_token_logits(ctx, repair="full"), rt.next_token_logits(ctx, reuse=False),
+                               atol=ATOL, rtol=0)
 
 
 # -- repair="full" is sequential prefill; one span after its anchor is exact ------------------
@@ -270,3 +277,15 @@ def test_bad_input_is_refused_clearly():
     fake = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(NotImplementedError, match="sdpa"):
         forward_queries(fake, None, torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_forward_stopped_after_a_layer_grows_only_the_layers_up_to_it(arch):
+    rt = tiny_runtime(arch)
+    cache = DynamicCache()
+    _forward(rt.model, cache, [5, 6, 7, 8], 0)
+    slots = torch.tensor([1, 3])
+    with torch.inference_mode():
+        forward_queries(rt.model, cache, torch.tensor([[6, 8]]), slots, in_place_allowed(4, slots),
+                        stop_after_layer=1)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [6, 6, 4, 4]
