@@ -7,7 +7,8 @@ included) and one ``GroupLayout`` per group, with their keys:
 - a group member: ``parallel_key(anchor key, ids)``: its KV, computed right after its
   anchor, is valid wherever it follows that anchor;
 - a group: ``group_key(parent key, member keys in order, repair)``; what follows a group
-  chains this key, since its KV depends on the group's order and repair.
+  chains this key, since its KV depends on the group's order and repair (a lone member
+  right after its anchor is exact, so its group key names no repair).
 
 ``build_cache`` plans the prompt against the store (``placement.py``) and executes the
 plan: reuse and move stored KV (``rope.py``), compute missing members after their anchor
@@ -86,12 +87,14 @@ def resolve_layout(resolver: PromptResolver, ctx: Context, repair: Repair) -> Pa
     for node in nodes:
         if isinstance(node, ParallelGroup):
             anchor_key, anchor_end = after_node[node.anchor_depth]
-            first = len(segments)
+            first, exact = len(segments), len(node.members) == 1 and len(token_ids) == anchor_end
             for member in node.members:
                 ids = resolver.span_ids(member)
                 segments.append(PlanSegment(parallel_key(anchor_key, ids, namespace), len(ids)))
                 token_ids += ids
-            key = group_key(key, [s.key for s in segments[first:]], str(repair), namespace)
+            # a lone member right after its anchor is exact: no repair mode changes it
+            mode = "none" if exact else str(repair)
+            key = group_key(key, [s.key for s in segments[first:]], mode, namespace)
             groups.append(GroupLayout(key, first, len(segments), anchor_end))
         else:
             ids = resolver.span_ids(node)

@@ -289,3 +289,10 @@ def test_a_forward_stopped_after_a_layer_grows_only_the_layers_up_to_it(arch):
         forward_queries(rt.model, cache, torch.tensor([[6, 8]]), slots, in_place_allowed(4, slots),
                         stop_after_layer=1)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [6, 6, 4, 4]
+
+
+def test_a_lone_exact_member_shares_what_follows_it_across_repair_modes():
+    rt = tiny_runtime("llama")
+    ctx = Context().append(SYSTEM).parallel(DOCS[0]).append("Q?")
+    rt.generate(ctx, 2, repair="none")
+    assert rt.generate(ctx, 2, repair="head:4").stats.computed_tokens == 1
