@@ -70,9 +70,9 @@ def cut(pieces: Sequence[KVSlice], end: int) -> list[KVSlice]:
     for piece in pieces:
         if start >= end:
             break
-        take = min(piece.num_tokens, end - start)
-        out.append(KVSlice(piece.kv, piece.start, piece.start + take))
-        start += take
+        n = min(piece.num_tokens, end - start)
+        out.append(KVSlice(piece.kv, piece.start, piece.start + n))
+        start += n
     if start < end:
         raise ValueError(f"pieces cover {start} tokens, asked for {end}")
     return out

@@ -37,7 +37,7 @@ from .placement import (
 from .plan import Compute, PlanSegment
 from .prompt import PromptResolver, ResolvedPrompt
 from .spans import Context, ParallelGroup
-from .store import KVStore, SpanKV
+from .store import SpanKV
 
 
 @attrs.frozen
@@ -86,6 +86,8 @@ def resolve_layout(resolver: PromptResolver, ctx: Context, repair: Repair) -> Pa
     after_node = [(key, len(token_ids))]  # (key, tokens) of the path's first d nodes, BOS included
     for node in nodes:
         if isinstance(node, ParallelGroup):
+            if node.anchor_depth >= len(after_node):
+                raise ValueError(f"a group's anchor ({node.anchor_depth} nodes) is longer than the path before it")
             anchor_key, anchor_end = after_node[node.anchor_depth]
             first, exact = len(segments), len(node.members) == 1 and len(token_ids) == anchor_end
             for member in node.members:
@@ -123,38 +125,23 @@ def build_cache(rt, prompt: ParallelPrompt, input_ids: torch.Tensor, repair: Rep
     ``rt`` is the ``Runtime``: its model, store and key mover are used, and what is
     computed is stored. Returns ``(plan, cache)``; the cache is fresh (owns its tensors).
     """
-    mover = rt.key_mover
-    keys = [s.key for s in prompt.segments] + [g.key for g in prompt.groups]
+    keys = [s.key for s in prompt.segments]
+    if repair.kind != "none":  # only repaired groups are ever stored
+        keys += [g.key for g in prompt.groups]
     with rt.store.locked(keys):
-        plan = plan_placement(prompt.segments, prompt.groups, rt.store.__contains__, mover.movable, repair)
-        found = _read(rt.store, plan, prompt)
+        found = {key: rt.store.lookup(key) for key in dict.fromkeys(keys)}
         for kv in found.values():
             if kv is not None:
                 rt._check_layout(kv)
+        plan = plan_placement(prompt.segments, prompt.groups, lambda key: found.get(key) is not None,
+                              rt.key_mover.movable, repair)
         cache = _execute(rt, plan, prompt, input_ids, found)
     return plan, cache
 
 
-def _read(store: KVStore, plan: PlacementPlan, prompt: ParallelPrompt) -> dict[bytes, SpanKV | None]:
-    """Look up what the plan reuses (hits) and what it computes and stores (misses)."""
-    keys: list[bytes] = []
-    for step in plan.steps:
-        if isinstance(step, Place):
-            keys.append(prompt.segments[step.segment].key)
-        elif isinstance(step, ReuseGroup):
-            keys.append(prompt.groups[step.group].key)
-        elif isinstance(step, Compute):
-            keys += [prompt.segments[i].key for i in step.segments]
-        else:
-            keys += [prompt.segments[p.segment].key for p in step.place if p.from_store]
-            keys += [prompt.segments[c.segment].key for c in step.compute if c.store]
-            keys += [prompt.groups[step.group].key] if step.store else []
-    keys += [prompt.segments[i].key for i in plan.tail.segments]
-    return {key: store.lookup(key) for key in dict.fromkeys(keys)}
-
-
 def _execute(rt, plan: PlacementPlan, prompt: ParallelPrompt, input_ids: torch.Tensor,
              found: dict[bytes, SpanKV | None]):
+    """Run the plan's steps in prompt order; returns a fresh cache of ``[0, plan.tail.start)``."""
     ranges = prompt.span_ranges()
     pieces: list[kvops.KVSlice] = []  # the prompt's KV so far, laid one after the other
     for step in plan.steps:
@@ -204,7 +191,10 @@ def _place_group(rt, step: PlaceGroup, prompt: ParallelPrompt, input_ids: torch.
                 in_place[c.segment] = kv
     for place in step.place:
         key = prompt.segments[place.segment].key
-        kv = in_place[place.segment] if place.segment in in_place else found[key] if place.from_store else computed[key]
+        if place.segment in in_place:
+            kv = in_place[place.segment]
+        else:
+            kv = found[key] if place.from_store else computed[key]
         pieces.append(_placed(rt.key_mover, kv, place, ranges[place.segment][0]))
     if step.repair is None:
         return pieces
@@ -248,8 +238,9 @@ def _recompute(model, cache, input_ids: torch.Tensor, slots: tuple[int, ...]) ->
 
 def _blend_select(model, cache, input_ids: torch.Tensor, blend: BlendTokens) -> tuple[int, ...]:
     """CacheBlend-style selection. Runs every candidate through layers ``0..c`` (``c =
-    BLEND_CHECK_LAYER``) with full-context attention, exactly as a sequential prefill
-    would; keeps that exact KV of layers ``0..c`` for all candidates; returns the
+    BLEND_CHECK_LAYER``) attending to everything before it, as a sequential prefill over
+    the cache before the group would; keeps that KV of layers ``0..c`` for all
+    candidates (it is what ``full`` computes there); returns the
     ``blend.count`` candidates whose layer-``c`` KV moved most (squared L2 of the key and
     value changes, summed over heads), which the caller then recomputes through all layers.
     """
