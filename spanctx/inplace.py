@@ -61,9 +61,10 @@ def forward_queries(model, cache, input_ids: torch.Tensor, positions: torch.Tens
         raise NotImplementedError(f"parallel spans need custom attention masks, which the {implementation!r} "
                                   f"attention implementation does not take; load the model with "
                                   f"attn_implementation='sdpa' or 'eager'")
-    cache_len = cache.get_seq_length()
-    if allowed.shape != (positions.numel(), cache_len + positions.numel()):
-        raise ValueError(f"allowed is {tuple(allowed.shape)}, expected {(positions.numel(), cache_len + positions.numel())}")
+    cache_len = kvops.cache_length(cache)
+    expected = (positions.numel(), cache_len + positions.numel())
+    if tuple(allowed.shape) != expected:
+        raise ValueError(f"allowed is {tuple(allowed.shape)}, expected {expected}")
     key_positions = torch.cat([torch.arange(cache_len, device=positions.device), positions])
     mask = _mask_argument(model.config.get_text_config(), allowed, positions, key_positions, model.dtype)
     stop = contextlib.nullcontext() if stop_after_layer is None else kvops.stop_after_layer(cache, stop_after_layer)
