@@ -13,7 +13,8 @@ Rules (on top of ``plan.py``'s for dependent spans):
 - A missing member is computed once, right after its anchor (attending to the anchor
   only), and stored; all missing members of a group share one forward.
 - When keys cannot move on this model (``movable=False``), a member placed anywhere but
-  right after its anchor is computed at its place instead (same attention, not stored).
+  right after its anchor is computed at its place instead (attending to the anchor only,
+  which it then sees at its true distance; not stored).
 - A member placed right after its anchor (``start == anchor_end``) is exact: its KV is
   what a sequential prefill computes. Repair touches only the other members:
   ``none``; ``head:k`` their first ``k`` tokens; ``blend:r`` the fraction ``r`` of their
@@ -219,7 +220,6 @@ class PlacementPlan:
     @property
     def checked_tokens(self) -> int:
         return sum(len(s.repair.candidates) for s in self._groups() if isinstance(s.repair, BlendTokens))
-
 
 
 def plan_placement(segments: Sequence[PlanSegment], groups: Sequence[GroupLayout],
