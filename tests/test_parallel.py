@@ -237,8 +237,7 @@ def test_models_whose_keys_cannot_move_recompute_at_the_place_and_say_so(kind):
 
 
 def test_the_runtime_default_repair_and_per_call_override():
-    model, tokenizer = tiny_runtime("llama").model, tiny_runtime("llama").tokenizer
-    rt = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, repair="full")
+    rt = tiny_runtime("llama", repair="full")
     torch.testing.assert_close(rt.next_token_logits(_rag()), rt.next_token_logits(_rag(), reuse=False),
                                atol=ATOL, rtol=0)
     assert rt.generate(_rag((1, 0, 2)), 2, repair="none").stats.parallel.repair == "none"
