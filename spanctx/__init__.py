@@ -2,14 +2,18 @@
 
 from .adapters import AdapterError, AdapterInfo
 from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
+from .fidelity import Fidelity, fidelity
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
+from .parallel import ParallelStats
+from .placement import PlacementPlan, Repair, plan_placement
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
 from .reward import RewardModel
+from .rope import KeyMover, key_mover
 from .runtime import GenerationStats, KVLayoutMismatch, Result, Runtime
 from .scoring import Ranked, Score
-from .spans import Context, Span
+from .spans import Context, ParallelGroup, Span
 from .store import KVStore, SpanKV, StoreStats
 from .structured import JsonResult, StructuredOutputError
 from .tokenizer import byte_tokenizer
@@ -39,15 +43,21 @@ __all__ = [
     "Compute",
     "Context",
     "EntryInfo",
+    "Fidelity",
     "GenerationStats",
     "InvalidArguments",
     "JsonResult",
     "KVLayoutMismatch",
     "KVStore",
+    "KeyMover",
     "MalformedToolCall",
+    "ParallelGroup",
+    "ParallelStats",
+    "PlacementPlan",
     "Plan",
     "PlanSegment",
     "Ranked",
+    "Repair",
     "Result",
     "Reuse",
     "RewardModel",
@@ -67,10 +77,13 @@ __all__ = [
     "UnknownTool",
     "Verdict",
     "byte_tokenizer",
+    "fidelity",
+    "key_mover",
     "load_model",
     "load_preset",
     "lru",
     "parse_tool_calls",
+    "plan_placement",
     "plan_prompt",
     "preset_config",
 ]

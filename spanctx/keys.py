@@ -43,6 +43,25 @@ def span_key(parent_key: bytes, token_ids: Sequence[int], namespace: bytes) -> b
     return _digest(b"span", parent_key, _ids_bytes(token_ids), namespace)
 
 
+def parallel_key(anchor_key: bytes, token_ids: Sequence[int], namespace: bytes) -> bytes:
+    """Key of a parallel span's KV computed right after its anchor (named by ``anchor_key``).
+
+    Valid wherever the span follows that anchor, whatever sits between them: the KV is
+    moved to the span's place at use. Tagged apart from ``span_key``.
+    """
+    if len(anchor_key) != KEY_BYTES:
+        raise ValueError(f"anchor key must be {KEY_BYTES} bytes, got {len(anchor_key)}")
+    return _digest(b"parallel", anchor_key, _ids_bytes(token_ids), namespace)
+
+
+def group_key(parent_key: bytes, member_keys: Sequence[bytes], repair: str, namespace: bytes) -> bytes:
+    """Key of a parallel group as placed after the prompt named by ``parent_key``: its
+    members in order and the repair that made its KV. What follows the group chains it."""
+    if len(parent_key) != KEY_BYTES:
+        raise ValueError(f"parent key must be {KEY_BYTES} bytes, got {len(parent_key)}")
+    return _digest(b"group", parent_key, b"".join(member_keys), repair.encode(), namespace)
+
+
 def model_namespace(model: torch.nn.Module, adapter: str | None = None) -> bytes:
     """Fingerprint of everything that changes a span's KV besides its tokens and past.
 

@@ -9,7 +9,8 @@ tests check this on Mistral- and Gemma2-style models).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -58,6 +59,42 @@ def assemble(pieces: Sequence[KVSlice]) -> DynamicCache:
     return cache
 
 
+def take(kv: SpanKV, start: int, end: int) -> SpanKV:
+    """Tokens ``[start, end)`` of ``kv`` as views (no copy): read them, never write them."""
+    return SpanKV(tuple(k[:, :, start:end] for k in kv.keys), tuple(v[:, :, start:end] for v in kv.values))
+
+
+def cut(pieces: Sequence[KVSlice], end: int) -> list[KVSlice]:
+    """The first ``end`` tokens of ``pieces`` (laid one after the other), as slices."""
+    out, start = [], 0
+    for piece in pieces:
+        if start >= end:
+            break
+        n = min(piece.num_tokens, end - start)
+        out.append(KVSlice(piece.kv, piece.start, piece.start + n))
+        start += n
+    if start < end:
+        raise ValueError(f"pieces cover {start} tokens, asked for {end}")
+    return out
+
+
+def move_tail_into(cache: DynamicCache, start: int, slots: torch.Tensor) -> None:
+    """In every layer that grew past ``start`` (by ``len(slots)`` entries), write those
+    entries into ``slots`` and drop them, so the cache is ``start`` long again.
+
+    The cache's tensors are written in place: only pass a cache built here (fresh).
+    """
+    for layer in cache.layers:
+        grown = layer.keys.shape[-2] - start
+        if grown == 0:
+            continue
+        if grown != slots.numel():
+            raise ValueError(f"layer grew by {grown} entries, got {slots.numel()} slots")
+        layer.keys.index_copy_(-2, slots, layer.keys[:, :, start:].clone())
+        layer.values.index_copy_(-2, slots, layer.values[:, :, start:].clone())
+        layer.crop(-grown)
+
+
 def _full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     layer = DynamicLayer()
     layer.lazy_initialization(keys, values)
@@ -101,6 +138,35 @@ def as_slices(cache: DynamicCache) -> SpanKV:
         tuple(layer.keys for layer in cache.layers),
         tuple(layer.values for layer in cache.layers),
     )
+
+
+class StopForward(Exception):
+    """Raised from a cache update to end a forward early (see ``stop_after_layer``)."""
+
+
+@contextlib.contextmanager
+def stop_after_layer(cache: DynamicCache, layer_idx: int) -> Iterator[None]:
+    """Within the block, a forward over ``cache`` raises ``StopForward`` as soon as a layer
+    past ``layer_idx`` writes to it: layers ``0..layer_idx`` have run and grown the cache,
+    later ones have not. Catch ``StopForward`` around the forward."""
+    update = cache.update
+
+    def guarded_update(key_states, value_states, idx, *args, **kwargs):
+        if idx > layer_idx:
+            raise StopForward
+        return update(key_states, value_states, idx, *args, **kwargs)
+
+    cache.update = guarded_update
+    try:
+        yield
+    finally:
+        del cache.update
+
+
+def layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``[B, H_kv, S, D]`` of one layer of ``cache`` (views: read only)."""
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
 
 
 def layout(kv: SpanKV) -> tuple[tuple[int, int, str], ...]:

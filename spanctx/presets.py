@@ -20,6 +20,7 @@ from transformers import (
     GraniteConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PretrainedConfig,
     Qwen2Config,
 )
@@ -62,6 +63,8 @@ PRESETS: dict[str, Preset] = {
                                                      "sliding_attention": {"rope_type": "default",
                                                                            "rope_theta": 1e4}}),
                torch.float32, "Gemma3 text: per-layer-type RoPE"),
+        Preset("tiny-phi3", _tiny(Phi3Config, partial_rotary_factor=0.5), torch.float32,
+               "Phi3: partial rotary (half of each head's channels rotate)"),
         Preset("tiny-gpt2", lambda: GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=4096,
                                                vocab_size=TINY_VOCAB, bos_token_id=256, eos_token_id=257,
                                                pad_token_id=258),

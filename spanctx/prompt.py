@@ -53,6 +53,8 @@ class PromptResolver:
         spans = ctx.spans
         if not spans:
             raise ValueError("the context is empty: append at least one span before generating")
+        if ctx.has_parallel:
+            raise ValueError("the context holds a parallel group: resolve it with spanctx.parallel.resolve_layout")
         pieces = [self.bos] if self.bos else []
         pieces += [self._span_ids(span) for span in spans]
         key = root_key(self.namespace)

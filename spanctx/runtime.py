@@ -9,6 +9,7 @@ forward), then store the spans that the final call computed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from array import array
@@ -27,9 +28,12 @@ from . import tools as tools_mod
 from .adapters import AdapterInfo, AdapterSet
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
+from .parallel import ParallelStats, build_cache, parallel_stats, resolve_layout
+from .placement import PlacementPlan, Repair
 from .plan import Plan, Reuse, plan_prompt
 from .prompt import PromptResolver, ResolvedPrompt
 from .scoring import Candidate, Ranked, Score
+from .rope import KeyMover, key_mover
 from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
 from .structured import JsonResult
@@ -48,6 +52,10 @@ class GenerationStats:
     new_tokens: int
     ttft_s: float  # call start to the first new token on the host
     total_s: float
+    # prompt tokens whose KV was already placed and was computed again, in place, by
+    # ``repair`` (parallel spans); not part of computed_tokens
+    recomputed_tokens: int = 0
+    parallel: ParallelStats | None = None  # details, for prompts with parallel groups
 
 
 @attrs.frozen
@@ -65,9 +73,10 @@ class PreparedCall:
 
     prompt: ResolvedPrompt
     cache: object  # a DynamicCache covering [0, tail_start), or None without reuse
-    plan: Plan | None
+    plan: Plan | PlacementPlan | None
     input_ids: torch.Tensor  # [1, S] the whole prompt
     started: float
+    parallel: ParallelStats | None = None
 
     @property
     def tail_start(self) -> int:
@@ -87,11 +96,13 @@ class Runtime:
 
     ``store_bytes`` bounds the store (default: half of free GPU memory, or a quarter of
     free RAM on CPU). Pass ``store=`` to share one store between runtimes: entries are
-    namespaced by model fingerprint, so they never mix.
+    namespaced by model fingerprint, so they never mix. ``repair`` is the default repair
+    mode of prompts with parallel groups (``Context.parallel``): "none", "head:k",
+    "blend:r" or "full" (see ``spanctx.placement``).
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
-                 policy: EvictionPolicy = lru) -> None:
+                 policy: EvictionPolicy = lru, repair: str | Repair = "none") -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         self.model = model.eval()
@@ -103,6 +114,7 @@ class Runtime:
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.max_positions = _max_positions(model.config)
+        self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
         self._kv_layout = self._probe_layout()
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
@@ -127,15 +139,18 @@ class Runtime:
         """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
         appended), the same with and without reuse."""
         with self._lock:
+            if ctx.has_parallel:
+                self._refuse_adapter_on_parallel(adapter)
+                return list(resolve_layout(self.resolver, ctx, self.repair).token_ids)
             return list(self.adapters.resolve(ctx, adapter)[0].token_ids)
 
     def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
-                 **generate_kwargs) -> Result:
+                 repair: str | None = None, **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; other HF
         ``generate`` kwargs pass through. ``reuse=False`` is an ordinary full prefill of the
         same ids that neither reads nor writes the store. ``adapter`` names a loaded
         adapter (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``."""
-        with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter) as call:
+        with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter, repair=repair) as call:
             timer = _FirstTokenTimer()
             out = self._generate(call, max_new_tokens, timer, generate_kwargs)
             new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
@@ -146,14 +161,14 @@ class Runtime:
             )
 
     def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
-               **generate_kwargs) -> Iterator[str]:
+               repair: str | None = None, **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter) as call:
+                with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter, repair=repair) as call:
                     self._generate(call, max_new_tokens, streamer, generate_kwargs)
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
@@ -166,10 +181,11 @@ class Runtime:
         if failure:
             raise failure[0]
 
-    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None) -> torch.Tensor:
+    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None,
+                          repair: str | None = None) -> torch.Tensor:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
-        return self._next_token_logits(ctx, reuse, adapter)[0]
+        return self._next_token_logits(ctx, reuse, adapter, repair)[0]
 
     # -- adapters and constraint checks (issue 4: adapters.py, checks.py) ----------------
 
@@ -206,9 +222,9 @@ class Runtime:
                                  max_new_tokens=max_new_tokens, generator=generator, config=config,
                                  feedback=feedback, **generate_kwargs)
 
-    def _next_token_logits(self, ctx: Context, reuse: bool, adapter: str | None
+    def _next_token_logits(self, ctx: Context, reuse: bool, adapter: str | None, repair: str | None = None
                            ) -> tuple[torch.Tensor, GenerationStats]:
-        with self.prepared(ctx, reuse=reuse, adapter=adapter) as call:
+        with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair) as call:
             out, _ = self.forward_tail(call, logits_to_keep=1)
             return out.logits[0, -1].float(), self._stats(call, 0, None)
 
@@ -248,13 +264,18 @@ class Runtime:
 
     @contextlib.contextmanager
     def prepared(self, ctx: Context, *, reuse: bool = True, max_new_tokens: int = 0,
-                 adapter: str | None = None) -> Iterator[PreparedCall]:
+                 adapter: str | None = None, repair: str | None = None) -> Iterator[PreparedCall]:
         """Hold the runtime (its lock, inference mode, ``adapter`` switched on) and yield
         ``ctx``'s prompt with its cache assembled up to ``call.tail_start`` (no cache when
         ``reuse=False``). The caller runs the final model call inside the block, e.g.
-        through ``forward_tail``."""
+        through ``forward_tail``. ``repair`` overrides the runtime's repair mode for
+        parallel groups."""
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
+            if ctx.has_parallel:
+                self._refuse_adapter_on_parallel(adapter)
+                yield self._prepare_parallel(ctx, reuse, max_new_tokens, repair, started)
+                return
             prompt, activation = self.adapters.resolve(ctx, adapter)
             with self.adapters.activated(activation):
                 yield self._prepare(prompt, reuse, max_new_tokens, started)
@@ -281,8 +302,7 @@ class Runtime:
 
     def _prepare(self, prompt: ResolvedPrompt, reuse: bool, max_new_tokens: int, started: float) -> PreparedCall:
         self._check_length(prompt.num_tokens + max_new_tokens)
-        # [1, S]; through an int64 buffer: torch.tensor over a long tuple of ints costs ms
-        input_ids = torch.frombuffer(array("q", prompt.token_ids), dtype=torch.long)[None].to(self.device)
+        input_ids = self._input_ids(prompt)
         if not reuse:
             return PreparedCall(prompt, None, None, input_ids, started)
         keys = [seg.key for seg in prompt.segments]
@@ -332,7 +352,39 @@ class Runtime:
             new_tokens=new_tokens,
             ttft_s=(first_token_at or now) - call.started,
             total_s=now - call.started,
+            recomputed_tokens=call.parallel.recomputed_tokens if call.parallel else 0,
+            parallel=call.parallel,
         )
+
+    def _input_ids(self, prompt) -> torch.Tensor:
+        """``[1, S]`` on the model's device; through an int64 buffer, because
+        ``torch.tensor`` over a long tuple of ints costs milliseconds."""
+        return torch.frombuffer(array("q", prompt.token_ids), dtype=torch.long)[None].to(self.device)
+
+    # -- parallel spans (issue 3): see parallel.py ------------------------------------------
+
+    def _refuse_adapter_on_parallel(self, adapter: str | None) -> None:
+        if adapter is not None:
+            raise ValueError("adapters on prompts with parallel groups are not supported; "
+                             "append the group's spans as dependent spans to use an adapter")
+
+    @functools.cached_property
+    def key_mover(self) -> KeyMover:
+        """How this model's cached keys move along positions (probed on first use)."""
+        with torch.inference_mode():
+            return key_mover(self.model)
+
+    def _prepare_parallel(self, ctx: Context, reuse: bool, max_new_tokens: int, repair: str | None,
+                          started: float) -> PreparedCall:
+        mode = self.repair if repair is None else Repair.parse(repair)
+        prompt = resolve_layout(self.resolver, ctx, mode)
+        self._check_length(prompt.num_tokens + max_new_tokens)
+        input_ids = self._input_ids(prompt)
+        if not reuse:
+            return PreparedCall(prompt, None, None, input_ids, started)
+        plan, cache = build_cache(self, prompt, input_ids, mode)
+        stats = parallel_stats(plan, self.key_mover.reason)
+        return PreparedCall(prompt, cache, plan, input_ids, started, stats)
 
     # -- checks ------------------------------------------------------------------------
 

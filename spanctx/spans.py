@@ -3,6 +3,10 @@
 A ``Context`` is a node in a tree: its path from the root is a prompt, one span per
 node. Appending never changes a context; it returns a new child, so two appends to the
 same context are siblings that share everything above them (and so their KV).
+
+A node can also be a ``ParallelGroup`` (``Context.parallel``): several spans laid out
+one after the other that do not attend to each other, each attending only to its
+anchor (a prefix of the path). What follows the group attends to everything.
 """
 
 from __future__ import annotations
@@ -41,6 +45,23 @@ class Span:
         return isinstance(self.content, str)
 
 
+@attrs.frozen
+class ParallelGroup:
+    """Sibling spans that each attend to the first ``anchor_depth`` nodes of the path only.
+
+    ``anchor_depth`` counts path nodes (0 = the root: only the BOS token, if any).
+    """
+
+    members: tuple[Span, ...]
+    anchor_depth: int
+
+    def __attrs_post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("a parallel group needs at least one span")
+        if self.anchor_depth < 0:
+            raise ValueError("anchor_depth must be >= 0")
+
+
 @attrs.frozen(eq=False, repr=False)
 class Context:
     """A prompt as a path of spans. ``Context()`` is the empty root.
@@ -50,12 +71,35 @@ class Context:
     """
 
     parent: Context | None = None
-    span: Span | None = None
+    span: Span | ParallelGroup | None = None
 
     def append(self, content: str | Sequence[int] | Span) -> Context:
         """A new context: this one followed by ``content``. ``self`` is unchanged."""
         span = content if isinstance(content, Span) else Span(content)
         return Context(parent=self, span=span)
+
+    def parallel(self, *contents: str | Sequence[int] | Span, anchor: str | Context = "path") -> Context:
+        """A new context: this one followed by a group of spans that do not attend to each other.
+
+        Each span attends to its anchor only: ``anchor="path"`` (default) is this context's
+        whole path; ``anchor="root"`` is the root alone (position-independent: a span's KV
+        is shared across everything that may precede it); a ``Context`` that is a prefix of
+        this one anchors there. What is appended after the group attends to everything.
+        """
+        members = tuple(c if isinstance(c, Span) else Span(c) for c in contents)
+        return Context(parent=self, span=ParallelGroup(members, self._anchor_depth(anchor)))
+
+    def _anchor_depth(self, anchor: str | Context) -> int:
+        if isinstance(anchor, Context):
+            depth = len(anchor)
+            if self.spans[:depth] != anchor.spans:
+                raise ValueError(f"anchor {anchor!r} is not a prefix of {self!r}")
+            return depth
+        if anchor == "path":
+            return len(self)
+        if anchor == "root":
+            return 0
+        raise ValueError(f"anchor must be 'path', 'root' or a Context, got {anchor!r}")
 
     def extend(self, contents: Iterable[str | Sequence[int] | Span]) -> Context:
         """Append several spans in order; returns the last new context."""
@@ -65,14 +109,19 @@ class Context:
         return ctx
 
     @property
-    def spans(self) -> tuple[Span, ...]:
-        """The spans from the root to this node, in prompt order."""
-        out: list[Span] = []
+    def spans(self) -> tuple[Span | ParallelGroup, ...]:
+        """The nodes from the root to this one, in prompt order (spans or parallel groups)."""
+        out: list[Span | ParallelGroup] = []
         node: Context | None = self
         while node is not None and node.span is not None:
             out.append(node.span)
             node = node.parent
         return tuple(reversed(out))
+
+    @property
+    def has_parallel(self) -> bool:
+        """Whether the path holds a parallel group."""
+        return any(isinstance(node, ParallelGroup) for node in self.spans)
 
     @property
     def is_root(self) -> bool:
@@ -88,5 +137,10 @@ class Context:
         return hash(self.spans)
 
     def __repr__(self) -> str:
-        shown = [s.content if s.is_text else f"<{len(s.content)} ids>" for s in self.spans]
-        return f"Context({shown!r})"
+        return f"Context([{', '.join(_show(node) for node in self.spans)}])"
+
+
+def _show(node: Span | ParallelGroup) -> str:
+    if isinstance(node, ParallelGroup):
+        return f"parallel({', '.join(_show(m) for m in node.members)}; anchor={node.anchor_depth})"
+    return repr(node.content) if node.is_text else f"<{len(node.content)} ids>"

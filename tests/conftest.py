@@ -23,6 +23,10 @@ ARCHS = {
 }
 
 
+# Tiny models are overhead-bound: one thread is as fast, and far faster on a shared CPU.
+torch.set_num_threads(1)
+
+
 @functools.cache
 def tiny_model(arch: str):
     """(model, tokenizer) for ``arch``, built once per test session (seeded weights)."""

@@ -1,0 +1,147 @@
+"""Moving cached keys along positions: RoPE re-rotation by a position delta.
+
+Cached keys are post-RoPE: the key of a token at position ``p`` is ``s * R(p * theta) k``,
+with ``R`` the half-split (``rotate_half``) rotation of the first ``rotary_dim`` channels,
+``theta`` the rotary embedding's ``inv_freq`` and ``s`` its attention scaling (yarn).
+Since ``R((p + d) * theta) = R(d * theta) R(p * theta)``, moving a cached key by ``d``
+positions is one rotation by ``d * theta``; values and the non-rotary channels
+(partial rotary, Phi-style) do not change, and ``s`` is already inside the key.
+
+That is exact when ``theta`` is fixed: default, linear, llama3 and yarn rope. It is not
+for dynamic NTK and longrope (their ``theta`` depends on the sequence length), and
+models with absolute position embeddings (GPT-2) cannot move a key at all: for those,
+``KeyMover.reason`` says why, and the runtime recomputes spans at their place instead.
+
+``key_mover(model)`` reads each layer's ``inv_freq`` (per layer type for Gemma3-style
+models) and then checks on the model itself that a rotated key equals the key computed
+at the moved position, so an unknown rope layout is refused, never silently wrong.
+"""
+
+from __future__ import annotations
+
+import attrs
+import torch
+
+from . import kv as kvops
+from .store import SpanKV
+
+MOVABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
+UNMOVABLE_ROPE_TYPES = {
+    "dynamic": "dynamic NTK rope: its frequencies depend on the sequence length",
+    "longrope": "longrope: its frequencies depend on the sequence length",
+}
+PROBE_TOKENS = 8
+PROBE_DELTA = 997
+
+
+def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """``keys`` moved by ``delta`` positions: a new tensor; ``keys`` is not changed.
+
+    keys: ``[B, H, S, D]`` post-RoPE, half-split layout on the first ``2 * len(inv_freq)``
+    channels. The angle is formed in float64 and the rotation done in float32.
+    """
+    rotary_dim = 2 * inv_freq.numel()
+    if rotary_dim > keys.shape[-1]:
+        raise ValueError(f"inv_freq covers {rotary_dim} channels, keys have {keys.shape[-1]}")
+    angle = delta * inv_freq.to(device=keys.device, dtype=torch.float64)  # [rotary_dim / 2]
+    angle = torch.cat([angle, angle])  # [rotary_dim]
+    cos, sin = angle.cos().float(), angle.sin().float()
+    k = keys[..., :rotary_dim].float()  # [B, H, S, rotary_dim]
+    half = rotary_dim // 2
+    k_rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    moved = (k * cos + k_rotated_half * sin).to(keys.dtype)
+    return torch.cat([moved, keys[..., rotary_dim:]], dim=-1)
+
+
+@attrs.frozen(eq=False)
+class KeyMover:
+    """How (and whether) one model's cached keys move along positions.
+
+    ``inv_freq`` holds one tensor per layer when keys can move; otherwise it is empty and
+    ``reason`` says why.
+    """
+
+    inv_freq: tuple[torch.Tensor, ...]
+    reason: str | None = None
+
+    @property
+    def movable(self) -> bool:
+        return self.reason is None
+
+    def shift(self, kv: SpanKV, delta: int) -> SpanKV:
+        """``kv`` moved by ``delta`` positions: new key tensors, the same value tensors."""
+        if delta == 0:
+            return kv
+        if not self.movable:
+            raise ValueError(f"cannot move keys on this model: {self.reason}")
+        if len(kv.keys) != len(self.inv_freq):
+            raise ValueError(f"span has {len(kv.keys)} layers, the model {len(self.inv_freq)}")
+        keys = tuple(rotate_keys(k, delta, f) for k, f in zip(kv.keys, self.inv_freq))
+        return SpanKV(keys, kv.values)
+
+
+def key_mover(model) -> KeyMover:
+    """Read ``model``'s per-layer rope frequencies and check on the model that rotating a
+    cached key reproduces the key computed at the moved position."""
+    inv_freq, reason = _layer_inv_freq(model)
+    if reason is not None:
+        return KeyMover((), reason)
+    error = _probe_error(model, inv_freq)
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not error <= tolerance:
+        return KeyMover((), f"rotating cached keys does not reproduce this model's keys (relative error "
+                            f"{error:.2g} > {tolerance:g}): unknown rope layout")
+    return KeyMover(inv_freq)
+
+
+def _layer_inv_freq(model) -> tuple[tuple[torch.Tensor, ...], str | None]:
+    """Per layer ``inv_freq``, or a reason why the model's keys cannot be moved."""
+    text = model.config.get_text_config()
+    params = getattr(text, "rope_parameters", None)
+    rotaries = [m for m in model.modules() if any(_is_inv_freq(name) for name in m._buffers)]
+    if not params or not rotaries:
+        return (), "no rotary position embedding (absolute positions): a span's KV holds its positions"
+    rope_types = {params["rope_type"]} if "rope_type" in params else {p["rope_type"] for p in params.values() if p}
+    for rope_type in sorted(rope_types):
+        if rope_type not in MOVABLE_ROPE_TYPES:
+            return (), UNMOVABLE_ROPE_TYPES.get(rope_type, f"rope type {rope_type!r} is not known to move exactly")
+    if len(rotaries) != 1:
+        return (), f"found {len(rotaries)} rotary embeddings: cannot tell which one each layer uses"
+    buffers = rotaries[0]._buffers
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    freqs = []
+    for layer_type in layer_types:
+        freq = buffers.get(f"{layer_type}_inv_freq", buffers.get("inv_freq"))
+        if freq is None:
+            return (), f"no rope frequencies for layer type {layer_type!r}"
+        freqs.append(freq.detach().clone())
+    return tuple(freqs), None
+
+
+def _is_inv_freq(name: str) -> bool:
+    return name == "inv_freq" or (name.endswith("_inv_freq") and not name.endswith(("original_inv_freq",
+                                                                                      "long_inv_freq")))
+
+
+def _probe_error(model, inv_freq: tuple[torch.Tensor, ...]) -> float:
+    """Worst relative (Frobenius) error, over layers, between a span's keys computed at
+    ``PROBE_DELTA`` and its keys computed at 0 then rotated (no past either way)."""
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=generator).to(model.device)
+
+    def keys_at(start: int) -> tuple[torch.Tensor, ...]:
+        cache = kvops.empty_cache()
+        positions = torch.arange(start, start + PROBE_TOKENS, device=model.device)[None]
+        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return kvops.as_slices(cache).keys
+
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2 * PROBE_DELTA
+    delta = min(PROBE_DELTA, limit - PROBE_TOKENS)
+    with torch.inference_mode():
+        at_zero, moved = keys_at(0), keys_at(delta)
+    if len(at_zero) != len(inv_freq):
+        return float("inf")
+    errors = [(rotate_keys(k0, delta, f).float() - k1.float()).norm() / k1.float().norm()
+              for k0, k1, f in zip(at_zero, moved, inv_freq)]
+    return max(e.item() for e in errors)

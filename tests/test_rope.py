@@ -1,0 +1,98 @@
+"""Re-rotation of cached keys is exact: a span computed after its anchor and moved by delta
+equals the same span computed with everything it attends to at delta further on: alone,
+or after its anchor shifted by delta as well (fp32, atol 1e-5). Only relative positions
+enter attention, so that is what moving a span's KV reproduces; relative to an anchor
+left in place, a moved span still saw it at the old distance (parallel.md says so)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rope_models import MOVABLE_KINDS, ROPE_MODELS, rope_model
+from transformers import DynamicCache
+
+from spanctx import rope
+from spanctx.rope import key_mover, rotate_keys
+
+
+def _span_kv(model, anchor_ids: list[int], span_ids: list[int], shift: int):
+    """Per-layer (keys, values) of ``span_ids`` right after ``anchor_ids``, both ``shift``
+    positions further on than usual, with HF primitives (explicit position_ids)."""
+    cache = DynamicCache()
+    ids = torch.tensor([anchor_ids + span_ids])
+    positions = torch.arange(shift, shift + ids.shape[1])[None]
+    with torch.inference_mode():
+        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+    n = len(anchor_ids)
+    return [(layer.keys[:, :, n:], layer.values[:, :, n:]) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("kind", MOVABLE_KINDS)
+@pytest.mark.parametrize(("anchor_len", "delta"), [(0, 23), (9, 1), (9, 57)])
+def test_moved_span_equals_span_computed_at_its_place(kind, anchor_len, delta):
+    model, _ = rope_model(kind)
+    mover = key_mover(model)
+    assert mover.movable, mover.reason
+    gen = torch.Generator().manual_seed(delta)
+    anchor_ids = torch.randint(0, 256, (anchor_len,), generator=gen).tolist()
+    span_ids = torch.randint(0, 256, (7,), generator=gen).tolist()
+    at_anchor = _span_kv(model, anchor_ids, span_ids, 0)
+    at_place = _span_kv(model, anchor_ids, span_ids, delta)
+    assert len(at_anchor) == len(mover.inv_freq) == model.config.get_text_config().num_hidden_layers
+    for (k0, v0), (k1, v1), inv_freq in zip(at_anchor, at_place, mover.inv_freq):
+        moved = rotate_keys(k0, delta, inv_freq)
+        torch.testing.assert_close(moved, k1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v0, v1, atol=1e-5, rtol=0)  # values do not depend on position
+        assert (moved - k0).abs().max() > 1e-3  # the rotation did something
+
+
+def test_partial_rotary_leaves_the_other_channels_alone():
+    model, _ = rope_model("partial")
+    (inv_freq, *_), head_dim = key_mover(model).inv_freq, model.config.hidden_size // model.config.num_attention_heads
+    assert 2 * inv_freq.numel() < head_dim
+    keys = torch.randn(1, 2, 5, head_dim)
+    moved = rotate_keys(keys, 11, inv_freq)
+    torch.testing.assert_close(moved[..., 2 * inv_freq.numel():], keys[..., 2 * inv_freq.numel():])
+    assert not torch.allclose(moved, keys)
+
+
+def test_rotation_composes_and_inverts():
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).double() / 16)).float()
+    keys = torch.randn(1, 2, 4, 16)
+    torch.testing.assert_close(rotate_keys(rotate_keys(keys, 5, inv_freq), 7, inv_freq),
+                               rotate_keys(keys, 12, inv_freq), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate_keys(rotate_keys(keys, 9, inv_freq), -9, inv_freq), keys, atol=1e-5, rtol=0)
+
+
+def test_per_layer_rope_uses_each_layer_types_frequencies():
+    model, _ = rope_model("per-layer")
+    mover = key_mover(model)
+    types = model.config.layer_types
+    sliding, full = types.index("sliding_attention"), types.index("full_attention")
+    assert not torch.equal(mover.inv_freq[sliding], mover.inv_freq[full])
+
+
+@pytest.mark.parametrize("kind", [k for k, (_, _, movable) in ROPE_MODELS.items() if not movable])
+def test_keys_that_cannot_move_are_refused_with_a_reason(kind):
+    model, _ = rope_model(kind)
+    mover = key_mover(model)
+    assert not mover.movable and mover.reason
+    expected = {"dynamic": "dynamic", "absolute": "absolute"}[kind]
+    assert expected in mover.reason
+    assert mover.shift is not None
+    from spanctx.store import SpanKV
+
+    kv = SpanKV((torch.zeros(1, 1, 2, 4),), (torch.zeros(1, 1, 2, 4),))
+    assert mover.shift(kv, 0) is kv
+    with pytest.raises(ValueError, match="cannot move"):
+        mover.shift(kv, 3)
+
+
+def test_the_probe_refuses_frequencies_that_do_not_match_the_model(monkeypatch):
+    model, _ = rope_model("per-layer")
+    right, reason = rope._layer_inv_freq(model)
+    assert reason is None
+    swapped = tuple(right[1:] + right[:1])  # each layer gets its neighbour's rope
+    monkeypatch.setattr(rope, "_layer_inv_freq", lambda m: (swapped, None))
+    mover = key_mover(model)
+    assert not mover.movable and "unknown rope layout" in mover.reason
