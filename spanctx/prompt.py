@@ -2,7 +2,8 @@
 
 Tokenization rule: each span is tokenized on its own, with no special tokens, and the
 prompt is the concatenation of the pieces, after one BOS token when the tokenizer adds
-one (as Llama's does). So ``"Hello" + " world"`` can tokenize differently from
+one (as Llama's does) and the path does not start with a chat span (chat spans are
+rendered by the tokenizer's chat template first, see ``chat.py``). So ``"Hello" + " world"`` can tokenize differently from
 ``"Hello world"`` with a BPE tokenizer: span boundaries are token boundaries. That is
 what lets a span's KV be stored once and reused.
 """
@@ -13,6 +14,7 @@ import functools
 
 import attrs
 
+from .chat import ChatRenderer
 from .keys import root_key, span_key
 from .plan import PlanSegment
 from .spans import Context, Span
@@ -45,6 +47,7 @@ class PromptResolver:
         self.namespace = namespace
         self.vocab_size = vocab_size
         self.bos = _bos_prefix(tokenizer)
+        self.chat = ChatRenderer(tokenizer)
         self._span_ids = functools.lru_cache(maxsize=cache_size)(self._tokenize)
         self._key = functools.lru_cache(maxsize=cache_size)(self._chain)
 
@@ -52,7 +55,10 @@ class PromptResolver:
         spans = ctx.spans
         if not spans:
             raise ValueError("the context is empty: append at least one span before generating")
-        pieces = [self.bos] if self.bos else []
+        # a path that starts with a chat span gets its special tokens from the template
+        pieces = [self.bos] if self.bos and not spans[0].is_chat else []
+        if any(span.is_chat for span in spans):
+            spans = self.chat.expand(spans)
         pieces += [self._span_ids(span) for span in spans]
         key = root_key(self.namespace)
         segments = []
