@@ -65,17 +65,43 @@ def _full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     return layer
 
 
+def stack_left_padded(rows: Sequence[SpanKV], keep: Sequence[int], length: int) -> DynamicCache:
+    """A batch cache of ``length`` slots: row ``i`` holds the first ``keep[i]`` tokens of
+    ``rows[i]`` at its right end, after ``length - keep[i]`` zero slots (padding, which the
+    attention mask must hide). Fresh tensors: the rows are never changed.
+    """
+    cache = DynamicCache()
+    if length == 0:
+        return cache
+    for layer_idx in range(len(rows[0].keys)):
+        k = _left_padded([row.keys[layer_idx] for row in rows], keep, length)
+        v = _left_padded([row.values[layer_idx] for row in rows], keep, length)
+        cache.layers.append(_full_layer(k, v))
+    return cache
+
+
+def _left_padded(tensors: Sequence[torch.Tensor], keep: Sequence[int], length: int) -> torch.Tensor:
+    # each tensor: [1, H_kv, S_i, D] -> out: [B, H_kv, length, D]
+    _, heads, _, dim = tensors[0].shape
+    out = tensors[0].new_zeros((len(tensors), heads, length, dim))
+    for i, (t, n) in enumerate(zip(tensors, keep)):
+        if n:
+            out[i, :, length - n :] = t[0, :, :n]
+    return out
+
+
 def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length()
 
 
-def extract(cache: DynamicCache, start: int, end: int) -> SpanKV:
-    """Copy tokens ``[start, end)`` of every layer of ``cache`` into a new ``SpanKV``."""
+def extract(cache: DynamicCache, start: int, end: int, row: int = 0) -> SpanKV:
+    """Copy slots ``[start, end)`` of batch row ``row`` of every layer of ``cache`` into a
+    new ``SpanKV``."""
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
             raise RuntimeError("spanctx caches use full layers; got a sliding layer")
-    keys = tuple(layer.keys[:, :, start:end].clone() for layer in cache.layers)
-    values = tuple(layer.values[:, :, start:end].clone() for layer in cache.layers)
+    keys = tuple(layer.keys[row : row + 1, :, start:end].clone() for layer in cache.layers)
+    values = tuple(layer.values[row : row + 1, :, start:end].clone() for layer in cache.layers)
     return SpanKV(keys, values)
 
 

@@ -1,0 +1,148 @@
+"""Many prompts in one left-padded batch, each row reusing its own stored spans.
+
+Each row is prepared as a single request would be (its plan, its reused and computed
+spans), so it ends with a cache of its first ``c_i`` prompt tokens. The rows are then
+left-padded to the longest prompt ``W``: row ``i`` starts at slot ``pad_i = W - n_i``.
+One batch cache covers slots ``[0, C)`` for every row, and ``generate`` computes slots
+``[C, W)`` of all rows in one call.
+
+Which ``C``. Row ``i`` can supply slots ``[pad_i, pad_i + c_i)``, so ``C <= c_i + pad_i``
+for every row, and row ``i`` keeps ``max(0, C - pad_i)`` of its cached tokens: more for
+every row as ``C`` grows. So ``C = min_i(c_i + pad_i)`` maximises reuse, and the row that
+sets the minimum keeps all of its cache. Every other row recomputes the cached tokens
+past ``C``; they sit in slots that would otherwise be padding of the final call, whose
+length is ``W - C = max_i(n_i - c_i)``, the longest uncached tail: the final call is
+exactly as long as it must be.
+
+Pad slots hold zeros and are hidden by the attention mask; position ids come from the
+mask (``cumsum - 1``), so every real token keeps the position it has alone, and the
+stored keys (RoPE already applied) fit. Greedy results equal one ``generate`` per row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from . import kv as kvops
+from .options import CallOptions, seeded
+from .plan import Plan, Reuse
+from .runtime import GenerationStats, PreparedCall, Result, Runtime, _FirstTokenTimer
+from .spans import Context
+
+# generate options that would need per-row stop positions, which a padded batch hides
+_UNSUPPORTED = ("stop_strings", "stopping_criteria", "num_return_sequences")
+
+
+@attrs.frozen
+class BatchLayout:
+    """Where each row of a left-padded batch sits and how much of its cache it keeps.
+
+    Row ``i``'s prompt fills slots ``[pads[i], width)``; the batch cache covers slots
+    ``[0, cached_width)``, where row ``i`` holds its first ``kept[i]`` prompt tokens.
+    """
+
+    width: int
+    cached_width: int
+    pads: tuple[int, ...]
+    kept: tuple[int, ...]
+
+
+def plan_batch(prompt_lengths: Sequence[int], cached_lengths: Sequence[int]) -> BatchLayout:
+    """The layout that maximises reuse (see the module docstring). Pure.
+
+    ``cached_lengths[i]`` is how many leading prompt tokens row ``i`` has a cache for; at
+    least one token of every row must be left uncached.
+    """
+    if len(prompt_lengths) != len(cached_lengths) or not prompt_lengths:
+        raise ValueError("one prompt length and one cached length per row, at least one row")
+    for n, c in zip(prompt_lengths, cached_lengths):
+        if not 0 <= c < n:
+            raise ValueError(f"a row of {n} tokens cannot have {c} cached (0 <= cached < prompt)")
+    width = max(prompt_lengths)
+    pads = tuple(width - n for n in prompt_lengths)
+    cached_width = min(c + pad for c, pad in zip(cached_lengths, pads))
+    kept = tuple(max(0, cached_width - pad) for pad in pads)
+    return BatchLayout(width, cached_width, pads, kept)
+
+
+def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOptions, reuse: bool) -> list[Result]:
+    """``Runtime.generate_batch``: one padded ``generate`` call for all ``contexts``."""
+    contexts = [_as_context(c) for c in contexts]
+    if not contexts:
+        return []
+    unsupported = [k for k in _UNSUPPORTED if opts.generate_kwargs.get(k) not in (None, 1)]
+    if unsupported:
+        raise ValueError(f"generate_batch does not support {unsupported}: rows would stop at positions the "
+                         "padded output does not show; use generate per context")
+    with rt._lock, torch.inference_mode(), seeded(opts.seed, rt.device):
+        started = time.perf_counter()
+        calls = [rt._prepare(ctx, reuse, opts.max_new_tokens) for ctx in contexts]
+        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.tail_start for c in calls])
+        input_ids, attention_mask = _left_padded_ids(calls, layout, rt.pad_token_id, rt.device)
+        kwargs = opts.hf_kwargs(rt.pad_token_id)
+        if reuse:
+            kwargs["past_key_values"] = kvops.stack_left_padded(
+                [kvops.as_slices(c.cache) for c in calls], layout.kept, layout.cached_width)
+        timer = _FirstTokenTimer()
+        out = rt.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=timer, **kwargs)
+        if reuse:
+            for row, call in enumerate(calls):
+                rt._store_segments(call.plan.tail, call.prompt, kwargs["past_key_values"], row, layout.pads[row])
+        eos = _eos_ids(kwargs.get("eos_token_id", rt.model.generation_config.eos_token_id))
+        now = time.perf_counter()
+        results = []
+        for row, call in enumerate(calls):
+            new_ids = _until_eos(out[row, layout.width:].tolist(), eos)
+            cached = _reused_before(call.plan, layout.kept[row]) if reuse else 0
+            stats = GenerationStats(
+                prompt_tokens=call.prompt.num_tokens, cached_tokens=cached,
+                computed_tokens=call.prompt.num_tokens - cached, new_tokens=len(new_ids),
+                ttft_s=(timer.first_token_at or now) - started, total_s=now - started)
+            results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
+        return results
+
+
+def _as_context(item: Context | str) -> Context:
+    if isinstance(item, Context):
+        return item
+    if isinstance(item, str):
+        return Context().append(item)  # raw completion: one text span, no template
+    raise TypeError(f"generate_batch takes Contexts or strings, got {type(item).__name__}")
+
+
+def _left_padded_ids(calls: Sequence[PreparedCall], layout: BatchLayout, pad_id: int | None,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask ``[B, width]``, each prompt at the right end."""
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token: pass pad_token_id=...")
+    input_ids = torch.full((len(calls), layout.width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (call, pad) in enumerate(zip(calls, layout.pads)):
+        input_ids[row, pad:] = call.input_ids[0]
+        attention_mask[row, pad:] = 1
+    return input_ids, attention_mask
+
+
+def _reused_before(plan: Plan, end: int) -> int:
+    """How many prompt tokens in ``[0, end)`` the plan read from the store."""
+    return sum(max(0, min(step.end, end) - step.start) for step in plan.steps if isinstance(step, Reuse))
+
+
+def _eos_ids(eos: int | Sequence[int] | torch.Tensor | None) -> frozenset[int]:
+    if eos is None:
+        return frozenset()
+    if isinstance(eos, torch.Tensor):
+        return frozenset(eos.reshape(-1).tolist())
+    return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _until_eos(ids: list[int], eos: frozenset[int]) -> tuple[int, ...]:
+    """A row's new tokens up to and including its first EOS; the padding after it goes."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return tuple(ids[: i + 1])
+    return tuple(ids)
