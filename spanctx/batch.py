@@ -86,7 +86,7 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
         kwargs = opts.hf_kwargs(rt.pad_token_id)
         if reuse:
             kwargs["past_key_values"] = kvops.stack_left_padded(
-                [kvops.as_slices(c.cache) for c in calls], layout.kept, layout.cached_width)
+                [c.cache for c in calls], layout.kept, layout.cached_width)
         timer = _FirstTokenTimer()
         out = rt.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=timer, **kwargs)
         if reuse:

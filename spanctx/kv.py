@@ -65,28 +65,25 @@ def _full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     return layer
 
 
-def stack_left_padded(rows: Sequence[SpanKV], keep: Sequence[int], length: int) -> DynamicCache:
+def stack_left_padded(caches: Sequence[DynamicCache], keep: Sequence[int], length: int) -> DynamicCache:
     """A batch cache of ``length`` slots: row ``i`` holds the first ``keep[i]`` tokens of
-    ``rows[i]`` at its right end, after ``length - keep[i]`` zero slots (padding, which the
-    attention mask must hide). Fresh tensors: the rows are never changed.
+    ``caches[i]`` (a batch of one) at its right end, after ``length - keep[i]`` zero slots
+    (padding, which the attention mask must hide). Fresh tensors: the inputs never change.
+    A row that keeps nothing may have an empty cache.
     """
-    cache = DynamicCache()
-    if length == 0:
-        return cache
-    for layer_idx in range(len(rows[0].keys)):
-        k = _left_padded([row.keys[layer_idx] for row in rows], keep, length)
-        v = _left_padded([row.values[layer_idx] for row in rows], keep, length)
-        cache.layers.append(_full_layer(k, v))
-    return cache
-
-
-def _left_padded(tensors: Sequence[torch.Tensor], keep: Sequence[int], length: int) -> torch.Tensor:
-    # each tensor: [1, H_kv, S_i, D] -> out: [B, H_kv, length, D]
-    _, heads, _, dim = tensors[0].shape
-    out = tensors[0].new_zeros((len(tensors), heads, length, dim))
-    for i, (t, n) in enumerate(zip(tensors, keep)):
-        if n:
-            out[i, :, length - n :] = t[0, :, :n]
+    out = DynamicCache()
+    kept = [(row, cache) for row, (cache, n) in enumerate(zip(caches, keep)) if n]
+    if length == 0 or not kept:
+        return out
+    for layer_idx, layer in enumerate(kept[0][1].layers):
+        # k, v: [B, H_kv, length, D]
+        k = layer.keys.new_zeros((len(caches), layer.keys.shape[1], length, layer.keys.shape[-1]))
+        v = layer.values.new_zeros((len(caches), layer.values.shape[1], length, layer.values.shape[-1]))
+        for row, cache in kept:
+            n = keep[row]
+            k[row, :, length - n :] = cache.layers[layer_idx].keys[0, :, :n]
+            v[row, :, length - n :] = cache.layers[layer_idx].values[0, :, :n]
+        out.layers.append(_full_layer(k, v))
     return out
 
 
