@@ -17,11 +17,17 @@ exactly as long as it must be.
 Pad slots hold zeros and are hidden by the attention mask; position ids come from the
 mask (``cumsum - 1``), so every real token keeps the position it has alone, and the
 stored keys (RoPE already applied) fit. Greedy results equal one ``generate`` per row.
+
+Shared prefixes. Rows that share a prefix of spans that is not stored yet would each
+compute it in the batch. So before the batch, each row's deepest span prefix shared with
+another row is computed once and stored (a batch-of-one forward over what is missing);
+the rows then reuse it. Its tokens count as computed for the first row that uses it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 import attrs
@@ -29,7 +35,7 @@ import torch
 
 from . import kv as kvops
 from .options import CallOptions, seeded
-from .plan import Plan, Reuse
+from .plan import Reuse
 from .runtime import GenerationStats, PreparedCall, Result, Runtime, _FirstTokenTimer
 from .spans import Context
 
@@ -69,6 +75,30 @@ def plan_batch(prompt_lengths: Sequence[int], cached_lengths: Sequence[int]) -> 
     return BatchLayout(width, cached_width, pads, kept)
 
 
+def shared_prefixes(contexts: Sequence[Context]) -> list[tuple[int, Context]]:
+    """For each row, its deepest span prefix (itself included) that another row also has,
+    once per distinct prefix, with the first row that has it. Pure."""
+    prefixes = [_prefixes(ctx) for ctx in contexts]
+    rows_having = Counter(p for own in prefixes for p in set(own))
+    out: list[tuple[int, Context]] = []
+    seen: set[Context] = set()
+    for row, own in enumerate(prefixes):
+        deepest = next((p for p in own if rows_having[p] >= 2), None)
+        if deepest is not None and deepest not in seen:
+            seen.add(deepest)
+            out.append((row, deepest))
+    return out
+
+
+def _prefixes(ctx: Context) -> list[Context]:
+    """``ctx`` and its ancestors, deepest first, the empty root left out."""
+    out, node = [], ctx
+    while node is not None and not node.is_root:
+        out.append(node)
+        node = node.parent
+    return out
+
+
 def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOptions, reuse: bool) -> list[Result]:
     """``Runtime.generate_batch``: one padded ``generate`` call for all ``contexts``."""
     contexts = [_as_context(c) for c in contexts]
@@ -80,6 +110,10 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
                          "padded output does not show; use generate per context")
     with rt._lock, torch.inference_mode(), seeded(opts.seed, rt.device):
         started = time.perf_counter()
+        warmed: list[set[bytes]] = [set() for _ in contexts]  # span keys computed for each row beforehand
+        if reuse:
+            for row, prefix in shared_prefixes(contexts):
+                warmed[row] |= _warm(rt, prefix)
         calls = [rt._prepare(ctx, reuse, opts.max_new_tokens) for ctx in contexts]
         layout = plan_batch([c.prompt.num_tokens for c in calls], [c.tail_start for c in calls])
         input_ids, attention_mask = _left_padded_ids(calls, layout, rt.pad_token_id, rt.device)
@@ -97,7 +131,7 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
         results = []
         for row, call in enumerate(calls):
             new_ids = _until_eos(out[row, layout.width:].tolist(), eos)
-            cached = _reused_before(call.plan, layout.kept[row]) if reuse else 0
+            cached = _reused_before(call, layout.kept[row], warmed[row]) if reuse else 0
             stats = GenerationStats(
                 prompt_tokens=call.prompt.num_tokens, cached_tokens=cached,
                 computed_tokens=call.prompt.num_tokens - cached, new_tokens=len(new_ids),
@@ -127,9 +161,20 @@ def _left_padded_ids(calls: Sequence[PreparedCall], layout: BatchLayout, pad_id:
     return input_ids, attention_mask
 
 
-def _reused_before(plan: Plan, end: int) -> int:
-    """How many prompt tokens in ``[0, end)`` the plan read from the store."""
-    return sum(max(0, min(step.end, end) - step.start) for step in plan.steps if isinstance(step, Reuse))
+def _warm(rt: Runtime, prefix: Context) -> set[bytes]:
+    """Compute and store the spans of ``prefix`` that are not stored; returns their keys."""
+    missing = {seg.key for seg in rt.resolver.resolve(prefix).segments if seg.key not in rt.store}
+    if missing:
+        rt.next_token_logits(prefix)  # computes exactly the missing spans and stores them
+    return missing
+
+
+def _reused_before(call: PreparedCall, end: int, computed_here: set[bytes]) -> int:
+    """How many prompt tokens in ``[0, end)`` the row read from the store, leaving out the
+    spans computed for it in this call."""
+    segments = call.prompt.segments
+    return sum(max(0, min(step.end, end) - step.start) for step in call.plan.steps
+               if isinstance(step, Reuse) and segments[step.segment].key not in computed_here)
 
 
 def _eos_ids(eos: int | Sequence[int] | torch.Tensor | None) -> frozenset[int]:

@@ -64,6 +64,26 @@ def test_reuse_per_row_follows_the_layout():
     assert results[0].stats.computed_tokens == n_short - results[0].stats.cached_tokens
 
 
+def test_a_cold_shared_prefix_is_computed_once_for_the_whole_batch():
+    rt, fresh = tiny_runtime("mistral"), tiny_runtime("mistral")
+    rows = [SHARED.append(f"question {i}?") for i in range(3)]  # equal lengths: no padding
+    results = rt.generate_batch(rows, max_new_tokens=4)
+    shared, question = len(rt.token_ids(SHARED)), len("question 0?")
+    assert results[0].stats.computed_tokens == shared + question  # the first row pays for the prefix
+    for result in results[1:]:
+        assert (result.stats.cached_tokens, result.stats.computed_tokens) == (shared, question)
+    assert [r.token_ids for r in results] == [fresh.generate(r, max_new_tokens=4, reuse=False).token_ids
+                                              for r in rows]
+
+
+def test_shared_prefixes():
+    x = Context().append("x")
+    xy = x.append("y")
+    rows = [xy.append("z1"), xy.append("z2"), x.append("w"), Context().append("v"), xy.append("z1")]
+    assert spanctx.batch.shared_prefixes(rows) == [(0, xy.append("z1")), (1, xy), (2, x)]
+    assert spanctx.batch.shared_prefixes([x, Context().append("v")]) == []
+
+
 def test_reuse_false_batch_equals_singles_and_leaves_the_store_alone():
     rt = tiny_runtime("gemma3")
     rows = ["first prompt", "the second prompt is longer", SHARED.append("third")]
