@@ -2,10 +2,12 @@
 
 Tokenization rule: each span is tokenized on its own, with no special tokens, and the
 prompt is the concatenation of the pieces, after one BOS token when the tokenizer adds
-one (as Llama's does) and the path does not start with a chat span (chat spans are
-rendered by the tokenizer's chat template first, see ``chat.py``). So ``"Hello" + " world"`` can tokenize differently from
+one (as Llama's does). So ``"Hello" + " world"`` can tokenize differently from
 ``"Hello world"`` with a BPE tokenizer: span boundaries are token boundaries. That is
 what lets a span's KV be stored once and reused.
+
+Chat spans are first rendered by the tokenizer's chat template into text spans (see
+``chat.py``); a path that starts with one gets no BOS: the template writes it.
 """
 
 from __future__ import annotations

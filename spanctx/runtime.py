@@ -18,11 +18,11 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from . import kv as kvops
+from .chat import ChatRendering
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
 from .options import CallOptions, merge_options, seeded
 from .plan import Compute, Plan, Reuse, plan_prompt
-from .chat import ChatRendering
 from .prompt import PromptResolver, ResolvedPrompt
 from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
