@@ -17,6 +17,8 @@ class ChatItem:
     """Span content that the runtime renders with the tokenizer's chat template before
     tokenizing: a message, a generation prompt or template arguments (see ``chat.py``)."""
 
+    __slots__ = ()
+
 
 SpanContent = str | tuple[int, ...] | ChatItem
 

@@ -135,3 +135,8 @@ def test_async_errors_reach_the_caller():
 
     with pytest.raises(ValueError, match="empty"):
         asyncio.run(rt.agenerate(spanctx.Context()))
+
+
+def test_the_concurrency_limit_must_be_positive():
+    with pytest.raises(ValueError, match="max_concurrency"):
+        tiny_runtime("llama", max_concurrency=0)

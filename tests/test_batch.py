@@ -30,7 +30,7 @@ def as_context(row):
     return Context().append(row) if isinstance(row, str) else row
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gemma3", "gpt2"])
 def test_batch_equals_one_generate_per_row(arch):
     rt = tiny_runtime(arch)
     rows = mixed_rows(rt)
