@@ -116,8 +116,8 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
                 warmed[row] |= _warm(rt, prefix)
         calls = [rt._prepare(ctx, reuse, opts.max_new_tokens) for ctx in contexts]
         layout = plan_batch([c.prompt.num_tokens for c in calls], [c.tail_start for c in calls])
-        input_ids, attention_mask = _left_padded_ids(calls, layout, rt.pad_token_id, rt.device)
         kwargs = opts.hf_kwargs(rt.pad_token_id)
+        input_ids, attention_mask = _left_padded_ids(calls, layout, kwargs["pad_token_id"], rt.device)
         if reuse:
             kwargs["past_key_values"] = kvops.stack_left_padded(
                 [c.cache for c in calls], layout.kept, layout.cached_width)
