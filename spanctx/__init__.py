@@ -1,10 +1,13 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
 from .adapters import AdapterError, AdapterInfo
+from .batch import BatchLayout, plan_batch
+from .chat import ChatRendering, ChatSplitWarning, Message
 from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
 from .fidelity import Fidelity, fidelity
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
+from .options import CallOptions, merge_options
 from .parallel import ParallelStats
 from .placement import PlacementPlan, Repair, plan_placement
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
@@ -38,6 +41,10 @@ __all__ = [
     "AdapterInfo",
     "AssistantReply",
     "Attempt",
+    "BatchLayout",
+    "CallOptions",
+    "ChatRendering",
+    "ChatSplitWarning",
     "CheckConfig",
     "CheckLoopResult",
     "Compute",
@@ -51,6 +58,7 @@ __all__ = [
     "KVStore",
     "KeyMover",
     "MalformedToolCall",
+    "Message",
     "ParallelGroup",
     "ParallelStats",
     "PlacementPlan",
@@ -82,7 +90,9 @@ __all__ = [
     "load_model",
     "load_preset",
     "lru",
+    "merge_options",
     "parse_tool_calls",
+    "plan_batch",
     "plan_placement",
     "plan_prompt",
     "preset_config",

@@ -118,17 +118,40 @@ def repeat_batch(cache: DynamicCache, batch_size: int) -> DynamicCache:
     return out
 
 
+def stack_left_padded(caches: Sequence[DynamicCache], keep: Sequence[int], length: int) -> DynamicCache:
+    """A batch cache of ``length`` slots: row ``i`` holds the first ``keep[i]`` tokens of
+    ``caches[i]`` (a batch of one) at its right end, after ``length - keep[i]`` zero slots
+    (padding, which the attention mask must hide). Fresh tensors: the inputs never change.
+    A row that keeps nothing may have an empty cache.
+    """
+    out = DynamicCache()
+    kept = [(row, cache) for row, (cache, n) in enumerate(zip(caches, keep)) if n]
+    if length == 0 or not kept:
+        return out
+    for layer_idx, layer in enumerate(kept[0][1].layers):
+        # k, v: [B, H_kv, length, D]
+        k = layer.keys.new_zeros((len(caches), layer.keys.shape[1], length, layer.keys.shape[-1]))
+        v = layer.values.new_zeros((len(caches), layer.values.shape[1], length, layer.values.shape[-1]))
+        for row, cache in kept:
+            n = keep[row]
+            k[row, :, length - n :] = cache.layers[layer_idx].keys[0, :, :n]
+            v[row, :, length - n :] = cache.layers[layer_idx].values[0, :, :n]
+        out.layers.append(_full_layer(k, v))
+    return out
+
+
 def cache_length(cache: DynamicCache) -> int:
     return cache.get_seq_length()
 
 
-def extract(cache: DynamicCache, start: int, end: int) -> SpanKV:
-    """Copy tokens ``[start, end)`` of every layer of ``cache`` into a new ``SpanKV``."""
+def extract(cache: DynamicCache, start: int, end: int, row: int = 0) -> SpanKV:
+    """Copy slots ``[start, end)`` of batch row ``row`` of every layer of ``cache`` into a
+    new ``SpanKV``."""
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
             raise RuntimeError("spanctx caches use full layers; got a sliding layer")
-    keys = tuple(layer.keys[:, :, start:end].clone() for layer in cache.layers)
-    values = tuple(layer.values[:, :, start:end].clone() for layer in cache.layers)
+    keys = tuple(layer.keys[row : row + 1, :, start:end].clone() for layer in cache.layers)
+    values = tuple(layer.values[row : row + 1, :, start:end].clone() for layer in cache.layers)
     return SpanKV(keys, values)
 
 

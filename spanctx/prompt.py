@@ -5,6 +5,9 @@ prompt is the concatenation of the pieces, after one BOS token when the tokenize
 one (as Llama's does). So ``"Hello" + " world"`` can tokenize differently from
 ``"Hello world"`` with a BPE tokenizer: span boundaries are token boundaries. That is
 what lets a span's KV be stored once and reused.
+
+Chat spans are first rendered by the tokenizer's chat template into text spans (see
+``chat.py``); a path that starts with one gets no BOS: the template writes it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import itertools
 
 import attrs
 
+from .chat import ChatRenderer
 from .keys import root_key, span_key
 from .plan import PlanSegment
 from .spans import Context, Span
@@ -46,6 +50,7 @@ class PromptResolver:
         self.namespace = namespace
         self.vocab_size = vocab_size
         self.bos = _bos_prefix(tokenizer)
+        self.chat = ChatRenderer(tokenizer)
         self._span_ids = functools.lru_cache(maxsize=cache_size)(self._tokenize)
         self._key = functools.lru_cache(maxsize=cache_size)(self._chain)
 
@@ -55,7 +60,10 @@ class PromptResolver:
             raise ValueError("the context is empty: append at least one span before generating")
         if ctx.has_parallel:
             raise ValueError("the context holds a parallel group: resolve it with spanctx.parallel.resolve_layout")
-        pieces = [self.bos] if self.bos else []
+        # a path that starts with a chat span gets its special tokens from the template
+        pieces = [self.bos] if self.bos and not spans[0].is_chat else []
+        if any(span.is_chat for span in spans):
+            spans = self.chat.expand(spans)
         pieces += [self._span_ids(span) for span in spans]
         key = root_key(self.namespace)
         segments = []

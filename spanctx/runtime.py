@@ -13,7 +13,7 @@ import functools
 import threading
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -26,8 +26,10 @@ from . import kv as kvops
 from . import scoring, states, structured
 from . import tools as tools_mod
 from .adapters import AdapterInfo, AdapterSet
+from .chat import ChatRendering
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
+from .options import CallOptions, merge_options, seeded
 from .parallel import ParallelStats, build_cache, parallel_stats, resolve_layout
 from .placement import PlacementPlan, Repair
 from .plan import Plan, Reuse, plan_prompt
@@ -38,8 +40,6 @@ from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
 from .structured import JsonResult
 from .tools import ToolRun, ToolTurn
-
-SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 
 @attrs.frozen
@@ -99,10 +99,15 @@ class Runtime:
     namespaced by model fingerprint, so they never mix. ``repair`` is the default repair
     mode of prompts with parallel groups (``Context.parallel``): "none", "head:k",
     "blend:r" or "full" (see ``spanctx.placement``).
+
+    ``generation_defaults`` are generation options for every call, overridden per call
+    (merge rule in ``spanctx.options``). ``max_concurrency`` bounds the async requests
+    handed to worker threads at once (``agenerate``, ``astream``).
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
-                 policy: EvictionPolicy = lru, repair: str | Repair = "none") -> None:
+                 policy: EvictionPolicy = lru, repair: str | Repair = "none",
+                 generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4) -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         self.model = model.eval()
@@ -118,6 +123,11 @@ class Runtime:
         self._lock = threading.RLock()
         self._kv_layout = self._probe_layout()
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
+        self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
+        merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
@@ -144,15 +154,19 @@ class Runtime:
                 return list(resolve_layout(self.resolver, ctx, self.repair).token_ids)
             return list(self.adapters.resolve(ctx, adapter)[0].token_ids)
 
-    def generate(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
-                 repair: str | None = None, **generate_kwargs) -> Result:
-        """Generate after ``ctx``: greedy unless sampling kwargs are given; other HF
-        ``generate`` kwargs pass through. ``reuse=False`` is an ordinary full prefill of the
-        same ids that neither reads nor writes the store. ``adapter`` names a loaded
-        adapter (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``."""
-        with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter, repair=repair) as call:
+    def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+                 adapter: str | None = None, repair: str | None = None, **generate_kwargs) -> Result:
+        """Generate after ``ctx``: greedy unless sampling kwargs are given; ``seed=`` makes
+        sampling reproducible; other HF ``generate`` kwargs pass through; unset options come
+        from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the same
+        ids that neither reads nor writes the store. ``adapter`` names a loaded adapter (see
+        ``add_adapter``); an aLoRA's invocation is appended to ``ctx``. ``repair`` overrides
+        the runtime's repair mode for parallel groups."""
+        opts = self.options(max_new_tokens, **generate_kwargs)
+        with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
+                           repair=repair) as call, seeded(opts.seed, self.device):
             timer = _FirstTokenTimer()
-            out = self._generate(call, max_new_tokens, timer, generate_kwargs)
+            out = self._generate(call, opts, timer)
             new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
             return Result(
                 text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
@@ -160,16 +174,18 @@ class Runtime:
                 stats=self._stats(call, len(new_ids), timer.first_token_at),
             )
 
-    def stream(self, ctx: Context, max_new_tokens: int = 32, *, reuse: bool = True, adapter: str | None = None,
-               repair: str | None = None, **generate_kwargs) -> Iterator[str]:
+    def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+               adapter: str | None = None, repair: str | None = None, **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded."""
+        opts = self.options(max_new_tokens, **generate_kwargs)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                with self.prepared(ctx, reuse=reuse, max_new_tokens=max_new_tokens, adapter=adapter, repair=repair) as call:
-                    self._generate(call, max_new_tokens, streamer, generate_kwargs)
+                with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
+                                   repair=repair) as call, seeded(opts.seed, self.device):
+                    self._generate(call, opts, streamer)
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
                 streamer.end()
@@ -291,14 +307,57 @@ class Runtime:
             self.store_spans(call.prompt, cache, call.plan.tail.segments)
         return out, cache
 
-    def store_spans(self, prompt: ResolvedPrompt, cache, segments: Sequence[int]) -> None:
-        """Store spans ``segments`` of ``prompt`` from ``cache``, which covers them."""
+    def store_spans(self, prompt: ResolvedPrompt, cache, segments: Sequence[int], *, row: int = 0,
+                    offset: int = 0) -> None:
+        """Store spans ``segments`` of ``prompt`` from batch row ``row`` of ``cache``, where
+        the prompt starts at slot ``offset`` (after left padding)."""
         ranges = prompt.span_ranges()
         for i in segments:
             start, end = ranges[i]
-            self.store.put(prompt.segments[i].key, kvops.extract(cache, start, end))
+            self.store.put(prompt.segments[i].key, kvops.extract(cache, offset + start, offset + end, row))
 
-    # -- execution ---------------------------------------------------------------------
+    # -- options, chat, batch, async (issue 5: chat.py, options.py, batch.py, aio.py) -------
+
+    def options(self, max_new_tokens: int | None = None, **generate_kwargs) -> CallOptions:
+        """The effective options of a call with these arguments (``generation_defaults``
+        under them; the rule is in ``spanctx.options``)."""
+        call = dict(generate_kwargs)
+        if max_new_tokens is not None:
+            call["max_new_tokens"] = max_new_tokens
+        return merge_options(self.generation_defaults, call)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id that fills padding: the tokenizer's pad token, else its EOS."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def chat_rendering(self, ctx: Context) -> ChatRendering:
+        """How the chat template renders the conversation in ``ctx`` and where it is cut
+        into spans (``.split`` is False when some messages share a span)."""
+        return self.resolver.chat.rendering(ctx.spans)
+
+    def generate_batch(self, contexts: Sequence[Context | str], max_new_tokens: int | None = None, *,
+                       reuse: bool = True, **generate_kwargs) -> list[Result]:
+        """Generate after several contexts (or plain strings) in one left-padded batch, each
+        row reusing its own stored spans; greedy results equal one ``generate`` per row."""
+        from .batch import generate_batch
+
+        return generate_batch(self, contexts, self.options(max_new_tokens, **generate_kwargs), reuse)
+
+    async def agenerate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+                        **generate_kwargs) -> Result:
+        """``generate`` in a worker thread, at most ``max_concurrency`` requests at once."""
+        from .aio import agenerate
+
+        return await agenerate(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
+
+    def astream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+                **generate_kwargs) -> AsyncIterator[str]:
+        """``stream`` as an async iterator; leaving it early stops the generation."""
+        from .aio import astream
+
+        return astream(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
 
     def _prepare(self, prompt: ResolvedPrompt, reuse: bool, max_new_tokens: int, started: float) -> PreparedCall:
         self._check_length(prompt.num_tokens + max_new_tokens)
@@ -331,14 +390,12 @@ class Runtime:
                 pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]
         return kvops.assemble(pieces)
 
-    def _generate(self, call: PreparedCall, max_new_tokens: int, streamer: BaseStreamer,
-                  generate_kwargs: dict) -> torch.Tensor:
-        kwargs = _generation_kwargs(generate_kwargs, self.tokenizer)
+    def _generate(self, call: PreparedCall, opts: CallOptions, streamer: BaseStreamer) -> torch.Tensor:
+        kwargs = opts.hf_kwargs(self.pad_token_id)
         if call.cache is not None:
             kwargs["past_key_values"] = call.cache
         out = self.model.generate(
-            input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids),
-            max_new_tokens=max_new_tokens, streamer=streamer, **kwargs)
+            input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids), streamer=streamer, **kwargs)
         if call.cache is not None:
             self.store_spans(call.prompt, call.cache, call.plan.tail.segments)
         return out
@@ -423,20 +480,6 @@ class _FirstTokenTimer(BaseStreamer):
 
     def end(self) -> None:
         pass
-
-
-def _generation_kwargs(user: dict, tokenizer) -> dict:
-    """Greedy unless sampling is asked for; a pad id so HF does not warn."""
-    kwargs = dict(user)
-    if "do_sample" not in kwargs:
-        kwargs["do_sample"] = any(k in kwargs for k in SAMPLING_KWARGS)
-    if not kwargs["do_sample"]:
-        for k in SAMPLING_KWARGS:
-            kwargs.setdefault(k, None)
-    if "pad_token_id" not in kwargs:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        kwargs["pad_token_id"] = pad
-    return kwargs
 
 
 def _max_positions(config) -> int | None:

@@ -11,14 +11,25 @@ anchor (a prefix of the path). What follows the group attends to everything.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Sequence
 
 import attrs
 
-SpanContent = str | tuple[int, ...]
+
+class ChatItem:
+    """Span content that the runtime renders with the tokenizer's chat template before
+    tokenizing: a message, a generation prompt or template arguments (see ``chat.py``)."""
+
+    __slots__ = ()
 
 
-def _freeze_content(content: str | Sequence[int]) -> SpanContent:
+SpanContent = str | tuple[int, ...] | ChatItem
+
+
+def _freeze_content(content: str | Sequence[int] | ChatItem) -> SpanContent:
+    if isinstance(content, ChatItem):
+        return content
     if isinstance(content, str):
         if content == "":
             raise ValueError("a span cannot be empty text")
@@ -36,13 +47,30 @@ def _freeze_content(content: str | Sequence[int]) -> SpanContent:
 
 @attrs.frozen
 class Span:
-    """One piece of a prompt: text, tokenized on its own, or token ids as given."""
+    """One piece of a prompt: text, tokenized on its own, token ids as given, or a chat
+    item rendered by the tokenizer's chat template."""
 
     content: SpanContent = attrs.field(converter=_freeze_content)
 
     @property
     def is_text(self) -> bool:
         return isinstance(self.content, str)
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.content, ChatItem)
+
+
+class _OnRootOrSelf:
+    """A method that runs on the instance, or on a new empty root when called on the
+    class: ``Context.chat(msgs)`` is ``Context().chat(msgs)``."""
+
+    def __init__(self, func: Callable) -> None:
+        self.func = func
+        functools.update_wrapper(self, func)
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.func, obj if obj is not None else cls())
 
 
 @attrs.frozen
@@ -108,6 +136,35 @@ class Context:
             ctx = ctx.append(content)
         return ctx
 
+    # -- chat (chat.py renders these spans with the tokenizer's chat template) ----------
+
+    @_OnRootOrSelf
+    def message(self, role: str, content: str | None = None, *, add_generation_prompt: bool = False,
+                **fields) -> Context:
+        """This context followed by one chat message (``fields``: extra message keys such as
+        ``tool_calls``, ``name``, ``tool_call_id``). A generation prompt at the end of ``self``
+        is a placeholder for the reply: the message replaces it."""
+        from .chat import append_messages
+
+        return append_messages(self, [{"role": role, "content": content, **fields}],
+                               add_generation_prompt=add_generation_prompt)
+
+    @_OnRootOrSelf
+    def chat(self, messages: Iterable, *, system: str | None = None, tools: Sequence | None = None,
+             add_generation_prompt: bool = True, chat_template: str | None = None, **template_kwargs) -> Context:
+        """This context followed by ``messages`` (dicts with ``role`` and ``content``, or
+        ``Message``s), each its own span, then a generation prompt unless told otherwise.
+
+        ``system`` prepends a system message. ``tools``, ``chat_template`` and other template
+        kwargs are passed to the template; they can only be set where a conversation starts.
+        Works on the class too: ``Context.chat(msgs)`` starts from an empty root.
+        """
+        from .chat import append_messages
+
+        return append_messages(self, messages, system=system, tools=tools,
+                               add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                               template_kwargs=template_kwargs)
+
     @property
     def spans(self) -> tuple[Span | ParallelGroup, ...]:
         """The nodes from the root to this one, in prompt order (spans or parallel groups)."""
@@ -143,4 +200,4 @@ class Context:
 def _show(node: Span | ParallelGroup) -> str:
     if isinstance(node, ParallelGroup):
         return f"parallel({', '.join(_show(m) for m in node.members)}; anchor={node.anchor_depth})"
-    return repr(node.content) if node.is_text else f"<{len(node.content)} ids>"
+    return repr(node.content) if node.is_text or node.is_chat else f"<{len(node.content)} ids>"
