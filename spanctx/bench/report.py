@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from .results import CASE_KEYS
 
@@ -210,6 +211,10 @@ def plot_ttft(results: dict) -> Figure:
             ax.plot([r["context_tokens"] for r in mine], [r["ttft_ms"] for r in mine], marker="o", label=method)
         ax.axhline(results["floor_ms"], color="grey", linestyle="--", linewidth=1, label="floor (weights once)")
         ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="TTFT (ms, median)", title=scenario)
+        sizes = sorted({r["context_tokens"] for r in rows})
+        if len(sizes) <= 8:
+            ax.set_xticks(sizes, [_tokens(n) for n in sizes])
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{results['model']} on {results['device']} ({results['dtype']})")
