@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed repeats per row: N, or N,SCENARIO=M,... to override per scenario")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every workload")
-    parser.add_argument("--methods", type=_names, help="only these methods (comma separated), where they apply")
+    parser.add_argument("--methods", type=_names,
+                        help="only these methods (comma separated): a plain name applies to every scenario "
+                             "that has it, SCENARIO/METHOD to one scenario only (e.g. checks/lora-full)")
     parser.add_argument("--store-gb", type=float, help="spanctx store budget (default: the runtime's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -94,12 +96,12 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "func" and _plain(v)}
     results = new_results(h, floor, settings)
     stem = results_stem(args.out, results)
-    json_path = stem.parent / f"{stem.name}.json"
 
     scenario_configs = configs(args)
     failed = False
+    written = flush(results, stem)
     for name in names:
-        methods = None if args.methods is None else [m for m in args.methods if m in SCENARIOS[name].METHODS]
+        methods = methods_for(name, args.methods)
         if methods == []:
             continue
         try:
@@ -115,14 +117,17 @@ def run(args: argparse.Namespace) -> int:
             h.runtime.store.clear()
             if h.device.type == "cuda":
                 torch.cuda.empty_cache()
-        write_json(results, json_path)
-        (stem.parent / f"{stem.name}.md").write_text(report.markdown(results) + "\n")
+        written = flush(results, stem)
 
-    written = [json_path, *report.write_report(results, stem)]
     print()
     print(summary_table(results))
     print("\nwrote " + ", ".join(str(p) for p in written))
     return 1 if failed else 0
+
+
+def flush(results: dict, stem) -> list:
+    """Write the JSON, the markdown and the plots of what has run so far."""
+    return [write_json(results, stem.parent / f"{stem.name}.json"), *report.write_report(results, stem)]
 
 
 def summary_table(results: dict) -> str:
@@ -137,13 +142,27 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def methods_for(scenario: str, methods: list[str] | None) -> list[str] | None:
+    """The ``--methods`` entries that apply to ``scenario`` (None: all its methods)."""
+    if methods is None:
+        return None
+    mine = []
+    for entry in methods:
+        owner, slash, method = entry.partition("/")
+        if not slash:
+            owner, method = scenario, entry
+        if owner == scenario and method in SCENARIOS[scenario].METHODS:
+            mine.append(method)
+    return mine
+
+
 def _check_methods(names: list[str], methods: list[str] | None) -> None:
     if methods is None:
         return
-    known = {m for name in names for m in SCENARIOS[name].METHODS}
-    unknown = [m for m in methods if m not in known]
+    unknown = [m for m in methods if not any(methods_for(name, [m]) for name in names)]
     if unknown:
-        raise SystemExit(f"no scenario among {names} has method(s) {unknown}; known: {sorted(known)}")
+        known = sorted(m for name in names for m in SCENARIOS[name].METHODS)
+        raise SystemExit(f"no scenario among {names} has method(s) {unknown}; known: {known}")
 
 
 def _plain(value) -> bool:

@@ -243,7 +243,8 @@ def plot_speedup(results: dict) -> Figure:
         ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(cases))],
                       [labels[c] for c in cases], rotation=45 if len(cases) > 6 else 0, fontsize=7)
         ax.set(ylabel=f"speedup vs full ({metric.removesuffix('_ms')})", title=scenario)
-        ax.legend(fontsize=7)
+        if methods:
+            ax.legend(fontsize=7)
     fig.suptitle(f"{results['model']} on {results['device']}: speedup over full prefill")
     return fig
 

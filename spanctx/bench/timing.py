@@ -88,8 +88,8 @@ class Summary:
     ttft_p90_ms: float
     total_ms: float
     total_p90_ms: float
-    computed_tokens: int  # median over repeats
-    cached_tokens: int  # median over repeats
+    computed_tokens: int  # mean over repeats (rounded; computed + cached = prompt tokens)
+    cached_tokens: int  # mean over repeats (rounded)
     repeats: int
 
 
@@ -98,13 +98,15 @@ def summarize(samples: Sequence[Sample]) -> Summary:
         raise ValueError("no timed samples to summarize (repeats must be >= 1)")
     ttft = [s.outcome.ttft_s * 1e3 for s in samples]
     total = [s.total_s * 1e3 for s in samples]
+    cached = round(statistics.mean(s.outcome.cached_tokens for s in samples))
+    prompt = round(statistics.mean(s.outcome.computed_tokens + s.outcome.cached_tokens for s in samples))
     return Summary(
         ttft_ms=statistics.median(ttft),
         ttft_p90_ms=percentile(ttft, 90),
         total_ms=statistics.median(total),
         total_p90_ms=percentile(total, 90),
-        computed_tokens=round(statistics.median(s.outcome.computed_tokens for s in samples)),
-        cached_tokens=round(statistics.median(s.outcome.cached_tokens for s in samples)),
+        computed_tokens=prompt - cached,
+        cached_tokens=cached,
         repeats=len(samples),
     )
 
