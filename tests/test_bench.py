@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import attrs
 import pytest
 import torch
 from conftest import tiny_model
@@ -125,7 +127,7 @@ def test_adapters_change_outputs_and_leave_the_model_unchanged(tmp_path):
 @pytest.mark.parametrize("scenario, config, features", [("rag", RAG, ("parallel", "repair")),
                                                          ("checks", CHECKS, ("adapters", "checks"))])
 def test_missing_features_stop_the_scenario(scenario, config, features):
-    lacking = [FEATURES[f].description for f in features if not FEATURES[f].present()]
+    lacking = [FEATURES[f].description for f in features if not FEATURES[f].present(spanctx.Runtime)]
     if not lacking:
         pytest.skip(f"this spanctx has the features {scenario} needs")
     with pytest.raises(MissingFeature) as info:
@@ -178,7 +180,7 @@ def test_cli_writes_everything(tmp_path, capsys):
     saved = results.load_results(next(tmp_path.glob("*.json")))
     assert {r["method"] for r in saved["rows"] if r["scenario"] == "prefix"} == {"full", "hf-deepcopy", "spanctx"}
     assert "speedup" in capsys.readouterr().out
-    if FEATURES["parallel"].present() and FEATURES["repair"].present():
+    if FEATURES["parallel"].present(spanctx.Runtime) and FEATURES["repair"].present(spanctx.Runtime):
         assert code == 0
     else:  # rag was asked for in full: the run says what is missing and fails
         assert code == 1 and saved["skipped"][0]["scenario"] == "rag"
@@ -209,3 +211,90 @@ def test_workloads_are_deterministic_and_avoid_special_tokens():
     assert not set(a.block(2000, "x")) & set(tokenizer.all_special_ids)
     order = draw_documents(a, 10, 4, "k")
     assert len(set(order)) == 4 and order == draw_documents(b, 10, 4, "k")
+
+
+# -- the rag and checks spanctx paths, driven through test doubles of the feature APIs -----
+# They check the harness's plumbing (arguments passed, rows and agreement computed), not
+# spanctx: the doubles implement the named APIs exactly (sequential spans, full prefill).
+
+
+class ExactParallelRuntime(spanctx.Runtime):
+    """Takes ``repair=`` and records it; parallel spans are plain sequential spans."""
+
+    repairs: list
+
+    def generate(self, ctx, max_new_tokens=32, *, repair="none", **kwargs):
+        self.repairs.append(repair)
+        return super().generate(ctx, max_new_tokens, **kwargs)
+
+    def next_token_logits(self, ctx, *, repair="none", reuse=True):
+        self.repairs.append(repair)
+        return super().next_token_logits(ctx, reuse=reuse)
+
+
+def test_rag_parallel_methods_call_the_parallel_api(monkeypatch):
+    monkeypatch.setattr(spanctx.Context, "parallel", lambda self, *docs: self.extend(docs), raising=False)
+    h = harness()
+    runtime = ExactParallelRuntime(h.model, h.tokenizer, store_bytes=64 << 20)
+    runtime.repairs = []
+    rows = [r.to_json() for r in run_scenario(attrs.evolve(h, runtime=runtime), "rag", RAG)]
+    assert set(runtime.repairs) == {"none", "head:16", "blend:0.15"}
+    for repair in ("none", "head:16", "blend:0.15"):
+        for row in pick(rows, "rag", f"spanctx-parallel:{repair}"):
+            assert row["greedy_match"] == 1.0 and row["top1_agreement"] == 1.0 and row["kl"] < 1e-6
+
+
+@attrs.frozen
+class StubStats:
+    computed_tokens: int
+    cached_tokens: int
+    total_s: float
+    prompt_tokens: int
+
+
+@attrs.frozen
+class StubVerdict:
+    passed: bool
+    probability: float
+    stats: StubStats
+
+
+class FullPrefillCheckRuntime(spanctx.Runtime):
+    """``add_adapter`` / ``check`` by PEFT full prefill of BOS + context + requirement + invocation."""
+
+    adapters: dict
+    extra_tokens: int = 0  # > 0 pretends the runtime builds longer check prompts
+
+    def add_adapter(self, name, path):
+        self.adapters[name] = path
+
+    def unload_adapter(self, name):
+        del self.adapters[name]
+
+    def check(self, ctx, requirements, adapter):
+        start = time.perf_counter()
+        invocation = self.tokenizer(INVOCATION_TEXT, add_special_tokens=False)["input_ids"]
+        answers = AnswerTokens.for_tokenizer(self.tokenizer)
+        verdicts = []
+        with peft_loaded(self.model, self.adapters[adapter]) as peft_model:
+            for text in requirements:
+                ids = self.token_ids(ctx.append(text)) + invocation
+                p = check_probability(peft_model, self.tokenizer, ids, answers, self.device).probability
+                stats = StubStats(len(ids), 0, time.perf_counter() - start, len(ids) + self.extra_tokens)
+                verdicts.append(StubVerdict(p > 0.5, p, stats))
+        return verdicts
+
+
+def test_checks_spanctx_method_calls_the_check_api():
+    h = harness()
+    runtime = FullPrefillCheckRuntime(h.model, h.tokenizer, store_bytes=64 << 20)
+    runtime.adapters = {}
+    rows = [r.to_json() for r in run_scenario(attrs.evolve(h, runtime=runtime), "checks", CHECKS)]
+    (row,) = pick(rows, "checks", "spanctx")
+    assert row["verdict_agreement"] == 1.0 and row["checks"] == 3
+    assert row["computed_tokens"] == pick(rows, "checks", "full")[0]["computed_tokens"]
+    assert runtime.adapters == {}  # unloaded after the scenario
+
+    runtime.extra_tokens = 1
+    with pytest.raises(checks.CheckPromptMismatch, match="align"):
+        run_scenario(attrs.evolve(h, runtime=runtime), "checks", CHECKS, ["spanctx"])

@@ -22,7 +22,7 @@ class MissingFeature(RuntimeError):
 @attrs.frozen
 class Feature:
     description: str
-    present: Callable[[], bool]
+    present: Callable[[type[Runtime]], bool]  # given the runtime's class
 
 
 def _has_parameter(function: Callable, name: str) -> bool:
@@ -31,25 +31,25 @@ def _has_parameter(function: Callable, name: str) -> bool:
 
 FEATURES: dict[str, Feature] = {
     "parallel": Feature("parallel spans: spanctx.Context.parallel(*docs) (issue 3)",
-                        lambda: hasattr(Context, "parallel")),
+                        lambda rt: hasattr(Context, "parallel")),
     "repair": Feature("repair modes: Runtime.generate / next_token_logits(..., repair=...) (issue 3)",
-                      lambda: _has_parameter(Runtime.generate, "repair")
-                      and _has_parameter(Runtime.next_token_logits, "repair")),
+                      lambda rt: _has_parameter(rt.generate, "repair")
+                      and _has_parameter(rt.next_token_logits, "repair")),
     "adapters": Feature("adapters: Runtime.add_adapter(name, path) / unload_adapter(name) (issue 4)",
-                        lambda: hasattr(Runtime, "add_adapter") and hasattr(Runtime, "unload_adapter")),
+                        lambda rt: hasattr(rt, "add_adapter") and hasattr(rt, "unload_adapter")),
     "checks": Feature("constraint checks: Runtime.check(ctx, requirements, adapter=...) (issue 4)",
-                      lambda: hasattr(Runtime, "check")),
+                      lambda rt: hasattr(rt, "check")),
 }
 
 
-def missing(features: Iterable[str]) -> list[str]:
-    """Descriptions of the named features that the runtime lacks."""
-    return [FEATURES[name].description for name in features if not FEATURES[name].present()]
+def missing(features: Iterable[str], runtime_class: type[Runtime] = Runtime) -> list[str]:
+    """Descriptions of the named features that ``runtime_class`` (or spans) lack."""
+    return [FEATURES[name].description for name in features if not FEATURES[name].present(runtime_class)]
 
 
-def require(scenario: str, needs: dict[str, tuple[str, ...]]) -> None:
+def require(scenario: str, needs: dict[str, tuple[str, ...]], runtime_class: type[Runtime] = Runtime) -> None:
     """Raise ``MissingFeature`` if any method in ``needs`` (method -> feature names) lacks one."""
-    problems = {method: missing(features) for method, features in needs.items()}
+    problems = {method: missing(features, runtime_class) for method, features in needs.items()}
     problems = {method: lacks for method, lacks in problems.items() if lacks}
     if problems:
         lines = [f"  {method}: needs {'; '.join(lacks)}" for method, lacks in problems.items()]

@@ -25,7 +25,7 @@ def run_scenario(h: Harness, name: str, config=None, methods: list[str] | None =
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; scenarios: {', '.join(SCENARIOS)}") from None
     chosen = select_methods(name, scenario.METHODS, methods)
-    require(name, {m: scenario.NEEDS[m] for m in chosen if m in scenario.NEEDS})
+    require(name, {m: scenario.NEEDS[m] for m in chosen if m in scenario.NEEDS}, type(h.runtime))
     return scenario.run(h, config or scenario.Config(), chosen)
 
 
