@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
+from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
 from .results import CASE_KEYS
 
@@ -94,8 +94,8 @@ def _floor_line(results: dict) -> str:
     floor = results.get("floor") or {}
     detail = ""
     if floor:
-        detail = (f" ({floor['weight_bytes'] / 1e9:.2f} GB of weights at a measured copy bandwidth of "
-                  f"{floor['bandwidth_gbps']:.0f} GB/s)")
+        detail = (f" ({floor['weight_bytes'] / 1e6:,.1f} MB of weights at a measured copy bandwidth of "
+                  f"{floor['bandwidth_gbps']:,.0f} GB/s)")
     return (f"**Floor:** reading the weights once takes {results['floor_ms']:.2f} ms{detail}: no forward of a "
             "short suffix can be faster.")
 
@@ -267,9 +267,11 @@ def plot_fidelity(results: dict) -> Figure | None:
             kl_ax.annotate(f"K={r['docs']}", (x, max(r["kl"], 1e-9)), fontsize=6)
     top1_ax.set(xscale="log", xlabel="TTFT speedup vs full", ylabel="top-1 agreement with full", ylim=(-0.05, 1.05),
                 title="rag: fidelity vs speed")
-    kl_ax.set(xscale="log", yscale="log", xlabel="TTFT speedup vs full", ylabel="KL(full || method), nats",
-              title="rag: KL vs speed")
+    kl_ax.set(xscale="log", yscale="log", xlabel="TTFT speedup vs full",
+              ylabel="KL(full || method), nats (floored at 1e-9)", title="rag: KL vs speed")
     for ax in (top1_ax, kl_ax):
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     return fig

@@ -3,7 +3,7 @@
 Schema (keys always present unless marked optional)::
 
     {"device", "torch", "transformers", "peft", "model", "dtype", "date",
-     "attn_implementation", "model_shape", "floor_ms", "floor", "settings",
+     "attn_implementation", "cpu_threads", "model_shape", "floor_ms", "floor", "settings",
      "skipped": [{"scenario", "error"}],
      "rows": [{"scenario", "method", "context_tokens", "new_tokens",
                "ttft_ms", "ttft_p90_ms", "total_ms", "total_p90_ms",
@@ -110,6 +110,7 @@ def new_results(h: Harness, floor: Floor, settings: dict) -> dict:
         "dtype": str(h.model.dtype).removeprefix("torch."),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "attn_implementation": h.model.config._attn_implementation,
+        "cpu_threads": torch.get_num_threads(),
         "model_shape": model_shape(h.model),
         "floor_ms": floor.floor_ms,
         "floor": attrs.asdict(floor),
