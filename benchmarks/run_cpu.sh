@@ -17,7 +17,7 @@ python3 -m spanctx.bench prefix rag chat checks cold \
     --model tiny-llama --device cpu --out "$OUTDIR" \
     --methods prefix/spanctx,chat/spanctx,cold/spanctx,full,hf-deepcopy,spanctx-exact,naive-concat,lora-full \
     --warmup 1 --repeats 3 \
-    --contexts 256,512,1024,2048 --question-tokens 32 --new-tokens 8 \
+    --contexts 256,512,1024,2048 --question-tokens 32 --new-tokens 8,chat=4 \
     --rag-docs 2,4,8 --rag-doc-tokens 128 --rag-pool 16 --rag-system-tokens 64 --rag-fidelity-prompts 4 \
     --checks 10 --checks-context 512 --adapter-rank 8 \
-    --chat-turns 6 --chat-system-tokens 256 --chat-user-tokens 32 --chat-reply-tokens 32 --chat-new-tokens 4
+    --chat-turns 6 --chat-system-tokens 256 --chat-user-tokens 32 --chat-reply-tokens 32

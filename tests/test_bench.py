@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 
 import spanctx
-from spanctx.bench import baselines, cli, report, results
+from spanctx.bench import baselines, cli, plots, report, results
 from spanctx.bench.adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
 from spanctx.bench.features import FEATURES, MissingFeature
 from spanctx.bench.floor import Floor
@@ -151,7 +151,7 @@ def test_results_json_markdown_and_plots(rows, tmp_path):
     for scenario in ("prefix", "rag", "chat", "checks", "cold"):
         assert f"## {scenario}" in text
     assert "| 48 | `spanctx` |" in text and "TTFT speedup" in text and "Floor" in text
-    written = report.write_report(loaded, stem)
+    written = [report.write_markdown(loaded, stem), *plots.write_plots(loaded, stem)]
     names = sorted(p.name for p in written)
     assert names == sorted([f"{stem.name}.md", f"{stem.name}-ttft.png", f"{stem.name}-speedup.png",
                             f"{stem.name}-fidelity.png"])
@@ -187,12 +187,12 @@ def test_cli_writes_everything(tmp_path, capsys):
         assert "parallel spans" in saved["skipped"][0]["error"]
 
 
-def test_repeats_argument():
-    assert cli._repeats("5") == (5, {})
-    assert cli._repeats("5,rag=3,cold=2") == (5, {"rag": 3, "cold": 2})
+def test_per_scenario_arguments():
+    assert cli._per_scenario("5") == (5, {})
+    assert cli._per_scenario("5,rag=3,cold=2") == (5, {"rag": 3, "cold": 2})
     for bad in ("rag=3", "0", "5,nope=2", "x"):
         with pytest.raises(Exception):
-            cli._repeats(bad)
+            cli._per_scenario(bad)
 
 
 def test_summary_statistics():

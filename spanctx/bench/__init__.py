@@ -4,5 +4,5 @@ Modules, one idea each: ``timing`` (clocks, repeats, medians), ``floor`` (weight
 floor), ``workloads`` (seeded token ids), ``baselines`` (plain HF methods),
 ``adapters`` (random PEFT adapters, full-prefill checks), ``fidelity``, ``features``
 (what a method needs from spanctx), ``scenarios`` (prefix, rag, chat, checks, cold),
-``results`` (the JSON schema), ``report`` (markdown and plots), ``cli``.
+``results`` (the JSON schema), ``report`` (markdown, speedups), ``plots`` (PNGs), ``cli``.
 """

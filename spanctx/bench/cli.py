@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: the preset's dtype (or the model's)")
     parser.add_argument("--attn", help="attn_implementation (default: the model's default, sdpa)")
     parser.add_argument("--out", default="benchmarks/results", help="output folder")
-    parser.add_argument("--repeats", default="5", type=_repeats,
+    parser.add_argument("--repeats", default="5", type=_per_scenario,
                         help="timed repeats per row: N, or N,SCENARIO=M,... to override per scenario")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up requests per row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of every workload")
@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prefix and cold: context lengths in tokens")
     sizes.add_argument("--question-tokens", type=int, default=prefix.Config().question_tokens,
                        help="prefix, cold, rag: tokens of the new question")
-    sizes.add_argument("--new-tokens", type=int, default=prefix.Config().new_tokens,
-                       help="prefix, cold, rag: tokens generated per request")
+    sizes.add_argument("--new-tokens", type=_per_scenario,
+                       default=f"{prefix.Config().new_tokens},chat={chat.Config().new_tokens}",
+                       help="tokens generated per request: N, or N,SCENARIO=M,... (checks read one answer token)")
     sizes.add_argument("--rag-docs", type=_ints, default=rag.Config().docs, help="rag: documents per prompt (K)")
     sizes.add_argument("--rag-doc-tokens", type=int, default=rag.Config().doc_tokens)
     sizes.add_argument("--rag-pool", type=int, default=rag.Config().pool, help="rag: documents in the pool")
@@ -57,7 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--chat-system-tokens", type=int, default=chat.Config().system_tokens)
     sizes.add_argument("--chat-user-tokens", type=int, default=chat.Config().user_tokens)
     sizes.add_argument("--chat-reply-tokens", type=int, default=chat.Config().reply_tokens)
-    sizes.add_argument("--chat-new-tokens", type=int, default=chat.Config().new_tokens)
     sizes.add_argument("--checks", type=int, default=checks.Config().checks, help="checks: requirements")
     sizes.add_argument("--checks-context", type=int, default=checks.Config().context_tokens)
     sizes.add_argument("--adapter-rank", type=int, default=checks.Config().rank)
@@ -65,13 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configs(args: argparse.Namespace) -> dict:
     """Each scenario's ``Config`` from the parsed arguments."""
+    default, override = args.new_tokens
+
+    def new_tokens(scenario: str) -> int:
+        return override.get(scenario, default)
     return {
-        "prefix": prefix.Config(args.contexts, args.question_tokens, args.new_tokens),
-        "cold": cold.Config(args.contexts, args.question_tokens, args.new_tokens),
+        "prefix": prefix.Config(args.contexts, args.question_tokens, new_tokens("prefix")),
+        "cold": cold.Config(args.contexts, args.question_tokens, new_tokens("cold")),
         "rag": rag.Config(args.rag_docs, args.rag_doc_tokens, args.rag_pool, args.rag_system_tokens,
-                          args.question_tokens, args.new_tokens, args.rag_fidelity_prompts),
+                          args.question_tokens, new_tokens("rag"), args.rag_fidelity_prompts),
         "chat": chat.Config(args.chat_turns, args.chat_system_tokens, args.chat_user_tokens,
-                            args.chat_reply_tokens, args.chat_new_tokens),
+                            args.chat_reply_tokens, new_tokens("chat")),
         "checks": checks.Config(args.checks_context, args.checks, args.adapter_rank),
     }
 
@@ -127,7 +131,10 @@ def run(args: argparse.Namespace) -> int:
 
 def flush(results: dict, stem) -> list:
     """Write the JSON, the markdown and the plots of what has run so far."""
-    return [write_json(results, stem.parent / f"{stem.name}.json"), *report.write_report(results, stem)]
+    from . import plots  # matplotlib: needed to draw, not to build the parser
+
+    return [write_json(results, stem.parent / f"{stem.name}.json"), report.write_markdown(results, stem),
+            *plots.write_plots(results, stem)]
 
 
 def summary_table(results: dict) -> str:
@@ -183,22 +190,22 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
-def _repeats(text: str) -> tuple[int, dict[str, int]]:
-    """``"5"`` or ``"5,rag=3,cold=2"`` -> (default, per-scenario overrides)."""
+def _per_scenario(text: str) -> tuple[int, dict[str, int]]:
+    """``"5"`` or ``"5,rag=3,cold=2"`` -> (default, per-scenario overrides), all >= 1."""
     default, overrides = None, {}
     for part in _names(text):
         name, eq, value = part.partition("=")
         try:
             if eq:
                 if name not in SCENARIOS:
-                    raise argparse.ArgumentTypeError(f"--repeats: unknown scenario {name!r}")
+                    raise argparse.ArgumentTypeError(f"unknown scenario {name!r} in {text!r}")
                 overrides[name] = int(value)
             else:
                 default = int(name)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--repeats: bad value {part!r}") from None
+            raise argparse.ArgumentTypeError(f"bad value {part!r} in {text!r}") from None
     if default is None or default < 1 or any(v < 1 for v in overrides.values()):
-        raise argparse.ArgumentTypeError(f"--repeats needs a default N >= 1 (e.g. 5,rag=3), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a default N >= 1 and overrides >= 1 (e.g. 5,rag=3), got {text!r}")
     return default, overrides
 
 
