@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -191,7 +192,7 @@ def test_per_scenario_arguments():
     assert cli._per_scenario("5") == (5, {})
     assert cli._per_scenario("5,rag=3,cold=2") == (5, {"rag": 3, "cold": 2})
     for bad in ("rag=3", "0", "5,nope=2", "x"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             cli._per_scenario(bad)
 
 

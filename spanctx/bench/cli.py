@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             failed = True
             results["skipped"].append({"scenario": name, "error": str(exc)})
             print(f"\n{exc}", file=sys.stderr, flush=True)
-        except Exception as exc:  # keep the other scenarios' results; report and exit non-zero
+        except Exception as exc:  # noqa: BLE001 (keep the other scenarios' results; report, exit 1)
             failed = True
             results["skipped"].append({"scenario": name, "error": f"{type(exc).__name__}: {exc}"})
             traceback.print_exc()

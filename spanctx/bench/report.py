@@ -67,14 +67,15 @@ def markdown(results: dict) -> str:
         f"peft {results['peft']} · {results['dtype']} · attention `{results['attn_implementation']}` · "
         f"{shape.get('num_hidden_layers')} layers, hidden {shape.get('hidden_size')}, "
         f"{shape.get('num_attention_heads')}/{shape.get('num_key_value_heads')} heads (q/kv), "
-        f"{_count(shape.get('parameters', 0))} parameters",
+        f"{_count(shape.get('parameters', 0))} parameters"
+        + (f" · {results['cpu_threads']} CPU thread(s)" if results["device"].startswith("cpu") else ""),
         "",
         _floor_line(results),
         "",
-        "Times are medians over the timed repeats (p90 in parentheses), in ms. Speedups are "
-        "`full`'s time over the method's, in the same case of this run. TTFT: call start to "
-        "the first new token on the host (for `checks`: to the first verdict; its speedup plot uses "
-        "the total time of all checks). Fidelity is against full prefill of the same ids.",
+        ("Times are medians over the timed repeats (p90 in parentheses), in ms. Speedups are "
+         "`full`'s time over the method's, in the same case of this run. TTFT: call start to "
+         "the first new token on the host (for `checks`: to the first verdict; its speedup plot uses "
+         "the total time of all checks). Fidelity is against full prefill of the same ids."),
         "",
     ]
     targets = target_table(results)

@@ -9,6 +9,7 @@ always give the same ids.
 from __future__ import annotations
 
 import random
+
 import attrs
 import torch
 import xxhash

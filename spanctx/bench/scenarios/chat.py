@@ -13,6 +13,8 @@ last reply and the new user message).
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 
 from ...spans import Context
@@ -56,18 +58,11 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
     per_method: dict[str, list[Measured]] = {}
     for method in methods:
         bar.set_postfix_str(method)
-        if method == "full":
-            def request(t: int):
-                return baselines.generate(h.model, h.tokenizer, prompts[t], config.new_tokens, h.device)
-        elif method == "spanctx":
-            def request(t: int):
-                return spanctx_generate(h.runtime, contexts[t], config.new_tokens)
-        else:
-            raise ValueError(f"unknown {NAME} method {method!r}")
+        request = _request(h, method, prompts, contexts, config.new_tokens)
         passes = []
         for _ in range(h.warmup + repeats):
             h.runtime.store.clear()
-            passes.append([timed(lambda t=t: request(t), h.device) for t in range(config.turns)])
+            passes.append([timed(functools.partial(request, t), h.device) for t in range(config.turns)])
         timed_passes = passes[h.warmup:]
         per_method[method] = [Measured(tuple(p[t] for p in timed_passes)) for t in range(config.turns)]
         bar.update()
@@ -83,3 +78,12 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
             rows.append(Row.measured(NAME, method, context_tokens, config.new_tokens, measured, turn=t + 1,
                                      greedy_match=greedy_match(reference, measured)))
     return rows
+
+
+def _request(h: Harness, method: str, prompts, contexts, new_tokens: int):
+    """The per-turn callable of ``method``."""
+    if method == "full":
+        return lambda t: baselines.generate(h.model, h.tokenizer, prompts[t], new_tokens, h.device)
+    if method == "spanctx":
+        return lambda t: spanctx_generate(h.runtime, contexts[t], new_tokens)
+    raise ValueError(f"unknown {NAME} method {method!r}")

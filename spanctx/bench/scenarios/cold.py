@@ -43,16 +43,7 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
         for method in methods:
             bar.set_postfix_str(f"{n} tokens, {method}")
             h.runtime.store.clear()
-            if method == "full":
-                def request(i: int):
-                    return baselines.generate(h.model, h.tokenizer, prompts[i], config.new_tokens, h.device)
-            elif method == "spanctx":
-                def request(i: int):
-                    context, question = requests[i]
-                    return spanctx_generate(h.runtime, Context().append(context).append(question),
-                                            config.new_tokens)
-            else:
-                raise ValueError(f"unknown {NAME} method {method!r}")
+            request = _request(h, method, requests, prompts, config.new_tokens)
             measured = run_repeats(request, warmup=h.warmup, repeats=repeats, device=h.device)
             if method == "full":
                 reference = measured
@@ -62,3 +53,13 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
     h.runtime.store.clear()
     bar.close()
     return rows
+
+
+def _request(h: Harness, method: str, requests, prompts, new_tokens: int):
+    """The per-request callable of ``method``."""
+    if method == "full":
+        return lambda i: baselines.generate(h.model, h.tokenizer, prompts[i], new_tokens, h.device)
+    if method == "spanctx":
+        return lambda i: spanctx_generate(h.runtime, Context().append(requests[i][0]).append(requests[i][1]),
+                                          new_tokens)
+    raise ValueError(f"unknown {NAME} method {method!r}")

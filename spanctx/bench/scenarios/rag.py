@@ -2,8 +2,8 @@
 
 Request ``i`` of case K is ``BOS + system + doc_a + doc_b + ... + question_i`` with K
 distinct pool documents in a random order (the same draw for every method). The pool's
-documents have been seen before (each method's caches are warmed untimed), but never
-in this order, so exact prefix reuse finds only the system prompt.
+documents have been seen before (each method's caches are warmed untimed), but not in
+this order, so exact prefix reuse finds little beyond the system prompt.
 
 Methods:
 - ``full``: HF ``generate`` of the whole prompt from scratch (the fidelity reference).
@@ -21,6 +21,7 @@ agreement comes from the timed generations.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import attrs
@@ -94,7 +95,7 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
         for method in methods:
             bar.set_postfix_str(f"K={k}, {method}")
             request, logits = _method(h, config, work, method)
-            measured = run_repeats(lambda i: request(timed_prompts[i], full_ids[i]), warmup=h.warmup,
+            measured = run_repeats(functools.partial(_indexed, request, timed_prompts, full_ids), warmup=h.warmup,
                                    repeats=repeats, device=h.device)
             fidelity = {}
             if method == "full":
@@ -113,6 +114,10 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
 
 Request = Callable[[Prompt, tuple[int, ...]], object]
 Logits = Callable[[Prompt], torch.Tensor]
+
+
+def _indexed(request: Request, prompts: Sequence[Prompt], ids: Sequence[tuple[int, ...]], i: int):
+    return request(prompts[i], ids[i])
 
 
 def _method(h: Harness, config: Config, work: Workload, method: str) -> tuple[Request, Logits | None]:
