@@ -71,7 +71,9 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="spanctx-bench-adapters-") as tmp:
         alora = make_adapter(h.model, f"{tmp}/alora", rank=config.rank, invocation_ids=invocation, seed=1)
         lora = make_adapter(h.model, f"{tmp}/lora", rank=config.rank, invocation_ids=None, seed=2)
-        for method in methods:
+        # the PEFT baselines first: they inject and remove their adapter themselves, before
+        # the runtime loads its own
+        for method in sorted(methods, key=lambda m: m == "spanctx"):
             bar.set_postfix_str(method)
             if method in ("full", "lora-full"):
                 with peft_loaded(h.model, alora if method == "full" else lora) as peft_model:
