@@ -1,0 +1,7 @@
+"""``python -m spanctx.bench SCENARIO... --model M --device D --out DIR``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

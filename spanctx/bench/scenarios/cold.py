@@ -1,0 +1,65 @@
+"""``cold``: nothing cached: what spanctx costs on misses.
+
+Request ``i`` is ``BOS + context_i + question_i`` with a context never seen before, so
+spanctx must compute everything, and also hashes, plans and stores the spans. The store
+is emptied before each row.
+
+Methods: ``full`` (HF ``generate`` from scratch) and ``spanctx``.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from ...spans import Context
+from .. import baselines
+from ..harness import Harness
+from ..results import Row
+from ..timing import Measured, run_repeats
+from .common import greedy_match, spanctx_generate
+
+NAME = "cold"
+METHODS = ("full", "spanctx")
+NEEDS: dict[str, tuple[str, ...]] = {}
+
+
+@attrs.frozen
+class Config:
+    contexts: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    question_tokens: int = 64
+    new_tokens: int = 32
+
+
+def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
+    rows: list[Row] = []
+    repeats = h.repeats_for(NAME)
+    bar = h.bar(len(config.contexts) * len(methods), NAME)
+    for n in config.contexts:
+        requests = [(h.source.block(n, "cold-context", n, i),
+                     h.source.block(config.question_tokens, "cold-question", n, i))
+                    for i in range(h.warmup + repeats)]
+        prompts = [h.prompt_ids(context, question) for context, question in requests]
+        reference: Measured | None = None
+        for method in methods:
+            bar.set_postfix_str(f"{n} tokens, {method}")
+            h.runtime.store.clear()
+            request = _request(h, method, requests, prompts, config.new_tokens)
+            measured = run_repeats(request, warmup=h.warmup, repeats=repeats, device=h.device)
+            if method == "full":
+                reference = measured
+            rows.append(Row.measured(NAME, method, n, config.new_tokens, measured,
+                                     greedy_match=greedy_match(reference, measured)))
+            bar.update()
+    h.runtime.store.clear()
+    bar.close()
+    return rows
+
+
+def _request(h: Harness, method: str, requests, prompts, new_tokens: int):
+    """The per-request callable of ``method``."""
+    if method == "full":
+        return lambda i: baselines.generate(h.model, h.tokenizer, prompts[i], new_tokens, h.device)
+    if method == "spanctx":
+        return lambda i: spanctx_generate(h.runtime, Context().append(requests[i][0]).append(requests[i][1]),
+                                          new_tokens)
+    raise ValueError(f"unknown {NAME} method {method!r}")
