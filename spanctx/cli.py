@@ -1,4 +1,4 @@
-"""Command line: ``spanctx demo`` (the cache-reuse demo) and ``spanctx bench``."""
+"""Command line: ``spanctx demo`` (the cache-reuse demo) and ``spanctx bench`` (the benchmark matrix)."""
 
 from __future__ import annotations
 
@@ -22,10 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--notes", type=int, default=24, help="size of the shared document (x ~190 tokens)")
     demo.add_argument("--max-new-tokens", type=int, default=16)
 
+    from .bench import cli as bench_cli
+
+    bench = sub.add_parser("bench", help="benchmark matrix: spanctx vs full-prefill generation")
+    bench_cli.add_arguments(bench)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
-    return 2
+    return bench_cli.run(args)
 
 
 def _demo(args) -> int:

@@ -2,7 +2,6 @@
 
 Modules, one idea each: ``timing`` (clocks, repeats, medians), ``floor`` (weights-read
 floor), ``workloads`` (seeded token ids), ``baselines`` (plain HF methods),
-``adapters`` (random PEFT adapters, full-prefill checks), ``fidelity``, ``features``
-(what a method needs from spanctx), ``scenarios`` (prefix, rag, chat, checks, cold),
+``adapters`` (random PEFT adapters, full-prefill checks), ``fidelity``, ``scenarios`` (prefix, rag, chat, checks, cold),
 ``results`` (the JSON schema), ``report`` (markdown, speedups), ``plots`` (PNGs), ``cli``.
 """

@@ -17,12 +17,13 @@ import attrs
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from ..checks import DEFAULT_CHECK
 from .baselines import GREEDY, pad_token_id
 from .timing import now
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
 INVOCATION_TEXT = "<|check|>"
-ANSWER_TEXTS = ("yes", "no")  # the first token of each is the answer read by a check
+ANSWER_TEXTS = (DEFAULT_CHECK.yes, DEFAULT_CHECK.no)  # the first token of each is the answer read by a check
 
 
 def make_adapter(model, directory: str | Path, *, rank: int, invocation_ids: Sequence[int] | None,

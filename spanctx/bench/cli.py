@@ -8,14 +8,12 @@ The results file is rewritten after every scenario, so a killed run keeps what i
 from __future__ import annotations
 
 import argparse
-import sys
 import traceback
 
 import torch
 
 from ..presets import DEFAULT_PRESET
 from . import report
-from .features import MissingFeature
 from .floor import measure_floor
 from .harness import DTYPES, load_model, make_harness
 from .results import new_results, results_stem, write_json
@@ -110,10 +108,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             results["rows"] += [row.to_json() for row in run_scenario(h, name, scenario_configs[name], methods)]
-        except MissingFeature as exc:
-            failed = True
-            results["skipped"].append({"scenario": name, "error": str(exc)})
-            print(f"\n{exc}", file=sys.stderr, flush=True)
         except Exception as exc:  # noqa: BLE001 (keep the other scenarios' results; report, exit 1)
             failed = True
             results["skipped"].append({"scenario": name, "error": f"{type(exc).__name__}: {exc}"})

@@ -1,12 +1,11 @@
 """The benchmark scenarios. Each module has NAME, METHODS (canonical order, ``full``
-first), NEEDS (method -> spanctx features), a ``Config`` with the issue's default sizes,
+first), a ``Config`` with the issue's default sizes,
 and ``run(harness, config, methods) -> list[Row]``."""
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from ..features import require
 from ..harness import Harness
 from ..results import Row
 from . import chat, checks, cold, prefix, rag
@@ -16,16 +15,12 @@ SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat, check
 
 
 def run_scenario(h: Harness, name: str, config=None, methods: list[str] | None = None) -> list[Row]:
-    """Run scenario ``name`` (default sizes unless ``config``) over ``methods`` (default all).
-
-    Raises ``MissingFeature`` before running anything when a chosen method needs a
-    spanctx feature this runtime lacks."""
+    """Run scenario ``name`` (default sizes unless ``config``) over ``methods`` (default all)."""
     try:
         scenario = SCENARIOS[name]
     except KeyError:
         raise ValueError(f"unknown scenario {name!r}; scenarios: {', '.join(SCENARIOS)}") from None
     chosen = select_methods(name, scenario.METHODS, methods)
-    require(name, {m: scenario.NEEDS[m] for m in chosen if m in scenario.NEEDS}, type(h.runtime))
     return scenario.run(h, config or scenario.Config(), chosen)
 
 

@@ -26,7 +26,6 @@ from .common import greedy_match, spanctx_generate
 
 NAME = "chat"
 METHODS = ("full", "spanctx")
-NEEDS: dict[str, tuple[str, ...]] = {}
 
 
 @attrs.frozen

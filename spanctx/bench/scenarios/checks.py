@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import attrs
 
+from ...checks import DEFAULT_CHECK
 from ...spans import Context
 from ..adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
 from ..harness import Harness
@@ -37,8 +38,7 @@ from ..workloads import requirements
 
 NAME = "checks"
 METHODS = ("full", "spanctx", "lora-full")
-NEEDS: dict[str, tuple[str, ...]] = {"spanctx": ("adapters", "checks")}
-REQUIREMENT_TEMPLATE = "{requirement}"
+REQUIREMENT_TEMPLATE = DEFAULT_CHECK.template  # the runtime's wording, so both methods check the same ids
 ALORA_NAME = "bench-alora"
 
 

@@ -20,7 +20,6 @@ from .common import greedy_match, spanctx_generate
 
 NAME = "cold"
 METHODS = ("full", "spanctx")
-NEEDS: dict[str, tuple[str, ...]] = {}
 
 
 @attrs.frozen

@@ -25,7 +25,6 @@ from .common import greedy_match, spanctx_generate
 
 NAME = "prefix"
 METHODS = ("full", "hf-deepcopy", "spanctx")
-NEEDS: dict[str, tuple[str, ...]] = {}
 
 
 @attrs.frozen

@@ -39,7 +39,6 @@ from .common import greedy_match, spanctx_generate
 NAME = "rag"
 REPAIRS = ("none", "head:16", "blend:0.15")
 METHODS = ("full", "spanctx-exact", *(f"spanctx-parallel:{r}" for r in REPAIRS), "naive-concat")
-NEEDS: dict[str, tuple[str, ...]] = {f"spanctx-parallel:{r}": ("parallel", "repair") for r in REPAIRS}
 
 
 @attrs.frozen
