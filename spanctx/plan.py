@@ -14,6 +14,11 @@ Rules:
 - At least one prompt token is always left to the final call (it needs that token's
   logits, and transformers silently misbehaves when the cache covers the whole prompt).
   When the last span is a hit, its last token is cut from the reused KV and recomputed.
+- Reuse must pay: when the reused tokens are fewer than ``min_reuse_fraction`` of the
+  tokens that must be computed anyway, the whole prompt is computed from position 0 in
+  the final call (a long prefill after a short cached prefix, e.g. a lone BOS, runs with
+  an explicit attention mask instead of the causal kernel's fast path, and costs more
+  than the few tokens it saves). The spans are stored afterwards all the same.
 """
 
 from __future__ import annotations
@@ -75,8 +80,17 @@ class Plan:
         return tuple(s.segment for s in self.steps if isinstance(s, Reuse))
 
 
-def plan_prompt(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bool]) -> Plan:
+def plan_prompt(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bool],
+                min_reuse_fraction: float = 0.0) -> Plan:
     """Plan the cache of a prompt made of ``segments`` (see the module rules)."""
+    plan = _plan_reuse(segments, is_stored)
+    if plan.cached_tokens < min_reuse_fraction * plan.computed_tokens:
+        return Plan((), Compute(tuple(range(len(segments))), 0, plan.total_tokens), plan.total_tokens)
+    return plan
+
+
+def _plan_reuse(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bool]) -> Plan:
+    """The plan that reuses every stored span."""
     if not segments:
         raise ValueError("cannot plan an empty prompt")
     starts = [0]

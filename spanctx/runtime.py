@@ -103,13 +103,21 @@ class Runtime:
     ``generation_defaults`` are generation options for every call, overridden per call
     (merge rule in ``spanctx.options``). ``max_concurrency`` bounds the async requests
     handed to worker threads at once (``agenerate``, ``astream``).
+
+    ``min_reuse_fraction``: stored spans are reused only when they cover at least this
+    fraction of the tokens the call must compute anyway; below it the prompt is computed
+    from position 0 (see ``spanctx.plan``). 0 reuses every hit.
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "none",
-                 generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4) -> None:
+                 generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
+                 min_reuse_fraction: float = 0.125) -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
+        if not 0.0 <= min_reuse_fraction:
+            raise ValueError(f"min_reuse_fraction must be >= 0, got {min_reuse_fraction}")
+        self.min_reuse_fraction = min_reuse_fraction
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.device
@@ -367,7 +375,7 @@ class Runtime:
         keys = [seg.key for seg in prompt.segments]
         with self.store.locked(keys):
             found = {key: self.store.lookup(key) for key in keys}
-            plan = plan_prompt(prompt.segments, lambda key: found[key] is not None)
+            plan = plan_prompt(prompt.segments, lambda key: found[key] is not None, self.min_reuse_fraction)
             cache = self._execute(plan, prompt, found, input_ids)
         return PreparedCall(prompt, cache, plan, input_ids, started)
 

@@ -47,7 +47,7 @@ def test_context_longer_than_the_model_positions():
 
 
 def test_a_stored_entry_of_another_model_is_detected():
-    rt = tiny_runtime("llama")
+    rt = tiny_runtime("llama", min_reuse_fraction=0)  # reuse the planted one-token span
     ctx = spanctx.Context().append("some shared text").append("tail")
     prompt = rt.resolver.resolve(ctx)
     # plant a span with another model's layout (3 heads) under this model's key

@@ -1,6 +1,7 @@
 """The pure planner, without a model."""
 
 from hypothesis import given
+from hypothesis import strategies as st
 
 import spanctx
 from spanctx import Compute, PlanSegment, Reuse, plan_prompt
@@ -72,3 +73,20 @@ def test_empty_prompt_is_refused():
         plan_prompt([], lambda k: False)
     with pytest.raises(ValueError):
         spanctx.PlanSegment(b"x" * 16, 0)
+
+
+@given(planner_inputs(), st.floats(0.0, 4.0))
+def test_reuse_that_does_not_pay_computes_the_whole_prompt(inputs, fraction):
+    segments, stored = inputs
+    reuse_all = plan_prompt(segments, stored.__contains__)
+    plan = plan_prompt(segments, stored.__contains__, min_reuse_fraction=fraction)
+    if reuse_all.cached_tokens < fraction * reuse_all.computed_tokens:
+        assert plan.steps == () and plan.tail == Compute(tuple(range(len(segments))), 0, plan.total_tokens)
+    else:
+        assert plan == reuse_all
+
+
+def test_a_lone_stored_bos_is_not_worth_a_masked_prefill():
+    segs = [PlanSegment(b"b" * 16, 1), PlanSegment(b"d" * 16, 2000)]
+    assert plan_prompt(segs, {segs[0].key}.__contains__).cached_tokens == 1
+    assert plan_prompt(segs, {segs[0].key}.__contains__, min_reuse_fraction=0.125).cached_tokens == 0
