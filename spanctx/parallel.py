@@ -171,6 +171,17 @@ def _placed(mover, kv: SpanKV, place: Place, segment_start: int) -> kvops.KVSlic
     return kvops.KVSlice.whole(mover.shift(kvops.take(kv, start, end), place.delta))
 
 
+def _moved_together(mover, members: list[kvops.KVSlice], deltas: list[int]) -> SpanKV:
+    """``members`` laid one after the other, each moved by its delta: one concatenation
+    and one rotation per layer for the whole group (not one per member)."""
+    group = kvops.as_slices(kvops.assemble(members))
+    if not any(deltas):
+        return group
+    # per_token: [S] the delta of each token's member
+    per_token = torch.repeat_interleave(torch.tensor(deltas), torch.tensor([m.num_tokens for m in members]))
+    return mover.shift(group, per_token)
+
+
 def _place_group(rt, step: PlaceGroup, prompt: ParallelPrompt, input_ids: torch.Tensor,
                  found: dict[bytes, SpanKV | None], pieces: list[kvops.KVSlice]) -> list[kvops.KVSlice]:
     """Compute the group's missing members, place all of them after ``pieces``, repair.
@@ -189,13 +200,18 @@ def _place_group(rt, step: PlaceGroup, prompt: ParallelPrompt, input_ids: torch.
                 rt.store.put(key, kv)
             else:
                 in_place[c.segment] = kv
+    members, deltas = [], []
     for place in step.place:
         key = prompt.segments[place.segment].key
         if place.segment in in_place:
             kv = in_place[place.segment]
         else:
             kv = found[key] if place.from_store else computed[key]
-        pieces.append(_placed(rt.key_mover, kv, place, ranges[place.segment][0]))
+        offset = ranges[place.segment][0]
+        members.append(kvops.KVSlice(kv, place.start - offset, place.end - offset))
+        deltas.append(place.delta)
+    if members:
+        pieces.append(kvops.KVSlice.whole(_moved_together(rt.key_mover, members, deltas)))
     if step.repair is None:
         return pieces
     cache = kvops.assemble(pieces)

@@ -34,18 +34,30 @@ PROBE_TOKENS = 8
 PROBE_DELTA = 997
 
 
-def rotate_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """``keys`` moved by ``delta`` positions: a new tensor; ``keys`` is not changed.
+def rotation(delta: int | torch.Tensor, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of the rotation by ``delta`` positions: ``[rotary_dim]`` for an int
+    delta, ``[S, rotary_dim]`` for a per-token delta ``[S]``. Angles are formed in float64."""
+    freq = inv_freq.to(device=device, dtype=torch.float64)  # [rotary_dim / 2]
+    if isinstance(delta, torch.Tensor):
+        angle = delta.to(device=device, dtype=torch.float64)[:, None] * freq  # [S, rotary_dim / 2]
+    else:
+        angle = delta * freq
+    angle = torch.cat([angle, angle], dim=-1)
+    return angle.cos().float(), angle.sin().float()
+
+
+def rotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor,
+                trig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``keys`` moved by ``delta`` positions (an int, or ``[S]`` per token): a new tensor;
+    ``keys`` is not changed. ``trig``: ``rotation(delta, inv_freq, ...)`` if already formed.
 
     keys: ``[B, H, S, D]`` post-RoPE, half-split layout on the first ``2 * len(inv_freq)``
-    channels. The angle is formed in float64 and the rotation done in float32.
+    channels. The rotation is done in float32.
     """
     rotary_dim = 2 * inv_freq.numel()
     if rotary_dim > keys.shape[-1]:
         raise ValueError(f"inv_freq covers {rotary_dim} channels, keys have {keys.shape[-1]}")
-    angle = delta * inv_freq.to(device=keys.device, dtype=torch.float64)  # [rotary_dim / 2]
-    angle = torch.cat([angle, angle])  # [rotary_dim]
-    cos, sin = angle.cos().float(), angle.sin().float()
+    cos, sin = trig if trig is not None else rotation(delta, inv_freq, keys.device)
     k = keys[..., :rotary_dim].float()  # [B, H, S, rotary_dim]
     half = rotary_dim // 2
     k_rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
@@ -68,16 +80,22 @@ class KeyMover:
     def movable(self) -> bool:
         return self.reason is None
 
-    def shift(self, kv: SpanKV, delta: int) -> SpanKV:
-        """``kv`` moved by ``delta`` positions: new key tensors, the same value tensors."""
-        if delta == 0:
+    def shift(self, kv: SpanKV, delta: int | torch.Tensor) -> SpanKV:
+        """``kv`` moved by ``delta`` positions (an int, or ``[S]``: one delta per token, so
+        several spans move in one rotation per layer): new key tensors, the same values."""
+        if isinstance(delta, int) and delta == 0:
             return kv
         if not self.movable:
             raise ValueError(f"cannot move keys on this model: {self.reason}")
         if len(kv.keys) != len(self.inv_freq):
             raise ValueError(f"span has {len(kv.keys)} layers, the model {len(self.inv_freq)}")
-        keys = tuple(rotate_keys(k, delta, f) for k, f in zip(kv.keys, self.inv_freq))
-        return SpanKV(keys, kv.values)
+        trig: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # by frequency tensor: layers share them
+        keys = []
+        for k, f in zip(kv.keys, self.inv_freq):
+            if id(f) not in trig:
+                trig[id(f)] = rotation(delta, f, k.device)
+            keys.append(rotate_keys(k, delta, f, trig[id(f)]))
+        return SpanKV(tuple(keys), kv.values)
 
 
 def key_mover(model) -> KeyMover:
@@ -109,13 +127,13 @@ def _layer_inv_freq(model) -> tuple[tuple[torch.Tensor, ...], str | None]:
         return (), f"found {len(rotaries)} rotary embeddings: cannot tell which one each layer uses"
     buffers = rotaries[0]._buffers
     layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    freqs = []
+    by_type: dict[str, torch.Tensor] = {}  # one copy per layer type: layers of a type share it
     for layer_type in layer_types:
         freq = buffers.get(f"{layer_type}_inv_freq", buffers.get("inv_freq"))
         if freq is None:
             return (), f"no rope frequencies for layer type {layer_type!r}"
-        freqs.append(freq.detach().clone())
-    return tuple(freqs), None
+        by_type.setdefault(layer_type, freq.detach().clone())
+    return tuple(by_type[t] for t in layer_types), None
 
 
 def _is_inv_freq(name: str) -> bool:

@@ -96,3 +96,12 @@ def test_the_probe_refuses_frequencies_that_do_not_match_the_model(monkeypatch):
     monkeypatch.setattr(rope, "_layer_inv_freq", lambda m: (swapped, None))
     mover = key_mover(model)
     assert not mover.movable and "unknown rope layout" in mover.reason
+
+
+def test_per_token_deltas_equal_one_rotation_per_span():
+    keys = torch.randn(1, 2, 7, 16)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8) / 8))
+    per_token = torch.tensor([0, 0, 3, 3, 3, -5, -5])
+    expected = torch.cat([keys[:, :, :2], rotate_keys(keys[:, :, 2:5], 3, inv_freq),
+                          rotate_keys(keys[:, :, 5:], -5, inv_freq)], dim=2)
+    torch.testing.assert_close(rotate_keys(keys, per_token, inv_freq), expected, atol=1e-6, rtol=0)
