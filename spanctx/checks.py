@@ -169,22 +169,23 @@ def check(rt: Runtime, ctx: Context, requirements: Sequence[str], *, adapter: st
     if ctx.has_parallel:  # parallel layouts have their own planner: one call per check
         return [_verdict(r, config, *rt._next_token_logits(requirement_context(ctx, r, config), reuse, adapter),
                          yes, no) for r in requirements]
-    from .runtime import GenerationStats
+    from .runtime import GenerationStats  # not at the top: runtime imports this module
 
     with rt._lock, torch.inference_mode():
         started = time.perf_counter()
-        calls = [rt.adapters.resolve(requirement_context(ctx, r, config), adapter) for r in requirements]
-        prompts = [prompt for prompt, _ in calls]
+        resolved = [rt.adapters.resolve(requirement_context(ctx, r, config), adapter) for r in requirements]
+        prompts = [prompt for prompt, _ in resolved]
+        activations = [activation for _, activation in resolved]
         for prompt in prompts:
             rt._check_length(prompt.num_tokens)
         shared = shared_spans(prompts) if reuse else 0
-        first = calls[0][1]
-        context, plan = _shared_cache(rt, prompts[0], shared, first.before_invocation if first is not None else None)
+        before = activations[0].before_invocation if activations[0] is not None else None
+        context, plan = _shared_cache(rt, prompts[0], shared, before)  # KV of tokens [0, plan.tail.start)
         verdicts = []
         for start in range(0, len(prompts), batch_size):
             rows = range(start, min(start + batch_size, len(prompts)))
             batch = [prompts[i] for i in rows]
-            with rt.adapters.activated(batch_activation([calls[i][1] for i in rows])):
+            with rt.adapters.activated(batch_activation([activations[i] for i in rows])):
                 logits, cache = _forward_rows(rt, context, batch, plan.tail.start)  # [b, V]
             if reuse:
                 _store_rows(rt, batch, shared, cache)
