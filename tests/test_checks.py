@@ -5,13 +5,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_helpers import (INVOCATION, fresh_runtime, invocation_ids, make_adapter, peft_reference,
-                             reference_logits)
+from adapter_helpers import (
+    INVOCATION,
+    fresh_runtime,
+    invocation_ids,
+    make_adapter,
+    peft_reference,
+    reference_logits,
+)
 from conftest import tiny_model
 
 import spanctx
 from spanctx.adapters import Activation, AdapterError
-from spanctx.checks import DEFAULT_FEEDBACK, answer_token, plan_shared, requirement_context, shared_spans
+from spanctx.checks import (
+    DEFAULT_CHECK,
+    DEFAULT_FEEDBACK,
+    answer_token,
+    plan_shared,
+    requirement_context,
+    shared_spans,
+)
 from spanctx.plan import Compute, PlanSegment, Reuse
 
 ARCHS = ["llama", "qwen2", "mistral"]  # mistral: a sliding window (16) that the check prompts cross
@@ -36,13 +49,13 @@ def context() -> spanctx.Context:
             .append("The meeting is on Monday the 3rd at noon; bring the report."))
 
 
-def reference_probability(rt, reference, ctx, requirement, adapter, config=spanctx.CheckConfig()) -> float:
+def reference_probability(rt, reference, ctx, requirement, adapter, config=DEFAULT_CHECK) -> float:
     """P(yes) of PEFT's (or the base model's) own full prefill of the check's ids."""
     ids = rt.token_ids(requirement_context(ctx, requirement, config), adapter=adapter)
     return probability(rt, reference_logits(reference, ids), config)
 
 
-def probability(rt, logits: torch.Tensor, config=spanctx.CheckConfig()) -> float:
+def probability(rt, logits: torch.Tensor, config=DEFAULT_CHECK) -> float:
     yes, no = (answer_token(rt.tokenizer, t) for t in (config.yes, config.no))
     return torch.sigmoid(logits[yes] - logits[no]).item()
 
