@@ -122,17 +122,17 @@ def test_ten_checks_are_one_model_call(setup):
         ctx = spanctx.Context().append(f"Checked by {adapter}.").append("The meeting is on Monday.")
         calls.clear()
         cold = rt.check(ctx, TEN, adapter=adapter)
-        assert len(calls) == 2  # the context (stored), then all ten rows
+        assert [rows for rows, _ in calls] == [1, 10]  # the context (stored), then all ten rows
         # the first verdict counts the context's computed tokens: the call computed it once
         from_store = cold[0].stats.cached_tokens  # the BOS span, when base calls stored it
         assert sum(v.stats.computed_tokens for v in cold) == len(rt.token_ids(ctx)) - from_store + sum(
             own_tokens(rt, ctx, r, adapter) for r in TEN)
         calls.clear()
         warm = rt.check(ctx, TEN, adapter=adapter)
-        assert len(calls) == 1
+        assert [rows for rows, _ in calls] == [10]  # one call of ten rows
         calls.clear()
         small = rt.check(ctx, TEN, adapter=adapter, batch_size=4)
-        assert len(calls) == 3
+        assert [rows for rows, _ in calls] == [4, 4, 2]
         assert [v.probability for v in warm] == pytest.approx([v.probability for v in cold], abs=ATOL)
         assert [v.probability for v in small] == pytest.approx([v.probability for v in cold], abs=ATOL)
         for v in warm:
