@@ -17,12 +17,16 @@ How adapter KV is keyed, so that the store is never tainted:
   The base part always ends before the invocation starts: when the context ends with
   the invocation, those tokens move out of the base spans into the adapter span.
 
-Execution of an aLoRA call: PEFT's aLoRA layers take ``alora_offsets``, per row the
-number of a forward's LAST tokens that run with the adapter. A forward pre-hook on the
-model computes it for every model call from where the call sits in the prompt (tokens
-already in its cache + its length - the invocation start), and pre-hooks on the LoRA
-layers pass it on. So reused KV, compute steps, the prefill and every decode step of
-``generate`` switch the adapter on exactly at the invocation, whatever was cached.
+Execution of an aLoRA call: PEFT's aLoRA layers take ``alora_offsets``, per batch row
+the number of a forward's LAST tokens that run with the adapter (PEFT 0.21 switches it on
+for columns ``>= T - offset`` of a ``T``-token forward; padding after a row's end is
+counted, an offset past ``T`` is clipped to ``T``). A forward pre-hook on the model
+computes it for every model call from where the call sits in each row's prompt (tokens
+already in its cache + its length - that row's invocation start), and pre-hooks on the
+LoRA layers pass it on. So reused KV, compute steps, the prefill, every decode step of
+``generate`` and a right-padded batch of rows with their own invocation starts (the
+batched checks) switch the adapter on exactly at each row's invocation, whatever was
+cached.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import contextlib
 import json
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -71,10 +75,29 @@ class AdapterInfo:
 @attrs.frozen
 class Activation:
     """What one call switches on: an adapter and, for an aLoRA, the prompt index of its
-    invocation (tokens before it run on base weights)."""
+    invocation in each batch row (tokens before it run on base weights)."""
 
     name: str
-    alora_start: int | None
+    alora_starts: tuple[int, ...] | None
+
+    @property
+    def before_invocation(self) -> Activation | None:
+        """What runs prompt tokens that come before every row's invocation: base weights
+        for an aLoRA, the adapter itself for a plain LoRA."""
+        return None if self.alora_starts is not None else self
+
+
+def batch_activation(activations: Sequence[Activation | None]) -> Activation | None:
+    """The activation of one batch whose row ``i`` is the call of ``activations[i]``;
+    every row must switch on the same adapter (or none)."""
+    first = activations[0]
+    if first is None or first.alora_starts is None:
+        if any(a != first for a in activations):
+            raise ValueError("every row of a batch must use the same adapter")
+        return first
+    if any(a is None or a.name != first.name or a.alora_starts is None for a in activations):
+        raise ValueError("every row of a batch must use the same adapter")
+    return Activation(first.name, tuple(start for a in activations for start in a.alora_starts))
 
 
 def alora_prompt(base: ResolvedPrompt, invocation: tuple[int, ...], base_namespace: bytes,
@@ -247,7 +270,7 @@ class AdapterSet:
             return self._resolvers[name].resolve(ctx), Activation(name, None)
         prompt, start = alora_prompt(self.resolver.resolve(ctx), info.invocation_ids, self.base_namespace,
                                      info.namespace)
-        return prompt, Activation(name, start)
+        return prompt, Activation(name, (start,))
 
     @contextlib.contextmanager
     def activated(self, activation: Activation | None) -> Iterator[None]:
@@ -258,8 +281,8 @@ class AdapterSet:
         self._switch(activation.name)
         handles = []
         try:
-            if activation.alora_start is not None:
-                handles = self._alora_hooks(activation.name, activation.alora_start)
+            if activation.alora_starts is not None:
+                handles = self._alora_hooks(activation.name, activation.alora_starts)
             yield
         finally:
             for handle in handles:
@@ -280,19 +303,22 @@ class AdapterSet:
                 layer._active_adapter = [name]
             layer._disable_adapters = name is None
 
-    def _alora_hooks(self, name: str, start: int) -> list:
-        """Hooks that give every model call PEFT's ``alora_offsets`` for an invocation at
-        prompt index ``start``."""
+    def _alora_hooks(self, name: str, starts: tuple[int, ...]) -> list:
+        """Hooks that give every model call PEFT's ``alora_offsets`` for a batch whose row
+        ``i`` has its invocation at prompt index ``starts[i]``."""
         offsets: list[int] = []  # rewritten before each model call, read by its LoRA layers
 
         def before_model_call(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 raise AdapterError("an aLoRA call needs input_ids (its invocation is found by token)")
+            if ids.shape[0] != len(starts):
+                raise AdapterError(f"an aLoRA call activated for {len(starts)} rows got a batch of {ids.shape[0]}")
             cache = kwargs.get("past_key_values")
             done = 0 if cache is None else cache.get_seq_length()
-            # ids: [B, T]; the call covers prompt tokens [done, done + T)
-            offsets[:] = [max(0, done + ids.shape[1] - start)] * ids.shape[0]
+            # ids: [B, T]; every row's call covers its prompt tokens [done, done + T) (right
+            # padding included), and PEFT adapts the last offsets[i] of them
+            offsets[:] = [max(0, done + ids.shape[1] - start) for start in starts]
 
         def before_lora_layer(module, args, kwargs):
             kwargs["alora_offsets"] = offsets

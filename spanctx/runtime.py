@@ -232,9 +232,12 @@ class Runtime:
             self.adapters.remove(name)
 
     def check(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
-              config: checks.CheckConfig = checks.DEFAULT_CHECK, reuse: bool = True) -> list[checks.Verdict]:
-        """One verdict per requirement on ``ctx`` (see ``spanctx.checks.check``)."""
-        return checks.check(self, ctx, requirements, adapter=adapter, config=config, reuse=reuse)
+              config: checks.CheckConfig = checks.DEFAULT_CHECK, reuse: bool = True,
+              batch_size: int = 16) -> list[checks.Verdict]:
+        """One verdict per requirement on ``ctx``; the context is assembled once and the
+        checks run ``batch_size`` per forward (see ``spanctx.checks.check``)."""
+        return checks.check(self, ctx, requirements, adapter=adapter, config=config, reuse=reuse,
+                            batch_size=batch_size)
 
     def check_loop(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
                    max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
