@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
 # The small CPU matrix whose results are committed under benchmarks/results/ (the
 # notebook's default input): the tiny-llama preset (random weights, fp32), small sizes.
-# Only methods the core runtime has are run (rag's parallel-span methods and checks'
-# spanctx method need issues 3 and 4); drop --methods once those are merged.
 #
 #   benchmarks/run_cpu.sh [OUTDIR]      (about a minute on an idle 2-core machine)
 set -euo pipefail
@@ -15,7 +13,6 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
 python3 -m spanctx.bench prefix rag chat checks cold \
     --model tiny-llama --device cpu --out "$OUTDIR" \
-    --methods prefix/spanctx,chat/spanctx,cold/spanctx,full,hf-deepcopy,spanctx-exact,naive-concat,lora-full \
     --warmup 1 --repeats 3 \
     --contexts 256,512,1024,2048 --question-tokens 32 --new-tokens 8,chat=4 \
     --rag-docs 2,4,8 --rag-doc-tokens 128 --rag-pool 16 --rag-system-tokens 64 --rag-fidelity-prompts 4 \

@@ -27,10 +27,6 @@ OUTDIR=${2:?usage: benchmarks/run_gpu.sh MODEL OUTDIR}
 cd "$(dirname "$0")/.."
 
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-# Every method runs in this one process; expandable segments keep the caching allocator
-# from fragmenting under the store's many differently sized tensors (without it, spanctx
-# rows showed rare 150-250 ms stalls on the H100; see benchmarks/results/NOTES.md).
-export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 
 python3 - <<'PY'
@@ -41,7 +37,7 @@ PY
 
 time python3 -m spanctx.bench prefix rag checks cold chat \
     --model "$MODEL" --device cuda --out "$OUTDIR" \
-    --warmup 1 --repeats 5,rag=5,cold=3,chat=2 \
+    --warmup 1 --repeats 5,rag=3,cold=3,chat=2 \
     --contexts 1024,2048,4096,8192,16384 --question-tokens 64 --new-tokens 32,rag=16,chat=8 \
     --rag-docs 4,8,16 --rag-doc-tokens 512 --rag-pool 32 --rag-system-tokens 128 --rag-fidelity-prompts 8 \
     --checks 10 --checks-context 4096 --adapter-rank 32 \

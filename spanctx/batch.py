@@ -27,7 +27,6 @@ the rows then reuse it. Its tokens count as computed for the first row that uses
 from __future__ import annotations
 
 import contextlib
-
 import time
 from collections import Counter
 from collections.abc import Sequence

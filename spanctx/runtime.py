@@ -21,9 +21,8 @@ import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from . import checks
+from . import checks, scoring, states, structured
 from . import kv as kvops
-from . import scoring, states, structured
 from . import tools as tools_mod
 from .adapters import AdapterInfo, AdapterSet
 from .chat import ChatRendering
@@ -34,8 +33,8 @@ from .parallel import ParallelStats, build_cache, parallel_stats, resolve_layout
 from .placement import PlacementPlan, Repair
 from .plan import Plan, Reuse, plan_prompt
 from .prompt import PromptResolver, ResolvedPrompt
-from .scoring import Candidate, Ranked, Score
 from .rope import KeyMover, key_mover
+from .scoring import Candidate, Ranked, Score
 from .spans import Context
 from .store import KVStore, SpanKV, default_budget_bytes
 from .structured import JsonResult

@@ -11,7 +11,13 @@ from conftest import tiny_model
 
 import spanctx
 from spanctx.bench import baselines, cli, plots, report, results
-from spanctx.bench.adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
+from spanctx.bench.adapters import (
+    INVOCATION_TEXT,
+    AnswerTokens,
+    check_probability,
+    make_adapter,
+    peft_loaded,
+)
 from spanctx.bench.floor import Floor
 from spanctx.bench.harness import make_harness
 from spanctx.bench.scenarios import chat, checks, cold, prefix, rag, run_scenario

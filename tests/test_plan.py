@@ -2,11 +2,10 @@
 
 from hypothesis import given
 from hypothesis import strategies as st
+from strategies import planner_inputs
 
 import spanctx
 from spanctx import Compute, PlanSegment, Reuse, plan_prompt
-
-from strategies import planner_inputs
 
 
 @given(planner_inputs())

@@ -7,7 +7,16 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
-from .report import SPEEDUP_METRIC, case_key, case_label, methods_of, rows_of, scenarios_in, speedup, tokens_label
+from .report import (
+    SPEEDUP_METRIC,
+    case_key,
+    case_label,
+    methods_of,
+    rows_of,
+    scenarios_in,
+    speedup,
+    tokens_label,
+)
 
 
 def plot_ttft(results: dict) -> Figure:

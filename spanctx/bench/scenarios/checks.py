@@ -30,7 +30,13 @@ import attrs
 
 from ...checks import DEFAULT_CHECK
 from ...spans import Context
-from ..adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
+from ..adapters import (
+    INVOCATION_TEXT,
+    AnswerTokens,
+    check_probability,
+    make_adapter,
+    peft_loaded,
+)
 from ..harness import Harness
 from ..results import Row
 from ..timing import Measured, Outcome, now, run_repeats
