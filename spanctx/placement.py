@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from .plan import Compute, PlanSegment
+from .plan import Compute, PlanSegment, span_starts
 
 BLEND_CHECK_LAYER = 1  # layer 0's KV does not depend on context: deviations show from layer 1 on
 REPAIR_KINDS = ("none", "head", "blend", "full")
@@ -226,11 +226,7 @@ def plan_placement(segments: Sequence[PlanSegment], groups: Sequence[GroupLayout
                    is_stored: Callable[[bytes], bool], movable: bool, repair: Repair) -> PlacementPlan:
     """Plan the cache of a prompt of ``segments`` (in prompt order; group members are the
     segments ``[first, stop)`` of each of ``groups``), following the module rules."""
-    if not segments:
-        raise ValueError("cannot plan an empty prompt")
-    starts = [0]
-    for seg in segments:
-        starts.append(starts[-1] + seg.num_tokens)
+    starts = span_starts(segments)
     total = starts[-1]
     nodes = _nodes(len(segments), groups)
 

@@ -89,13 +89,19 @@ def plan_prompt(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bo
     return plan
 
 
-def _plan_reuse(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bool]) -> Plan:
-    """The plan that reuses every stored span."""
+def span_starts(segments: Sequence[PlanSegment]) -> list[int]:
+    """Where each segment starts in the prompt, then the prompt's length."""
     if not segments:
         raise ValueError("cannot plan an empty prompt")
     starts = [0]
     for seg in segments:
         starts.append(starts[-1] + seg.num_tokens)
+    return starts
+
+
+def _plan_reuse(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bool]) -> Plan:
+    """The plan that reuses every stored span."""
+    starts = span_starts(segments)
     total = starts[-1]
     hits = [is_stored(seg.key) for seg in segments]
     last_hit = max((i for i, hit in enumerate(hits) if hit), default=-1)

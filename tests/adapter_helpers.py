@@ -41,6 +41,15 @@ def make_adapter(model, folder: Path, *, invocation: list[int] | None = None, se
     return folder
 
 
+def adapter_pair(arch: str, tmp_path_factory, name: str, seeds: tuple[int, int]) -> tuple[str, Path, Path]:
+    """(arch, aLoRA folder, LoRA folder): random adapters of ``arch``'s tiny model."""
+    model, tokenizer = tiny_model(arch)
+    root = tmp_path_factory.mktemp(f"{name}-{arch}")
+    alora = make_adapter(model, root / "alora", invocation=invocation_ids(tokenizer), seed=seeds[0])
+    lora = make_adapter(model, root / "lora", seed=seeds[1])
+    return arch, alora, lora
+
+
 def fresh_runtime(arch: str, **kwargs) -> spanctx.Runtime:
     """A runtime over its own copy of the tiny model of ``arch`` (adapters mutate it)."""
     model, tokenizer = tiny_model(arch)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from adapter_helpers import (
     INVOCATION,
+    adapter_pair,
     fresh_runtime,
     invocation_ids,
     make_adapter,
@@ -36,12 +37,7 @@ ATOL = 1e-4
 @pytest.fixture(scope="module", params=ARCHS)
 def setup(request, tmp_path_factory):
     """(arch, aLoRA folder, LoRA folder) for one architecture."""
-    arch = request.param
-    model, tokenizer = tiny_model(arch)
-    root = tmp_path_factory.mktemp(f"adapters-{arch}")
-    alora = make_adapter(model, root / "alora", invocation=invocation_ids(tokenizer), seed=1)
-    lora = make_adapter(model, root / "lora", seed=2)
-    return arch, alora, lora
+    return adapter_pair(request.param, tmp_path_factory, "adapters", (1, 2))
 
 
 def context() -> spanctx.Context:

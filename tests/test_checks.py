@@ -7,9 +7,9 @@ import pytest
 import torch
 from adapter_helpers import (
     INVOCATION,
+    adapter_pair,
     fresh_runtime,
     invocation_ids,
-    make_adapter,
     peft_reference,
     reference_logits,
 )
@@ -36,12 +36,7 @@ ATOL = 1e-5  # on probabilities, fp32
 @pytest.fixture(scope="module", params=ARCHS)
 def setup(request, tmp_path_factory):
     """(arch, aLoRA folder, LoRA folder) for one architecture."""
-    arch = request.param
-    model, tokenizer = tiny_model(arch)
-    root = tmp_path_factory.mktemp(f"checks-{arch}")
-    alora = make_adapter(model, root / "alora", invocation=invocation_ids(tokenizer), seed=3)
-    lora = make_adapter(model, root / "lora", seed=4)
-    return arch, alora, lora
+    return adapter_pair(request.param, tmp_path_factory, "checks", (3, 4))
 
 
 def context() -> spanctx.Context:

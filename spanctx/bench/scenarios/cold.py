@@ -15,8 +15,7 @@ from ...spans import Context
 from .. import baselines
 from ..harness import Harness
 from ..results import Row
-from ..timing import Measured, run_repeats
-from .common import greedy_match, spanctx_generate
+from .common import measure_methods, spanctx_generate
 
 NAME = "cold"
 METHODS = ("full", "spanctx")
@@ -38,17 +37,9 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
                      h.source.block(config.question_tokens, "cold-question", n, i))
                     for i in range(h.warmup + repeats)]
         prompts = [h.prompt_ids(context, question) for context, question in requests]
-        reference: Measured | None = None
-        for method in methods:
-            bar.set_postfix_str(f"{n} tokens, {method}")
-            h.runtime.store.clear()
-            request = _request(h, method, requests, prompts, config.new_tokens)
-            measured = run_repeats(request, warmup=h.warmup, repeats=repeats, device=h.device)
-            if method == "full":
-                reference = measured
-            rows.append(Row.measured(NAME, method, n, config.new_tokens, measured,
-                                     greedy_match=greedy_match(reference, measured)))
-            bar.update()
+        rows += measure_methods(h, NAME, methods, n, config.new_tokens,
+                                lambda method: _request(h, method, requests, prompts, config.new_tokens), bar,
+                                before_each=h.runtime.store.clear)
     h.runtime.store.clear()
     bar.close()
     return rows

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ...spans import Context
 from ..fidelity import match_fraction
-from ..timing import Measured, Outcome
+from ..results import Row
+from ..timing import Measured, Outcome, run_repeats
 
 
 def select_methods(scenario: str, available: Sequence[str], chosen: Sequence[str] | None) -> tuple[str, ...]:
@@ -37,3 +38,23 @@ def greedy_match(reference: Measured | None, measured: Measured) -> float | None
     if not pairs:
         return None
     return sum(match_fraction(r, m) for r, m in pairs) / len(pairs)
+
+
+def measure_methods(h, scenario: str, methods: Sequence[str], context_tokens: int, new_tokens: int,
+                    request_for: Callable[[str], Callable[[int], Outcome]], bar,
+                    before_each: Callable[[], None] | None = None) -> list[Row]:
+    """One row per method for one case: ``request_for(method)`` timed over the harness's
+    repeats (``before_each`` runs before each method), greedy tokens compared with the
+    ``full`` method's (``full`` first)."""
+    rows, reference = [], None
+    for method in methods:
+        bar.set_postfix_str(f"{context_tokens} tokens, {method}")
+        if before_each is not None:
+            before_each()
+        measured = run_repeats(request_for(method), warmup=h.warmup, repeats=h.repeats_for(scenario), device=h.device)
+        if method == "full":
+            reference = measured
+        rows.append(Row.measured(scenario, method, context_tokens, new_tokens, measured,
+                                 greedy_match=greedy_match(reference, measured)))
+        bar.update()
+    return rows

@@ -20,8 +20,8 @@ from ...spans import Context
 from .. import baselines
 from ..harness import Harness
 from ..results import Row
-from ..timing import Measured, Outcome, run_repeats
-from .common import greedy_match, spanctx_generate
+from ..timing import Outcome
+from .common import measure_methods, spanctx_generate
 
 NAME = "prefix"
 METHODS = ("full", "hf-deepcopy", "spanctx")
@@ -42,16 +42,8 @@ def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
         context = h.source.block(n, "prefix-context", n)
         questions = [h.source.block(config.question_tokens, "prefix-question", n, i)
                      for i in range(h.warmup + repeats)]
-        reference: Measured | None = None
-        for method in methods:
-            bar.set_postfix_str(f"{n} tokens, {method}")
-            request = _request(h, method, context, questions, config.new_tokens)
-            measured = run_repeats(request, warmup=h.warmup, repeats=repeats, device=h.device)
-            if method == "full":
-                reference = measured
-            rows.append(Row.measured(NAME, method, n, config.new_tokens, measured,
-                                     greedy_match=greedy_match(reference, measured)))
-            bar.update()
+        rows += measure_methods(h, NAME, methods, n, config.new_tokens,
+                                lambda method: _request(h, method, context, questions, config.new_tokens), bar)
         h.runtime.store.clear()
     bar.close()
     return rows
