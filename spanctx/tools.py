@@ -17,9 +17,9 @@ validated against the tool's parameter schema with ``jsonschema`` (Draft 2020-12
 emits for ``Optional`` parameters) into a ``"null"`` type. Every failure is a
 ``ToolCallError`` naming what is wrong and where.
 
-Chat rendering here is a small stand-in (``chat_context``): the conversation is rendered
-with the tokenizer's template, and each later rendering that extends the previous one
-is appended as a new span, so each round of the loop reuses all earlier rounds' KV.
+Conversations are ``Context.chat`` contexts (``chat.py``): one span per message, the
+tools in the template arguments, so each round of the loop reuses every earlier round's
+KV: its prompt starts with exactly the previous round's prompt.
 """
 
 from __future__ import annotations
@@ -246,33 +246,16 @@ def _loads(raw: str, text: str, what: str) -> Any:
 # -- chat and the loop ---------------------------------------------------------------------
 
 
-def render_chat(tokenizer, messages: Sequence[dict], tools: Sequence[Tool]) -> str:
-    """The tokenizer's chat template over ``messages`` and ``tools``, with the generation
-    prompt. Raises when the template ignores ``tools`` (the model would never see them)."""
+def tool_chat(rt: Runtime, messages: Sequence[dict], tools: Sequence[Tool]) -> Context:
+    """``messages`` as a chat context with ``tools`` passed to the template, ending with the
+    generation prompt. Raises when the template ignores ``tools`` (the model would never
+    see them)."""
     schemas = [t.schema() for t in tools]
-    text = tokenizer.apply_chat_template(list(messages), tools=schemas or None, add_generation_prompt=True,
-                                         tokenize=False)
-    if schemas and text == tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                         tokenize=False):
+    ctx = Context.chat(messages, tools=schemas or None)
+    if schemas and rt.chat_rendering(ctx).text == rt.chat_rendering(Context.chat(messages)).text:
         raise ValueError("the tokenizer's chat template ignores tools=: describe the tools in a system message "
                          "or use a template that renders them")
-    return text
-
-
-@attrs.frozen
-class ChatContext:
-    """A rendered conversation as spans: ``text`` is what ``ctx``'s spans spell."""
-
-    text: str
-    ctx: Context
-
-
-def chat_context(text: str, previous: ChatContext | None = None) -> ChatContext:
-    """``text`` as spans: when it extends ``previous.text``, the new part is appended to
-    ``previous.ctx`` (so its KV is reused); otherwise it is one new span."""
-    if previous is not None and text.startswith(previous.text) and len(text) > len(previous.text):
-        return ChatContext(text, previous.ctx.append(text[len(previous.text):]))
-    return ChatContext(text, Context().append(text))
+    return ctx
 
 
 @attrs.frozen
@@ -281,16 +264,16 @@ class ToolTurn:
 
     result: Result
     reply: AssistantReply
-    chat: ChatContext
+    context: Context  # the prompt the reply was generated after
 
 
 def tool_turn(rt: Runtime, messages: Sequence[dict], tools: Sequence[ToolLike], *, style: Style = "tagged",
-              max_new_tokens: int = 256, previous: ChatContext | None = None, **generate_kwargs) -> ToolTurn:
+              max_new_tokens: int = 256, **generate_kwargs) -> ToolTurn:
     """Render ``messages`` with ``tools``, generate the assistant's reply, parse it."""
     tools = as_tools(tools)
-    chat = chat_context(render_chat(rt.tokenizer, messages, tools), previous)
-    result = rt.generate(chat.ctx, max_new_tokens, **generate_kwargs)
-    return ToolTurn(result, parse_tool_calls(result.text, tools, style=style), chat)
+    ctx = tool_chat(rt, messages, tools)
+    result = rt.generate(ctx, max_new_tokens, **generate_kwargs)
+    return ToolTurn(result, parse_tool_calls(result.text, tools, style=style), ctx)
 
 
 @attrs.frozen
@@ -318,12 +301,10 @@ def run_tools(rt: Runtime, messages: Sequence[dict], tools: Sequence[ToolLike], 
     if missing:
         raise ValueError(f"run_tools calls the tools' functions; these have none: {missing}")
     by_name = {t.name: t for t in tools}
-    conversation, turns, chat = list(messages), [], None
+    conversation, turns = list(messages), []
     for _ in range(max_rounds):
-        turn = tool_turn(rt, conversation, tools, style=style, max_new_tokens=max_new_tokens, previous=chat,
-                         **generate_kwargs)
+        turn = tool_turn(rt, conversation, tools, style=style, max_new_tokens=max_new_tokens, **generate_kwargs)
         turns.append(turn)
-        chat = turn.chat
         conversation.append(turn.reply.message())
         if not turn.reply.tool_calls:
             return ToolRun(tuple(conversation), tuple(turns))

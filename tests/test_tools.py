@@ -7,7 +7,7 @@ import json
 import attrs
 import jsonschema
 import pytest
-from conftest import tiny_runtime
+from conftest import tiny_model, tiny_runtime
 from hypothesis import given, settings
 from strategies import TOOL_FUNCTIONS, add, get_weather, noisy_replies, tagged_replies
 
@@ -21,9 +21,8 @@ from spanctx.tools import (
     ToolLoopLimit,
     UnknownTool,
     as_tools,
-    chat_context,
     parse_tool_calls,
-    render_chat,
+    tool_chat,
 )
 
 # A Hermes/Qwen-style template for the byte tokenizer: tools in a system block, calls in
@@ -40,10 +39,10 @@ TOOLS_TEMPLATE = (
 
 
 def tools_runtime() -> spanctx.Runtime:
-    rt = tiny_runtime("llama")
-    rt.tokenizer = spanctx.byte_tokenizer()
-    rt.tokenizer.chat_template = TOOLS_TEMPLATE
-    return rt
+    model, _ = tiny_model("llama")
+    tokenizer = spanctx.byte_tokenizer()
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    return spanctx.Runtime(model, tokenizer, store_bytes=64 << 20)
 
 
 # -- schemas -------------------------------------------------------------------------------
@@ -156,20 +155,15 @@ def test_noisy_replies_parse_to_valid_calls_or_raise_tool_call_errors(text):
 # -- rendering and the loop ------------------------------------------------------------------
 
 
-def test_render_chat_passes_tools_to_the_template():
+def test_tool_chat_passes_tools_to_the_template():
     rt = tools_runtime()
-    text = render_chat(rt.tokenizer, [{"role": "user", "content": "2+3?"}], as_tools([add]))
+    ctx = tool_chat(rt, [{"role": "user", "content": "2+3?"}], as_tools([add]))
+    text = rt.chat_rendering(ctx).text
     assert json.dumps(Tool.from_function(add).schema()) in text
     assert text.endswith("<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n")
+    plain = tiny_runtime("llama")  # the byte tokenizer's ChatML template has no tools block
     with pytest.raises(ValueError, match="ignores tools="):
-        render_chat(spanctx.byte_tokenizer(), [{"role": "user", "content": "hi"}], as_tools([add]))
-
-
-def test_chat_context_appends_extensions_as_spans():
-    first = chat_context("abc")
-    second = chat_context("abcdef", first)
-    assert second.ctx.spans == (spanctx.Span("abc"), spanctx.Span("def"))
-    assert chat_context("xbc", second).ctx.spans == (spanctx.Span("xbc"),)
+        tool_chat(plain, [{"role": "user", "content": "hi"}], as_tools([add]))
 
 
 def scripted(rt, monkeypatch, replies):
@@ -207,11 +201,12 @@ def test_run_tools_calls_functions_and_appends_results(monkeypatch):
     assert [m["role"] for m in run.messages] == ["user", "assistant", "tool", "assistant"]
     assert run.messages[2] == {"role": "tool", "name": "add_logged", "content": "5"}
     assert run.reply.content == "The sum is 5." and run.reply.tool_calls == ()
-    # round 2's prompt extends round 1's: its first span (and BOS) come from the store
+    # round 2's prompt starts with exactly round 1's prompt, which comes from the store
     first_ctx, second_ctx = seen[0][0], seen[1][0]
-    assert second_ctx.spans[0] == first_ctx.spans[0] and len(second_ctx.spans) == 2
-    assert "<|im_start|>tool\n5<|im_end|>" in second_ctx.spans[1].content
-    assert seen[1][1].cached_tokens == len(rt.token_ids(first_ctx))
+    first_ids, second_ids = rt.token_ids(first_ctx), rt.token_ids(second_ctx)
+    assert second_ids[:len(first_ids)] == first_ids
+    assert "<|im_start|>tool\n5<|im_end|>" in rt.chat_rendering(second_ctx).text
+    assert seen[1][1].cached_tokens == len(first_ids)
 
 
 def test_run_tools_stops_after_max_rounds(monkeypatch):
@@ -234,4 +229,5 @@ def test_tool_turn_on_a_real_model_generates_and_parses():
     assert len(turn.result.token_ids) <= 8
     # random weights: the reply is noise without tool calls, and it is the content
     assert turn.reply.tool_calls == () and turn.reply.content == turn.result.text.strip()
-    assert rt.token_ids(turn.chat.ctx)[1:] == list(rt.tokenizer(turn.chat.text, add_special_tokens=False)["input_ids"])
+    text = rt.chat_rendering(turn.context).text
+    assert rt.token_ids(turn.context) == list(rt.tokenizer(text, add_special_tokens=False)["input_ids"])
