@@ -369,6 +369,8 @@ class Runtime:
 
         return astream(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
 
+    # -- execution ---------------------------------------------------------------------
+
     def _prepare(self, prompt: ResolvedPrompt, reuse: bool, max_new_tokens: int, started: float) -> PreparedCall:
         self._check_length(prompt.num_tokens + max_new_tokens)
         input_ids = self._input_ids(prompt)
