@@ -9,23 +9,15 @@ Methods: ``full`` (HF ``generate`` from scratch) and ``spanctx``.
 
 from __future__ import annotations
 
-import attrs
-
 from ...spans import Context
 from .. import baselines
 from ..harness import Harness
 from ..results import Row
 from .common import measure_methods, spanctx_generate
+from .prefix import Config  # the same sizes: a context + a question, new tokens
 
 NAME = "cold"
 METHODS = ("full", "spanctx")
-
-
-@attrs.frozen
-class Config:
-    contexts: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
-    question_tokens: int = 64
-    new_tokens: int = 32
 
 
 def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
