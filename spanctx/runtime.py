@@ -210,7 +210,7 @@ class Runtime:
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
         return self._next_token_logits(ctx, reuse, adapter, repair)[0]
 
-    # -- adapters and constraint checks (issue 4: adapters.py, checks.py) ----------------
+    # -- adapters and constraint checks (adapters.py, checks.py) ------------------------
 
     def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None) -> AdapterInfo:
         """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
@@ -326,7 +326,7 @@ class Runtime:
             start, end = ranges[i]
             self.store.put(prompt.segments[i].key, kvops.extract(cache, offset + start, offset + end, row))
 
-    # -- options, chat, batch, async (issue 5: chat.py, options.py, batch.py, aio.py) -------
+    # -- options, chat, batch, async (chat.py, options.py, batch.py, aio.py) ----------------
 
     def options(self, max_new_tokens: int | None = None, **generate_kwargs) -> CallOptions:
         """The effective options of a call with these arguments (``generation_defaults``
@@ -430,7 +430,7 @@ class Runtime:
         ``torch.tensor`` over a long tuple of ints costs milliseconds."""
         return torch.frombuffer(array("q", prompt.token_ids), dtype=torch.long)[None].to(self.device)
 
-    # -- parallel spans (issue 3): see parallel.py ------------------------------------------
+    # -- parallel spans (parallel.py) -------------------------------------------------------
 
     def _refuse_adapter_on_parallel(self, adapter: str | None) -> None:
         if adapter is not None:

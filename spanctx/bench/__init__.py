@@ -1,4 +1,4 @@
-"""Benchmark harness: spanctx vs full-prefill generation (see docs/benchmarks.md).
+"""Benchmark harness: spanctx vs full-prefill generation (see the README, "Benchmarks").
 
 Modules, one idea each: ``timing`` (clocks, repeats, medians), ``floor`` (weights-read
 floor), ``workloads`` (seeded token ids), ``baselines`` (plain HF methods),
