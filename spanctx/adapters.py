@@ -42,6 +42,7 @@ import attrs
 import torch
 import xxhash
 
+from .hf import cache_argument
 from .keys import adapter_namespace, root_key, span_key
 from .plan import PlanSegment
 from .prompt import PromptResolver, ResolvedPrompt
@@ -314,7 +315,7 @@ class AdapterSet:
                 raise AdapterError("an aLoRA call needs input_ids (its invocation is found by token)")
             if ids.shape[0] != len(starts):
                 raise AdapterError(f"an aLoRA call activated for {len(starts)} rows got a batch of {ids.shape[0]}")
-            cache = kwargs.get("past_key_values")
+            cache = cache_argument(kwargs)
             done = 0 if cache is None else cache.get_seq_length()
             # ids: [B, T]; every row's call covers its prompt tokens [done, done + T) (right
             # padding included), and PEFT adapts the last offsets[i] of them

@@ -35,6 +35,7 @@ import attrs
 import torch
 
 from . import kv as kvops
+from .hf import cache_kwargs
 from .options import CallOptions, seeded
 from .plan import Reuse
 from .runtime import GenerationStats, PreparedCall, Result, Runtime, _FirstTokenTimer
@@ -121,13 +122,13 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
         kwargs = opts.hf_kwargs(rt.pad_token_id)
         input_ids, attention_mask = _left_padded_ids(calls, layout, kwargs["pad_token_id"], rt.device)
         if reuse:
-            kwargs["past_key_values"] = kvops.stack_left_padded(
-                [c.cache for c in calls], layout.kept, layout.cached_width)
+            cache = kvops.stack_left_padded([c.cache for c in calls], layout.kept, layout.cached_width)
+            kwargs.update(cache_kwargs(rt.model, cache))
         timer = _FirstTokenTimer()
         out = rt.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=timer, **kwargs)
         if reuse:
             for row, call in enumerate(calls):
-                rt.store_spans(call.prompt, kwargs["past_key_values"], call.plan.tail.segments, row=row,
+                rt.store_spans(call.prompt, cache, call.plan.tail.segments, row=row,
                                offset=layout.pads[row])
         eos = _eos_ids(kwargs.get("eos_token_id", rt.model.generation_config.eos_token_id))
         now = time.perf_counter()

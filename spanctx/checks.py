@@ -45,6 +45,7 @@ import torch
 
 from . import kv as kvops
 from .adapters import Activation, batch_activation
+from .hf import cache_kwargs
 from .plan import Compute, Plan, PlanSegment, plan_prompt
 from .prompt import ResolvedPrompt
 from .spans import Context
@@ -250,7 +251,7 @@ def _forward_rows(rt: Runtime, context: DynamicCache, prompts: Sequence[Resolved
     last = torch.tensor([len(tail) - 1 for tail in tails], device=rt.device)  # [B]
     keep = torch.unique(last)  # [K] sorted columns whose logits are read
     cache = kvops.repeat_batch(context, len(tails))
-    out = rt.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    out = rt.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **cache_kwargs(rt.model, cache))
     # out.logits: [B, K, V]
     logits = out.logits[torch.arange(len(tails), device=rt.device), torch.searchsorted(keep, last)]
     return logits.float(), cache

@@ -21,6 +21,7 @@ import contextlib
 import torch
 
 from . import kv as kvops
+from .hf import cache_kwargs
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -70,7 +71,7 @@ def forward_queries(model, cache, input_ids: torch.Tensor, positions: torch.Tens
     stop = contextlib.nullcontext() if stop_after_layer is None else kvops.stop_after_layer(cache, stop_after_layer)
     with stop:
         try:
-            model(input_ids=input_ids, position_ids=positions[None], attention_mask=mask, past_key_values=cache,
+            model(input_ids=input_ids, position_ids=positions[None], attention_mask=mask, **cache_kwargs(model, cache),
                   use_cache=True, logits_to_keep=1)
         except kvops.StopForward:
             pass

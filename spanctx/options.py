@@ -26,11 +26,13 @@ from collections.abc import Iterator, Mapping
 import attrs
 import torch
 
+from .hf import CACHE_NAMES
+
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 DEFAULT_MAX_NEW_TOKENS = 32
 # generate arguments that spanctx sets itself for every call
-RESERVED_KWARGS = frozenset({"input_ids", "inputs", "attention_mask", "past_key_values", "streamer",
-                             "position_ids", "cache_position", "use_cache"})
+RESERVED_KWARGS = frozenset({"input_ids", "inputs", "attention_mask", "streamer", "position_ids",
+                             "cache_position", "use_cache", *CACHE_NAMES})
 
 
 @attrs.frozen

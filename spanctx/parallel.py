@@ -21,6 +21,7 @@ import attrs
 import torch
 
 from . import kv as kvops
+from .hf import cache_kwargs
 from .inplace import forward_queries, in_place_allowed, isolated_allowed
 from .keys import group_key, parallel_key, root_key, span_key
 from .placement import (
@@ -154,7 +155,7 @@ def _execute(rt, plan: PlacementPlan, prompt: ParallelPrompt, input_ids: torch.T
             pieces.append(kvops.KVSlice(kv, step.start - group_start, step.end - group_start))
         elif isinstance(step, Compute):
             cache = kvops.assemble(pieces)
-            rt.model(input_ids=input_ids[:, step.start:step.end], past_key_values=cache, use_cache=True,
+            rt.model(input_ids=input_ids[:, step.start:step.end], use_cache=True, **cache_kwargs(rt.model, cache),
                      logits_to_keep=1)
             rt.store_spans(prompt, cache, step.segments)
             pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]

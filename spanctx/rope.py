@@ -23,6 +23,7 @@ import attrs
 import torch
 
 from . import kv as kvops
+from .hf import cache_kwargs
 from .store import SpanKV
 
 MOVABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -151,7 +152,7 @@ def _probe_error(model, inv_freq: tuple[torch.Tensor, ...]) -> float:
     def keys_at(start: int) -> tuple[torch.Tensor, ...]:
         cache = kvops.empty_cache()
         positions = torch.arange(start, start + PROBE_TOKENS, device=model.device)[None]
-        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         return kvops.as_slices(cache).keys
 
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2 * PROBE_DELTA

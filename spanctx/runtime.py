@@ -26,6 +26,7 @@ from . import kv as kvops
 from . import tools as tools_mod
 from .adapters import AdapterInfo, AdapterSet
 from .chat import ChatRendering
+from .hf import cache_kwargs
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
 from .options import CallOptions, merge_options, seeded
@@ -312,7 +313,7 @@ class Runtime:
         cache)``, the cache now holding the whole prompt."""
         tail = call.input_ids[:, call.tail_start:]
         cache = call.cache if call.plan is not None else kvops.empty_cache()
-        out = (module or self.model)(input_ids=tail, past_key_values=cache, use_cache=True, **forward_kwargs)
+        out = (module or self.model)(input_ids=tail, use_cache=True, **cache_kwargs(self.model, cache), **forward_kwargs)
         if call.plan is not None:
             self.store_spans(call.prompt, cache, call.plan.tail.segments)
         return out, cache
@@ -396,7 +397,7 @@ class Runtime:
                 pieces.append(kvops.KVSlice(kv, step.start - offset, step.end - offset))
             else:
                 cache = kvops.assemble(pieces)
-                self.model(input_ids=input_ids[:, step.start:step.end], past_key_values=cache, use_cache=True,
+                self.model(input_ids=input_ids[:, step.start:step.end], use_cache=True, **cache_kwargs(self.model, cache),
                            logits_to_keep=1)
                 self.store_spans(prompt, cache, step.segments)
                 pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]
@@ -405,7 +406,7 @@ class Runtime:
     def _generate(self, call: PreparedCall, opts: CallOptions, streamer: BaseStreamer) -> torch.Tensor:
         kwargs = opts.hf_kwargs(self.pad_token_id)
         if call.cache is not None:
-            kwargs["past_key_values"] = call.cache
+            kwargs.update(cache_kwargs(self.model, call.cache))
         out = self.model.generate(
             input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids), streamer=streamer, **kwargs)
         if call.cache is not None:
@@ -462,7 +463,7 @@ class Runtime:
         with torch.inference_mode():
             cache = kvops.empty_cache()
             ids = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
             return kvops.layout(kvops.as_slices(cache))
 
     def _check_layout(self, kv: SpanKV) -> None:

@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from . import kv as kvops
+from .hf import cache_kwargs
 from .spans import Context, Span
 
 if TYPE_CHECKING:
@@ -115,6 +116,6 @@ def _continuation_logprobs(model, cache, cand_ids: list[tuple[int, ...]]) -> tor
     for row, ids in enumerate(cand_ids):
         inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
         targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
-    out = model(input_ids=inputs.to(device), past_key_values=kvops.repeat_batch(cache, batch), use_cache=True)
+    out = model(input_ids=inputs.to(device), use_cache=True, **cache_kwargs(model, kvops.repeat_batch(cache, batch)))
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, W, V]
     return logprobs.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()

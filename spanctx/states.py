@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from . import kv as kvops
+from .hf import cache_kwargs
 from .spans import Context
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def hidden_states(rt: Runtime, ctx: Context, reduction: Reduction = "last", *, r
     # the store keeps keys and values, not hidden states: the mean needs a full forward
     with rt.prepared(ctx, reuse=False) as call:
         cache = kvops.empty_cache()
-        states = backbone(input_ids=call.input_ids, past_key_values=cache, use_cache=reuse).last_hidden_state
+        states = backbone(input_ids=call.input_ids, use_cache=reuse, **cache_kwargs(backbone, cache)).last_hidden_state
         if reuse:
             missing = [i for i, seg in enumerate(call.prompt.segments) if seg.key not in rt.store]
             rt.store_spans(call.prompt, cache, missing)

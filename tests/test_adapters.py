@@ -69,6 +69,29 @@ def test_alora_reuses_the_base_cache_and_matches_peft(setup):
     assert not torch.equal(base_logits, logits)
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_alora_stays_on_for_every_decode_step(setup, reuse):
+    """Each generated token is PEFT's full-prefill choice given the tokens before it, and
+    at some decode step the base model would choose another: an adapter that switched off
+    after the prefill (as when the cache argument is missed on decode steps) fails here."""
+    arch, alora, _ = setup
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", alora, invocation=INVOCATION)
+    ref = peft_reference(arch, alora)
+    base, _ = tiny_model(arch)
+    ctx = context()
+    rt.next_token_logits(ctx)  # the base context is stored: the adapter call reuses it
+    ids = rt.token_ids(ctx, adapter="check")
+    tokens = rt.generate(ctx, 12, adapter="check", reuse=reuse).token_ids
+    assert len(tokens) == 12
+    base_differs = []
+    for step, token in enumerate(tokens):
+        seen = ids + list(tokens[:step])
+        assert reference_logits(ref, seen).argmax().item() == token, f"decode step {step}"
+        base_differs.append(reference_logits(base, seen).argmax().item() != token)
+    assert any(base_differs[1:]), "the adapter never changes a decode step's choice: the test would not see it off"
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3", "gpt2"])
 def test_alora_on_other_architectures(arch, tmp_path):
     """Sliding windows crossed by the prompt, per-layer RoPE, and GPT-2's Conv1D layers."""

@@ -16,6 +16,7 @@ from transformers import DynamicCache
 
 import spanctx
 from spanctx import Context
+from spanctx.hf import cache_kwargs
 from spanctx.inplace import forward_queries, in_place_allowed
 
 ATOL = 1e-4
@@ -29,7 +30,7 @@ DOCS = ("Doc A: the sky is blue. ", "Doc B: grass is green! ", "Doc C: snow is w
 def _forward(model, cache, ids: list[int], start: int) -> torch.Tensor:
     positions = torch.arange(start, start + len(ids))[None]
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids]), position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=True, **cache_kwargs(model, cache))
     return out.logits[0, -1]
 
 

@@ -12,6 +12,7 @@ from rope_models import MOVABLE_KINDS, ROPE_MODELS, rope_model
 from transformers import DynamicCache
 
 from spanctx import rope
+from spanctx.hf import cache_kwargs
 from spanctx.rope import key_mover, rotate_keys
 
 
@@ -22,7 +23,7 @@ def _span_kv(model, anchor_ids: list[int], span_ids: list[int], shift: int):
     ids = torch.tensor([anchor_ids + span_ids])
     positions = torch.arange(shift, shift + ids.shape[1])[None]
     with torch.inference_mode():
-        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, position_ids=positions, use_cache=True, **cache_kwargs(model, cache))
     n = len(anchor_ids)
     return [(layer.keys[:, :, n:], layer.values[:, :, n:]) for layer in cache.layers]
 
