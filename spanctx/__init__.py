@@ -2,19 +2,21 @@
 
 from .adapters import AdapterError, AdapterInfo
 from .batch import BatchLayout, plan_batch
-from .chat import ChatRendering, ChatSplitWarning, Message
+from .chat import ChatRendering, ChatSplitWarning
 from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
 from .fidelity import Fidelity, fidelity
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
+from .messages import Message
 from .options import CallOptions, merge_options
-from .parallel import ParallelStats
 from .placement import PlacementPlan, Repair, plan_placement
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
 from .reward import RewardModel
 from .rope import KeyMover, key_mover
-from .runtime import GenerationStats, KVLayoutMismatch, Result, Runtime
+from .engine import KVLayoutMismatch
+from .results import GenerationStats, ParallelStats, Result
+from .runtime import Runtime
 from .scoring import Ranked, Score
 from .spans import Context, ParallelGroup, Span
 from .store import KVStore, SpanKV, StoreStats

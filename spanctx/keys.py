@@ -97,3 +97,9 @@ def _weight_sample(model: torch.nn.Module) -> bytes:
     picks = [params[0], params[-1]] if params else []
     sample = [p.detach().reshape(-1)[:64].float().cpu() for p in picks]
     return b"".join(t.numpy().tobytes() for t in sample)
+
+
+def salted_namespace(namespace: bytes, salt: str | None) -> bytes:
+    """``namespace`` for one tenant: KV computed under one salt is never found under
+    another (or under none), as vLLM's ``cache_salt``. No salt: ``namespace`` itself."""
+    return namespace if salt is None else _digest(b"salt", namespace, salt.encode())

@@ -25,8 +25,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import validation
 
+from .results import GenerationStats
+
 if TYPE_CHECKING:
-    from .runtime import GenerationStats, Runtime
+    from .runtime import Runtime
     from .spans import Context
 
 #: llguidance JSON options: compact output; a schema's own "x-guidance" overrides them.

@@ -34,8 +34,10 @@ import attrs
 from . import validation
 from .spans import Context
 
+from .results import Result
+
 if TYPE_CHECKING:
-    from .runtime import Result, Runtime
+    from .runtime import Runtime
 
 Style = Literal["tagged", "json"]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

@@ -27,7 +27,7 @@ from peft import IA3Config, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import spanctx
-from spanctx.adapters import AdapterError, alora_prompt
+from spanctx.adapters import AdapterError
 from spanctx.keys import model_namespace, span_key
 
 ARCHS = ["llama", "qwen2"]
@@ -226,8 +226,8 @@ def test_switching_agrees_with_peft(setup):
     layers = [m for m in rt.model.modules() if isinstance(m, LoraLayer)]
     assert layers and all(layer.disable_adapters for layer in layers)
     for name in ["style", "check"]:
-        _, activation = rt.adapters.resolve(context(), name)
-        with rt.adapters.activated(activation):
+        _, activation = rt.resolve(context(), adapter=name)
+        with rt.activated(activation):
             assert all(layer.active_adapters == [name] and not layer.disable_adapters for layer in layers)
         assert all(layer.disable_adapters for layer in layers)
 
@@ -245,22 +245,29 @@ def test_alora_prompt_keys():
     rt = spanctx.Runtime(model, tokenizer, store_bytes=1 << 20)
     inv = (7, 8, 9)
     adapter_ns = b"adapter"
-    plain = rt.resolver.resolve(spanctx.Context().append([1, 2]).append([3, 4]))
-    prompt, start = alora_prompt(plain, inv, rt.namespace, adapter_ns)
-    assert (start, prompt.token_ids) == (plain.num_tokens, plain.token_ids + inv)
+
+    def resolve(ctx):
+        return rt.resolver.resolve(ctx, adapter_namespace=adapter_ns, invocation=inv)
+
+    plain_ctx = spanctx.Context().append([1, 2]).append([3, 4])
+    plain = rt.resolver.resolve(plain_ctx)
+    prompt = resolve(plain_ctx)
+    assert (prompt.invocation_start, prompt.token_ids) == (plain.num_tokens, plain.token_ids + inv)
     assert prompt.segments[:-1] == plain.segments
     assert prompt.segments[-1].key == span_key(plain.segments[-1].key, inv, adapter_ns)
     # ends with the invocation inside its last span: the span is cut where it starts
-    cut = rt.resolver.resolve(spanctx.Context().append([1, 2]).append([3, 7, 8, 9]))
-    prompt, start = alora_prompt(cut, inv, rt.namespace, adapter_ns)
-    assert (start, prompt.token_ids) == (cut.num_tokens - 3, cut.token_ids)
+    cut_ctx = spanctx.Context().append([1, 2]).append([3, 7, 8, 9])
+    cut = rt.resolver.resolve(cut_ctx)
+    prompt = resolve(cut_ctx)
+    assert (prompt.invocation_start, prompt.token_ids) == (cut.num_tokens - 3, cut.token_ids)
     assert prompt.segments[:-2] == cut.segments[:-1]
     head = prompt.segments[-2]
     assert (head.num_tokens, head.key) == (1, span_key(cut.segments[-2].key, (3,), rt.namespace))
     assert prompt.segments[-1].key == span_key(head.key, inv, adapter_ns)
     # the invocation as its own span: that span's base key is dropped, not reused
-    own = rt.resolver.resolve(spanctx.Context().append([1, 2]).append(inv))
-    prompt, _ = alora_prompt(own, inv, rt.namespace, adapter_ns)
+    own_ctx = spanctx.Context().append([1, 2]).append(inv)
+    own = rt.resolver.resolve(own_ctx)
+    prompt = resolve(own_ctx)
     assert prompt.segments[-1].key not in {s.key for s in own.segments}
 
 

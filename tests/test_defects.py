@@ -26,7 +26,6 @@ def parallel_context() -> Context:
     return Context().append(SYSTEM).parallel(DOC_A, DOC_B).append(QUESTION)
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_mean_hidden_states_do_not_poison_the_parallel_store():
     """1. A mean embedding runs a plain causal forward: it must not be stored under the
     parallel members' keys."""
@@ -38,7 +37,6 @@ def test_mean_hidden_states_do_not_poison_the_parallel_store():
     torch.testing.assert_close(after, fresh, atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_batch_rows_with_parallel_groups_count_their_cached_tokens():
     """2. Rows with parallel groups report what they reused, as they do alone."""
     rt = tiny_runtime()
@@ -51,7 +49,6 @@ def test_batch_rows_with_parallel_groups_count_their_cached_tokens():
     assert [r.token_ids for r in batch] == [s.token_ids for s in singles]
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_chat_then_parallel_documents():
     """3. A chat prefix followed by a parallel group resolves (it raised TypeError)."""
     rt = tiny_runtime()
@@ -67,7 +64,6 @@ def test_chat_then_parallel_documents():
     assert first.token_ids == again.token_ids == rt.generate(ctx, 4, reuse=False).token_ids
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_batch_over_a_shared_prefix_that_holds_a_parallel_group():
     """4. Rows sharing a prefix with a parallel group batch with reuse (it raised)."""
     rt = tiny_runtime()
@@ -97,7 +93,6 @@ def test_models_that_differ_in_a_middle_layer_never_share_kv():
     torch.testing.assert_close(logits, rt_merged.next_token_logits(ctx, reuse=False), atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_a_seeded_batch_is_reproducible_while_another_thread_samples():
     """6. The seed is set under the runtime's lock: another thread's sampling between
     seeding and generating cannot move the RNG."""
@@ -120,7 +115,6 @@ def test_a_seeded_batch_is_reproducible_while_another_thread_samples():
         worker.join()
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 @pytest.mark.parametrize("reuse", [True, False])
 def test_several_return_sequences_are_refused_clearly(reuse):
     """7. num_return_sequences > 1 crashed (cached prefix) or silently returned one
@@ -136,7 +130,6 @@ def test_several_return_sequences_are_refused_clearly(reuse):
             call()
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_beam_search_is_refused_clearly_and_greedy_needs_no_streamer():
     """8. num_beams > 1 was refused by transformers (spanctx always passed a streamer):
     spanctx refuses it itself, on every path, saying why."""
@@ -165,7 +158,6 @@ class SpacesOnly(LogitsProcessor):
         return forced
 
 
-@pytest.mark.xfail(strict=True, reason="defect, fixed by the engine")
 def test_closing_a_stream_early_stops_generation():
     """9. Leaving a sync stream stops the generation within a step and frees the lock."""
     rt = tiny_runtime()
