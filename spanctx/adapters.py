@@ -42,7 +42,7 @@ import attrs
 import torch
 import xxhash
 
-from .hf import cache_argument
+from .hf import cache_argument, peft_wrapping
 from .keys import adapter_namespace
 from .prompt import PromptResolver, ResolvedPrompt
 from .spans import Span
@@ -188,7 +188,8 @@ class AdapterSet:
             if self._peft is None:
                 config = LoraConfig.from_pretrained(str(folder))
                 config.inference_mode = True
-                self._peft = PeftModel(self.model, config, adapter_name=name)
+                with peft_wrapping():
+                    self._peft = PeftModel(self.model, config, adapter_name=name)
             self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False,
                                     torch_device=str(self.model.device))
             return self._fingerprint(name)
