@@ -246,3 +246,37 @@ def chat_messages(max_messages: int = 6):
     """A list of message dicts with random roles and contents (roles need not alternate)."""
     message = st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": MESSAGE_TEXT})
     return st.lists(message, min_size=1, max_size=max_messages)
+
+
+# -- the store's index (tests/test_index.py) -------------------------------------------------
+
+INDEX_KEYS = tuple(bytes([i]) for i in range(6))  # few keys: hits, re-admits and locks collide
+INDEX_POLICIES = ("lru", "largest-first")
+
+
+@attrs.frozen
+class IndexProgram:
+    """A byte budget and a sequence of index operations, each a tuple:
+    ``("admit", key, nbytes)``, ``("touch" | "lock" | "unlock" | "remove", key)`` or
+    ``("policy", name)`` (one of ``INDEX_POLICIES``). Operations may be invalid (unlock
+    without lock, lock of a missing key): the index must refuse them as its model does."""
+
+    budget: int
+    ops: tuple[tuple, ...]
+
+
+# operation kinds, weighted: admits most, policy swaps rarely
+_INDEX_OP_KINDS = ("admit",) * 4 + ("touch", "lock", "unlock", "remove") * 2 + ("policy",)
+
+
+@st.composite
+def index_programs(draw, max_ops: int = 60) -> IndexProgram:
+    ops = []
+    for kind in draw(st.lists(st.sampled_from(_INDEX_OP_KINDS), max_size=max_ops)):
+        if kind == "policy":
+            ops.append((kind, draw(st.sampled_from(INDEX_POLICIES))))
+        elif kind == "admit":
+            ops.append((kind, draw(st.sampled_from(INDEX_KEYS)), draw(st.integers(0, 12))))
+        else:
+            ops.append((kind, draw(st.sampled_from(INDEX_KEYS))))
+    return IndexProgram(draw(st.integers(0, 40)), tuple(ops))
