@@ -87,7 +87,8 @@ class Runtime:
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "none",
                  generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
-                 min_reuse_fraction: float = 0.125, salt: str | None = None) -> None:
+                 min_reuse_fraction: float = 0.125, salt: str | None = None,
+                 model_identity: str | None = None) -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         if not 0.0 <= min_reuse_fraction:
@@ -97,7 +98,7 @@ class Runtime:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.device
-        self.namespace = model_namespace(model)
+        self.namespace = model_namespace(model, model_identity)
         self.salt = _check_salt(salt)
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
