@@ -40,15 +40,28 @@ class KVLayoutMismatch(RuntimeError):
     """A stored span does not have this model's KV layout (another model's entry)."""
 
 
-@attrs.frozen(eq=False)
+@attrs.define(eq=False)
 class Assembly:
-    """A prompt with its cache assembled up to ``tail_start``; the final call runs the rest."""
+    """A prompt with its KV assembled up to ``tail_start``; the final call runs the rest.
+
+    ``pieces``: the KV of ``[0, tail_start)`` as slices laid one after the other (None
+    without reuse); ``cache`` copies them into a fresh ``DynamicCache`` on first use (the
+    eager final call's; a static executor copies the pieces into its own buffers).
+    """
 
     prompt: ResolvedPrompt
     input_ids: torch.Tensor  # [1, S] the whole prompt
-    cache: object | None  # a DynamicCache of [0, tail_start), or None without reuse
+    pieces: list[kvops.KVSlice] | None
     plan: Plan | PlacementPlan | None  # None without reuse
     parallel: ParallelStats | None = None
+    _cache: object | None = None
+
+    @property
+    def cache(self):
+        """A fresh ``DynamicCache`` of ``[0, tail_start)`` (None without reuse)."""
+        if self._cache is None and self.pieces is not None:
+            self._cache = kvops.assemble(self.pieces)
+        return self._cache
 
     @property
     def tail_start(self) -> int:
@@ -139,9 +152,9 @@ class Engine:
                 plan = plan_placement(prompt.segments, prompt.groups, is_stored, self.key_mover.movable, repair)
             else:
                 plan = plan_prompt(prompt.segments, is_stored, self.min_reuse_fraction)
-            cache = self.interpreter.assemble(plan, prompt, found, input_ids)
+            pieces = self.interpreter.assemble(plan, prompt, found, input_ids)
         stats = parallel_stats(plan, self.key_mover.reason) if prompt.groups else None
-        return Assembly(prompt, input_ids, cache, plan, stats)
+        return Assembly(prompt, input_ids, pieces, plan, stats)
 
     def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly:
         """The KV of ALL of the first ``shared`` spans of ``prompt`` (a row of a batch that
@@ -151,8 +164,8 @@ class Engine:
         with self.store.locked(keys if reuse else []):
             found = self._lookup(keys) if reuse else {}
             plan = plan_shared(prompt.segments, shared, lambda key: found.get(key) is not None)
-            cache = self.interpreter.assemble(plan, prompt, found, input_ids, store=reuse)
-        return Assembly(prompt, input_ids, cache, plan)
+            pieces = self.interpreter.assemble(plan, prompt, found, input_ids, store=reuse)
+        return Assembly(prompt, input_ids, pieces, plan)
 
     # -- final calls --------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ of steps over one prompt, in prompt order:
 - ``PlaceGroup``: a group's missing members computed after their anchor, every member
   placed, the group repaired.
 
-``assemble`` runs the steps and returns a fresh cache (it owns its tensors) of the prompt
-up to the plan's tail; the final call (``Engine``) computes the tail. Everything computed
+``assemble`` runs the steps and returns the KV slices of the prompt up to the plan's tail;
+the final call (``Engine``) copies them into its cache once and computes the tail. Everything computed
 is stored (unless ``store=False``), by this class only.
 """
 
@@ -44,9 +44,11 @@ class Interpreter:
         self.num_layers = num_layers
 
     def assemble(self, plan: Plan | PlacementPlan, prompt: ResolvedPrompt, found: Mapping[bytes, SpanKV | None],
-                 input_ids: torch.Tensor, *, store: bool = True):
-        """Run ``plan``'s steps; a fresh cache covering ``[0, plan.tail.start)``.
-        ``found``: the stored KV of every key the plan reads (looked up under lock)."""
+                 input_ids: torch.Tensor, *, store: bool = True) -> list[kvops.KVSlice]:
+        """Run ``plan``'s steps; the slices that cover ``[0, plan.tail.start)`` laid one
+        after the other (views of stored or fresh KV: read them, never write them; an
+        executor copies them into its cache once). ``found``: the stored KV of every key
+        the plan reads (looked up under lock)."""
         ranges = prompt.span_ranges()
         pieces: list[kvops.KVSlice] = []  # the prompt's KV so far, laid one after the other
         for step in plan.steps:
@@ -69,7 +71,7 @@ class Interpreter:
                 pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]
             else:
                 pieces = self._place_group(step, prompt, input_ids, found, pieces, store)
-        return kvops.assemble(pieces)
+        return pieces
 
     def store_spans(self, prompt: ResolvedPrompt, cache, segments: Sequence[int], *, row: int = 0,
                     offset: int = 0) -> None:
