@@ -4,18 +4,19 @@ from .adapters import AdapterError, AdapterInfo
 from .batch import BatchLayout, plan_batch
 from .chat import ChatRendering, ChatSplitWarning
 from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
+from .engine import KVLayoutMismatch
 from .fidelity import Fidelity, fidelity
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
+from .logprobs import TokenLogprob, token_logprobs
 from .messages import Message
 from .options import CallOptions, merge_options
 from .placement import PlacementPlan, Repair, plan_placement
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
+from .results import GenerationStats, ParallelStats, Result
 from .reward import RewardModel
 from .rope import KeyMover, key_mover
-from .engine import KVLayoutMismatch
-from .results import GenerationStats, ParallelStats, Result
 from .runtime import Runtime
 from .scoring import Ranked, Score
 from .spans import Context, ParallelGroup, Span
@@ -78,6 +79,7 @@ __all__ = [
     "SpanKV",
     "StoreStats",
     "StructuredOutputError",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
     "ToolCallError",
@@ -98,4 +100,5 @@ __all__ = [
     "plan_placement",
     "plan_prompt",
     "preset_config",
+    "token_logprobs",
 ]

@@ -58,14 +58,19 @@ class AdapterError(ValueError):
     """A bad adapter folder, an unknown adapter name, or an adapter that does not fit."""
 
 
+ALORA_STARTS = ("append", "in_prompt")
+
+
 @attrs.frozen
 class AdapterInfo:
-    """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA."""
+    """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA;
+    ``alora_start`` says where an aLoRA's invocation is (``spanctx.prompt``)."""
 
     name: str
     path: str
     invocation_ids: tuple[int, ...] | None
     namespace: bytes = attrs.field(repr=False)
+    alora_start: str = "append"
 
     @property
     def is_alora(self) -> bool:
@@ -128,7 +133,8 @@ class AdapterSet:
 
     # -- loading -----------------------------------------------------------------------
 
-    def add(self, name: str, path: str | Path, invocation: str | None = None) -> AdapterInfo:
+    def add(self, name: str, path: str | Path, invocation: str | None = None,
+            alora_start: str = "append") -> AdapterInfo:
         """Load the PEFT LoRA or aLoRA adapter folder ``path`` as ``name``.
 
         ``invocation``, when given, is the aLoRA's invocation text: it must tokenize (as a
@@ -136,6 +142,8 @@ class AdapterSet:
         """
         if not isinstance(name, str) or not name:
             raise AdapterError(f"an adapter name is a non-empty str, got {name!r}")
+        if alora_start not in ALORA_STARTS:
+            raise AdapterError(f"alora_start is one of {ALORA_STARTS}, got {alora_start!r}")
         if name in self._infos:
             raise AdapterError(f"an adapter named {name!r} is loaded already; unload it first")
         folder = Path(path)
@@ -143,7 +151,7 @@ class AdapterSet:
         invocation_ids = self._invocation_ids(name, config, invocation)
         check_base_model(self.model, folder, config)
         namespace = adapter_namespace(self.base_namespace, self._load(name, folder))
-        info = AdapterInfo(name, str(folder), invocation_ids, namespace)
+        info = AdapterInfo(name, str(folder), invocation_ids, namespace, alora_start)
         self._infos[name] = info
         return info
 

@@ -124,14 +124,14 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
                  for ctx in contexts]
         layout = plan_batch([c.prompt.num_tokens for c in calls],
                             [c.assembly.tail_start for c in calls])
-        out, first_token_at = rt.generate_rows(calls, layout.kept, layout.cached_width, opts)
+        out = rt.generate_rows(calls, layout.kept, layout.cached_width, opts)
         eos = _eos_ids(rt.generate_kwargs(opts).get("eos_token_id", rt.model.generation_config.eos_token_id))
         end = time.perf_counter()
         results = []
         for row, call in enumerate(calls):
-            new_ids = _until_eos(out[row, layout.width:].tolist(), eos)
+            new_ids = _until_eos(out.sequences[row, layout.width:].tolist(), eos)
             cached = _reused_before(call, layout.kept[row], warmed[row]) if reuse else 0
-            stats = rt.stats(call, len(new_ids), first_token_at, cached_tokens=cached, started=started, end=end)
+            stats = rt.stats(call, len(new_ids), out.first_token_at, cached_tokens=cached, started=started, end=end)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
 

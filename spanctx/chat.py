@@ -35,6 +35,7 @@ from jinja2 import TemplateError
 from .messages import ChatItem, GenerationPrompt, Message, TemplateArgs
 from .spans import ParallelGroup, Span
 
+
 class ChatSplitWarning(UserWarning):
     """The chat template could not be cut at some message boundaries (see ``chat.py``)."""
 

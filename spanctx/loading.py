@@ -25,7 +25,6 @@ from typing import Literal
 import attrs
 import torch
 
-
 Quantization = Literal["8bit", "4bit"]
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

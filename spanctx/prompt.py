@@ -22,8 +22,12 @@ Keys (``keys.py``), all under the call's namespace (the model's, salted per tena
 - an aLoRA changes only the tokens from its invocation on (PEFT applies it from the LAST
   occurrence of its invocation tokens): the spans before it keep their base keys, and the
   invocation is appended (unless the context already ends with it) as one span under the
-  adapter's namespace, chained after the base part. The base part always ends before the
-  invocation starts: a span that runs into it is cut there.
+  adapter's namespace, chained after the base part. An aLoRA added with
+  ``alora_start="in_prompt"`` instead applies from the last occurrence of its invocation
+  in the context (prompt formats that put it inside the last message, as Mellea's
+  intrinsics do): nothing is appended, and the invocation and every token after it are
+  that one span. The base part always ends before the invocation starts: a span that
+  runs into it is cut there.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from .placement import GroupLayout, Repair
 from .plan import PlanSegment
 from .spans import Context, ParallelGroup, Span
 
-__all__ = ["NO_REPAIR", "PromptResolver", "ResolvedPrompt"]
+__all__ = ["NO_REPAIR", "PromptResolver", "ResolvedPrompt", "last_occurrence"]
 
 NO_REPAIR = Repair("none")
 
@@ -84,11 +88,13 @@ class PromptResolver:
         self._key = functools.lru_cache(maxsize=cache_size)(span_key)
 
     def resolve(self, ctx: Context, *, repair: Repair = NO_REPAIR, salt: str | None = None,
-                adapter_namespace: bytes | None = None, invocation: tuple[int, ...] | None = None
-                ) -> ResolvedPrompt:
+                adapter_namespace: bytes | None = None, invocation: tuple[int, ...] | None = None,
+                invocation_in_prompt: bool = False) -> ResolvedPrompt:
         """The prompt of ``ctx``. ``repair`` names how its parallel groups are repaired (it
         enters their keys); ``adapter_namespace`` with ``invocation`` is an aLoRA call,
-        without it a plain LoRA call; ``salt`` keeps a tenant's keys apart."""
+        without it a plain LoRA call; ``salt`` keeps a tenant's keys apart.
+        ``invocation_in_prompt``: the aLoRA applies from the last occurrence of its
+        invocation in ``ctx`` and nothing is appended (else it is appended)."""
         nodes = ctx.spans
         if not nodes:
             raise ValueError("the context is empty: append at least one span before generating")
@@ -101,7 +107,8 @@ class PromptResolver:
         if prompt.groups:
             raise ValueError("adapters on prompts with parallel groups are not supported; "
                              "append the group's spans as dependent spans to use an adapter")
-        return _with_invocation(prompt, invocation, base, salted_namespace(adapter_namespace, salt))
+        return _with_invocation(prompt, invocation, base, salted_namespace(adapter_namespace, salt),
+                                invocation_in_prompt)
 
     def span_ids(self, span: Span) -> tuple[int, ...]:
         return self._span_ids(span)
@@ -170,11 +177,18 @@ def _expanded_depth(depth: int, ends: Sequence[int | None]) -> int:
 
 
 def _with_invocation(base: ResolvedPrompt, invocation: tuple[int, ...], base_namespace: bytes,
-                     namespace: bytes) -> ResolvedPrompt:
+                     namespace: bytes, in_prompt: bool) -> ResolvedPrompt:
     """``base`` as an aLoRA call's prompt (see the module rules). Pure."""
     ids, n = base.token_ids, len(invocation)
-    ends_with_it = len(ids) >= n and ids[len(ids) - n:] == invocation
-    start = len(ids) - n if ends_with_it else len(ids)
+    if in_prompt:
+        start = last_occurrence(ids, invocation)
+        if start is None:
+            raise ValueError(f"the prompt does not hold the aLoRA's invocation {list(invocation)}: an adapter "
+                             "added with alora_start='in_prompt' applies from its last occurrence")
+        invocation = ids[start:]  # the invocation and everything after it run with the adapter
+    else:
+        ends_with_it = len(ids) >= n and ids[len(ids) - n:] == invocation
+        start = len(ids) - n if ends_with_it else len(ids)
     segments: list[PlanSegment] = []
     parent = root_key(base_namespace)
     for seg, (seg_start, seg_end) in zip(base.segments, base.span_ranges()):
@@ -187,9 +201,15 @@ def _with_invocation(base: ResolvedPrompt, invocation: tuple[int, ...], base_nam
             parent = span_key(parent, head, base_namespace)
             segments.append(PlanSegment(parent, len(head)))
         break
-    segments.append(PlanSegment(span_key(parent, invocation, namespace), n))
+    segments.append(PlanSegment(span_key(parent, invocation, namespace), len(invocation)))
     token_ids = tuple(itertools.chain(ids[:start], invocation))
     return ResolvedPrompt(token_ids, tuple(segments), invocation_start=start)
+
+
+def last_occurrence(ids: Sequence[int], pattern: Sequence[int]) -> int | None:
+    """Where the last occurrence of ``pattern`` in ``ids`` starts, or None. Pure."""
+    n, pattern = len(pattern), tuple(pattern)
+    return next((i for i in range(len(ids) - n, -1, -1) if tuple(ids[i:i + n]) == pattern), None)
 
 
 def _bos_prefix(tokenizer) -> tuple[int, ...]:

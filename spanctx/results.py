@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 
 import attrs
+import torch
+
+from .logprobs import TokenLogprob, token_logprobs
 
 __all__ = ["GenerationStats", "ParallelStats", "Result"]
 
@@ -62,8 +65,20 @@ class GenerationStats:
 
 @attrs.frozen
 class Result:
-    """One generation: the NEW tokens only, their text, and the call's stats."""
+    """One generation: the NEW tokens only, their text, and the call's stats.
+
+    ``scores`` / ``logits``: one ``[V]`` tensor per new token, when the call asked for
+    them (``output_scores`` / ``output_logits``; see ``spanctx.logprobs``)."""
 
     text: str
     token_ids: tuple[int, ...]
     stats: GenerationStats
+    scores: tuple[torch.Tensor, ...] | None = attrs.field(default=None, eq=False, repr=False)
+    logits: tuple[torch.Tensor, ...] | None = attrs.field(default=None, eq=False, repr=False)
+
+    def logprobs(self, top: int = 0) -> tuple[TokenLogprob, ...]:
+        """Each new token's log-probability and its step's ``top`` best tokens (needs a
+        call with ``output_scores=True``)."""
+        if self.scores is None:
+            raise ValueError("this result has no scores: generate with output_scores=True")
+        return token_logprobs(self.scores, self.token_ids, top)

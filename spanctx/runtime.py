@@ -1,69 +1,38 @@
-"""The session layer: ``Runtime``, the public API. It never runs the model itself.
+"""``Runtime``: the public API, on the session layer (``session.py``). It never runs the
+model itself: every call goes through the session's building blocks to the engine.
 
-One request: hold the runtime (its lock, inference mode), resolve the context into one
-prompt (``prompt.py``: chat, BOS, parallel groups, aLoRA invocation, salt), switch the
-adapter on, let the engine assemble the prompt's cache through the store and make the
-final call (``engine/``), build the stats (``results.GenerationStats``, in one place).
-
-Features (batches, checks, scores, hidden states, rewards, JSON, tools, async) are built
-on the public methods below: ``prepared`` and the final calls (``forward_tail``,
-``generate_prepared``), ``holding``, ``resolve`` with ``activated``, and the row calls
-(``assemble_shared``, ``forward_rows``, ``generate_rows``).
+Features live in their own modules (batch, checks, scoring, states, structured, tools,
+aio) and use only the session's public methods; the methods here hand calls to them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import attrs
 import torch
 from transformers import TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 from . import batch, checks, scoring, states, structured
 from . import tools as tools_mod
-from .adapters import Activation, AdapterInfo, AdapterSet
-from .chat import ChatRendering
-from .engine import Assembly, Engine, StopWhenSet, with_stopping_criterion
+from .adapters import AdapterInfo
 from .index import EvictionPolicy, lru
-from .keys import model_namespace
-from .options import CallOptions, merge_options, seeded
+from .options import seeded
 from .placement import Repair
-from .prompt import PromptResolver, ResolvedPrompt
-from .results import GenerationStats, Result
+from .results import Result
 from .scoring import Candidate, Ranked, Score
+from .session import PreparedCall, Session, first_row
 from .spans import Context
-from .store import KVStore, default_budget_bytes
+from .store import KVStore
 from .structured import JsonResult
 from .tools import ToolRun, ToolTurn
 
 __all__ = ["PreparedCall", "Runtime"]
 
 
-@attrs.frozen(eq=False)
-class PreparedCall:
-    """A call held by ``Runtime.prepared``: its assembled prompt and when it started."""
-
-    assembly: Assembly
-    started: float
-
-    @property
-    def prompt(self) -> ResolvedPrompt:
-        return self.assembly.prompt
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.assembly.input_ids
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.assembly.cached_tokens
-
-
-class Runtime:
+class Runtime(Session):
     """Generation over span contexts with a bounded, shared KV store.
 
     ``store_bytes`` bounds the store (default: half of free GPU memory, or a quarter of
@@ -89,33 +58,12 @@ class Runtime:
                  generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None) -> None:
-        if store is not None and store_bytes is not None:
-            raise ValueError("pass store_bytes or store, not both")
-        if not 0.0 <= min_reuse_fraction:
-            raise ValueError(f"min_reuse_fraction must be >= 0, got {min_reuse_fraction}")
+        super().__init__(model, tokenizer, store_bytes, store=store, policy=policy, repair=repair,
+                         generation_defaults=generation_defaults, min_reuse_fraction=min_reuse_fraction,
+                         salt=salt, model_identity=model_identity)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = model.device
-        self.namespace = model_namespace(model, model_identity)
-        self.salt = _check_salt(salt)
-        # not ``store or ...``: an empty KVStore is falsy (it has __len__)
-        self.store = store if store is not None else KVStore(
-            default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
-        self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
-        self.max_positions = _max_positions(model.config)
-        self.repair = Repair.parse(repair)
-        self._lock = threading.RLock()
-        self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction)
-        self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
-        self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
-        merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
         self.max_concurrency = max_concurrency
-
-    @property
-    def min_reuse_fraction(self) -> float:
-        return self.engine.min_reuse_fraction
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
@@ -141,6 +89,7 @@ class Runtime:
 
     def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                  adapter: str | None = None, repair: str | None = None, salt: str | None = None,
+                 output_scores: bool = False, output_logits: bool = False, streamer: BaseStreamer | None = None,
                  **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; ``seed=`` makes
         sampling reproducible; other HF ``generate`` kwargs pass through (beam search and
@@ -148,14 +97,19 @@ class Runtime:
         from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the
         same ids that neither reads nor writes the store. ``adapter`` names a loaded adapter
         (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``. ``repair``
-        overrides the runtime's repair mode for parallel groups; ``salt`` the runtime's."""
+        overrides the runtime's repair mode for parallel groups; ``salt`` the runtime's.
+        ``output_scores`` / ``output_logits`` keep each new token's processed scores / raw
+        logits on the result (``Result.logprobs``; see ``spanctx.logprobs``); ``streamer``
+        (an HF ``BaseStreamer``) gets the prompt, then the new tokens as they are decoded."""
         opts = self.options(max_new_tokens, **generate_kwargs)
         with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter, repair=repair,
                            salt=salt) as call, seeded(opts.seed, self.device):
-            out, first_token_at = self.generate_prepared(call, opts)
-            new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
+            out = self.generate_prepared(call, opts, streamer=streamer, output_scores=output_scores,
+                                         output_logits=output_logits)
+            new_ids = tuple(out.sequences[0, call.prompt.num_tokens:].tolist())
             return Result(text=self.tokenizer.decode(new_ids, skip_special_tokens=True), token_ids=new_ids,
-                          stats=self.stats(call, len(new_ids), first_token_at))
+                          stats=self.stats(call, len(new_ids), out.first_token_at),
+                          scores=first_row(out.scores), logits=first_row(out.logits))
 
     def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                adapter: str | None = None, repair: str | None = None, salt: str | None = None,
@@ -216,13 +170,17 @@ class Runtime:
 
     # -- adapters and constraint checks (adapters.py, checks.py) ------------------------
 
-    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None) -> AdapterInfo:
+    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None,
+                    alora_start: str = "append") -> AdapterInfo:
         """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
         ``alora_invocation_tokens``) as ``name``. The model is adapted in place and never
         reloaded; base calls keep running on base weights. ``invocation``: the aLoRA's
-        invocation text, checked against the configured token ids."""
+        invocation text, checked against the configured token ids. ``alora_start``: where
+        an aLoRA's invocation is in a call's prompt: ``"append"`` (after the context,
+        unless it ends with it) or ``"in_prompt"`` (the context holds it; the adapter
+        applies from its last occurrence, as PEFT does). See ``spanctx.prompt``."""
         with self._lock:
-            return self.adapters.add(name, path, invocation)
+            return self.adapters.add(name, path, invocation, alora_start)
 
     def list_adapters(self) -> dict[str, AdapterInfo]:
         """The loaded adapters by name, in load order."""
@@ -283,129 +241,4 @@ class Runtime:
         """Generate, call the requested tools, append their results, repeat until a reply
         calls none. See ``spanctx.tools``."""
         return tools_mod.run_tools(self, messages, tools, **kwargs)
-
-    # -- options and chat ------------------------------------------------------------------
-
-    def options(self, max_new_tokens: int | None = None, **generate_kwargs) -> CallOptions:
-        """The effective options of a call with these arguments (``generation_defaults``
-        under them; the rule is in ``spanctx.options``)."""
-        call = dict(generate_kwargs)
-        if max_new_tokens is not None:
-            call["max_new_tokens"] = max_new_tokens
-        return merge_options(self.generation_defaults, call)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        """The id that fills padding: the tokenizer's pad token, else its EOS."""
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
-
-    def chat_rendering(self, ctx: Context) -> ChatRendering:
-        """How the chat template renders the conversation in ``ctx`` and where it is cut
-        into spans (``.split`` is False when some messages share a span)."""
-        return self.resolver.chat.rendering(ctx.spans)
-
-    # -- building blocks for features (the session's public API) --------------------------
-
-    @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Hold the runtime: its lock (other calls wait) and inference mode. Re-entrant."""
-        with self._lock, torch.inference_mode():
-            yield
-
-    def resolve(self, ctx: Context, *, adapter: str | None = None, repair: str | Repair | None = None,
-                salt: str | None = None) -> tuple[ResolvedPrompt, Activation | None]:
-        """``ctx``'s prompt for a call with ``adapter`` (None: base), and what that call
-        switches on."""
-        info = None if adapter is None else self.adapters.get(adapter)
-        prompt = self.resolver.resolve(
-            ctx, repair=self.repair if repair is None else Repair.parse(repair),
-            salt=self.salt if salt is None else _check_salt(salt),
-            adapter_namespace=None if info is None else info.namespace,
-            invocation=None if info is None else info.invocation_ids)
-        return prompt, self.adapters.activation(prompt, adapter)
-
-    def activated(self, activation: Activation | None):
-        """A context that runs model calls with ``activation``'s adapter switched on."""
-        return self.adapters.activated(activation)
-
-    @contextlib.contextmanager
-    def prepared(self, ctx: Context, *, reuse: bool = True, max_new_tokens: int = 0, adapter: str | None = None,
-                 repair: str | None = None, salt: str | None = None) -> Iterator[PreparedCall]:
-        """Hold the runtime, switch ``adapter`` on, and yield ``ctx``'s prompt with its cache
-        assembled up to its tail (no cache when ``reuse=False``). The caller makes the final
-        call inside the block: ``forward_tail`` or ``generate_prepared``."""
-        with self.holding():
-            started = time.perf_counter()
-            prompt, activation = self.resolve(ctx, adapter=adapter, repair=repair, salt=salt)
-            self.check_length(prompt.num_tokens + max_new_tokens)
-            mode = self.repair if repair is None else Repair.parse(repair)
-            with self.adapters.activated(activation):
-                yield PreparedCall(self.engine.assemble(prompt, reuse=reuse, repair=mode), started)
-
-    def forward_tail(self, call: PreparedCall, *, logits_to_keep: int | None = 1, hidden: bool = False):
-        """The final forward of a prepared call: the prompt tokens its cache lacks (stored
-        afterwards). Returns ``(output, cache)``; ``hidden``: the backbone's hidden states."""
-        return self.engine.forward_tail(call.assembly, logits_to_keep=logits_to_keep, hidden=hidden)
-
-    def forward_whole(self, prompt: ResolvedPrompt, *, hidden: bool, store: bool):
-        """One causal forward of the whole of ``prompt`` (see ``Engine.forward_whole``)."""
-        return self.engine.forward_whole(prompt, hidden=hidden, store=store)
-
-    def generate_prepared(self, call: PreparedCall, opts: CallOptions, *, streamer=None,
-                          cancel: threading.Event | None = None) -> tuple[torch.Tensor, float | None]:
-        """Decode after a prepared call; ``streamer`` gets the tokens, a set ``cancel`` stops
-        within a step. Returns the ids ``[1, S + N]`` and when the first new token came."""
-        return self.engine.generate(call.assembly, self.generate_kwargs(opts, streamer=streamer, cancel=cancel))
-
-    def generate_kwargs(self, opts: CallOptions, *, streamer=None, cancel: threading.Event | None = None) -> dict:
-        """HF ``generate`` kwargs of a call with ``opts`` (a streamer only when streaming)."""
-        kwargs = opts.hf_kwargs(self.pad_token_id)
-        if streamer is not None:
-            kwargs["streamer"] = streamer
-        return kwargs if cancel is None else with_stopping_criterion(kwargs, StopWhenSet(cancel))
-
-    def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly:
-        """The KV of all of the first ``shared`` spans of ``prompt`` (see ``Engine.assemble_shared``)."""
-        return self.engine.assemble_shared(prompt, shared, reuse=reuse)
-
-    def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *,
-                     every_position: bool = False, store_from: int | None = None) -> torch.Tensor:
-        """Rows of tokens after one shared cache (see ``Engine.forward_rows``)."""
-        return self.engine.forward_rows(context, prompts, start, every_position=every_position,
-                                        store_from=store_from)
-
-    def generate_rows(self, calls: Sequence[PreparedCall], kept: Sequence[int], cached_width: int,
-                      opts: CallOptions) -> tuple[torch.Tensor, float | None]:
-        """Decode after several prepared calls in one left-padded batch (see ``spanctx.batch``)."""
-        return self.engine.generate_rows([c.assembly for c in calls], kept, cached_width, self.generate_kwargs(opts))
-
-    def stats(self, call: PreparedCall, new_tokens: int, first_token_at: float | None, *,
-              cached_tokens: int | None = None, started: float | None = None,
-              end: float | None = None) -> GenerationStats:
-        """The stats of a call (the one place they are built): ``cached_tokens`` defaults to
-        what the call's plan reused, ``started`` to when the call was prepared."""
-        return GenerationStats.measured(
-            prompt_tokens=call.prompt.num_tokens,
-            cached_tokens=call.cached_tokens if cached_tokens is None else cached_tokens,
-            new_tokens=new_tokens, started=call.started if started is None else started,
-            first_token_at=first_token_at, end=end,
-            parallel=call.assembly.parallel, executor=self.engine.executor.name)
-
-    def check_length(self, num_tokens: int) -> None:
-        """Refuse a call that would run past the model's positions."""
-        if self.max_positions is not None and num_tokens > self.max_positions:
-            raise ValueError(f"prompt + new tokens = {num_tokens} exceeds the model's "
-                             f"{self.max_positions} positions")
-
-
-def _check_salt(salt: str | None) -> str | None:
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError(f"a salt is a non-empty str (or None), got {salt!r}")
-    return salt
-
-
-def _max_positions(config) -> int | None:
-    text = config.get_text_config()
-    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 

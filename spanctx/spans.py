@@ -18,7 +18,6 @@ import attrs
 
 from .messages import ChatItem, GenerationPrompt, Message, as_message, template_args
 
-
 SpanContent = str | tuple[int, ...] | ChatItem
 
 

@@ -24,7 +24,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import validation
-
 from .results import GenerationStats
 
 if TYPE_CHECKING:

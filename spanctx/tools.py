@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from . import validation
-from .spans import Context
-
 from .results import Result
+from .spans import Context
 
 if TYPE_CHECKING:
     from .runtime import Runtime

@@ -26,6 +26,7 @@ from spanctx.checks import (
 )
 from spanctx.plan import Compute, PlanSegment, Reuse, plan_shared
 
+
 def logits_and_stats(rt, ctx, adapter):
     """Next-token logits after ``ctx`` (through the store) and the call's stats."""
     with rt.prepared(ctx, adapter=adapter) as call:

@@ -4,12 +4,10 @@ before the engine existed: features then ran the model and wrote the store their
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 from conftest import tiny_model, tiny_runtime
-
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import spanctx

@@ -16,9 +16,9 @@ from transformers import DynamicCache
 
 import spanctx
 from spanctx import Context
-from spanctx.hf import cache_kwargs
 from spanctx.engine import EagerExecutor
 from spanctx.engine.masks import in_place_allowed
+from spanctx.hf import cache_kwargs
 
 ATOL = 1e-4
 SYSTEM = "You are terse. "

@@ -12,8 +12,8 @@ from rope_models import MOVABLE_KINDS, ROPE_MODELS, rope_model
 from transformers import DynamicCache
 
 from spanctx import rope
-from spanctx.hf import cache_kwargs
 from spanctx.engine import Engine
+from spanctx.hf import cache_kwargs
 from spanctx.rope import rotate_keys
 from spanctx.store import KVStore
 

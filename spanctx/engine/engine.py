@@ -32,7 +32,7 @@ from ..store import KVStore, SpanKV
 from .executor import EagerExecutor, Executor
 from .interpreter import Interpreter
 
-__all__ = ["Assembly", "Engine", "FirstTokenClock", "KVLayoutMismatch", "StopWhenSet", "parallel_stats",
+__all__ = ["Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "StopWhenSet", "parallel_stats",
            "with_stopping_criterion"]
 
 
@@ -70,6 +70,17 @@ class Assembly:
     @property
     def cached_tokens(self) -> int:
         return self.plan.cached_tokens if self.plan else 0
+
+
+@attrs.frozen(eq=False)
+class Generated:
+    """What a decode made: ``sequences`` ``[B, S + N]``, when its first new token was on
+    the host, and per new token the ``[B, V]`` scores / logits it asked for (else None)."""
+
+    sequences: torch.Tensor
+    first_token_at: float | None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 class FirstTokenClock(StoppingCriteria):
@@ -190,21 +201,20 @@ class Engine:
             self.interpreter.store_spans(prompt, cache, missing)
         return out
 
-    def generate(self, call: Assembly, kwargs: dict) -> tuple[torch.Tensor, float | None]:
-        """Decode after ``call``'s prompt with HF ``generate`` ``kwargs``; store the tail's
-        spans. Returns the ids ``[1, S + N]`` and when the first new token was on the host."""
+    def generate(self, call: Assembly, kwargs: dict) -> Generated:
+        """Decode after ``call``'s prompt with HF ``generate`` ``kwargs``; store the tail's spans."""
         clock = FirstTokenClock()
-        kwargs = with_stopping_criterion(kwargs, clock)
+        kwargs = {**with_stopping_criterion(kwargs, clock), "return_dict_in_generate": True}
         out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache, kwargs)
         if call.plan is not None:
             self.interpreter.store_spans(call.prompt, call.cache, call.plan.tail.segments)
-        return out, clock.first_token_at
+        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits)
 
     def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
-                      kwargs: dict) -> tuple[torch.Tensor, float | None]:
+                      kwargs: dict) -> Generated:
         """Decode after every call's prompt in one left-padded batch (``batch.plan_batch``:
         row ``i`` keeps the first ``kept[i]`` tokens of its cache, the batch cache is
-        ``cached_width`` slots); store each row's tail spans. Returns ``[B, W + N]``."""
+        ``cached_width`` slots); store each row's tail spans. Sequences: ``[B, W + N]``."""
         width = max(c.prompt.num_tokens for c in calls)
         pad_id = kwargs["pad_token_id"]
         if pad_id is None:
@@ -223,7 +233,7 @@ class Engine:
             for row, call in enumerate(calls):
                 self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments, row=row,
                                              offset=width - call.prompt.num_tokens)
-        return out, clock.first_token_at
+        return Generated(out, clock.first_token_at)
 
     def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *, every_position: bool,
                      store_from: int | None) -> torch.Tensor:
