@@ -12,10 +12,14 @@ How adapter KV is keyed, so that the store is never tainted:
   adapter's config and loaded weights) and never mix with base entries.
 - An aLoRA changes only the tokens from its invocation on (PEFT applies it from the
   last occurrence of ``alora_invocation_tokens``). The context before the invocation
-  keeps its base keys and reuses base entries as they are; the invocation is appended
-  (unless the context already ends with it) as one span under the adapter's namespace.
-  The base part always ends before the invocation starts: when the context ends with
-  the invocation, those tokens move out of the base spans into the adapter span.
+  keeps its base keys and reuses base entries as they are; the invocation and what
+  follows it are one span under the adapter's namespace. Where the invocation is, is
+  the adapter's ``alora_start``: ``"append"`` (default) appends it to the context
+  (unless the context already ends with it); ``"in_prompt"`` finds its LAST occurrence
+  in the context, as PEFT does on the same ids, and appends nothing (for prompt formats
+  that put the invocation inside the last message, as Mellea's intrinsics do). The base
+  part always ends before the invocation starts: tokens from there on move out of the
+  base spans into the adapter span.
 
 Execution of an aLoRA call: PEFT's aLoRA layers take ``alora_offsets``, per batch row
 the number of a forward's LAST tokens that run with the adapter (PEFT 0.21 switches it on
@@ -58,14 +62,19 @@ class AdapterError(ValueError):
     """A bad adapter folder, an unknown adapter name, or an adapter that does not fit."""
 
 
+ALORA_STARTS = ("append", "in_prompt")
+
+
 @attrs.frozen
 class AdapterInfo:
-    """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA."""
+    """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA;
+    ``alora_start`` says where an aLoRA's invocation is (see the module doc)."""
 
     name: str
     path: str
     invocation_ids: tuple[int, ...] | None
     namespace: bytes = attrs.field(repr=False)
+    alora_start: str = "append"
 
     @property
     def is_alora(self) -> bool:
@@ -101,17 +110,28 @@ def batch_activation(activations: Sequence[Activation | None]) -> Activation | N
 
 
 def alora_prompt(base: ResolvedPrompt, invocation: tuple[int, ...], base_namespace: bytes,
-                 namespace: bytes) -> tuple[ResolvedPrompt, int]:
+                 namespace: bytes, alora_start: str = "append") -> tuple[ResolvedPrompt, int]:
     """The prompt of an aLoRA call on the base prompt ``base``, and its invocation start.
 
-    The invocation is appended unless ``base`` already ends with it. Base spans that end
+    ``alora_start="append"``: the invocation is appended unless ``base`` already ends with
+    it. ``"in_prompt"``: the invocation starts at its last occurrence in ``base`` (an
+    ``AdapterError`` if there is none) and nothing is appended. Base spans that end
     before the invocation keep their keys; a span that runs into it is cut where it
-    starts (the head gets the base key of its own ids); the invocation is one span under
-    ``namespace``, chained after the base part. Pure: no model, no store.
+    starts (the head gets the base key of its own ids); the invocation and every token
+    after it are one span under ``namespace``, chained after the base part. Pure: no
+    model, no store.
     """
     ids, n = base.token_ids, len(invocation)
-    ends_with_it = len(ids) >= n and ids[len(ids) - n:] == invocation
-    start = len(ids) - n if ends_with_it else len(ids)
+    if alora_start == "in_prompt":
+        start = last_occurrence(ids, invocation)
+        if start is None:
+            raise AdapterError(f"the prompt does not hold the aLoRA's invocation {list(invocation)}: an adapter "
+                               "added with alora_start='in_prompt' applies from its last occurrence")
+        tail = ids[start:]
+    else:
+        ends_with_it = len(ids) >= n and ids[len(ids) - n:] == invocation
+        start = len(ids) - n if ends_with_it else len(ids)
+        tail = invocation
     segments: list[PlanSegment] = []
     parent = root_key(base_namespace)
     for seg, (seg_start, seg_end) in zip(base.segments, base.span_ranges()):
@@ -124,8 +144,14 @@ def alora_prompt(base: ResolvedPrompt, invocation: tuple[int, ...], base_namespa
             parent = span_key(parent, head, base_namespace)
             segments.append(PlanSegment(parent, len(head)))
         break
-    segments.append(PlanSegment(span_key(parent, invocation, namespace), n))
-    return ResolvedPrompt(ids[:start] + invocation, tuple(segments)), start
+    segments.append(PlanSegment(span_key(parent, tail, namespace), len(tail)))
+    return ResolvedPrompt(ids[:start] + tail, tuple(segments)), start
+
+
+def last_occurrence(ids: tuple[int, ...], pattern: tuple[int, ...]) -> int | None:
+    """Index where the last occurrence of ``pattern`` in ``ids`` starts, or None. Pure."""
+    n = len(pattern)
+    return next((i for i in range(len(ids) - n, -1, -1) if ids[i:i + n] == pattern), None)
 
 
 class AdapterSet:
@@ -157,14 +183,18 @@ class AdapterSet:
 
     # -- loading -----------------------------------------------------------------------
 
-    def add(self, name: str, path: str | Path, invocation: str | None = None) -> AdapterInfo:
+    def add(self, name: str, path: str | Path, invocation: str | None = None,
+            alora_start: str = "append") -> AdapterInfo:
         """Load the PEFT LoRA or aLoRA adapter folder ``path`` as ``name``.
 
         ``invocation``, when given, is the aLoRA's invocation text: it must tokenize (as a
-        span) to the adapter's configured ``alora_invocation_tokens``.
+        span) to the adapter's configured ``alora_invocation_tokens``. ``alora_start``:
+        where an aLoRA's invocation is in a call's prompt (see the module doc).
         """
         if not isinstance(name, str) or not name:
             raise AdapterError(f"an adapter name is a non-empty str, got {name!r}")
+        if alora_start not in ALORA_STARTS:
+            raise AdapterError(f"alora_start is one of {ALORA_STARTS}, got {alora_start!r}")
         if name in self._infos:
             raise AdapterError(f"an adapter named {name!r} is loaded already; unload it first")
         folder = Path(path)
@@ -172,7 +202,7 @@ class AdapterSet:
         invocation_ids = self._invocation_ids(name, config, invocation)
         check_base_model(self.model, folder, config)
         namespace = adapter_namespace(self.base_namespace, self._load(name, folder))
-        info = AdapterInfo(name, str(folder), invocation_ids, namespace)
+        info = AdapterInfo(name, str(folder), invocation_ids, namespace, alora_start)
         self._infos[name] = info
         if invocation_ids is None:
             self._resolvers[name] = PromptResolver(self.resolver.tokenizer, namespace, self.resolver.vocab_size)
@@ -269,7 +299,7 @@ class AdapterSet:
         if info.invocation_ids is None:
             return self._resolvers[name].resolve(ctx), Activation(name, None)
         prompt, start = alora_prompt(self.resolver.resolve(ctx), info.invocation_ids, self.base_namespace,
-                                     info.namespace)
+                                     info.namespace, info.alora_start)
         return prompt, Activation(name, (start,))
 
     @contextlib.contextmanager

@@ -153,8 +153,8 @@ class Runtime:
     # -- public API --------------------------------------------------------------------
 
     def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
-        """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
-        appended), the same with and without reuse."""
+        """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter`` added with
+        ``alora_start="append"``: its invocation appended), the same with and without reuse."""
         with self._lock:
             if ctx.has_parallel:
                 self._refuse_adapter_on_parallel(adapter)
@@ -167,7 +167,8 @@ class Runtime:
         sampling reproducible; other HF ``generate`` kwargs pass through; unset options come
         from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the same
         ids that neither reads nor writes the store. ``adapter`` names a loaded adapter (see
-        ``add_adapter``); an aLoRA's invocation is appended to ``ctx``. ``repair`` overrides
+        ``add_adapter``); an aLoRA's invocation is appended to ``ctx`` or found in it (its
+        ``alora_start``). ``repair`` overrides
         the runtime's repair mode for parallel groups."""
         opts = self.options(max_new_tokens, **generate_kwargs)
         with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
@@ -212,13 +213,17 @@ class Runtime:
 
     # -- adapters and constraint checks (adapters.py, checks.py) ------------------------
 
-    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None) -> AdapterInfo:
+    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None,
+                    alora_start: str = "append") -> AdapterInfo:
         """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
         ``alora_invocation_tokens``) as ``name``. The model is adapted in place and never
         reloaded; base calls keep running on base weights. ``invocation``: the aLoRA's
-        invocation text, checked against the configured token ids."""
+        invocation text, checked against the configured token ids. ``alora_start``: where
+        an aLoRA's invocation is in a call's prompt: ``"append"`` (after the context,
+        unless it ends with it) or ``"in_prompt"`` (the context holds it; the adapter
+        applies from its last occurrence, as PEFT does). See ``spanctx.adapters``."""
         with self._lock:
-            return self.adapters.add(name, path, invocation)
+            return self.adapters.add(name, path, invocation, alora_start)
 
     def list_adapters(self) -> dict[str, AdapterInfo]:
         """The loaded adapters by name, in load order."""

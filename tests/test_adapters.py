@@ -342,3 +342,59 @@ def test_refused_adapter_kinds(tmp_path):
     with pytest.raises(AdapterError, match="IA3 adapter"):
         rt.add_adapter("x", tmp_path / "ia3")
     assert rt.list_adapters() == {}
+
+
+# -- aLoRA invocation inside the prompt (alora_start="in_prompt") ------------------------
+
+def in_prompt_context(occurrences: int) -> spanctx.Context:
+    """A conversation-like context whose invocation sits inside, followed by more text."""
+    ctx = context()
+    for i in range(occurrences):
+        ctx = ctx.append(f"Answer {i}. ").append(f"{INVOCATION}: is it short? Reply now.")
+    return ctx
+
+
+@pytest.mark.parametrize("occurrences", [1, 2])
+def test_alora_from_the_last_invocation_inside_the_prompt_matches_peft(setup, occurrences):
+    arch, alora, _ = setup
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", alora, alora_start="in_prompt")
+    ref = peft_reference(arch, alora)
+    ctx = in_prompt_context(occurrences)
+    ids = rt.token_ids(ctx)
+    assert rt.token_ids(ctx, adapter="check") == ids  # nothing appended
+    inv = tuple(invocation_ids(rt.tokenizer))
+    start = max(i for i in range(len(ids)) if tuple(ids[i:i + len(inv)]) == inv)
+    before = ctx.parent  # every span before the last one: it ends before the last invocation
+    rt.next_token_logits(before)  # stores the base spans
+    res = rt.generate(ctx, 6, adapter="check")
+    assert res.stats.cached_tokens == len(rt.token_ids(before)) == start
+    assert res.token_ids == reference_tokens(ref, ids, 6)
+    logits = rt.next_token_logits(ctx, adapter="check")
+    torch.testing.assert_close(logits, reference_logits(ref, ids), atol=ATOL, rtol=0)
+    assert (logits - reference_logits(rt.model, ids)).abs().max() > 1e-2  # the adapter ran
+    assert rt.generate(ctx, 6, adapter="check", reuse=False).token_ids == res.token_ids
+
+
+def test_alora_in_prompt_refuses_a_prompt_without_the_invocation(setup):
+    arch, alora, _ = setup
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", alora, alora_start="in_prompt")
+    with pytest.raises(AdapterError, match="does not hold the aLoRA's invocation"):
+        rt.generate(context(), 2, adapter="check")
+    with pytest.raises(AdapterError, match="alora_start is one of"):
+        rt.add_adapter("other", alora, alora_start="end")
+
+
+def test_alora_prompt_keys_in_prompt():
+    model, tokenizer = tiny_model("llama")
+    rt = spanctx.Runtime(model, tokenizer, store_bytes=1 << 20)
+    inv = (7, 8)
+    adapter_ns = b"adapter"
+    base = rt.resolver.resolve(spanctx.Context().append([1, 7, 8, 2]).append([3, 7, 8, 4, 5]))
+    prompt, start = alora_prompt(base, inv, rt.namespace, adapter_ns, "in_prompt")
+    assert (start, prompt.token_ids) == (base.num_tokens - 4, base.token_ids)  # the last of two occurrences
+    assert prompt.segments[:-2] == base.segments[:-1]
+    head = prompt.segments[-2]
+    assert (head.num_tokens, head.key) == (1, span_key(base.segments[-2].key, (3,), rt.namespace))
+    assert prompt.segments[-1].key == span_key(head.key, (7, 8, 4, 5), adapter_ns)
