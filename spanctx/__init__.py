@@ -7,6 +7,7 @@ from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
 from .fidelity import Fidelity, fidelity
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
+from .logprobs import TokenLogprob, token_logprobs
 from .options import CallOptions, merge_options
 from .parallel import ParallelStats
 from .placement import PlacementPlan, Repair, plan_placement
@@ -76,6 +77,7 @@ __all__ = [
     "SpanKV",
     "StoreStats",
     "StructuredOutputError",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
     "ToolCallError",
@@ -96,4 +98,5 @@ __all__ = [
     "plan_placement",
     "plan_prompt",
     "preset_config",
+    "token_logprobs",
 ]

@@ -20,6 +20,7 @@ import attrs
 import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import checks, scoring, states, structured
 from . import kv as kvops
@@ -28,6 +29,7 @@ from .adapters import AdapterInfo, AdapterSet
 from .chat import ChatRendering
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
+from .logprobs import TokenLogprob, token_logprobs
 from .options import CallOptions, merge_options, seeded
 from .parallel import ParallelStats, build_cache, parallel_stats, resolve_layout
 from .placement import PlacementPlan, Repair
@@ -59,11 +61,23 @@ class GenerationStats:
 
 @attrs.frozen
 class Result:
-    """One generation: the NEW tokens only, their text, and the call's stats."""
+    """One generation: the NEW tokens only, their text, and the call's stats.
+
+    ``scores`` / ``logits``: one ``[V]`` tensor per new token, when the call asked for
+    them (``output_scores`` / ``output_logits``; see ``spanctx.logprobs``)."""
 
     text: str
     token_ids: tuple[int, ...]
     stats: GenerationStats
+    scores: tuple[torch.Tensor, ...] | None = attrs.field(default=None, eq=False, repr=False)
+    logits: tuple[torch.Tensor, ...] | None = attrs.field(default=None, eq=False, repr=False)
+
+    def logprobs(self, top: int = 0) -> tuple[TokenLogprob, ...]:
+        """Each new token's log-probability and its step's ``top`` best tokens (needs a
+        call with ``output_scores=True``)."""
+        if self.scores is None:
+            raise ValueError("this result has no scores: generate with output_scores=True")
+        return token_logprobs(self.scores, self.token_ids, top)
 
 
 @attrs.frozen(eq=False)
@@ -162,24 +176,30 @@ class Runtime:
             return list(self.adapters.resolve(ctx, adapter)[0].token_ids)
 
     def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
-                 adapter: str | None = None, repair: str | None = None, **generate_kwargs) -> Result:
+                 adapter: str | None = None, repair: str | None = None, output_scores: bool = False,
+                 output_logits: bool = False, streamer: BaseStreamer | None = None, **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; ``seed=`` makes
         sampling reproducible; other HF ``generate`` kwargs pass through; unset options come
         from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the same
         ids that neither reads nor writes the store. ``adapter`` names a loaded adapter (see
         ``add_adapter``); an aLoRA's invocation is appended to ``ctx`` or found in it (its
         ``alora_start``). ``repair`` overrides
-        the runtime's repair mode for parallel groups."""
+        the runtime's repair mode for parallel groups. ``output_scores`` / ``output_logits``
+        keep each new token's processed scores / raw logits on the result (see
+        ``spanctx.logprobs``); ``streamer`` (an HF ``BaseStreamer``) gets the new tokens
+        as they are decoded."""
         opts = self.options(max_new_tokens, **generate_kwargs)
         with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
                            repair=repair) as call, seeded(opts.seed, self.device):
-            timer = _FirstTokenTimer()
-            out = self._generate(call, opts, timer)
-            new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
+            timer = _FirstTokenTimer(streamer)
+            out = self._generate(call, opts, timer, output_scores=output_scores, output_logits=output_logits)
+            new_ids = tuple(out.sequences[0, call.prompt.num_tokens:].tolist())
             return Result(
                 text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
                 token_ids=new_ids,
                 stats=self._stats(call, len(new_ids), timer.first_token_at),
+                scores=_first_row(out.scores) if output_scores else None,
+                logits=_first_row(out.logits) if output_logits else None,
             )
 
     def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
@@ -407,12 +427,14 @@ class Runtime:
                 pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]
         return kvops.assemble(pieces)
 
-    def _generate(self, call: PreparedCall, opts: CallOptions, streamer: BaseStreamer) -> torch.Tensor:
+    def _generate(self, call: PreparedCall, opts: CallOptions, streamer: BaseStreamer, *,
+                  output_scores: bool = False, output_logits: bool = False) -> GenerateDecoderOnlyOutput:
         kwargs = opts.hf_kwargs(self.pad_token_id)
         if call.cache is not None:
             kwargs["past_key_values"] = call.cache
         out = self.model.generate(
-            input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids), streamer=streamer, **kwargs)
+            input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids), streamer=streamer,
+            return_dict_in_generate=True, output_scores=output_scores, output_logits=output_logits, **kwargs)
         if call.cache is not None:
             self.store_spans(call.prompt, call.cache, call.plan.tail.segments)
         return out
@@ -484,19 +506,29 @@ class Runtime:
 
 
 class _FirstTokenTimer(BaseStreamer):
-    """Records when generate hands over its first new token (the prompt comes first)."""
+    """Records when generate hands over its first new token (the prompt comes first), and
+    passes everything on to ``then`` (a caller's streamer), if any."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: BaseStreamer | None = None) -> None:
         self.calls = 0
         self.first_token_at: float | None = None
+        self.then = then
 
     def put(self, value) -> None:
         self.calls += 1
         if self.calls == 2:
             self.first_token_at = time.perf_counter()
+        if self.then is not None:
+            self.then.put(value)
 
     def end(self) -> None:
-        pass
+        if self.then is not None:
+            self.then.end()
+
+
+def _first_row(steps: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+    """Row 0 of each ``[1, V]`` step of a batch-of-one ``generate``: ``[V]`` per step."""
+    return None if steps is None else tuple(step[0] for step in steps)
 
 
 def _max_positions(config) -> int | None:
