@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
+import importlib.metadata
 import json
 import pathlib
 import platform
@@ -73,24 +75,54 @@ METHODS = {"stock": LocalHFBackend, "spanctx": SpanctxBackend}
 
 
 class ForwardCounter:
-    """Counts model forward calls and the tokens they feed (a forward pre-hook)."""
+    """Counts model forward calls and the tokens they feed (forward hooks). With ``timed``,
+    also the seconds spent in prefill and decode forwards (the device synchronised
+    around each forward: a breakdown, not for end-to-end timing)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, timed: bool) -> None:
         self.calls = self.prefill_tokens = self.decode_steps = 0
-        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self.prefill_s = self.decode_s = 0.0
+        self.timed = timed
+        self._started: tuple[float, bool] | None = None
+        self.handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                        model.register_forward_hook(self._after, with_kwargs=True)]
 
-    def _count(self, module, args, kwargs) -> None:
+    def _before(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return
         self.calls += 1
-        if ids.shape[-1] > 1:
+        prefill = ids.shape[-1] > 1
+        if prefill:
             self.prefill_tokens += ids.numel()
         else:
             self.decode_steps += ids.shape[0]
+        if self.timed:
+            _sync(ids.device)
+            self._started = (time.perf_counter(), prefill)
 
-    def snapshot(self) -> tuple[int, int, int]:
-        return self.calls, self.prefill_tokens, self.decode_steps
+    def _after(self, module, args, kwargs, output) -> None:
+        if self._started is None:
+            return
+        _sync(output.logits.device)
+        started, prefill = self._started
+        self._started = None
+        if prefill:
+            self.prefill_s += time.perf_counter() - started
+        else:
+            self.decode_s += time.perf_counter() - started
+
+    def snapshot(self) -> tuple:
+        return self.calls, self.prefill_tokens, self.decode_steps, self.prefill_s, self.decode_s
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def report_text(tokenizer, num_tokens: int, run: int) -> str:
@@ -114,26 +146,29 @@ def program(backend, report: str, new_tokens: int) -> dict:
     return {"rounds": len(result.sample_generations), "passed": bool(result.success)}
 
 
-def run_method(name: str, model, tokenizer, device, adapter: pathlib.Path, reports: list[str], new_tokens: int) -> dict:
+def run_method(name: str, model, tokenizer, device, adapter: pathlib.Path, reports: list[str], new_tokens: int,
+               time_forwards: bool) -> dict:
     backend = METHODS[name](f"random-{name}", custom_config=(tokenizer, model, device))
     backend.add_adapter(LocalIntrinsicAdapter("requirement-check", adapter, REQUIREMENT_CHECK_IO))
-    counter = ForwardCounter(model)
+    counter = ForwardCounter(model, time_forwards)
     runs = []
     for i, report in enumerate(reports):  # the first run warms up (kernels, llguidance tables); not timed
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         before, started = counter.snapshot(), time.perf_counter()
         done = program(backend, report, new_tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         seconds = time.perf_counter() - started
-        calls, prefill, decode = (a - b for a, b in zip(counter.snapshot(), before))
+        calls, prefill, decode, prefill_s, decode_s = (a - b for a, b in zip(counter.snapshot(), before))
         run = {"seconds": seconds, "forward_calls": calls, "prefill_tokens": prefill, "decode_steps": decode, **done}
-        print(f"  {name:8s} run {i}{' (warm-up)' if i == 0 else ''}: {seconds:7.2f} s, {calls} forwards, "
+        timing = ""
+        if time_forwards:
+            run |= {"prefill_forward_s": prefill_s, "decode_forward_s": decode_s}
+            timing = f" (prefill forwards {prefill_s:.2f} s, decode forwards {decode_s:.2f} s)"
+        print(f"  {name:8s} run {i}{' (warm-up)' if i == 0 else ''}: {seconds:7.2f} s{timing}, {calls} forwards, "
               f"{prefill} prefill tokens, {decode} decode steps, {done['rounds']} rounds", flush=True)
         if i:
             runs.append(run)
-    counter.handle.remove()
+    counter.remove()
     out = {"runs": runs, "median_seconds": statistics.median(r["seconds"] for r in runs)}
     if isinstance(backend, SpanctxBackend):
         out["store"] = {k: getattr(backend.runtime.store.stats, k) for k in ("hits", "misses", "hit_tokens")}
@@ -148,11 +183,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16, help="the aLoRA's rank")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--time-forwards", action="store_true",
+                        help="also time prefill and decode forwards (synchronises around each: a breakdown)")
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    base, tokenizer = spanctx.load_preset(args.model, device=device)
+    # Mellea asserts that the model's vocabulary is the tokenizer's: the presets' byte
+    # tokenizer has 261 tokens, so the LM head is 261 rows (the 8B shapes' is 128K)
+    vocab_size = len(spanctx.byte_tokenizer())
+    base, tokenizer = spanctx.load_preset(args.model, device=device, vocab_size=vocab_size)
     reports = [report_text(tokenizer, args.report_tokens, run) for run in range(args.repeats + 1)]
     invocation = tokenizer(INVOCATION, add_special_tokens=False)["input_ids"]
     results = {}
@@ -161,26 +201,27 @@ def main() -> None:
                                invocation_ids=invocation, seed=1)
         for name in METHODS:  # each on its own copy: PEFT changes the model in place
             model = copy.deepcopy(base)
-            results[name] = run_method(name, model, tokenizer, device, adapter, reports, args.new_tokens)
+            results[name] = run_method(name, model, tokenizer, device, adapter, reports, args.new_tokens,
+                                       args.time_forwards)
             del model
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    import mellea, peft, transformers  # noqa: E401 (versions for the record)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or 'x86-64'})"
     record = {
         "scenario": "mellea: instruct + 5 aLoRA requirement checks + up to 2 repair rounds (MultiTurnStrategy)",
         "date": datetime.date.today().isoformat(), "device": device_name, "model": args.model,
-        "dtype": str(next(base.parameters()).dtype), "report_tokens": args.report_tokens,
+        "dtype": str(next(base.parameters()).dtype), "vocab_size": vocab_size, "report_tokens": args.report_tokens,
         "new_tokens": args.new_tokens, "adapter_rank": args.rank, "repeats": args.repeats,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "mellea": mellea.__version__ if hasattr(mellea, "__version__") else "0.8.0",
-                     "python": platform.python_version()},
+        "time_forwards": args.time_forwards,
+        "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "mellea")}
+        | {"python": platform.python_version()},
         "results": results,
         "speedup": results["stock"]["median_seconds"] / results["spanctx"]["median_seconds"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{record['date']}-mellea-{args.device}-{args.model}"
+    stem = f"{record['date']}-mellea-{args.device}-{args.model}{'-forwards' if args.time_forwards else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
     print(json.dumps({k: record[k] for k in ("device", "model", "versions", "speedup")}, indent=2))
 
