@@ -45,7 +45,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import AsyncTextIteratorStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ...runtime import GenerationStats, Runtime
+from ...results import GenerationStats
+from ...runtime import Runtime
 from ...spans import Context
 from ...store import KVStore
 from ...structured import GrammarMask, JsonFormat, eos_ids, json_matcher

@@ -26,7 +26,7 @@ from mellea.backends import ModelOption
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ...options import RESERVED_KWARGS
-from ...runtime import Result
+from ...results import Result
 
 __all__ = ["GenerateRequest", "default_max_new_tokens", "hf_output"]
 
