@@ -1,0 +1,250 @@
+"""Fixed-address KV buffers, the HF cache that writes into them, and attention over them.
+
+Slots. Each layer's keys and values live in one buffer ``[max_batch, H_kv, max_tokens, D]``
+allocated once; a token's slot is its index along the sequence axis. Rows are aligned
+at the right like a left-padded HF batch: row ``b``'s prompt token ``i`` sits in slot
+``i`` of the padded prompt, its first real slot is ``row_start[b]``, and its RoPE
+position is ``slot - row_start[b]`` (so slot and position are one number for an
+unpadded row, as everywhere in spanctx).
+
+One model call ("step") writes ``Tb`` new tokens at the slots ``slots[0..Tb)`` (shared
+by every row) and attends over the first ``Lb`` slots; ``Tb`` and ``Lb`` are the call's
+bucket, fixed per captured graph. Every piece of per-call state the step reads is a
+device tensor at a fixed address (ids, positions, slots, row starts), so a captured graph
+replays any call of its bucket.
+
+Masks. ``StepMasks`` holds one additive mask ``[B, 1, M, Lb]`` per attention window in the
+model (``None`` for full attention): a query in slot ``s`` of row ``b`` sees slot ``j`` iff
+``row_start[b] <= j <= s`` (and ``j > s - window`` for a sliding layer, as transformers'
+sliding masks do). Hidden entries hold the dtype's most negative value, as HF's own
+masks do. For the split attention the query rows are folded per KV head (``M = g * Tb``,
+``g`` query heads per KV head, row ``k * Tb + t`` is query head ``k`` of the group at token
+``t``), for HF's own attention functions they are not (``M = Tb``).
+
+Attention. ``slot_attention`` is registered with transformers as ``ATTENTION_NAME``; the
+executor switches the model to it during its calls and passes the step's ``StepMasks``
+as the model kwarg ``spanctx_masks``, which transformers hands to every attention call.
+Mode ``"hf"`` calls the model's own attention function (``StepMasks.original``) with the
+mask: the same arithmetic as an eager HF call. Mode ``"split"`` is split-KV
+(flash-decoding) attention for models that use SDPA: the ``Lb`` slots are cut into
+``chunks`` pieces attended in parallel, and the pieces are merged by their
+log-sum-exp; one query over a long cache then keeps the whole GPU busy. On CUDA each
+piece runs in PyTorch's memory-efficient attention kernel (never the math backend); on
+CPU in plain float32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+import torch
+from transformers import AttentionInterface, Cache
+
+from .kv import KVSlice
+
+__all__ = [
+    "ATTENTION_NAME",
+    "KVBuffers",
+    "SlotCache",
+    "StepMasks",
+    "chunk_count",
+    "slot_attention",
+    "split_attention",
+    "step_masks",
+]
+
+ATTENTION_NAME = "spanctx_slots"
+MASK_KWARG = "spanctx_masks"
+
+
+@attrs.frozen(eq=False)
+class Placed:
+    """Tokens ``[start, end)`` of a stored span that sit in a buffer row from ``slot`` on."""
+
+    span: weakref.ref  # to the SpanKV: identity is what counts (stored spans never change)
+    start: int
+    end: int
+    slot: int
+
+    @property
+    def slot_end(self) -> int:
+        return self.slot + self.end - self.start
+
+    def same(self, other: Placed) -> bool:
+        return self.span() is other.span() is not None and (self.start, self.end, self.slot) == (
+            other.start, other.end, other.slot)
+
+
+class KVBuffers:
+    """Per-layer key and value buffers ``[max_batch, H_kv, max_tokens, D]``, allocated once.
+
+    ``layout``: per layer ``(H_kv, D)``. ``place`` copies stored slices straight into a
+    row. A row remembers which slices it holds where, so placing a slice again at the
+    same slots copies nothing; a write over a slot (``overwrite``) forgets what was there.
+    """
+
+    def __init__(self, layout: Sequence[tuple[int, int]], *, max_batch: int, max_tokens: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.max_batch, self.max_tokens = max_batch, max_tokens
+        self.keys = tuple(torch.zeros(max_batch, h, max_tokens, d, dtype=dtype, device=device) for h, d in layout)
+        self.values = tuple(torch.zeros_like(k) for k in self.keys)
+        self._resident: list[list[Placed]] = [[] for _ in range(max_batch)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def place(self, row: int, pieces: Sequence[KVSlice], end: int) -> int:
+        """Lay ``pieces`` one after the other in ``row`` so that they end at slot ``end``.
+        Returns how many tokens were copied (slices already in place are skipped)."""
+        total = sum(p.num_tokens for p in pieces)
+        if total > end:
+            raise ValueError(f"a prefix of {total} tokens does not fit before slot {end}")
+        slot, copied = end - total, 0
+        for piece in pieces:
+            here = Placed(weakref.ref(piece.kv), piece.start, piece.end, slot)
+            if not any(here.same(p) for p in self._resident[row]):
+                for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+                    k[row, :, slot:here.slot_end].copy_(piece.kv.keys[layer][0, :, piece.start:piece.end])
+                    v[row, :, slot:here.slot_end].copy_(piece.kv.values[layer][0, :, piece.start:piece.end])
+                self.overwrite(row, slot, here.slot_end)
+                self._resident[row].append(here)
+                copied += piece.num_tokens
+            slot = here.slot_end
+        return copied
+
+    def overwrite(self, row: int, start: int, end: int) -> None:
+        """Slots ``[start, end)`` of ``row`` are (about to be) written: forget what they held."""
+        self._resident[row] = [p for p in self._resident[row] if p.slot_end <= start or p.slot >= end]
+
+    def views(self, batch: int, length: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per layer, keys and values ``[batch, H_kv, length, D]``: views of the buffers."""
+        return (tuple(k[:batch, :, :length] for k in self.keys), tuple(v[:batch, :, :length] for v in self.values))
+
+
+class SlotCache(Cache):
+    """A transformers ``Cache`` over buffer views: layer ``i``'s update writes the new
+    keys and values ``[B, H_kv, Tb, D]`` at ``slots`` (a ``[Tb]`` device tensor) and
+    returns the whole views ``[B, H_kv, Lb, D]``. Positions come from the caller
+    (``position_ids``), never from the cache, so it has no sequence length to report."""
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], slots: torch.Tensor) -> None:
+        super().__init__(layers=[])
+        self.key_views, self.value_views, self.slots = tuple(keys), tuple(values), slots
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.key_views[layer_idx], self.value_views[layer_idx]
+        keys.index_copy_(2, self.slots, key_states)
+        values.index_copy_(2, self.slots, value_states)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise NotImplementedError("a SlotCache has no sequence length: pass position_ids to the model")
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+@attrs.frozen(eq=False)
+class StepMasks:
+    """What ``slot_attention`` needs in one step (see the module docstring)."""
+
+    by_window: Mapping[int | None, torch.Tensor]  # additive masks [B, 1, M, Lb]
+    mode: str  # "hf" or "split"
+    chunks: int  # split mode: pieces of the Lb slots attended in parallel
+    original: Callable  # the model's own attention function (mode "hf")
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        try:
+            return self.by_window[window]
+        except KeyError:
+            raise RuntimeError(f"no mask for sliding window {window}: the executor read the model's windows "
+                               f"as {sorted(self.by_window, key=str)}") from None
+
+
+def step_masks(slots: torch.Tensor, row_start: torch.Tensor, length: int, windows: Sequence[int | None], *,
+               fold: int, dtype: torch.dtype) -> dict[int | None, torch.Tensor]:
+    """Additive masks ``[B, 1, fold * Tb, length]`` per window, from ``slots [Tb]`` and
+    ``row_start [B]`` (device tensors: this runs inside a captured graph)."""
+    j = torch.arange(length, device=slots.device)
+    query_slot = slots[None, :, None]  # [1, Tb, 1]
+    causal = (j >= row_start[:, None, None]) & (j <= query_slot)  # [B, Tb, Lb]
+    lowest = torch.finfo(dtype).min
+    out = {}
+    for window in windows:
+        visible = causal if window is None else causal & (j > query_slot - window)
+        additive = torch.zeros(visible.shape, dtype=dtype, device=slots.device).masked_fill_(~visible, lowest)
+        B, T, L = additive.shape
+        out[window] = additive[:, None].expand(B, fold, T, L).reshape(B, 1, fold * T, L)
+    return out
+
+
+def chunk_count(length: int, rows: int, *, target: int, min_chunk: int) -> int:
+    """Pieces to cut ``length`` slots into so that ``rows`` (batch x KV heads x query
+    blocks) times the pieces reaches ``target`` parallel blocks: a power of two that
+    divides ``length`` into pieces of at least ``min_chunk`` slots, each a multiple of 16."""
+    chunks = 1
+    while (rows * chunks < target and length % (32 * chunks) == 0 and length // (2 * chunks) >= min_chunk):
+        chunks *= 2
+    return chunks
+
+
+def split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                    scale: float | None, chunks: int) -> torch.Tensor:
+    """Attention of folded queries over ``chunks`` pieces of the slots, merged exactly.
+
+    query ``[B, H, M, D]`` (folded), key/value ``[B, H, L, D]`` (buffer views), mask
+    ``[B, 1, M, L]`` additive. Returns ``[B, H, M, D]`` in the query's dtype.
+    """
+    B, H, M, D = query.shape
+    L = key.shape[2]
+    n = L // chunks
+    # batch dim B*H, "heads" dim = chunks: q [BH, C, M, D], k/v [BH, C, n, D] (views)
+    q = query.reshape(B * H, 1, M, D).expand(B * H, chunks, M, D).contiguous()
+    k = key.reshape(B * H, chunks, n, D)
+    v = value.reshape(B * H, chunks, n, D)
+    bias = mask.reshape(B, 1, M, chunks, n).permute(0, 1, 3, 2, 4).expand(B, H, chunks, M, n)
+    bias = bias.reshape(B * H, chunks, M, n)
+    out, lse = _partial_attention(q, k, v, bias, scale)  # [BH, C, M, D], [BH, C, M] float32
+    if chunks == 1:
+        return out[:, 0].reshape(B, H, M, D)
+    weight = torch.softmax(lse, dim=1)[..., None]  # [BH, C, M, 1]
+    merged = (out.float() * weight).sum(dim=1)  # [BH, M, D]
+    return merged.to(query.dtype).reshape(B, H, M, D)
+
+
+def _partial_attention(q, k, v, bias, scale):
+    """Per piece: attention output and its log-sum-exp ``[BH, C, M]`` (float32)."""
+    if q.is_cuda:
+        # the memory-efficient kernel: takes an additive bias and returns the log-sum-exp
+        # (padded to a multiple of 32 rows); SDPA's public entry point returns no LSE
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, False, scale=scale)[:2]
+        return out, lse[..., :q.shape[2]]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()  # [BH, C, M, n]
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    return out, lse
+
+
+def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   **kwargs) -> tuple[torch.Tensor, None]:
+    """A transformers attention function over a ``SlotCache``: query ``[B, Hq, Tb, D]``,
+    key/value ``[B, H_kv, Lb, D]``; returns ``([B, Tb, Hq, D], None)``."""
+    masks: StepMasks = kwargs.pop(MASK_KWARG)
+    mask = masks.mask(kwargs.get("sliding_window"))
+    if masks.mode == "hf":
+        return masks.original(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    B, Hq, T, D = query.shape
+    H = key.shape[1]
+    folded = query.reshape(B, H, (Hq // H) * T, D)  # query head h = k * (Hq // H) + i uses KV head k
+    out = split_attention(folded, key, value, mask, scaling, masks.chunks)
+    return out.reshape(B, Hq, T, D).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, slot_attention)
