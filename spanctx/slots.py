@@ -35,28 +35,32 @@ CPU in plain float32 arithmetic.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import attrs
 import torch
 from transformers import AttentionInterface, Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .attention import FlashBounds, flash_attention, split_attention
 from .kv import KVSlice
 
 __all__ = [
     "ATTENTION_NAME",
     "KVBuffers",
     "SlotCache",
-    "StepMasks",
-    "chunk_count",
+    "StepAttention",
+    "attention_switched",
+    "own_attention",
     "slot_attention",
-    "split_attention",
     "step_masks",
 ]
 
 ATTENTION_NAME = "spanctx_slots"
-MASK_KWARG = "spanctx_masks"
+STEP_KWARG = "spanctx_step"
 
 
 @attrs.frozen(eq=False)
@@ -103,16 +107,19 @@ class KVBuffers:
         if total > end:
             raise ValueError(f"a prefix of {total} tokens does not fit before slot {end}")
         slot, copied = end - total, 0
+        targets, sources = [], []
         for piece in pieces:
             here = Placed(weakref.ref(piece.kv), piece.start, piece.end, slot)
             if not any(here.same(p) for p in self._resident[row]):
-                for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-                    k[row, :, slot:here.slot_end].copy_(piece.kv.keys[layer][0, :, piece.start:piece.end])
-                    v[row, :, slot:here.slot_end].copy_(piece.kv.values[layer][0, :, piece.start:piece.end])
+                for buffers, stored in ((self.keys, piece.kv.keys), (self.values, piece.kv.values)):
+                    targets += [b[row, :, slot:here.slot_end] for b in buffers]
+                    sources += [t[0, :, piece.start:piece.end] for t in stored]
                 self.overwrite(row, slot, here.slot_end)
                 self._resident[row].append(here)
                 copied += piece.num_tokens
             slot = here.slot_end
+        if targets:
+            torch._foreach_copy_(targets, sources)  # one launch for every layer's keys and values
         return copied
 
     def overwrite(self, row: int, start: int, end: int) -> None:
@@ -149,20 +156,21 @@ class SlotCache(Cache):
 
 
 @attrs.frozen(eq=False)
-class StepMasks:
+class StepAttention:
     """What ``slot_attention`` needs in one step (see the module docstring)."""
 
-    by_window: Mapping[int | None, torch.Tensor]  # additive masks [B, 1, M, Lb]
-    mode: str  # "hf" or "split"
-    chunks: int  # split mode: pieces of the Lb slots attended in parallel
-    original: Callable  # the model's own attention function (mode "hf")
+    mode: str  # "hf", "split" or "flash"
+    masks: Mapping[int | None, torch.Tensor]  # hf and split: additive masks [B, 1, M, Lb] per window
+    chunks: int  # split: pieces of the Lb slots attended in parallel
+    original: Callable | None  # hf: the model's own attention function
+    bounds: FlashBounds | None  # flash: the step's key ranges
 
     def mask(self, window: int | None) -> torch.Tensor:
         try:
-            return self.by_window[window]
+            return self.masks[window]
         except KeyError:
             raise RuntimeError(f"no mask for sliding window {window}: the executor read the model's windows "
-                               f"as {sorted(self.by_window, key=str)}") from None
+                               f"as {sorted(self.masks, key=str)}") from None
 
 
 def step_masks(slots: torch.Tensor, row_start: torch.Tensor, length: int, windows: Sequence[int | None], *,
@@ -182,69 +190,53 @@ def step_masks(slots: torch.Tensor, row_start: torch.Tensor, length: int, window
     return out
 
 
-def chunk_count(length: int, rows: int, *, target: int, min_chunk: int) -> int:
-    """Pieces to cut ``length`` slots into so that ``rows`` (batch x KV heads x query
-    blocks) times the pieces reaches ``target`` parallel blocks: a power of two that
-    divides ``length`` into pieces of at least ``min_chunk`` slots, each a multiple of 16."""
-    chunks = 1
-    while (rows * chunks < target and length % (32 * chunks) == 0 and length // (2 * chunks) >= min_chunk):
-        chunks *= 2
-    return chunks
-
-
-def split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                    scale: float | None, chunks: int) -> torch.Tensor:
-    """Attention of folded queries over ``chunks`` pieces of the slots, merged exactly.
-
-    query ``[B, H, M, D]`` (folded), key/value ``[B, H, L, D]`` (buffer views), mask
-    ``[B, 1, M, L]`` additive. Returns ``[B, H, M, D]`` in the query's dtype.
-    """
-    B, H, M, D = query.shape
-    L = key.shape[2]
-    n = L // chunks
-    # batch dim B*H, "heads" dim = chunks: q [BH, C, M, D], k/v [BH, C, n, D] (views)
-    q = query.reshape(B * H, 1, M, D).expand(B * H, chunks, M, D).contiguous()
-    k = key.reshape(B * H, chunks, n, D)
-    v = value.reshape(B * H, chunks, n, D)
-    bias = mask.reshape(B, 1, M, chunks, n).permute(0, 1, 3, 2, 4).expand(B, H, chunks, M, n)
-    bias = bias.reshape(B * H, chunks, M, n)
-    out, lse = _partial_attention(q, k, v, bias, scale)  # [BH, C, M, D], [BH, C, M] float32
-    if chunks == 1:
-        return out[:, 0].reshape(B, H, M, D)
-    weight = torch.softmax(lse, dim=1)[..., None]  # [BH, C, M, 1]
-    merged = (out.float() * weight).sum(dim=1)  # [BH, M, D]
-    return merged.to(query.dtype).reshape(B, H, M, D)
-
-
-def _partial_attention(q, k, v, bias, scale):
-    """Per piece: attention output and its log-sum-exp ``[BH, C, M]`` (float32)."""
-    if q.is_cuda:
-        # the memory-efficient kernel: takes an additive bias and returns the log-sum-exp
-        # (padded to a multiple of 32 rows); SDPA's public entry point returns no LSE
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, False, scale=scale)[:2]
-        return out, lse[..., :q.shape[2]]
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + bias.float()  # [BH, C, M, n]
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
-    return out, lse
-
-
 def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                    **kwargs) -> tuple[torch.Tensor, None]:
     """A transformers attention function over a ``SlotCache``: query ``[B, Hq, Tb, D]``,
     key/value ``[B, H_kv, Lb, D]``; returns ``([B, Tb, Hq, D], None)``."""
-    masks: StepMasks = kwargs.pop(MASK_KWARG)
-    mask = masks.mask(kwargs.get("sliding_window"))
-    if masks.mode == "hf":
-        return masks.original(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    step: StepAttention = kwargs.pop(STEP_KWARG)
+    window = kwargs.get("sliding_window")
+    if step.mode == "hf":
+        return step.original(module, query, key, value, step.mask(window), scaling=scaling, dropout=dropout,
+                             **kwargs)
+    for name in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"{step.mode} attention computes plain softmax attention; got {name}")
+    if step.mode == "flash":
+        return flash_attention(query, key, value, step.bounds, window, scaling), None
     B, Hq, T, D = query.shape
     H = key.shape[1]
     folded = query.reshape(B, H, (Hq // H) * T, D)  # query head h = k * (Hq // H) + i uses KV head k
-    out = split_attention(folded, key, value, mask, scaling, masks.chunks)
+    out = split_attention(folded, key, value, step.mask(window), scaling, step.chunks)
     return out.reshape(B, Hq, T, D).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
+
+
+@contextlib.contextmanager
+def attention_switched(model) -> Iterator[None]:
+    """Within the block, the model's attention modules call ``spanctx.slots``' function."""
+    config = model.config
+    own = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
+
+
+def own_attention(model) -> Callable:
+    """The attention function the model uses outside the executor's calls."""
+    own = model.config._attn_implementation
+    eager = None
+    for cls in type(model).__mro__:
+        eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if eager is not None:
+            break
+    if own == "eager":
+        if eager is None:
+            raise TypeError(f"{type(model).__name__}: no eager_attention_forward in its modeling module")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS.get_interface(own, eager)

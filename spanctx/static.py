@@ -27,25 +27,25 @@ model's attention implementation is switched to ``spanctx.slots``' function.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Sequence
 
 import attrs
 import torch
 from transformers.generation.streamers import BaseStreamer
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from . import kv as kvops
 from .decoding import TokenChooser, unsupported_options
 from .graphs import BuildStats, StepGraphs
 from .options import CallOptions, seeded
-from .slots import ATTENTION_NAME, MASK_KWARG, KVBuffers, SlotCache, StepMasks, chunk_count, step_masks
+from . import attention as kernels
+from .slots import STEP_KWARG, KVBuffers, SlotCache, StepAttention, attention_switched, own_attention, step_masks
 from .store import SpanKV
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
+ATTENTION_MODES = ("auto", "flash", "split", "hf")
 GRAPH_TOKENS = 512  # longer tails run without a graph (they are arithmetic-bound anyway)
 HOST_ROPE = {"dynamic": "dynamic NTK", "longrope": "longrope"}  # rope types that read lengths on the host
 
@@ -128,9 +128,11 @@ class StaticExecutor:
     allocated at once (``memory_bytes``). ``graphs`` (default: on when the model is on
     CUDA) captures each bucket's step in a CUDA graph; ``compile`` runs the model through
     ``torch.compile`` first (fused kernels; the first call of a new shape compiles).
-    ``attention``: "split" (split-KV attention, for models whose attention is SDPA
-    without soft-capping), "hf" (the model's own attention function with the executor's
-    masks), or "auto" (split on CUDA where it applies, else hf). ``chunks`` fixes the
+    ``attention`` (see ``spanctx.attention``): "flash" (flash attention over each row's
+    used slots, CUDA and 16-bit), "split" (split-KV attention under a mask), both for
+    models whose attention is plain softmax (SDPA or eager, no soft-capping); "hf" (the
+    model's own attention function with the executor's masks); "auto": the first of
+    flash, split that runs here on CUDA for an SDPA model, else hf. ``chunks`` fixes the
     split's piece count (default: enough pieces to fill the GPU).
     """
 
@@ -152,10 +154,10 @@ class StaticExecutor:
         window = getattr(text, "sliding_window", None)
         self.windows = (None,) if window is None else (None, window)
         self.kv_heads = layout[0][0]
-        self.attention = self._attention_mode(attention, text)
+        self.attention = self._attention_mode(attention, text, layout[0][1])
         self._group = text.num_attention_heads // self.kv_heads if self.attention == "split" else 1
         self._chunks = chunks
-        self._own_attention = _own_attention(model)
+        self._own_attention = own_attention(model)
         self._model_reason = _model_reason(text, self.graphs)
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.graphs else 0
         ints = dict(dtype=torch.long, device=self.device)
@@ -164,6 +166,7 @@ class StaticExecutor:
         self._slots = torch.zeros(self.max_tokens, **ints)
         self._keep = torch.zeros(self.max_tokens, **ints)
         self._row_start = torch.zeros(max_batch, **ints)
+        self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device)
         self._caches: dict[Bucket, SlotCache] = {}
         self._forward = torch.compile(model) if compile else model
         self._steps = StepGraphs(self._step, graphs=self.graphs, warmup=2 if compile else 1)
@@ -258,7 +261,7 @@ class StaticExecutor:
 
     @contextlib.contextmanager
     def _calling(self):
-        with self._lock, torch.inference_mode(), _attention_switched(self.model):
+        with self._lock, torch.inference_mode(), attention_switched(self.model):
             yield
 
     def _prepare(self, prefix, input_ids: torch.Tensor, tail_start: int, slots_needed: int,
@@ -314,16 +317,21 @@ class StaticExecutor:
     def _step(self, bucket: Bucket) -> torch.Tensor:
         """One model step of ``bucket`` from the fixed inputs: what a graph captures."""
         batch, tokens, length = bucket.batch, bucket.tokens, bucket.length
-        masks = step_masks(self._slots[:tokens], self._row_start[:batch], length, self.windows, fold=self._group,
-                           dtype=self.dtype)
+        slots, row_start = self._slots[:tokens], self._row_start[:batch]
+        if self.attention == "flash":
+            step = StepAttention("flash", {}, 1, None, kernels.FlashBounds.of(slots, row_start, length))
+            mask = self._no_mask  # 4D, so that transformers builds no mask of its own
+        else:
+            masks = step_masks(slots, row_start, length, self.windows, fold=self._group, dtype=self.dtype)
+            step = StepAttention(self.attention, masks, self._chunk_count(bucket), self._own_attention, None)
+            mask = masks[None]
         cache = self._caches.get(bucket)
         if cache is None:
-            cache = self._caches[bucket] = SlotCache(*self.buffers.views(batch, length), self._slots[:tokens])
-        step = StepMasks(masks, self.attention, self._chunk_count(bucket), self._own_attention)
+            cache = self._caches[bucket] = SlotCache(*self.buffers.views(batch, length), slots)
         keep = 1 if tokens == 1 else self._keep[:bucket.keep]
         out = self._forward(input_ids=self._ids[:batch, :tokens], position_ids=self._pos[:batch, :tokens],
-                            attention_mask=masks[None], use_cache=True, logits_to_keep=keep,
-                            **{MASK_KWARG: step}, **_cache_kwargs(self.model, cache))
+                            attention_mask=mask, use_cache=True, logits_to_keep=keep, **{STEP_KWARG: step},
+                            **_cache_kwargs(self.model, cache))
         return out.logits
 
     def _chunk_count(self, bucket: Bucket) -> int:
@@ -334,8 +342,8 @@ class StaticExecutor:
         query_blocks = -(-(self._group * bucket.tokens) // 64)
         rows = bucket.batch * self.kv_heads * query_blocks
         if self.device.type == "cuda":
-            return chunk_count(bucket.length, rows, target=2 * self._sms, min_chunk=256)
-        return chunk_count(bucket.length, rows, target=8, min_chunk=16)
+            return kernels.chunk_count(bucket.length, rows, target=2 * self._sms, min_chunk=256)
+        return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
 
     def _prompt_kv(self, call: _Call) -> SpanKV:
         keys, values = self.buffers.views(call.batch, call.prompt_tokens)
@@ -347,17 +355,21 @@ class StaticExecutor:
         return ExecStats("graph" if graphed else "eager", self.compiled, self.attention, call.tail_bucket,
                          call.length, call.copied, steps, built.builds, built.seconds)
 
-    def _attention_mode(self, attention: str, text) -> str:
-        if attention not in ("auto", "split", "hf"):
-            raise ValueError(f"attention must be 'auto', 'split' or 'hf', got {attention!r}")
+    def _attention_mode(self, attention: str, text, head_dim: int) -> str:
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         own = self.model.config._attn_implementation
         softcap = getattr(text, "attn_logit_softcapping", None) is not None
-        split_fits = own in ("sdpa", "eager") and not softcap
         if attention == "auto":
-            return "split" if self.device.type == "cuda" and own == "sdpa" and not softcap else "hf"
-        if attention == "split" and not split_fits:
-            raise ValueError(f"split attention computes plain softmax attention; this model's is {own!r}"
-                             + (" with logit soft-capping" if softcap else ""))
+            if self.device.type != "cuda" or own != "sdpa" or softcap:
+                return "hf"
+            return next((m for m in ("flash", "split") if kernels.works(m, self.device, self.dtype, head_dim)), "hf")
+        if attention != "hf":
+            if own not in ("sdpa", "eager") or softcap:
+                raise ValueError(f"{attention} attention computes plain softmax attention; this model's is {own!r}"
+                                 + (" with logit soft-capping" if softcap else ""))
+            if not kernels.works(attention, self.device, self.dtype, head_dim):
+                raise ValueError(f"{attention} attention does not run (or disagrees) on {self.device} in {self.dtype}")
         return attention
 
 
@@ -381,33 +393,6 @@ class _HostMirror:
         if self._event is not None:
             self._event.synchronize()
         return self._tokens.clone(), bool(self._running)
-
-
-@contextlib.contextmanager
-def _attention_switched(model):
-    """Within the block, the model's attention modules call ``spanctx.slots``' function."""
-    config = model.config
-    own = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = own
-
-
-def _own_attention(model):
-    """The attention function the model uses outside the executor's calls."""
-    own = model.config._attn_implementation
-    eager = None
-    for cls in type(model).__mro__:
-        eager = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
-        if eager is not None:
-            break
-    if own == "eager":
-        if eager is None:
-            raise TypeError(f"{type(model).__name__}: no eager_attention_forward in its modeling module")
-        return eager
-    return ALL_ATTENTION_FUNCTIONS.get_interface(own, eager)
 
 
 def _probe_layout(model) -> tuple[list[tuple[int, int]], torch.dtype]:
