@@ -211,6 +211,7 @@ class StaticExecutor:
         before ``tail_start`` only.
         """
         batch, prompt = input_ids.shape
+        _check_tail(tail_start, prompt)
         if not 1 <= logits_to_keep <= prompt - tail_start:
             raise ValueError(f"logits_to_keep must be in [1, {prompt - tail_start}] (the tail's length), "
                              f"got {logits_to_keep}")
@@ -271,9 +272,7 @@ class StaticExecutor:
         reason = self.unsupported(batch=batch, num_tokens=slots_needed)
         if reason:
             raise ValueError(reason)
-        if not 0 <= tail_start < prompt:
-            raise ValueError(f"tail_start must leave at least one of the {prompt} prompt tokens to run, "
-                             f"got {tail_start}")
+        _check_tail(tail_start, prompt)
         pads = _left_pads(attention_mask, batch, prompt)
         copied = 0
         for row, pieces in enumerate(_rows(prefix, batch)):
@@ -414,6 +413,11 @@ def _model_reason(text, graphs: bool) -> str | None:
     if graphs and host:
         return f"{', '.join(host)} RoPE recomputes its frequencies from the length on the host: no CUDA graph"
     return None
+
+
+def _check_tail(tail_start: int, prompt: int) -> None:
+    if not 0 <= tail_start < prompt:
+        raise ValueError(f"tail_start must leave at least one of the {prompt} prompt tokens to run, got {tail_start}")
 
 
 def _left_pads(attention_mask: torch.Tensor | None, batch: int, prompt: int) -> list[int]:
