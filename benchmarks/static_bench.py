@@ -34,12 +34,11 @@ from spanctx.bench.floor import measure_floor  # noqa: E402
 from spanctx.bench.timing import now  # noqa: E402
 from spanctx.options import merge_options  # noqa: E402
 from spanctx.slots import split_attention  # noqa: E402
-from spanctx.static import StaticExecutor, _cache_kwargs  # noqa: E402
+from spanctx.static import StaticExecutor  # noqa: E402
+from spanctx.static_layout import cache_kwargs  # noqa: E402
 from spanctx.store import SpanKV  # noqa: E402
 
 VARIANTS = {  # name: StaticExecutor kwargs, most important first
-    "static graph flash": dict(attention="flash"),
-    "static graph flash compiled": dict(attention="flash", compile=True),
     "static graph split compiled": dict(attention="split", compile=True),
     "static graph split": dict(attention="split"),
     "static graph hf-sdpa": dict(attention="hf"),
@@ -100,7 +99,7 @@ def main() -> None:
     total = args.prefix + args.suffix
     with torch.inference_mode():
         cache = kvops.empty_cache()
-        model(input_ids=ids[:, :args.prefix], use_cache=True, logits_to_keep=1, **_cache_kwargs(model, cache))
+        model(input_ids=ids[:, :args.prefix], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         span = kvops.as_slices(cache)
         del cache
         full_ms, _ = median_ms(lambda: model(input_ids=ids, logits_to_keep=1), 3, device)
@@ -147,7 +146,7 @@ def main() -> None:
 def eager_baseline(model, ids, span, args, device) -> dict:
     """spanctx's eager executor today: assemble a DynamicCache (one copy), HF forward/generate."""
     suffix = ids[:, args.prefix:]
-    kwargs = lambda cache: _cache_kwargs(model, cache)  # noqa: E731
+    kwargs = lambda cache: cache_kwargs(model, cache)  # noqa: E731
     with torch.inference_mode():
         def ttft():
             cache = kvops.assemble([kvops.KVSlice.whole(span)])
@@ -233,54 +232,51 @@ def hf_static(model, ids, args, device) -> dict:
 
 
 def micro(model, length: int, device) -> dict:
-    """One decode step's parts over ``length`` slots, x layers, each in a CUDA graph:
-    attention variants and the layers' matrix-vector products (+ lm_head)."""
+    """One decode step's parts over ``length`` slots, x layers, each in a CUDA graph: split
+    attention by piece count (one query, and a 64-token suffix), SDPA over the exact
+    length (flash, no mask: the kernel floor), HF's masked SDPA, and the layers'
+    matrix-vector products (+ lm_head). Every layer reads its own keys and values, as
+    in the model (one shared set would sit in L2 and flatter the kernels)."""
     if device.type != "cuda":
         return {}
     text = model.config.get_text_config()
     layers, heads, kv_heads = text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads
-    dim = text.hidden_size // heads
+    dim, group = text.hidden_size // heads, heads // kv_heads
     L = -(-length // 256) * 256
     dtype = model.dtype
-    k, v = (torch.randn(1, kv_heads, L, dim, device=device, dtype=dtype) for _ in range(2))
-    mask = torch.zeros(1, 1, heads // kv_heads, L, device=device, dtype=dtype)
+    kv = [tuple(torch.randn(1, kv_heads, L, dim, device=device, dtype=dtype) for _ in range(2)) for _ in range(layers)]
+    mask = torch.zeros(1, 1, 1, L, device=device, dtype=dtype)
     mask[..., length:] = torch.finfo(dtype).min
-    qh = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
-    kk, vv = k[:, :, :length], v[:, :, :length]
     f = torch.nn.functional.scaled_dot_product_attention
-    group = heads // kv_heads
-    from spanctx.attention import FlashBounds, flash_attention
-
     cases = {}
     for tokens in (1, 64):
         qf = torch.randn(1, kv_heads, group * tokens, dim, device=device, dtype=dtype)
-        maskf = mask[:, :, :1].expand(1, 1, group * tokens, L).contiguous()
-        for chunks in (1, 8, 16, 32, 64):
-            cases[f"split T={tokens} chunks={chunks}"] = (lambda qf=qf, maskf=maskf, c=chunks:
-                                                         split_attention(qf, k, v, maskf, None, c))
+        maskf = mask.expand(1, 1, group * tokens, L).contiguous()
+        for chunks in (1, 4, 8, 16, 32):
+            cases[f"split T={tokens} chunks={chunks}"] = (
+                lambda qf=qf, maskf=maskf, c=chunks: [split_attention(qf, k, v, maskf, None, c) for k, v in kv])
         qt = torch.randn(1, heads, tokens, dim, device=device, dtype=dtype)
-        slots = torch.arange(length - tokens, length, device=device)
-        bounds = FlashBounds.of(slots, torch.zeros(1, dtype=torch.long, device=device), L)
-        cases[f"flash varlen T={tokens}"] = lambda qt=qt, b=bounds: flash_attention(qt, k, v, b, None, None)
-        cases[f"sdpa exact length gqa T={tokens}"] = lambda qt=qt: f(qt, kk, vv, enable_gqa=True, is_causal=tokens > 1)
-    cases["sdpa masked + repeat_kv (HF) T=1"] = lambda: f(qh, k.repeat_interleave(group, 1),
-                                                          v.repeat_interleave(group, 1), attn_mask=mask[:, :, :1])
-    mlp = model.model.layers[0].mlp
-    attn = model.model.layers[0].self_attn
+        cases[f"sdpa exact length T={tokens} (floor)"] = (
+            lambda qt=qt, t=tokens: [f(qt, k[:, :, :length], v[:, :, :length], enable_gqa=True, is_causal=t > 1)
+                                     for k, v in kv])
+    qh = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
+    cases["sdpa masked + repeat_kv (HF) T=1"] = lambda: [
+        f(qh, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask) for k, v in kv]
     x = torch.randn(1, 1, text.hidden_size, device=device, dtype=dtype)
-    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj]
+    hidden = torch.randn(1, 1, text.intermediate_size, device=device, dtype=dtype)
 
-    def matvecs():
-        for _ in range(layers):
-            for lin in linears:
+    def matvecs():  # every layer's weights are read: the model's own layers
+        for layer in model.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
                 lin(x)
-            mlp.down_proj(torch.empty(1, 1, text.intermediate_size, device=device, dtype=dtype))
+            layer.mlp.down_proj(hidden)
         model.lm_head(x)
 
+    cases["matvec x layers + lm_head"] = matvecs
     out = {}
     with torch.inference_mode():
-        for name, fn in {**cases, "matvec x layers + lm_head": None}.items():
-            body = matvecs if fn is None else (lambda fn=fn: [fn() for _ in range(layers)])
+        for name, body in cases.items():
             try:
                 body()
                 graph = torch.cuda.CUDAGraph()
@@ -289,6 +285,7 @@ def micro(model, length: int, device) -> dict:
                 out[name + " (ms/step)"], _ = median_ms(graph.replay, 20, device)
             except Exception as exc:
                 out[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+    del kv
     print("micro", out)
     return out
 

@@ -1,47 +1,28 @@
-"""Attention kernels over fixed KV buffers, for one step of the static executor.
+"""Split-KV attention over fixed KV buffers, for one step of the static executor.
 
-Both read the keys and values in place from buffer views ``[B, H_kv, Lb, D]`` (only the
-first ``Lb`` slots of each row's buffer; see ``spanctx.slots``) and compute plain softmax
-attention (no soft-capping, no sinks).
+``split_attention`` reads keys and values in place from buffer views ``[B, H_kv, Lb, D]``
+(the first ``Lb`` slots of each row's buffer; see ``spanctx.slots``) under an additive
+mask, and computes plain softmax attention (no soft-capping, no sinks). The ``Lb`` slots
+are cut into ``chunks`` pieces attended in parallel and merged by their log-sum-exp
+("flash-decoding"), so one query over a long cache still keeps every SM busy. On CUDA each
+piece runs in PyTorch's memory-efficient attention kernel, which takes a mask and returns
+the log-sum-exp (never the math backend); on CPU it is float32 arithmetic. The query heads
+that share a KV head are folded into the query rows: GQA without copying keys.
 
-- ``split_attention``: split-KV ("flash-decoding") attention under an additive mask.
-  The ``Lb`` slots are cut into ``chunks`` pieces attended in parallel, then merged by
-  their log-sum-exp. On CUDA each piece runs in PyTorch's memory-efficient attention
-  kernel, which takes a mask and returns the log-sum-exp; on CPU it is float32
-  arithmetic. Folding the query heads of a KV head into the query rows keeps GQA
-  without copying keys.
-- ``flash_attention``: PyTorch's flash attention kernel in its variable-length form,
-  told each row's used slots (``seqused_k``): no mask at all, bottom-right causal.
-  CUDA and 16-bit only.
+Measured on an H100 (benchmarks/results/NOTES-static.md): PyTorch's flash kernel in its
+variable-length form with ``seqused_k`` needs no mask, but does not split the keys: one
+query over 8K slots took 5x longer than this, so it is not offered.
 
-``works(mode, ...)`` runs a kernel once on random data against float64 attention, so
-an executor never picks a kernel that fails or disagrees on this machine.
+``works(...)`` runs the kernel once (on CUDA inside a captured graph) on random data
+against float64 attention, so an executor never picks a kernel that fails or disagrees
+on this machine.
 """
 
 from __future__ import annotations
 
-import attrs
 import torch
 
-__all__ = ["FlashBounds", "chunk_count", "flash_attention", "split_attention", "works"]
-
-
-@attrs.frozen(eq=False)
-class FlashBounds:
-    """Per row, the slots a flash step attends: ``[row_start, row_start + used)``, causal
-    from the bottom right (query ``t`` of ``Tb`` sees keys up to slot ``slots[t]``)."""
-
-    queries: torch.Tensor  # int32 [2]: (0, Tb), the varlen bounds of one row's queries
-    keys: torch.Tensor  # int32 [B, 2]: (row_start, Lb) per row
-    used: torch.Tensor  # int32 [B]: slots[-1] + 1 - row_start
-
-    @classmethod
-    def of(cls, slots: torch.Tensor, row_start: torch.Tensor, length: int) -> FlashBounds:
-        tokens = slots.shape[0]
-        queries = torch.arange(0, 2 * tokens, tokens, device=slots.device, dtype=torch.int32)
-        starts = row_start.to(torch.int32)
-        keys = torch.stack([starts, torch.full_like(starts, length)], dim=1)
-        return cls(queries, keys, (slots[-1] + 1 - row_start).to(torch.int32))
+__all__ = ["chunk_count", "split_attention", "works"]
 
 
 def chunk_count(length: int, rows: int, *, target: int, min_chunk: int) -> int:
@@ -68,8 +49,9 @@ def split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     q = query.reshape(B * H, 1, M, D).expand(B * H, chunks, M, D).contiguous()
     k = key.reshape(B * H, chunks, n, D)
     v = value.reshape(B * H, chunks, n, D)
-    bias = mask.reshape(B, 1, M, chunks, n).permute(0, 1, 3, 2, 4).expand(B, H, chunks, M, n)
-    bias = bias.reshape(B * H, chunks, M, n)
+    bias = mask.reshape(B, 1, M, chunks, n).permute(0, 1, 3, 2, 4)  # [B, 1, C, M, n], a view
+    # one row: every KV head reads the same mask (a stride-0 view); several: a copy per head
+    bias = bias[0].expand(H, chunks, M, n) if B == 1 else bias.expand(B, H, chunks, M, n).reshape(B * H, chunks, M, n)
     out, lse = _partial_attention(q, k, v, bias, scale)  # [BH, C, M, D], [BH, C, M] float32
     if chunks == 1:
         return out[:, 0].reshape(B, H, M, D)
@@ -93,34 +75,10 @@ def _partial_attention(q, k, v, bias, scale):
     return out, lse
 
 
-def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: FlashBounds,
-                    window: int | None, scale: float | None) -> torch.Tensor:
-    """Flash attention over each row's used slots (no mask): query ``[B, Hq, Tb, D]``,
-    key/value ``[B, H_kv, Lb, D]`` buffer views; returns ``[B, Tb, Hq, D]``. CUDA, 16-bit.
-
-    One varlen call per row: the row's keys are the buffer rows ``[row_start, row_start +
-    used)`` read in place (strided), so nothing is copied or masked; the kernel's causal
-    mask is bottom-right aligned, which is the slot order. A sliding window of ``W``
-    keeps keys with ``q - k < W`` (transformers' rule).
-    """
-    B, _, tokens, _ = query.shape
-    left = -1 if window is None else window - 1
-    rows = []
-    for b in range(B):
-        out = torch.ops.aten._flash_attention_forward(
-            query[b].transpose(0, 1), key[b].transpose(0, 1), value[b].transpose(0, 1), bounds.queries,
-            bounds.keys[b], tokens, key.shape[2], 0.0, True, False, scale=scale, window_size_left=left,
-            window_size_right=0, seqused_k=bounds.used[b:b + 1])[0]  # [Tb, Hq, D]
-        rows.append(out)
-    return torch.stack(rows)
-
-
-def works(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether ``mode``'s kernel ("split" or "flash") runs here (on CUDA: inside a captured
-    CUDA graph) and agrees with float64 attention on random data: a padded row start, a
-    partly used buffer, GQA."""
-    if mode == "flash" and (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)):
-        return False
+def works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether ``split_attention`` runs here (on CUDA: inside a captured CUDA graph) and
+    agrees with float64 attention on random data: a padded row start, a partly used
+    buffer, two query heads per KV head."""
     tokens, length, used_end, start = 8, 512, 300, 5
     q = torch.randn(1, 4, tokens, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(1, 2, length, head_dim, device=device, dtype=dtype) for _ in range(2))
@@ -128,12 +86,9 @@ def works(mode: str, device: torch.device, dtype: torch.dtype, head_dim: int) ->
     j = torch.arange(length, device=device)
     visible = (j >= start) & (j <= slots[:, None])  # [Tb, Lb]
     mask = torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
-    bounds = FlashBounds.of(slots, torch.tensor([start], device=device), length)
     folded_mask = mask.repeat(2, 1)[None, None]  # query rows folded per KV head: [1, 1, 2 * Tb, Lb]
 
     def attend() -> torch.Tensor:  # [1, 4, Tb, D]
-        if mode == "flash":
-            return flash_attention(q, k, v, bounds, None, None).transpose(1, 2)
         return split_attention(q.reshape(1, 2, 2 * tokens, head_dim), k, v, folded_mask, None, 2).reshape(q.shape)
 
     try:

@@ -33,7 +33,7 @@ from transformers import (
 
 from .options import CallOptions
 
-__all__ = ["SUPPORTED_KWARGS", "TokenChooser", "unsupported_options"]
+__all__ = ["SUPPORTED_KWARGS", "HostMirror", "TokenChooser", "unsupported_options"]
 
 # generate kwargs this module understands (besides max_new_tokens, do_sample and seed)
 SUPPORTED_KWARGS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
@@ -143,3 +143,25 @@ class TokenChooser:
         if self.criteria:
             unfinished = unfinished & ~self.criteria(sequences, scores)
         return unfinished
+
+
+class HostMirror:
+    """Brings a step's tokens and the "any row still running" flag to the host without
+    waiting for work queued after them (pinned buffers and an event on CUDA)."""
+
+    def __init__(self, batch: int, device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self._tokens = torch.zeros(batch, dtype=torch.long, pin_memory=pinned)
+        self._running = torch.zeros(1, dtype=torch.bool, pin_memory=pinned)
+        self._event = torch.cuda.Event() if pinned else None
+
+    def send(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> None:
+        self._tokens.copy_(tokens, non_blocking=True)
+        self._running.copy_(unfinished.any()[None], non_blocking=True)
+        if self._event is not None:
+            self._event.record()
+
+    def receive(self) -> tuple[torch.Tensor, bool]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._tokens.clone(), bool(self._running)

@@ -13,24 +13,20 @@ bucket, fixed per captured graph. Every piece of per-call state the step reads i
 device tensor at a fixed address (ids, positions, slots, row starts), so a captured graph
 replays any call of its bucket.
 
-Masks. ``StepMasks`` holds one additive mask ``[B, 1, M, Lb]`` per attention window in the
-model (``None`` for full attention): a query in slot ``s`` of row ``b`` sees slot ``j`` iff
-``row_start[b] <= j <= s`` (and ``j > s - window`` for a sliding layer, as transformers'
-sliding masks do). Hidden entries hold the dtype's most negative value, as HF's own
-masks do. For the split attention the query rows are folded per KV head (``M = g * Tb``,
-``g`` query heads per KV head, row ``k * Tb + t`` is query head ``k`` of the group at token
-``t``), for HF's own attention functions they are not (``M = Tb``).
+Masks. One additive mask ``[B, 1, M, Lb]`` per attention window of the model (``None``
+for full attention): a query in slot ``s`` of row ``b`` sees slot ``j`` iff ``row_start[b]
+<= j <= s`` (and ``j > s - window`` in a sliding layer, transformers' rule). Hidden
+entries hold the dtype's most negative value, as HF's own masks do. For the split
+attention the query rows are folded per KV head (``M = g * Tb`` for ``g`` query heads per
+KV head; row ``i * Tb + t`` is the group's ``i``-th query head at token ``t``); for HF's own
+attention functions they are not (``M = Tb``).
 
-Attention. ``slot_attention`` is registered with transformers as ``ATTENTION_NAME``; the
-executor switches the model to it during its calls and passes the step's ``StepMasks``
-as the model kwarg ``spanctx_masks``, which transformers hands to every attention call.
-Mode ``"hf"`` calls the model's own attention function (``StepMasks.original``) with the
-mask: the same arithmetic as an eager HF call. Mode ``"split"`` is split-KV
-(flash-decoding) attention for models that use SDPA: the ``Lb`` slots are cut into
-``chunks`` pieces attended in parallel, and the pieces are merged by their
-log-sum-exp; one query over a long cache then keeps the whole GPU busy. On CUDA each
-piece runs in PyTorch's memory-efficient attention kernel (never the math backend); on
-CPU in plain float32 arithmetic.
+Attention. ``slot_attention`` is registered with transformers as ``ATTENTION_NAME``;
+``attention_switched`` points the model at it during the executor's calls, and the step
+passes its ``StepAttention`` as the model kwarg ``STEP_KWARG``, which transformers hands
+down to every attention call. Mode ``"hf"`` calls the model's own attention function
+(``own_attention``) with the step's mask: the arithmetic of an eager HF call. Mode
+``"split"`` runs ``spanctx.attention.split_attention``.
 """
 
 from __future__ import annotations
@@ -45,7 +41,7 @@ import torch
 from transformers import AttentionInterface, Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .attention import FlashBounds, flash_attention, split_attention
+from .attention import split_attention
 from .kv import KVSlice
 
 __all__ = [
@@ -159,11 +155,10 @@ class SlotCache(Cache):
 class StepAttention:
     """What ``slot_attention`` needs in one step (see the module docstring)."""
 
-    mode: str  # "hf", "split" or "flash"
-    masks: Mapping[int | None, torch.Tensor]  # hf and split: additive masks [B, 1, M, Lb] per window
+    mode: str  # "hf" or "split"
+    masks: Mapping[int | None, torch.Tensor]  # additive masks [B, 1, M, Lb] per window
     chunks: int  # split: pieces of the Lb slots attended in parallel
-    original: Callable | None  # hf: the model's own attention function
-    bounds: FlashBounds | None  # flash: the step's key ranges
+    original: Callable  # hf: the model's own attention function
 
     def mask(self, window: int | None) -> torch.Tensor:
         try:
@@ -203,8 +198,6 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise RuntimeError(f"{step.mode} attention computes plain softmax attention; got {name}")
-    if step.mode == "flash":
-        return flash_attention(query, key, value, step.bounds, window, scaling), None
     B, Hq, T, D = query.shape
     H = key.shape[1]
     folded = query.reshape(B, H, (Hq // H) * T, D)  # query head h = k * (Hq // H) + i uses KV head k

@@ -28,47 +28,27 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from . import attention as kernels
 from . import kv as kvops
-from .decoding import TokenChooser, unsupported_options
+from .decoding import HostMirror, TokenChooser, unsupported_options
 from .graphs import BuildStats, StepGraphs
 from .options import CallOptions, seeded
-from . import attention as kernels
 from .slots import STEP_KWARG, KVBuffers, SlotCache, StepAttention, attention_switched, own_attention, step_masks
+from .static_layout import (SLOT_GRANULE, cache_bucket, cache_kwargs, check_tail, left_pads, model_reason,
+                            probe_layout, rows_of, suffix_bucket)
+from .static_lora import AdapterState, AdapterSteps
 from .store import SpanKV
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 
-SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
-ATTENTION_MODES = ("auto", "flash", "split", "hf")
+ATTENTION_MODES = ("auto", "split", "hf")
 GRAPH_TOKENS = 512  # longer tails run without a graph (they are arithmetic-bound anyway)
-HOST_ROPE = {"dynamic": "dynamic NTK", "longrope": "longrope"}  # rope types that read lengths on the host
-
-
-def _cache_kwargs(model, cache) -> dict[str, object]:
-    # TODO(hf.py): use spanctx.hf.cache_kwargs once it lands on main.
-    import inspect
-
-    names = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in names else "past_key_values": cache}
-
-
-def suffix_bucket(tokens: int) -> int:
-    """Padded length of a step of ``tokens`` new tokens: 1 for decode, else the next power
-    of two, at least 16."""
-    return 1 if tokens == 1 else max(16, 1 << (tokens - 1).bit_length())
-
-
-def cache_bucket(slots: int, granule: int = SLOT_GRANULE) -> int:
-    """Attention length covering ``slots``: rounded up to a sixteenth of the largest power
-    of two not above it (at most ~6% padding), and to a multiple of ``granule``."""
-    step = max(granule, (1 << (max(slots, 1).bit_length() - 1)) // 16)
-    return -(-slots // step) * step
 
 
 @attrs.frozen
@@ -79,6 +59,7 @@ class Bucket:
     tokens: int  # step tokens (padded)
     length: int  # attention slots
     keep: int  # logits rows returned
+    adapters: AdapterState | None  # what the LoRA layers run (None: the base model)
 
 
 @attrs.frozen
@@ -118,6 +99,7 @@ class _Call:
     tail_bucket: int
     length: int
     copied: int
+    adapters: AdapterState | None
     builds_before: BuildStats
 
 
@@ -128,12 +110,11 @@ class StaticExecutor:
     allocated at once (``memory_bytes``). ``graphs`` (default: on when the model is on
     CUDA) captures each bucket's step in a CUDA graph; ``compile`` runs the model through
     ``torch.compile`` first (fused kernels; the first call of a new shape compiles).
-    ``attention`` (see ``spanctx.attention``): "flash" (flash attention over each row's
-    used slots, CUDA and 16-bit), "split" (split-KV attention under a mask), both for
-    models whose attention is plain softmax (SDPA or eager, no soft-capping); "hf" (the
-    model's own attention function with the executor's masks); "auto": the first of
-    flash, split that runs here on CUDA for an SDPA model, else hf. ``chunks`` fixes the
-    split's piece count (default: enough pieces to fill the GPU).
+    ``attention``: "split" (split-KV attention, ``spanctx.attention``; for models whose
+    attention is plain softmax: SDPA or eager without soft-capping), "hf" (the model's own
+    attention function with the executor's masks), or "auto" (split on CUDA for an SDPA
+    model where its kernel runs, else hf). ``chunks`` fixes the split's piece count
+    (default: about one block per SM).
     """
 
     def __init__(self, model, *, max_tokens: int, max_batch: int = 1, graphs: bool | None = None,
@@ -147,7 +128,7 @@ class StaticExecutor:
             raise ValueError(f"need max_tokens >= 2 and max_batch >= 1, got {max_tokens} and {max_batch}")
         self.compiled = compile
         text = model.config.get_text_config()
-        layout, self.dtype = _probe_layout(model)
+        layout, self.dtype = probe_layout(model)
         self.max_tokens = -(-max_tokens // SLOT_GRANULE) * SLOT_GRANULE
         self.buffers = KVBuffers(layout, max_batch=max_batch, max_tokens=self.max_tokens, dtype=self.dtype,
                                  device=self.device)
@@ -158,7 +139,7 @@ class StaticExecutor:
         self._group = text.num_attention_heads // self.kv_heads if self.attention == "split" else 1
         self._chunks = chunks
         self._own_attention = own_attention(model)
-        self._model_reason = _model_reason(text, self.graphs)
+        self._model_reason = model_reason(text, self.graphs)
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.graphs else 0
         ints = dict(dtype=torch.long, device=self.device)
         self._ids = torch.zeros(max_batch, self.max_tokens, **ints)
@@ -166,11 +147,17 @@ class StaticExecutor:
         self._slots = torch.zeros(self.max_tokens, **ints)
         self._keep = torch.zeros(self.max_tokens, **ints)
         self._row_start = torch.zeros(max_batch, **ints)
-        self._no_mask = torch.zeros(1, 1, 1, 1, dtype=self.dtype, device=self.device)
-        self._caches: dict[Bucket, SlotCache] = {}
+        self._adapters = AdapterSteps(model, max_batch=max_batch, max_tokens=self.max_tokens)
         self._forward = torch.compile(model) if compile else model
-        self._steps = StepGraphs(self._step, graphs=self.graphs, warmup=2 if compile else 1)
         self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every captured step (call after unloading an adapter: a graph keeps the
+        weights it was captured with)."""
+        with self._lock:
+            self._caches: dict[Bucket, SlotCache] = {}
+            self._steps = StepGraphs(self._step, graphs=self.graphs, warmup=2 if self.compiled else 1)
 
     @property
     def memory_bytes(self) -> int:
@@ -201,28 +188,31 @@ class StaticExecutor:
 
     def forward(self, prefix: Sequence[kvops.KVSlice] | Sequence[Sequence[kvops.KVSlice]], input_ids: torch.Tensor,
                 tail_start: int, *, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 1) -> ForwardOutput:
+                alora_offsets: Sequence[int | None] | None = None, logits_to_keep: int = 1) -> ForwardOutput:
         """Logits of the prompt's last ``logits_to_keep`` tokens, after running
         ``input_ids [B, S]``'s tail ``[tail_start, S)`` over ``prefix``.
 
         ``prefix``: stored slices laid one after the other, covering ``[0, tail_start)``;
         one sequence for every row, or one per row. ``attention_mask [B, S]`` (optional)
         marks left padding with 0: row ``b``'s prefix then covers its real tokens
-        before ``tail_start`` only.
+        before ``tail_start`` only. ``alora_offsets`` (with an aLoRA switched on): per
+        row, how many of the prompt's last tokens run with it (PEFT's ``alora_offsets``;
+        None: none); the prefix must end before each row's invocation.
         """
         batch, prompt = input_ids.shape
-        _check_tail(tail_start, prompt)
+        check_tail(tail_start, prompt)
         if not 1 <= logits_to_keep <= prompt - tail_start:
             raise ValueError(f"logits_to_keep must be in [1, {prompt - tail_start}] (the tail's length), "
                              f"got {logits_to_keep}")
-        with self._calling():
-            call = self._prepare(prefix, input_ids, tail_start, prompt, attention_mask)
+        with self._calling(prompt, tail_start, alora_offsets) as adapters:
+            call = self._prepare(prefix, input_ids, tail_start, prompt, attention_mask, adapters)
             logits = self._run_tail(call, input_ids, logits_to_keep).clone()
             return ForwardOutput(logits, self._prompt_kv(call), self._stats(call, steps=1))
 
     def generate(self, prefix: Sequence[kvops.KVSlice] | Sequence[Sequence[kvops.KVSlice]], input_ids: torch.Tensor,
                  tail_start: int, *, options: CallOptions, streamer: BaseStreamer | None = None,
-                 attention_mask: torch.Tensor | None = None) -> GenerateOutput:
+                 attention_mask: torch.Tensor | None = None,
+                 alora_offsets: Sequence[int | None] | None = None) -> GenerateOutput:
         """Run the tail ``[tail_start, S)`` of ``input_ids [B, S]`` over ``prefix`` (as in
         ``forward``), then decode up to ``options.max_new_tokens`` tokens as HF ``generate``
         would (``spanctx.decoding``), seeded with ``options.seed``. ``streamer`` gets the
@@ -230,15 +220,15 @@ class StaticExecutor:
         chooser = TokenChooser.from_options(self.model, options, self.device)
         batch, prompt = input_ids.shape
         budget = options.max_new_tokens
-        with self._calling(), seeded(options.seed, self.device):
-            call = self._prepare(prefix, input_ids, tail_start, prompt + budget, attention_mask)
+        with self._calling(prompt, tail_start, alora_offsets) as adapters, seeded(options.seed, self.device):
+            call = self._prepare(prefix, input_ids, tail_start, prompt + budget, attention_mask, adapters)
             logits = self._run_tail(call, input_ids, 1)[:, -1]
             sequences = torch.empty(batch, prompt + budget, dtype=torch.long, device=self.device)
             sequences[:, :prompt] = input_ids
             unfinished = torch.ones(batch, dtype=torch.long, device=self.device)
             if streamer is not None:
                 streamer.put(input_ids.cpu())
-            host = _HostMirror(batch, self.device)
+            host = HostMirror(batch, self.device)
             made = 0
             for i in range(budget):
                 tokens, scores = chooser.choose(sequences[:, :prompt + i], logits, unfinished)
@@ -261,21 +251,30 @@ class StaticExecutor:
     # -- steps ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _calling(self):
+    def _calling(self, prompt: int, tail_start: int, alora_offsets) -> Iterator[AdapterState | None]:
+        """Hold the executor and the model for one call; yields the adapter state."""
+        starts = None
+        if alora_offsets is not None:
+            starts = [None if n is None else prompt - n for n in alora_offsets]
+            if any(s is not None and not tail_start <= s < prompt for s in starts):
+                raise ValueError(f"aLoRA offsets {list(alora_offsets)} put an invocation before tail_start="
+                                 f"{tail_start} (the reused prefix must be base KV) or outside the prompt")
         with self._lock, torch.inference_mode(), attention_switched(self.model):
-            yield
+            state, layers = self._adapters.state()
+            with self._adapters.engaged(state, layers, starts):
+                yield state
 
     def _prepare(self, prefix, input_ids: torch.Tensor, tail_start: int, slots_needed: int,
-                 attention_mask: torch.Tensor | None) -> _Call:
+                 attention_mask: torch.Tensor | None, adapters: AdapterState | None) -> _Call:
         """Place the prefix, set the row starts, pick the buckets."""
         batch, prompt = input_ids.shape
         reason = self.unsupported(batch=batch, num_tokens=slots_needed)
         if reason:
             raise ValueError(reason)
-        _check_tail(tail_start, prompt)
-        pads = _left_pads(attention_mask, batch, prompt)
+        check_tail(tail_start, prompt)
+        pads = left_pads(attention_mask, batch, prompt)
         copied = 0
-        for row, pieces in enumerate(_rows(prefix, batch)):
+        for row, pieces in enumerate(rows_of(prefix, batch)):
             expected = tail_start - min(pads[row], tail_start)
             covered = sum(p.num_tokens for p in pieces)
             if covered != expected:
@@ -286,7 +285,9 @@ class StaticExecutor:
         self._row_start[:batch].copy_(torch.tensor(pads), non_blocking=True)
         tail_bucket = min(suffix_bucket(prompt - tail_start), self.max_tokens - tail_start)
         length = min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
-        return _Call(batch, prompt, tail_start, tail_bucket, length, copied, self._steps.stats)
+        if adapters is not None and adapters.alora and len(rows_of(prefix, batch)) and any(pads):
+            raise ValueError("aLoRA rows with left padding are not supported: pass rows of one length")
+        return _Call(batch, prompt, tail_start, tail_bucket, length, copied, adapters, self._steps.stats)
 
     def _run_tail(self, call: _Call, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the tail's last ``keep`` tokens (a graph's buffer)."""
@@ -298,7 +299,7 @@ class StaticExecutor:
         self._slots[:padded].copy_(slots)
         self._pos[:batch, :padded].copy_((slots[None] - self._row_start[:batch, None]).clamp_(min=0))
         self._keep[:keep].copy_(torch.arange(tokens - keep, tokens, device=self.device))
-        return self._run(Bucket(batch, padded, call.length, keep))
+        return self._run(Bucket(batch, padded, call.length, keep, call.adapters))
 
     def _run_decode(self, call: _Call, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         """Logits ``[B, 1, V]`` after feeding ``tokens [B]`` at ``slot``."""
@@ -306,7 +307,7 @@ class StaticExecutor:
         self._ids[:batch, 0].copy_(tokens)
         self._slots[:1].fill_(slot)
         self._pos[:batch, 0].copy_((slot - self._row_start[:batch]).clamp_(min=0))
-        return self._run(Bucket(batch, 1, call.length, 1))
+        return self._run(Bucket(batch, 1, call.length, 1, call.adapters))
 
     def _run(self, bucket: Bucket) -> torch.Tensor:
         if self.graphs and bucket.tokens > GRAPH_TOKENS:
@@ -317,20 +318,17 @@ class StaticExecutor:
         """One model step of ``bucket`` from the fixed inputs: what a graph captures."""
         batch, tokens, length = bucket.batch, bucket.tokens, bucket.length
         slots, row_start = self._slots[:tokens], self._row_start[:batch]
-        if self.attention == "flash":
-            step = StepAttention("flash", {}, 1, None, kernels.FlashBounds.of(slots, row_start, length))
-            mask = self._no_mask  # 4D, so that transformers builds no mask of its own
-        else:
-            masks = step_masks(slots, row_start, length, self.windows, fold=self._group, dtype=self.dtype)
-            step = StepAttention(self.attention, masks, self._chunk_count(bucket), self._own_attention, None)
-            mask = masks[None]
+        if bucket.adapters is not None and bucket.adapters.alora:
+            self._adapters.write_mask(slots, batch)
+        masks = step_masks(slots, row_start, length, self.windows, fold=self._group, dtype=self.dtype)
+        step = StepAttention(self.attention, masks, self._chunk_count(bucket), self._own_attention)
         cache = self._caches.get(bucket)
         if cache is None:
             cache = self._caches[bucket] = SlotCache(*self.buffers.views(batch, length), slots)
         keep = 1 if tokens == 1 else self._keep[:bucket.keep]
         out = self._forward(input_ids=self._ids[:batch, :tokens], position_ids=self._pos[:batch, :tokens],
-                            attention_mask=mask, use_cache=True, logits_to_keep=keep, **{STEP_KWARG: step},
-                            **_cache_kwargs(self.model, cache))
+                            attention_mask=masks[None], use_cache=True, logits_to_keep=keep, **{STEP_KWARG: step},
+                            **cache_kwargs(self.model, cache))
         return out.logits
 
     def _chunk_count(self, bucket: Bucket) -> int:
@@ -341,7 +339,7 @@ class StaticExecutor:
         query_blocks = -(-(self._group * bucket.tokens) // 64)
         rows = bucket.batch * self.kv_heads * query_blocks
         if self.device.type == "cuda":
-            return kernels.chunk_count(bucket.length, rows, target=2 * self._sms, min_chunk=256)
+            return kernels.chunk_count(bucket.length, rows, target=self._sms, min_chunk=256)
         return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
 
     def _prompt_kv(self, call: _Call) -> SpanKV:
@@ -362,82 +360,13 @@ class StaticExecutor:
         if attention == "auto":
             if self.device.type != "cuda" or own != "sdpa" or softcap:
                 return "hf"
-            return next((m for m in ("flash", "split") if kernels.works(m, self.device, self.dtype, head_dim)), "hf")
-        if attention != "hf":
+            return "split" if kernels.works(self.device, self.dtype, head_dim) else "hf"
+        if attention == "split":
             if own not in ("sdpa", "eager") or softcap:
                 raise ValueError(f"{attention} attention computes plain softmax attention; this model's is {own!r}"
                                  + (" with logit soft-capping" if softcap else ""))
-            if not kernels.works(attention, self.device, self.dtype, head_dim):
+            if not kernels.works(self.device, self.dtype, head_dim):
                 raise ValueError(f"{attention} attention does not run (or disagrees) on {self.device} in {self.dtype}")
         return attention
 
 
-class _HostMirror:
-    """Brings a step's tokens and the "any row still running" flag to the host without
-    waiting for work queued after them (pinned buffers and an event on CUDA)."""
-
-    def __init__(self, batch: int, device: torch.device) -> None:
-        pinned = device.type == "cuda"
-        self._tokens = torch.zeros(batch, dtype=torch.long, pin_memory=pinned)
-        self._running = torch.zeros(1, dtype=torch.bool, pin_memory=pinned)
-        self._event = torch.cuda.Event() if pinned else None
-
-    def send(self, tokens: torch.Tensor, unfinished: torch.Tensor) -> None:
-        self._tokens.copy_(tokens, non_blocking=True)
-        self._running.copy_(unfinished.any()[None], non_blocking=True)
-        if self._event is not None:
-            self._event.record()
-
-    def receive(self) -> tuple[torch.Tensor, bool]:
-        if self._event is not None:
-            self._event.synchronize()
-        return self._tokens.clone(), bool(self._running)
-
-
-def _probe_layout(model) -> tuple[list[tuple[int, int]], torch.dtype]:
-    """Per layer (H_kv, D), and the KV dtype, read off a one-token forward."""
-    with torch.inference_mode():
-        cache = kvops.empty_cache()
-        ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **_cache_kwargs(model, cache))
-        kv = kvops.as_slices(cache)
-    return [(k.shape[1], k.shape[-1]) for k in kv.keys], kv.keys[0].dtype
-
-
-def _model_reason(text, graphs: bool) -> str | None:
-    """Why this model cannot run here at all (None when it can)."""
-    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
-    kinds = {rope.get("rope_type")} if "rope_type" in rope else {p.get("rope_type") for p in rope.values()
-                                                                 if isinstance(p, dict)}
-    host = sorted(HOST_ROPE[k] for k in kinds if k in HOST_ROPE)
-    if graphs and host:
-        return f"{', '.join(host)} RoPE recomputes its frequencies from the length on the host: no CUDA graph"
-    return None
-
-
-def _check_tail(tail_start: int, prompt: int) -> None:
-    if not 0 <= tail_start < prompt:
-        raise ValueError(f"tail_start must leave at least one of the {prompt} prompt tokens to run, got {tail_start}")
-
-
-def _left_pads(attention_mask: torch.Tensor | None, batch: int, prompt: int) -> list[int]:
-    """Per row, the number of leading pad slots (the mask must be 0s then 1s)."""
-    if attention_mask is None:
-        return [0] * batch
-    if tuple(attention_mask.shape) != (batch, prompt):
-        raise ValueError(f"attention_mask must be [{batch}, {prompt}], got {list(attention_mask.shape)}")
-    mask = attention_mask.to("cpu", torch.long)
-    pads = (prompt - mask.sum(dim=1)).tolist()
-    for row, pad in enumerate(pads):
-        if pad >= prompt or mask[row, :pad].any() or not mask[row, pad:].all():
-            raise ValueError(f"row {row} of attention_mask is not left padding (0s, then at least one 1)")
-    return pads
-
-
-def _rows(prefix, batch: int) -> list[Sequence[kvops.KVSlice]]:
-    """``prefix`` as one sequence of slices per row."""
-    if not prefix or isinstance(prefix[0], kvops.KVSlice):
-        return [prefix] * batch
-    if len(prefix) != batch:
-        raise ValueError(f"{len(prefix)} per-row prefixes for a batch of {batch}")
-    return list(prefix)

@@ -15,7 +15,8 @@ from transformers.generation.streamers import BaseStreamer
 import spanctx
 from spanctx.kv import KVSlice, as_slices, empty_cache
 from spanctx.options import merge_options
-from spanctx.static import StaticExecutor, _cache_kwargs, cache_bucket, suffix_bucket
+from spanctx.static import StaticExecutor
+from spanctx.static_layout import cache_bucket, cache_kwargs, suffix_bucket
 
 ATOL = 1e-4
 MODELS = {**ARCHS, "phi3": ("tiny-phi3", {})}
@@ -39,7 +40,7 @@ def prefix_of(model, ids: torch.Tensor, end: int, cuts=()) -> list[KVSlice]:
     """The KV of ``ids[:, :end]`` by a plain HF forward, as slices cut at ``cuts``."""
     with torch.inference_mode():
         cache = empty_cache()
-        model(input_ids=ids[:, :end], use_cache=True, **_cache_kwargs(model, cache))
+        model(input_ids=ids[:, :end], use_cache=True, **cache_kwargs(model, cache))
     span, bounds = as_slices(cache), [0, *cuts, end]
     return [KVSlice(span, a, b) for a, b in zip(bounds, bounds[1:])]
 
@@ -232,7 +233,7 @@ def test_what_it_refuses_and_why():
         StaticExecutor(model, max_tokens=64, graphs=True)
     with pytest.raises(ValueError, match="soft-capping"):
         StaticExecutor(model_of("gemma2"), max_tokens=64, attention="split")
-    with pytest.raises(ValueError, match="does not run"):
+    with pytest.raises(ValueError, match="must be one of"):
         StaticExecutor(model, max_tokens=64, attention="flash")
 
 
@@ -254,3 +255,56 @@ def test_the_model_is_left_as_it_was():
     ex.generate(prefix_of(model, ids, 10), ids, 10, options=options(max_new_tokens=2))
     assert model.config._attn_implementation == implementation
     assert torch.equal(full_logits(model, ids, 20), before)
+
+
+# -- adapters -------------------------------------------------------------------------------
+
+
+def adapted(tmp_path, invocation: bool):
+    """(PEFT model with a random LoRA or aLoRA switched on, its invocation ids)."""
+    from adapter_helpers import invocation_ids, make_adapter, peft_reference
+
+    tokenizer = tiny_model("llama")[1]
+    inv = invocation_ids(tokenizer) if invocation else None
+    folder = make_adapter(tiny_model("llama")[0], tmp_path / "adapter", invocation=inv, seed=3)
+    return peft_reference("llama", folder), inv
+
+
+@pytest.mark.parametrize("attention", ["hf", "split"])
+def test_alora_rows_match_peft_full_prefill(tmp_path, attention):
+    peft_model, inv = adapted(tmp_path, invocation=True)
+    model = peft_model.get_base_model()  # the adapted modules, adapter switched on
+    ids = torch.cat([ids_of(25, seed=5), torch.tensor([inv]), ids_of(4, seed=6)], dim=1)
+    start, prompt = 25, ids.shape[1]
+    prefix = prefix_of(model_of("llama"), ids, 20)  # base KV: it ends before the invocation
+    ex = StaticExecutor(model, max_tokens=128, attention=attention)
+    out = ex.forward(prefix, ids, 20, alora_offsets=[prompt - start], logits_to_keep=3)
+    with torch.inference_mode():
+        want = peft_model(input_ids=ids).logits[:, -3:].float()  # PEFT finds the invocation itself
+        base = model_of("llama")(input_ids=ids).logits[:, -3:].float()
+    torch.testing.assert_close(out.logits.float(), want, atol=ATOL, rtol=0)
+    assert (want - base).abs().max() > 1e-2  # the adapter matters here
+    generated = ex.generate(prefix, ids, 20, alora_offsets=[prompt - start], options=options(max_new_tokens=5))
+    assert generated.sequences.tolist() == hf_generate(peft_model, ids, max_new_tokens=5, do_sample=False).tolist()
+    # no offsets: no row is adapted (PEFT's rule), and that is another graph key
+    plain = ex.forward(prefix, ids, 20, logits_to_keep=3)
+    torch.testing.assert_close(plain.logits.float(), base, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="before tail_start"):
+        ex.forward(prefix, ids, 20, alora_offsets=[prompt - 10])
+
+
+def test_a_plain_lora_runs_and_the_adapter_state_keys_the_buckets(tmp_path):
+    peft_model, _ = adapted(tmp_path, invocation=False)
+    model = peft_model.get_base_model()
+    ids = ids_of(30, seed=7)
+    ex = StaticExecutor(model, max_tokens=128)
+    on = ex.forward([], ids, 0)  # nothing reused: a LoRA changes every token's KV
+    with torch.inference_mode():
+        torch.testing.assert_close(on.logits.float(), peft_model(input_ids=ids).logits[:, -1:].float(),
+                                   atol=ATOL, rtol=0)
+    with peft_model.disable_adapter():
+        off = ex.forward([], ids, 0)
+    assert off.stats.builds == 1  # the same shapes, another adapter state: another bucket
+    torch.testing.assert_close(off.logits.float(), full_logits(model_of("llama"), ids, 1), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="no aLoRA adapter"):
+        ex.forward([], ids, 0, alora_offsets=[3])
