@@ -48,7 +48,7 @@ from .store import SpanKV
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 
 ATTENTION_MODES = ("auto", "split", "hf")
-GRAPH_TOKENS = 512  # longer tails run without a graph (they are arithmetic-bound anyway)
+GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are arithmetic-bound anyway)
 
 
 @attrs.frozen
@@ -283,7 +283,8 @@ class StaticExecutor:
             copied += self.buffers.place(row, pieces, tail_start)
             self.buffers.overwrite(row, tail_start, self.max_tokens)
         self._row_start[:batch].copy_(torch.tensor(pads), non_blocking=True)
-        tail_bucket = min(suffix_bucket(prompt - tail_start), self.max_tokens - tail_start)
+        tail = prompt - tail_start  # a long tail is arithmetic-bound: no graph, no padding
+        tail_bucket = min(suffix_bucket(tail), self.max_tokens - tail_start) if tail <= GRAPH_TOKENS else tail
         length = min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
         if adapters is not None and adapters.alora and len(rows_of(prefix, batch)) and any(pads):
             raise ValueError("aLoRA rows with left padding are not supported: pass rows of one length")

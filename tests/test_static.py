@@ -100,6 +100,15 @@ def test_buckets_are_built_once_and_reused():
     assert ex.build_stats.builds == 4
 
 
+def test_a_long_tail_runs_unpadded():
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=1024)
+    ids = ids_of(600, seed=8)
+    out = ex.forward(prefix_of(model, ids, 10), ids, 10)
+    assert out.stats.suffix_bucket == 590
+    torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
+
+
 def test_bucket_sizes():
     assert [suffix_bucket(n) for n in (1, 2, 16, 17, 64, 65)] == [1, 16, 16, 32, 64, 128]
     for slots in (1, 255, 256, 257, 4000, 8288, 100_000):
