@@ -11,6 +11,10 @@ gets ``pad_token_id`` from then on; the caller's ``stopping_criteria`` finish ro
 What it does not build (beams, several sequences per prompt, stop strings, other
 processors a generation config may switch on) is named by ``unsupported_options``: the
 engine runs such calls on the eager executor.
+
+``HostMirror`` brings a step's tokens and the "any row still running" flag to the host
+through pinned memory and an event, so the loop can launch the next step before it
+waits for them.
 """
 
 from __future__ import annotations

@@ -3,25 +3,36 @@
 The eager executor hands transformers a fresh ``DynamicCache`` per call; every step then
 pays Python and kernel launches, which on a GPU cost more than the arithmetic. This one
 keeps one set of KV buffers for the life of the executor (``spanctx.slots``) and runs
-each model step from fixed-address inputs, so a step can be captured once into a CUDA
-graph and replayed for every later call of its bucket (``spanctx.graphs``).
+each model step from fixed-address inputs, so a step is captured once into a CUDA graph
+and replayed for every later call of its bucket (``spanctx.graphs``).
 
-A call: the stored spans covering ``[0, tail_start)`` are copied straight into the
-buffers (one copy per slice; slices already in place from the previous call are not
-copied again); one step runs the prompt's tail ``[tail_start, S)``, padded to its
-suffix bucket (``suffix_bucket``); then one step per generated token. Every step
-attends over the first ``cache_bucket(...)`` slots, chosen once per call to cover the
-prompt, the new tokens and the padding. A graph is keyed by (rows, step tokens,
-attention slots, logits kept): one capture (and, with ``compile=True``, one
-``torch.compile`` of the model per new shape) serves every later call with that key;
-``ExecStats`` says what a call paid. Padded step tokens write junk KV beyond the
-prompt, in slots the masks hide and decode overwrites.
+A call: the stored slices covering ``[0, tail_start)`` are copied straight into the
+buffers (one copy; slices still in place from the previous call are not copied again);
+one step runs the prompt's tail ``[tail_start, S)``, padded to its suffix bucket
+(``static_layout.suffix_bucket``; tails over ``GRAPH_TOKENS`` run unpadded, without a
+graph); then one step per generated token, chosen as HF ``generate`` would
+(``spanctx.decoding``). Every step attends over the first ``cache_bucket`` slots, fixed
+per call to cover prompt, new tokens and padding. A graph is keyed by ``Bucket`` (rows,
+step tokens, attention slots, logits kept, adapter state): its capture (and with
+``compile=True`` a ``torch.compile`` of each new shape) is paid once and reported in
+``ExecStats``. Padded step tokens write junk KV after the prompt, in slots the masks
+hide and decode overwrites.
 
-Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwards with
-an explicit mask; logits match a full prefill within float rounding.
+Runs: exact and placed prefixes (positions are slots), left-padded batches (per-row
+prefixes), greedy and sampled decoding with a seed, HF logits processors and stopping
+criteria, EOS and padding of finished rows, streaming, plain LoRA and aLoRA adapters
+(``spanctx.static_lora``). Refuses (``unsupported``): custom attention masks, batches
+over ``max_batch``, calls needing more than ``max_tokens`` slots, generate options the
+decode loop does not build (beams, stop strings, ...), and with graphs dynamic-NTK or
+longrope RoPE.
 
-Threading: calls must not overlap (the engine's lock serializes them): during a call the
-model's attention implementation is switched to ``spanctx.slots``' function.
+Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwards
+with an explicit mask; logits match a full prefill within float rounding
+(``tests/test_static.py``).
+
+Threading: calls must not overlap (the engine serializes them; the executor also holds a
+lock): during a call the model's attention implementation is switched to
+``spanctx.slots``' function, and aLoRA layers to the executor's hooks.
 """
 
 from __future__ import annotations
@@ -161,8 +172,10 @@ class StaticExecutor:
 
     @property
     def memory_bytes(self) -> int:
-        """GPU (or CPU) memory of the KV buffers and the step inputs."""
-        inputs = (self._ids, self._pos, self._slots, self._keep, self._row_start)
+        """Memory of the KV buffers and the step inputs (allocated at construction). The
+        graphs' own pool (a step's activations and logits) comes on top, per bucket."""
+        inputs = (self._ids, self._pos, self._slots, self._keep, self._row_start, self._adapters.starts,
+                  self._adapters.adapt)
         return self.buffers.nbytes + sum(t.numel() * t.element_size() for t in inputs)
 
     @property
@@ -286,8 +299,6 @@ class StaticExecutor:
         tail = prompt - tail_start  # a long tail is arithmetic-bound: no graph, no padding
         tail_bucket = min(suffix_bucket(tail), self.max_tokens - tail_start) if tail <= GRAPH_TOKENS else tail
         length = min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
-        if adapters is not None and adapters.alora and len(rows_of(prefix, batch)) and any(pads):
-            raise ValueError("aLoRA rows with left padding are not supported: pass rows of one length")
         return _Call(batch, prompt, tail_start, tail_bucket, length, copied, adapters, self._steps.stats)
 
     def _run_tail(self, call: _Call, input_ids: torch.Tensor, keep: int) -> torch.Tensor:

@@ -302,6 +302,24 @@ def test_alora_rows_match_peft_full_prefill(tmp_path, attention):
         ex.forward(prefix, ids, 20, alora_offsets=[prompt - 10])
 
 
+def test_alora_in_a_left_padded_batch(tmp_path):
+    peft_model, inv = adapted(tmp_path, invocation=True)
+    model, tail = peft_model.get_base_model(), torch.tensor([inv + [40, 41, 42]])
+    short = torch.cat([ids_of(20, seed=8), tail], dim=1)
+    long = torch.cat([ids_of(25, seed=9), tail], dim=1)
+    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    base = model_of("llama")
+    prefix = [prefix_of(base, short, 15), prefix_of(base, long, 20)]  # both end at slot 20, before slot 25
+    ex = StaticExecutor(model, max_tokens=128, max_batch=2)
+    out = ex.generate(prefix, ids, 20, attention_mask=mask, alora_offsets=[tail.shape[1]] * 2,
+                      options=options(max_new_tokens=4))
+    for row, alone in enumerate((short, long)):
+        want = hf_generate(peft_model, alone, max_new_tokens=4, do_sample=False)[0, alone.shape[1]:]
+        assert out.sequences[row, ids.shape[1]:].tolist() == want.tolist()
+
+
 def test_a_plain_lora_runs_and_the_adapter_state_keys_the_buckets(tmp_path):
     peft_model, _ = adapted(tmp_path, invocation=False)
     model = peft_model.get_base_model()
