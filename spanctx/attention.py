@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .graphs import collector_paused
+
 __all__ = ["chunk_count", "split_attention", "works"]
 
 
@@ -92,13 +94,18 @@ def works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         return split_attention(q.reshape(1, 2, 2 * tokens, head_dim), k, v, folded_mask, None, 2).reshape(q.shape)
 
     try:
-        got = attend()
         if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                attend()  # warm-up on the capture's stream
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with collector_paused(), torch.cuda.graph(graph, stream=stream):
                 got = attend()
             graph.replay()
             torch.cuda.synchronize(device)
+        else:
+            got = attend()
     except RuntimeError:
         return False
     kr, vr = (t.double().repeat_interleave(2, dim=1) for t in (k, v))

@@ -2,8 +2,9 @@
 
 A step is a function of a bucket key that reads only fixed-address device tensors and
 returns a tensor (the logits). ``StepGraphs.run(key)`` captures ``step(key)`` into a
-``torch.cuda.CUDAGraph`` the first time it sees ``key`` (after warm-up runs on a side
-stream, which also trigger ``torch.compile`` when the step calls a compiled model) and
+``torch.cuda.CUDAGraph`` the first time it sees ``key`` (after warm-up runs on the
+capture's own stream, which also trigger ``torch.compile`` when the step calls a
+compiled model) and
 replays it afterwards; the returned tensor is the graph's own output buffer, valid
 until the next run of the same bucket. With graphs off, ``run`` calls the step.
 
@@ -15,13 +16,35 @@ another's memory. Capture and compile time is paid once per key and counted in
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import time
-from collections.abc import Callable, Hashable
+import weakref
+from collections.abc import Callable, Hashable, Iterator
 
 import attrs
 import torch
 
-__all__ = ["BuildStats", "StepGraphs"]
+__all__ = ["BuildStats", "StepGraphs", "collector_paused"]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Collect garbage now, then keep Python's collector off for the block.
+
+    Around a capture: a collection inside it that frees another graph or its memory pool
+    (an executor dropped earlier) would free device memory during a global-mode capture,
+    which invalidates the capture.
+    """
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @attrs.frozen
@@ -52,12 +75,20 @@ class StepGraphs:
     """
 
     def __init__(self, step: Callable[[Hashable], torch.Tensor], *, graphs: bool, warmup: int = 1) -> None:
-        self.step = step
+        # a bound method is held weakly: its owner owns this object, and a cycle would
+        # leave dropped owners (and their graphs) to the collector
+        self._step = weakref.WeakMethod(step) if inspect.ismethod(step) else (lambda: step)
         self.graphs = graphs
         self.warmup = warmup
         self.stats = BuildStats()
         self._built: dict[Hashable, _Captured | None] = {}
         self._pool = torch.cuda.graph_pool_handle() if graphs else None
+        # warm-ups and captures share one stream: libraries that set up per-stream state on
+        # first use (cuBLAS's workspace) do it in a warm-up, never inside a capture
+        self._stream = torch.cuda.Stream() if graphs else None
+
+    def step(self, key: Hashable) -> torch.Tensor:
+        return self._step()(key)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._built
@@ -78,14 +109,12 @@ class StepGraphs:
         return captured.output
 
     def _capture(self, key: Hashable) -> _Captured:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
             for _ in range(self.warmup):
                 self.step(key)
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
+        torch.cuda.current_stream().wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with collector_paused(), torch.cuda.graph(graph, pool=self._pool, stream=self._stream):
             output = self.step(key)
         return _Captured(graph, output)

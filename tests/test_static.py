@@ -1,10 +1,13 @@
-"""The static executor (fixed KV buffers, bucketed steps) against full prefill, on CPU in fp32.
+"""The static executor (fixed KV buffers, bucketed steps) against full prefill, in fp32.
 
-Graphs are off on CPU; the steps that a GPU would capture run as plain forwards with the
+On CPU (CI) graphs are off: the steps that a GPU captures run as plain forwards with the
 same padded buckets, masks and buffers, so everything but the capture is exercised.
+``SPANCTX_TEST_DEVICE=cuda`` runs the same tests on a GPU with graphs on (by hand, on the
+device machine: CI has no GPU).
 """
 
 import functools
+import os
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from spanctx.static import StaticExecutor
 from spanctx.static_layout import cache_bucket, cache_kwargs, suffix_bucket
 
 ATOL = 1e-4
+DEVICE = torch.device(os.environ.get("SPANCTX_TEST_DEVICE", "cpu"))
 MODELS = {**ARCHS, "phi3": ("tiny-phi3", {})}
 PLAIN = [arch for arch in MODELS if arch != "gemma2"]  # gemma2 soft-caps its attention logits
 
@@ -26,14 +30,18 @@ PLAIN = [arch for arch in MODELS if arch != "gemma2"]  # gemma2 soft-caps its at
 @functools.cache
 def model_of(arch: str):
     if arch in ARCHS:
-        return tiny_model(arch)[0]
+        return tiny_model(arch)[0].to(DEVICE)
     preset, overrides = MODELS[arch]
     torch.manual_seed(0)
-    return spanctx.load_preset(preset, device="cpu", dtype=torch.float32, **overrides)[0]
+    return spanctx.load_preset(preset, device=DEVICE, dtype=torch.float32, **overrides)[0]
 
 
 def ids_of(n: int, seed: int = 0, rows: int = 1) -> torch.Tensor:
-    return torch.randint(3, 250, (rows, n), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(3, 250, (rows, n), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def on_device(values) -> torch.Tensor:
+    return torch.tensor(values, device=DEVICE)
 
 
 def prefix_of(model, ids: torch.Tensor, end: int, cuts=()) -> list[KVSlice]:
@@ -72,7 +80,8 @@ def test_logits_and_greedy_tokens_match_full_prefill(arch, attention):
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 3), atol=ATOL, rtol=0)
     generated = ex.generate(prefix, ids, 29, options=options(max_new_tokens=6))
     assert generated.sequences.tolist() == hf_generate(model, ids, max_new_tokens=6, do_sample=False).tolist()
-    assert generated.stats.attention == attention and generated.stats.path == "eager"
+    assert generated.stats.attention == attention
+    assert generated.stats.path == ("graph" if DEVICE.type == "cuda" else "eager")
 
 
 def test_prompt_kv_is_the_prompts_cache():
@@ -161,7 +170,8 @@ class _StopAfter(StoppingCriteria):
         self.length = length
 
     def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool,
+                          device=input_ids.device)
 
 
 def test_processors_criteria_and_eos_follow_hf_generate():
@@ -207,7 +217,7 @@ def test_a_left_padded_batch_equals_each_row_alone(attention):
     model = model_of("mistral")  # a sliding window: padding must not shift it
     ex = StaticExecutor(model, max_tokens=128, max_batch=2, attention=attention)
     short, long = ids_of(24, seed=3), ids_of(34, seed=4)
-    ids = torch.cat([torch.cat([torch.zeros(1, 10, dtype=torch.long), short], 1), long])
+    ids = torch.cat([torch.cat([on_device([[0] * 10]), short], 1), long])
     mask = torch.ones_like(ids)
     mask[0, :10] = 0
     # the batch's tail starts at slot 26: row 0 reuses its first 16 tokens, row 1 its first 26
@@ -238,8 +248,9 @@ def test_what_it_refuses_and_why():
         ex.forward(prefix_of(model, ids, 10), ids, 20)
     with pytest.raises(ValueError, match="at least one"):
         ex.forward(prefix_of(model, ids, 30), ids, 30)
-    with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
-        StaticExecutor(model, max_tokens=64, graphs=True)
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
+            StaticExecutor(model, max_tokens=64, graphs=True)
     with pytest.raises(ValueError, match="soft-capping"):
         StaticExecutor(model_of("gemma2"), max_tokens=64, attention="split")
     with pytest.raises(ValueError, match="must be one of"):
@@ -276,14 +287,14 @@ def adapted(tmp_path, invocation: bool):
     tokenizer = tiny_model("llama")[1]
     inv = invocation_ids(tokenizer) if invocation else None
     folder = make_adapter(tiny_model("llama")[0], tmp_path / "adapter", invocation=inv, seed=3)
-    return peft_reference("llama", folder), inv
+    return peft_reference("llama", folder).to(DEVICE), inv
 
 
 @pytest.mark.parametrize("attention", ["hf", "split"])
 def test_alora_rows_match_peft_full_prefill(tmp_path, attention):
     peft_model, inv = adapted(tmp_path, invocation=True)
     model = peft_model.get_base_model()  # the adapted modules, adapter switched on
-    ids = torch.cat([ids_of(25, seed=5), torch.tensor([inv]), ids_of(4, seed=6)], dim=1)
+    ids = torch.cat([ids_of(25, seed=5), on_device([inv]), ids_of(4, seed=6)], dim=1)
     start, prompt = 25, ids.shape[1]
     prefix = prefix_of(model_of("llama"), ids, 20)  # base KV: it ends before the invocation
     ex = StaticExecutor(model, max_tokens=128, attention=attention)
@@ -304,10 +315,10 @@ def test_alora_rows_match_peft_full_prefill(tmp_path, attention):
 
 def test_alora_in_a_left_padded_batch(tmp_path):
     peft_model, inv = adapted(tmp_path, invocation=True)
-    model, tail = peft_model.get_base_model(), torch.tensor([inv + [40, 41, 42]])
+    model, tail = peft_model.get_base_model(), on_device([inv + [40, 41, 42]])
     short = torch.cat([ids_of(20, seed=8), tail], dim=1)
     long = torch.cat([ids_of(25, seed=9), tail], dim=1)
-    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    ids = torch.cat([torch.cat([on_device([[0] * 5]), short], 1), long])
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     base = model_of("llama")
@@ -335,3 +346,22 @@ def test_a_plain_lora_runs_and_the_adapter_state_keys_the_buckets(tmp_path):
     torch.testing.assert_close(off.logits.float(), full_logits(model_of("llama"), ids, 1), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="no aLoRA adapter"):
         ex.forward([], ids, 0, alora_offsets=[3])
+
+
+def test_a_dropped_executor_is_freed_at_once():
+    # no reference cycle: its graphs go when it goes, never later inside another capture
+    import gc
+    import weakref
+
+    model, ids = model_of("llama"), ids_of(20)
+    ex = StaticExecutor(model, max_tokens=64)
+    ex.generate([], ids, 0, options=options(max_new_tokens=2))
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        dropped = weakref.ref(ex)
+        del ex
+        assert dropped() is None
+    finally:
+        if collecting:
+            gc.enable()
