@@ -32,10 +32,10 @@ import spanctx  # noqa: E402
 from spanctx import kv as kvops  # noqa: E402
 from spanctx.bench.floor import measure_floor  # noqa: E402
 from spanctx.bench.timing import now  # noqa: E402
+from spanctx.engine.slots import split_attention  # noqa: E402
+from spanctx.engine.static import StaticExecutor  # noqa: E402
+from spanctx.hf import cache_kwargs  # noqa: E402
 from spanctx.options import merge_options  # noqa: E402
-from spanctx.slots import split_attention  # noqa: E402
-from spanctx.static import StaticExecutor  # noqa: E402
-from spanctx.static_layout import cache_kwargs  # noqa: E402
 from spanctx.store import SpanKV  # noqa: E402
 
 VARIANTS = {  # name: StaticExecutor kwargs, most important first

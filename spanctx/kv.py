@@ -156,6 +156,13 @@ def extract(cache: DynamicCache, start: int, end: int, row: int = 0) -> SpanKV:
     return SpanKV(keys, values)
 
 
+def as_cache(kv: SpanKV) -> DynamicCache:
+    """``kv`` as a ``DynamicCache`` of views (no copy): to read spans out of it."""
+    cache = DynamicCache()
+    cache.layers.extend(_full_layer(k, v) for k, v in zip(kv.keys, kv.values))
+    return cache
+
+
 def as_slices(cache: DynamicCache) -> SpanKV:
     """The whole of ``cache`` as a ``SpanKV`` view (no copy): for re-assembling."""
     return SpanKV(

@@ -51,16 +51,24 @@ class Runtime(Session):
     ``min_reuse_fraction``: stored spans are reused only when they cover at least this
     fraction of the tokens the call must compute anyway; below it the prompt is computed
     from position 0 (see ``spanctx.plan``). 0 reuses every hit.
+
+    ``executor``: what runs a generation's final call and decode loop. ``"eager"``: HF's
+    own ``generate``. ``"static"``: fixed KV buffers (their memory is taken off the store's
+    budget) with CUDA graphs on a GPU (``spanctx.engine.static``); calls it cannot run
+    (adapters, per-token scores, options it does not build) run eagerly and the stats say
+    why (``executor_fallback``). ``"auto"`` (default): static on CUDA, eager elsewhere.
+    ``compile``: the static executor runs the model through ``torch.compile`` (fused
+    kernels; each new shape compiles once, 25-50 s on an 8B model).
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "none",
                  generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
-                 model_identity: str | None = None) -> None:
+                 model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
         super().__init__(model, tokenizer, store_bytes, store=store, policy=policy, repair=repair,
                          generation_defaults=generation_defaults, min_reuse_fraction=min_reuse_fraction,
-                         salt=salt, model_identity=model_identity)
+                         salt=salt, model_identity=model_identity, executor=executor, compile=compile)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.max_concurrency = max_concurrency
@@ -108,7 +116,7 @@ class Runtime(Session):
                                          output_logits=output_logits)
             new_ids = tuple(out.sequences[0, call.prompt.num_tokens:].tolist())
             return Result(text=self.tokenizer.decode(new_ids, skip_special_tokens=True), token_ids=new_ids,
-                          stats=self.stats(call, len(new_ids), out.first_token_at),
+                          stats=self.stats(call, len(new_ids), out.first_token_at, generated=out),
                           scores=first_row(out.scores), logits=first_row(out.logits))
 
     def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,

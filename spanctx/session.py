@@ -43,6 +43,7 @@ class PreparedCall:
 
     assembly: Assembly
     started: float
+    activation: Activation | None = None
 
     @property
     def prompt(self) -> ResolvedPrompt:
@@ -65,7 +66,7 @@ class Session:
                  policy: EvictionPolicy = lru, repair: str | Repair = "none",
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
-                 model_identity: str | None = None) -> None:
+                 model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         if not 0.0 <= min_reuse_fraction:
@@ -82,7 +83,8 @@ class Session:
         self.max_positions = _max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
-        self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction)
+        self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
+                             compile=compile)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
         self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
         merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
@@ -149,7 +151,7 @@ class Session:
             self.check_length(prompt.num_tokens + max_new_tokens)
             mode = self.repair if repair is None else Repair.parse(repair)
             with self.adapters.activated(activation):
-                yield PreparedCall(self.engine.assemble(prompt, reuse=reuse, repair=mode), started)
+                yield PreparedCall(self.engine.assemble(prompt, reuse=reuse, repair=mode), started, activation)
 
     def forward_tail(self, call: PreparedCall, *, logits_to_keep: int | None = 1, hidden: bool = False):
         """The final forward of a prepared call: the prompt tokens its cache lacks (stored
@@ -166,8 +168,9 @@ class Session:
         """Decode after a prepared call; ``streamer`` gets the tokens, a set ``cancel`` stops
         within a step; ``output_scores`` / ``output_logits`` keep each step's."""
         kwargs = self.generate_kwargs(opts, streamer=streamer, cancel=cancel)
-        return self.engine.generate(call.assembly, {**kwargs, "output_scores": output_scores,
-                                                    "output_logits": output_logits})
+        return self.engine.generate(call.assembly, opts, {**kwargs, "output_scores": output_scores,
+                                                          "output_logits": output_logits},
+                                    adapter_on=call.activation is not None)
 
     def generate_kwargs(self, opts: CallOptions, *, streamer=None, cancel: threading.Event | None = None) -> dict:
         """HF ``generate`` kwargs of a call with ``opts`` (a streamer only when streaming)."""
@@ -192,16 +195,18 @@ class Session:
         return self.engine.generate_rows([c.assembly for c in calls], kept, cached_width, self.generate_kwargs(opts))
 
     def stats(self, call: PreparedCall, new_tokens: int, first_token_at: float | None, *,
-              cached_tokens: int | None = None, started: float | None = None,
-              end: float | None = None) -> GenerationStats:
+              cached_tokens: int | None = None, started: float | None = None, end: float | None = None,
+              generated: Generated | None = None) -> GenerationStats:
         """The stats of a call (the one place they are built): ``cached_tokens`` defaults to
-        what the call's plan reused, ``started`` to when the call was prepared."""
+        what the call's plan reused, ``started`` to when the call was prepared; ``generated``
+        names the executor that decoded (and why not the static one)."""
         return GenerationStats.measured(
             prompt_tokens=call.prompt.num_tokens,
             cached_tokens=call.cached_tokens if cached_tokens is None else cached_tokens,
             new_tokens=new_tokens, started=call.started if started is None else started,
-            first_token_at=first_token_at, end=end,
-            parallel=call.assembly.parallel, executor=self.engine.executor.name)
+            first_token_at=first_token_at, end=end, parallel=call.assembly.parallel,
+            executor=generated.executor if generated else "eager",
+            executor_fallback=generated.fallback if generated else None)
 
     def check_length(self, num_tokens: int) -> None:
         """Refuse a call that would run past the model's positions."""

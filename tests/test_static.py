@@ -12,14 +12,20 @@ import os
 import pytest
 import torch
 from conftest import ARCHS, tiny_model
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 import spanctx
+from spanctx.engine.static import StaticExecutor
+from spanctx.engine.static_layout import cache_bucket, suffix_bucket
+from spanctx.hf import cache_kwargs
 from spanctx.kv import KVSlice, as_slices, empty_cache
 from spanctx.options import merge_options
-from spanctx.static import StaticExecutor
-from spanctx.static_layout import cache_bucket, cache_kwargs, suffix_bucket
 
 ATOL = 1e-4
 DEVICE = torch.device(os.environ.get("SPANCTX_TEST_DEVICE", "cpu"))
@@ -239,7 +245,7 @@ def test_what_it_refuses_and_why():
     assert "max_batch" in ex.unsupported(batch=3, num_tokens=10)
     assert "slots" in ex.unsupported(batch=1, num_tokens=257)
     assert "custom attention masks" in ex.unsupported(batch=1, num_tokens=10, custom_mask=True)
-    assert "num_beams" in ex.unsupported(batch=1, num_tokens=10, options=options(num_beams=2))
+    assert "no_repeat_ngram_size" in ex.unsupported(batch=1, num_tokens=10, options=options(no_repeat_ngram_size=2))
     assert "stop_strings" in ex.unsupported(batch=1, num_tokens=10, options=options(stop_strings=["x"]))
     ids = ids_of(30)
     with pytest.raises(ValueError, match="max_batch"):

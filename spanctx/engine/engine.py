@@ -23,17 +23,22 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import kv as kvops
+from ..options import CallOptions
 from ..placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
 from ..plan import Plan, plan_prompt, plan_shared
 from ..prompt import ResolvedPrompt
 from ..results import ParallelStats
 from ..rope import KeyMover, key_mover
 from ..store import KVStore, SpanKV
-from .executor import EagerExecutor, Executor
+from .executor import EagerExecutor
 from .interpreter import Interpreter
 
-__all__ = ["Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "StopWhenSet", "parallel_stats",
+__all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "StopWhenSet", "parallel_stats",
            "with_stopping_criterion"]
+
+
+EXECUTORS = ("auto", "eager", "static")
+STATIC_TOKENS = 16384  # default slots of the static executor's buffers (prompt + new tokens)
 
 
 class KVLayoutMismatch(RuntimeError):
@@ -75,12 +80,15 @@ class Assembly:
 @attrs.frozen(eq=False)
 class Generated:
     """What a decode made: ``sequences`` ``[B, S + N]``, when its first new token was on
-    the host, and per new token the ``[B, V]`` scores / logits it asked for (else None)."""
+    the host, per new token the ``[B, V]`` scores / logits it asked for (else None), the
+    executor that ran it and, when the static one was set up but not used, why."""
 
     sequences: torch.Tensor
     first_token_at: float | None
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+    executor: str = "eager"
+    fallback: str | None = None
 
 
 class FirstTokenClock(StoppingCriteria):
@@ -123,13 +131,25 @@ class Engine:
     fraction of the tokens the call must compute anyway (``plan.py``).
     """
 
-    def __init__(self, model, store: KVStore, *, min_reuse_fraction: float = 0.125,
-                 executor: Executor | None = None) -> None:
+    def __init__(self, model, store: KVStore, *, min_reuse_fraction: float = 0.125, executor: str = "auto",
+                 static_tokens: int | None = None, compile: bool = False) -> None:
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor is one of {EXECUTORS}, got {executor!r}")
         self.model = model
         self.store = store
         self.min_reuse_fraction = min_reuse_fraction
-        self.executor = executor or EagerExecutor(model)
+        self.executor = EagerExecutor(model)  # plan steps, probes, rows, logits calls
         self.device = model.device
+        # the final call and decode loop of single generations, where it can run them
+        self.static = None
+        if executor == "static" or (executor == "auto" and self.device.type == "cuda"):
+            from .static import StaticExecutor
+
+            text = model.config.get_text_config()
+            limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+            self.static = StaticExecutor(model, max_tokens=static_tokens or min(limit or STATIC_TOKENS, STATIC_TOKENS),
+                                         compile=compile)
+            store.reserve(self.static.memory_bytes)
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.interpreter = Interpreter(self.executor, store, lambda: self.key_mover, self.num_layers)
         with torch.inference_mode():
@@ -201,14 +221,41 @@ class Engine:
             self.interpreter.store_spans(prompt, cache, missing)
         return out
 
-    def generate(self, call: Assembly, kwargs: dict) -> Generated:
-        """Decode after ``call``'s prompt with HF ``generate`` ``kwargs``; store the tail's spans."""
+    def generate(self, call: Assembly, opts: CallOptions, kwargs: dict, *, adapter_on: bool = False) -> Generated:
+        """Decode after ``call``'s prompt with ``opts`` (as HF ``generate`` ``kwargs``);
+        store the tail's spans. The static executor runs it when it was set up and can
+        (``adapter_on``: an adapter is switched on, which it leaves to the eager one)."""
+        fallback = self._static_refusal(call, opts, kwargs, adapter_on)
+        if self.static is not None and fallback is None:
+            return self._generate_static(call, opts, kwargs)
         clock = FirstTokenClock()
         kwargs = {**with_stopping_criterion(kwargs, clock), "return_dict_in_generate": True}
         out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache, kwargs)
         if call.plan is not None:
             self.interpreter.store_spans(call.prompt, call.cache, call.plan.tail.segments)
-        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits)
+        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, fallback=fallback)
+
+    def _static_refusal(self, call: Assembly, opts: CallOptions, kwargs: dict, adapter_on: bool) -> str | None:
+        """Why the static executor does not run this call (None: it does, or is not set up)."""
+        if self.static is None:
+            return None
+        if adapter_on:
+            return "adapter calls run on the eager executor"
+        if kwargs.get("output_scores") or kwargs.get("output_logits"):
+            return "per-token scores and logits are kept by the eager executor"
+        return self.static.unsupported(batch=1, num_tokens=call.prompt.num_tokens + opts.max_new_tokens,
+                                       options=opts)
+
+    def _generate_static(self, call: Assembly, opts: CallOptions, kwargs: dict) -> Generated:
+        """The static executor's decode: the prefix slices are copied into its buffers once."""
+        clock = FirstTokenClock()
+        criteria = with_stopping_criterion(kwargs, clock)["stopping_criteria"]
+        opts = attrs.evolve(opts, generate_kwargs={**opts.generate_kwargs, "stopping_criteria": criteria})
+        out = self.static.generate(call.pieces or [], call.input_ids, call.tail_start, options=opts,
+                                   streamer=kwargs.get("streamer"))
+        if call.plan is not None:
+            self.interpreter.store_spans(call.prompt, kvops.as_cache(out.prompt_kv), call.plan.tail.segments)
+        return Generated(out.sequences, clock.first_token_at, executor="static")
 
     def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
                       kwargs: dict) -> Generated:

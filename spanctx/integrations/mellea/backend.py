@@ -37,9 +37,19 @@ import torch
 from mellea.backends import ModelOption
 from mellea.backends.adapters import EmbeddedIntrinsicAdapter
 from mellea.backends.huggingface import HFAloraCacheInfo, LocalHFBackend
-from mellea.backends.tools import add_tools_from_context_actions, add_tools_from_model_options, convert_tools_to_json
+from mellea.backends.tools import (
+    add_tools_from_context_actions,
+    add_tools_from_model_options,
+    convert_tools_to_json,
+)
 from mellea.backends.utils import to_chat
-from mellea.core import Component, GenerateLog, GenerateType, MelleaLogger, ModelOutputThunk
+from mellea.core import (
+    Component,
+    GenerateLog,
+    GenerateType,
+    MelleaLogger,
+    ModelOutputThunk,
+)
 from mellea.helpers import DEFAULT_CHUNK_TIMEOUT, send_to_queue
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import AsyncTextIteratorStreamer
@@ -51,7 +61,12 @@ from ...spans import Context
 from ...store import KVStore
 from ...structured import GrammarMask, JsonFormat, eos_ids, json_matcher
 from .options import GenerateRequest, hf_output
-from .prompts import PromptMemory, cached_block_values, conversation_context, refuse_multimodal
+from .prompts import (
+    PromptMemory,
+    cached_block_values,
+    conversation_context,
+    refuse_multimodal,
+)
 
 __all__ = ["SpanctxBackend", "TokenCounts"]
 

@@ -25,7 +25,12 @@ import itertools
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 
-from mellea.core import CBlock, Component, get_audio_from_component, get_images_from_component
+from mellea.core import (
+    CBlock,
+    Component,
+    get_audio_from_component,
+    get_images_from_component,
+)
 from mellea.core import Context as MelleaContext
 
 from ...runtime import Runtime

@@ -7,26 +7,18 @@ what the model's cache looks like (read off a one-token forward).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
-from . import kv as kvops
+from .. import kv as kvops
+from ..hf import cache_kwargs
 
-__all__ = ["SLOT_GRANULE", "cache_bucket", "cache_kwargs", "check_tail", "left_pads", "model_reason",
+__all__ = ["SLOT_GRANULE", "cache_bucket", "check_tail", "left_pads", "model_reason",
            "probe_layout", "rows_of", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
 HOST_ROPE = {"dynamic": "dynamic NTK", "longrope": "longrope"}  # rope types that read lengths on the host
-
-
-def cache_kwargs(model, cache) -> dict[str, object]:
-    """``{name: cache}`` for a forward of ``model``: ``past_key_values`` up to
-    transformers 5.23, ``cache`` from 5.24 on."""
-    # TODO(hf.py): use spanctx.hf.cache_kwargs once it lands on main.
-    names = inspect.signature(type(model).forward).parameters
-    return {"cache" if "cache" in names else "past_key_values": cache}
 
 
 def suffix_bucket(tokens: int) -> int:

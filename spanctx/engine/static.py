@@ -45,16 +45,33 @@ import attrs
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .. import kv as kvops
+from ..hf import cache_kwargs
+from ..options import CallOptions, seeded
+from ..store import SpanKV
 from . import attention as kernels
-from . import kv as kvops
 from .decoding import HostMirror, TokenChooser, unsupported_options
 from .graphs import BuildStats, StepGraphs
-from .options import CallOptions, seeded
-from .slots import STEP_KWARG, KVBuffers, SlotCache, StepAttention, attention_switched, own_attention, step_masks
-from .static_layout import (SLOT_GRANULE, cache_bucket, cache_kwargs, check_tail, left_pads, model_reason,
-                            probe_layout, rows_of, suffix_bucket)
+from .slots import (
+    STEP_KWARG,
+    KVBuffers,
+    SlotCache,
+    StepAttention,
+    attention_switched,
+    own_attention,
+    step_masks,
+)
+from .static_layout import (
+    SLOT_GRANULE,
+    cache_bucket,
+    check_tail,
+    left_pads,
+    model_reason,
+    probe_layout,
+    rows_of,
+    suffix_bucket,
+)
 from .static_lora import AdapterState, AdapterSteps
-from .store import SpanKV
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 

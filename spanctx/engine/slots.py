@@ -41,8 +41,8 @@ import torch
 from transformers import AttentionInterface, Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..kv import KVSlice
 from .attention import split_attention
-from .kv import KVSlice
 
 __all__ = [
     "ATTENTION_NAME",

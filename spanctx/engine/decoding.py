@@ -35,7 +35,7 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from .options import CallOptions
+from ..options import CallOptions
 
 __all__ = ["SUPPORTED_KWARGS", "HostMirror", "TokenChooser", "unsupported_options"]
 
