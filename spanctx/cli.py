@@ -42,8 +42,8 @@ def _demo(args) -> int:
     name = args.model or DEFAULT_PRESET
     rt = Runtime.from_pretrained(name, device=args.device, dtype=DTYPES.get(args.dtype))
     if name in PRESETS and PRESETS[name].weights is not None:
-        print(f"model: preset {name!r} ({PRESETS[name].description}): 6M parameters trained on prose and\n"
-              "       retrieval questions; expect broken text on other prompts.")
+        print(f"model: preset {name!r} ({PRESETS[name].description}, 6M parameters):\n"
+              "       expect broken text outside retrieval prompts.")
     elif name in PRESETS:
         print(f"model: preset {name!r} ({PRESETS[name].description}) with RANDOM weights: "
               "its text is noise, its timings and reuse are real.\n"

@@ -139,6 +139,6 @@ def plot_accuracy(results: dict) -> Figure | None:
         ax.set(xlabel="recomputed fraction of document tokens", ylabel="exact-match accuracy", ylim=(-0.02, 1.02),
                title=f"{'single' if kind == 'single' else 'two'}-document questions ({prompts} prompts)")
         ax.grid(True, alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"{results['model']} on {results['device']}: answers with parallel documents")
     return fig

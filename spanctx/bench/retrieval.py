@@ -37,6 +37,7 @@ __all__ = [
     "SYSTEM_LINES",
     "HeldOut",
     "Prompt",
+    "Person",
     "Question",
     "World",
     "answer_of",
