@@ -116,7 +116,8 @@ def test_the_fidelity_scenario_rows_pooled_table_goal_and_plot():
         head = by[(kind, "parallel:head:4")]
         assert 0 < head["recomputed_fraction"] < 0.1 and head["checked_fraction"] == 0  # 4 of ~110 tokens
         blend = by[(kind, "parallel:blend:0.3")]
-        assert 0.1 < blend["recomputed_fraction"] < blend["checked_fraction"] <= 0.5  # one of two documents moves
+        checked = blend["checked_fraction"]  # the moved document's tokens (one of two documents moves)
+        assert 0.1 < checked < 0.9 and 0.3 * checked <= blend["recomputed_fraction"] <= 0.3 * checked + 0.01
         assert all(0 <= by[(kind, m)]["accuracy"] <= 1 for m in ("full", "naive-concat", "parallel:none"))
         assert by[(kind, "parallel:head:4")]["kl"] >= 0 and 0 <= head["answer_agreement"] <= 1
     res = {"model": "tiny-trained", "device": "cpu", "rows": rows}
