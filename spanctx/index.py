@@ -1,16 +1,25 @@
 """The store's index: which spans exist, their sizes, locks and eviction order.
 
 No tensors here. The index decides; ``store.KVStore`` holds the tensors and follows its
-decisions. Eviction takes unlocked entries in the order of a policy's sort key
-(smallest first), so a new policy is one small function.
+decisions. Eviction takes unlocked entries in the order of a policy's sort key (smallest
+first), so a new policy is one small function.
+
+LRU (the default) costs O(1) amortized per admit: unlocked entries sit in a queue in
+recency order, least recent first, and a victim is popped from its head. A locked entry
+leaves the queue and rejoins at its tail on its last unlock (an entry a request held until
+now is the most recently used), so eviction never walks past locked entries. Any other
+policy sorts the unlocked entries on each evicting admit: O(n log n).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 import attrs
+
+__all__ = ["Admission", "EntryInfo", "EvictionPolicy", "SpanIndex", "lru"]
 
 
 @attrs.frozen
@@ -21,7 +30,7 @@ class EntryInfo:
     nbytes: int
     num_tokens: int
     locks: int
-    last_used: int  # logical clock of the last lookup or insert
+    last_used: int  # logical clock of the last lookup, insert or final unlock
 
 
 EvictionPolicy = Callable[[EntryInfo], object]
@@ -40,11 +49,26 @@ class Admission:
     evicted: tuple[bytes, ...] = ()
 
 
+@attrs.define(slots=True)
+class _Entry:
+    """The index's mutable record of one entry; ``EntryInfo`` is its public snapshot."""
+
+    key: bytes
+    nbytes: int
+    num_tokens: int
+    locks: int
+    last_used: int
+
+    def snapshot(self) -> EntryInfo:
+        return EntryInfo(self.key, self.nbytes, self.num_tokens, self.locks, self.last_used)
+
+
 class SpanIndex:
     """Byte-budgeted set of span keys with lock counts and a pluggable eviction order.
 
     Contract: ``bytes_used <= budget`` at all times; a locked entry is never evicted;
-    ``admit`` either inserts and evicts just enough, or changes nothing.
+    ``admit`` either inserts and evicts just enough, or changes nothing. Every ``lock``
+    is paired with one ``unlock``. ``policy`` may be replaced at any time.
     """
 
     def __init__(self, budget: int, policy: EvictionPolicy = lru) -> None:
@@ -52,9 +76,12 @@ class SpanIndex:
             raise ValueError(f"budget must be >= 0 bytes, got {budget}")
         self.budget = budget
         self.policy = policy
-        self._entries: dict[bytes, EntryInfo] = {}
+        self._entries: dict[bytes, _Entry] = {}
+        # unlocked entries by ascending last_used: the LRU eviction order
+        self._unlocked: OrderedDict[bytes, _Entry] = OrderedDict()
         self._clock = 0
         self._bytes_used = 0
+        self._unlocked_bytes = 0
         self._lock = threading.RLock()
 
     # -- queries ---------------------------------------------------------------------
@@ -70,11 +97,19 @@ class SpanIndex:
         return self._bytes_used
 
     def info(self, key: bytes) -> EntryInfo | None:
-        return self._entries.get(key)
+        with self._lock:
+            entry = self._entries.get(key)
+            return None if entry is None else entry.snapshot()
 
     def entries(self) -> tuple[EntryInfo, ...]:
+        """Every entry, in insertion order."""
         with self._lock:
-            return tuple(self._entries.values())
+            return tuple(e.snapshot() for e in self._entries.values())
+
+    def evictable(self) -> Iterator[EntryInfo]:
+        """The unlocked entries, least recently used first (a snapshot taken now)."""
+        with self._lock:
+            return iter([e.snapshot() for e in self._unlocked.values()])
 
     # -- updates ---------------------------------------------------------------------
 
@@ -88,21 +123,31 @@ class SpanIndex:
             entry = self._entries.get(key)
             if entry is None:
                 return False
-            self._entries[key] = attrs.evolve(entry, last_used=self._tick())
+            entry.last_used = self._tick()
+            if not entry.locks:
+                self._unlocked.move_to_end(key)
             return True
 
     def lock(self, key: bytes) -> None:
         """Pin ``key`` against eviction; pair every lock with one ``unlock``."""
         with self._lock:
             entry = self._require(key)
-            self._entries[key] = attrs.evolve(entry, locks=entry.locks + 1)
+            if not entry.locks:
+                del self._unlocked[key]
+                self._unlocked_bytes -= entry.nbytes
+            entry.locks += 1
 
     def unlock(self, key: bytes) -> None:
+        """Release one ``lock``; the last one makes ``key`` the most recently used."""
         with self._lock:
             entry = self._require(key)
             if entry.locks == 0:
                 raise RuntimeError("unlock without a matching lock")
-            self._entries[key] = attrs.evolve(entry, locks=entry.locks - 1)
+            entry.locks -= 1
+            if not entry.locks:
+                entry.last_used = self._tick()
+                self._unlocked[key] = entry
+                self._unlocked_bytes += entry.nbytes
 
     def admit(self, key: bytes, nbytes: int, num_tokens: int) -> Admission:
         """Insert ``key``, evicting unlocked entries in policy order to make room.
@@ -117,23 +162,30 @@ class SpanIndex:
                 self.touch(key)
                 return Admission(True)
             need = self._bytes_used + nbytes - self.budget
-            victims: list[EntryInfo] = []
-            if need > 0:
-                for entry in sorted(self.evictable(), key=self.policy):
-                    if need <= 0:
-                        break
-                    victims.append(entry)
-                    need -= entry.nbytes
-                if need > 0:
-                    return Admission(False)
+            if need > self._unlocked_bytes:
+                return Admission(False)
+            victims = self._victims(need) if need > 0 else []
             for victim in victims:
-                self._remove(victim.key)
-            self._entries[key] = EntryInfo(key, nbytes, num_tokens, 0, self._tick())
+                self._remove(victim)
+            entry = _Entry(key, nbytes, num_tokens, 0, self._tick())
+            self._entries[key] = self._unlocked[key] = entry
             self._bytes_used += nbytes
-            return Admission(True, tuple(v.key for v in victims))
+            self._unlocked_bytes += nbytes
+            return Admission(True, tuple(victims))
 
-    def evictable(self) -> Iterable[EntryInfo]:
-        return (e for e in self._entries.values() if e.locks == 0)
+    def _victims(self, need: int) -> list[bytes]:
+        """The first unlocked keys in policy order whose bytes add up to ``need`` (> 0);
+        the caller has checked that the unlocked entries hold that much."""
+        if self.policy is lru:
+            order: Iterator[_Entry] = iter(self._unlocked.values())
+        else:
+            order = iter(sorted(self._unlocked.values(), key=lambda e: self.policy(e.snapshot())))
+        victims = []
+        while need > 0:
+            entry = next(order)
+            victims.append(entry.key)
+            need -= entry.nbytes
+        return victims
 
     def remove(self, key: bytes) -> None:
         """Drop an unlocked entry."""
@@ -143,10 +195,13 @@ class SpanIndex:
             self._remove(key)
 
     def _remove(self, key: bytes) -> None:
+        """Drop the unlocked entry ``key``."""
         entry = self._entries.pop(key)
+        del self._unlocked[key]
         self._bytes_used -= entry.nbytes
+        self._unlocked_bytes -= entry.nbytes
 
-    def _require(self, key: bytes) -> EntryInfo:
+    def _require(self, key: bytes) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
             raise KeyError(f"no entry {key.hex()}")

@@ -246,3 +246,55 @@ def chat_messages(max_messages: int = 6):
     """A list of message dicts with random roles and contents (roles need not alternate)."""
     message = st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": MESSAGE_TEXT})
     return st.lists(message, min_size=1, max_size=max_messages)
+
+
+# -- the store's index (tests/test_index.py) -------------------------------------------------
+
+INDEX_KEYS = tuple(bytes([i]) for i in range(6))  # few keys: hits, re-admits and locks collide
+INDEX_POLICIES = ("lru", "largest-first")
+
+
+@attrs.frozen
+class IndexProgram:
+    """A byte budget and a sequence of index operations, each a tuple:
+    ``("admit", key, nbytes)``, ``("touch" | "lock" | "unlock" | "remove", key)`` or
+    ``("policy", name)`` (one of ``INDEX_POLICIES``). Operations may be invalid (unlock
+    without lock, lock of a missing key): the index must refuse them as its model does."""
+
+    budget: int
+    ops: tuple[tuple, ...]
+
+
+# operation kinds, weighted: admits most, policy swaps rarely
+_INDEX_OP_KINDS = ("admit",) * 4 + ("touch", "lock", "unlock", "remove") * 2 + ("policy",)
+
+
+@st.composite
+def index_programs(draw, min_ops: int = 20, max_ops: int = 80) -> IndexProgram:
+    """Random index traffic. Most unlocks name a key locked earlier in the program (so
+    lock/unlock pairs, nested ones included, are common); the rest name any key."""
+    ops: list[tuple] = []
+    locked: list[bytes] = []  # keys of the lock ops not yet matched by an unlock op
+    for kind in draw(st.lists(st.sampled_from(_INDEX_OP_KINDS), min_size=min_ops, max_size=max_ops)):
+        if kind == "policy":
+            ops.append((kind, draw(st.sampled_from(INDEX_POLICIES))))
+        elif kind == "admit":
+            ops.append((kind, draw(st.sampled_from(INDEX_KEYS)), draw(st.integers(0, 12))))
+        elif kind == "unlock" and locked and draw(st.integers(0, 3)):
+            ops.append((kind, locked.pop(draw(st.integers(0, len(locked) - 1)))))
+        else:
+            ops.append((kind, draw(st.sampled_from(INDEX_KEYS))))
+            if kind == "lock":
+                locked.append(ops[-1][1])
+    return IndexProgram(draw(st.integers(0, 40)), tuple(ops))
+
+
+# -- model namespaces (tests/test_keys.py) ---------------------------------------------------
+
+
+def element_edits() -> st.SearchStrategy[tuple[int, int, int]]:
+    """``(tensor pick, element pick, XOR mask)``: one element's 32 bits flipped under a
+    non-zero int32 mask (negative masks flip the sign bit); the test reduces the picks
+    modulo its model's tensor and element counts."""
+    mask = st.integers(-(1 << 31), (1 << 31) - 1).filter(bool)
+    return st.tuples(st.integers(min_value=0), st.integers(min_value=0), mask)

@@ -43,6 +43,7 @@ class StoreMachine(RuleBasedStateMachine):
         if key in self.stored_ever and self.stored_ever[key] != tokens:
             return key  # keys name content: one key, one size
         before = set(self.store._payloads)
+        last_used = {e.key: e.last_used for e in self.store.index.entries()}
         ok = self.store.put(key, span_kv(tokens))
         self.stored_ever[key] = tokens
         if ok:
@@ -55,6 +56,9 @@ class StoreMachine(RuleBasedStateMachine):
             assert locked_bytes + tokens * BYTES_PER_TOKEN > self.budget
         evicted = before - set(self.store._payloads)
         assert not any(self.locks.get(k, 0) for k in evicted), "evicted a locked entry"
+        kept_unlocked = [k for k in before - evicted if not self.locks.get(k, 0)]
+        if evicted and kept_unlocked:  # LRU: every victim was used before every unlocked survivor
+            assert max(last_used[k] for k in evicted) < min(last_used[k] for k in kept_unlocked)
         for k in evicted:
             self.locks.pop(k, None)
         return key

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import kv as kvops
+from ..hf import cache_kwargs
 from ..store import SpanKV
 from .timing import FirstTokenClock, Outcome, now
 
@@ -40,7 +41,7 @@ def generate(model, tokenizer, ids: Sequence[int], new_tokens: int, device: torc
     with torch.inference_mode():
         start = now(device)
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)  # [1, S]
-        kwargs = {} if make_cache is None else {"past_key_values": make_cache()}
+        kwargs = {} if make_cache is None else cache_kwargs(model, make_cache())
         clock = FirstTokenClock(device)
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, streamer=clock,
@@ -54,7 +55,7 @@ def prefill(model, ids: Sequence[int], device: torch.device):
     with torch.inference_mode():
         cache = kvops.empty_cache()
         input_ids = torch.tensor([list(ids)], dtype=torch.long, device=device)
-        model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
     return cache
 
 
@@ -73,6 +74,6 @@ def next_token_logits(model, ids: Sequence[int], device: torch.device, *, cache=
     """Logits ``[vocab]`` (float32) after ``ids``; ``cache`` covers ``ids[:cached_tokens]``."""
     with torch.inference_mode():
         input_ids = torch.tensor([list(ids[cached_tokens:])], dtype=torch.long, device=device)
-        out = model(input_ids=input_ids, past_key_values=cache if cache is not None else kvops.empty_cache(),
+        out = model(input_ids=input_ids, **cache_kwargs(model, cache if cache is not None else kvops.empty_cache()),
                     use_cache=True, logits_to_keep=1)
     return out.logits[0, -1].float()
