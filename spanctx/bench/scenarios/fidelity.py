@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from ...hf import cache_kwargs
 from ...spans import Context
 from .. import baselines
 from ..fidelity import compare_logits
@@ -167,7 +168,7 @@ class _Runner:
             generated = h.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                          max_new_tokens=self.max_new_tokens, eos_token_id=self.stop_ids,
                                          pad_token_id=baselines.pad_token_id(h.model, h.tokenizer), streamer=clock,
-                                         **baselines.GREEDY, **({} if cache is None else {"past_key_values": cache}))
+                                         **baselines.GREEDY, **({} if cache is None else cache_kwargs(h.model, cache)))
         new_ids = tuple(generated[0, len(ids):].tolist())
         out.append(Answer(answer_of(h.tokenizer.decode(new_ids, skip_special_tokens=True)), 0, 0))
         return Outcome(clock.first_token_at - start, new_ids, len(ids) - cached, cached)
