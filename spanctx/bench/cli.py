@@ -17,7 +17,7 @@ from . import report
 from .floor import measure_floor
 from .harness import DTYPES, load_model, make_harness
 from .results import new_results, results_stem, write_json
-from .scenarios import SCENARIOS, chat, checks, cold, prefix, rag, run_scenario
+from .scenarios import SCENARIOS, chat, checks, cold, fidelity, prefix, rag, run_scenario
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--checks", type=int, default=checks.Config().checks, help="checks: requirements")
     sizes.add_argument("--checks-context", type=int, default=checks.Config().context_tokens)
     sizes.add_argument("--adapter-rank", type=int, default=checks.Config().rank)
+    sizes.add_argument("--fidelity-docs", type=_ints, default=fidelity.Config().docs,
+                       help="fidelity: documents per prompt (K), from the held-out set (2, 4, 8, 16)")
+    sizes.add_argument("--fidelity-worlds", type=int, default=fidelity.Config().worlds,
+                       help="fidelity: held-out worlds per K (4 prompts each; default all 16)")
 
 
 def configs(args: argparse.Namespace) -> dict:
@@ -75,6 +79,7 @@ def configs(args: argparse.Namespace) -> dict:
         "chat": chat.Config(args.chat_turns, args.chat_system_tokens, args.chat_user_tokens,
                             args.chat_reply_tokens, new_tokens("chat")),
         "checks": checks.Config(args.checks_context, args.checks, args.adapter_rank),
+        "fidelity": fidelity.Config(args.fidelity_docs, args.fidelity_worlds),
     }
 
 
