@@ -17,8 +17,9 @@ from spanctx.store import KVStore
 
 PACKAGE = Path(spanctx.__file__).parent
 ENGINE = PACKAGE / "engine"
-# the one file whose code calls the model, and the one that writes the store
+# the executors' files, whose code calls the model, and the one that writes the store
 EXECUTOR = ENGINE / "executor.py"
+STATIC = {ENGINE / "static.py", ENGINE / "static_layout.py"}
 INTERPRETER = ENGINE / "interpreter.py"
 SYSTEM = "You answer from the documents. "
 DOCS = ("Doc A: the river rose. ", "Doc B: the gauge was cleaned. ")
@@ -79,6 +80,14 @@ def test_only_the_engine_runs_the_model_and_writes_the_store(tmp_path_factory):
     with callers_recorded(rt) as (model_callers, store_writers):
         every_feature(rt, "check")
     assert model_callers == {EXECUTOR}
+    assert store_writers == {INTERPRETER}
+
+
+def test_with_the_static_executor_too():
+    rt = tiny_runtime(executor="static")
+    with callers_recorded(rt) as (model_callers, store_writers):
+        every_feature(rt, None)
+    assert EXECUTOR in model_callers and model_callers & STATIC and model_callers <= {EXECUTOR, *STATIC}
     assert store_writers == {INTERPRETER}
 
 

@@ -131,7 +131,10 @@ def results_stem(out_dir: str | Path, results: dict) -> Path:
     """``<out>/<date>-<device>-<model>``: the JSON, markdown and PNGs share this stem."""
     device = "cpu" if results["device"].startswith("cpu") else slug(results["device"])
     model = slug(Path(results["model"]).name)
-    return Path(out_dir) / f"{results['date'][:10]}-{device}-{model}"
+    executor = results["settings"].get("executor", "auto")
+    suffix = "" if executor == "auto" else f"-{executor}"
+    suffix += "-compiled" if results["settings"].get("compile") else ""
+    return Path(out_dir) / f"{results['date'][:10]}-{device}-{model}{suffix}"
 
 
 def write_json(results: dict, path: str | Path) -> Path:

@@ -37,7 +37,15 @@ from .. import baselines
 from ..fidelity import compare_logits
 from ..harness import Harness
 from ..results import Row
-from ..retrieval import ANSWER_LEAD, HELDOUT_PATH, HeldOut, Prompt, answer_of, load_heldout, question_text
+from ..retrieval import (
+    ANSWER_LEAD,
+    HELDOUT_PATH,
+    HeldOut,
+    Prompt,
+    answer_of,
+    load_heldout,
+    question_text,
+)
 from ..timing import FirstTokenClock, Measured, Outcome, now, timed
 
 NAME = "fidelity"
