@@ -13,10 +13,11 @@ mkdir -p "$OUTDIR"
 python3 -c "import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.get_device_name())"
 common=(--model llama-3.1-8b --device cuda --warmup 1 --repeats 5,rag=3 --contexts 8192 --question-tokens 64
         --new-tokens 32,rag=16 --rag-docs 8 --rag-doc-tokens 512 --rag-pool 16 --rag-system-tokens 128
-        --rag-fidelity-prompts 4 --no-progress --out "$OUTDIR" --methods full,hf-deepcopy,spanctx,spanctx-parallel:none)
+        --rag-fidelity-prompts 4 --no-progress --out "$OUTDIR")
 for executor in eager static; do
-    timeout 170 python3 -m spanctx.bench prefix rag --executor "$executor" "${common[@]}" 2>&1 | tail -25
+    timeout 170 python3 -m spanctx.bench prefix rag --executor "$executor" "${common[@]}" \
+        --methods full,hf-deepcopy,spanctx,spanctx-parallel:none 2>&1 | tail -12
 done
-timeout 200 python3 -m spanctx.bench prefix --executor static --compile "${common[@]}" 2>&1 | tail -12
+timeout 240 python3 -m spanctx.bench prefix --executor static --compile "${common[@]}" --methods full,spanctx 2>&1 | tail -8
 timeout 60 python3 benchmarks/fingerprint_cost.py 2>&1 | tail -3
 SPANCTX_TEST_DEVICE=cuda timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_static.py 2>&1 | tail -4

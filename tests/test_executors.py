@@ -67,3 +67,22 @@ def test_the_static_buffers_count_against_the_store_budget():
     held = static.engine.static.memory_bytes
     assert held > 0
     assert static.store.stats.bytes_budget == eager.store.stats.bytes_budget - held
+
+
+def test_min_new_tokens_runs_on_the_static_executor():
+    """The benchmarks ask for exactly N tokens: EOS is held back until N are out."""
+    eager, static = runtimes()
+    ctx = Context().append(SYSTEM).append("Stop early?")
+    eos = eager.tokenizer.eos_token_id
+    # a processor (run after the built-in ones, as in HF) that makes EOS the best token at
+    # every step unless min_new_tokens has masked it: only that delays it
+    def eos_first_fn(ids, scores):
+        bonus = torch.zeros_like(scores)
+        bonus[:, eos] = 1e4
+        return scores + bonus
+
+    eos_first = [eos_first_fn]
+    want = eager.generate(ctx, 8, min_new_tokens=5, logits_processor=eos_first)
+    got = static.generate(ctx, 8, min_new_tokens=5, logits_processor=eos_first)
+    assert got.stats.executor == "static"
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 6 and got.token_ids[-1] == eos

@@ -26,6 +26,7 @@ import attrs
 import torch
 from transformers import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
@@ -41,14 +42,15 @@ __all__ = ["SUPPORTED_KWARGS", "HostMirror", "TokenChooser", "unsupported_option
 
 # generate kwargs this module understands (besides max_new_tokens, do_sample and seed)
 SUPPORTED_KWARGS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
-                              "pad_token_id", "eos_token_id", "logits_processor", "stopping_criteria"})
+                              "pad_token_id", "eos_token_id", "logits_processor", "stopping_criteria",
+                              "min_new_tokens"})
 _UNSET_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}
 # generation-config fields whose behaviour is not built here, with the values that mean "off"
 _OFF_VALUES = {
     "num_beams": (None, 1), "num_return_sequences": (None, 1), "no_repeat_ngram_size": (None, 0),
     "bad_words_ids": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
     "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "min_length": (None, 0),
-    "min_new_tokens": (None, 0), "sequence_bias": (None,), "guidance_scale": (None, 1, 1.0),
+    "sequence_bias": (None,), "guidance_scale": (None, 1, 1.0),
     "exponential_decay_length_penalty": (None,), "epsilon_cutoff": (None, 0, 0.0), "eta_cutoff": (None, 0, 0.0),
     "renormalize_logits": (None, False), "remove_invalid_values": (None, False), "stop_strings": (None,),
     "max_time": (None,), "watermarking_config": (None,), "top_h": (None,), "penalty_alpha": (None,),
@@ -97,7 +99,7 @@ class TokenChooser:
     pad_token_id: int | None
 
     @classmethod
-    def from_options(cls, model, options: CallOptions, device: torch.device) -> TokenChooser:
+    def from_options(cls, model, options: CallOptions, device: torch.device, prompt_length: int) -> TokenChooser:
         reason = unsupported_options(model, options)
         if reason is not None:
             raise ValueError(reason)
@@ -107,7 +109,11 @@ class TokenChooser:
             set_value = getattr(config, name, None)
             return _UNSET_DEFAULTS.get(name) if set_value is None else set_value
 
+        eos = _eos_ids(config.eos_token_id)
         processors = LogitsProcessorList()
+        if (config.min_new_tokens or 0) > 0 and eos:  # EOS is masked until that many tokens are out
+            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, config.min_new_tokens, eos,
+                                                                device=device))
         if value("repetition_penalty") != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(penalty=value("repetition_penalty")))
         processors.extend(options.generate_kwargs.get("logits_processor") or [])
@@ -122,7 +128,6 @@ class TokenChooser:
                 processors.append(MinPLogitsWarper(min_p=value("min_p")))
             if value("typical_p") < 1.0:
                 processors.append(TypicalLogitsWarper(mass=value("typical_p")))
-        eos = _eos_ids(config.eos_token_id)
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
         return cls(processors, StoppingCriteriaList(options.generate_kwargs.get("stopping_criteria") or []),
                    options.do_sample, torch.tensor(eos, device=device) if eos else None, pad)

@@ -247,8 +247,8 @@ class StaticExecutor:
         ``forward``), then decode up to ``options.max_new_tokens`` tokens as HF ``generate``
         would (``spanctx.decoding``), seeded with ``options.seed``. ``streamer`` gets the
         prompt, then each new token, then ``end()``, as from ``generate``."""
-        chooser = TokenChooser.from_options(self.model, options, self.device)
         batch, prompt = input_ids.shape
+        chooser = TokenChooser.from_options(self.model, options, self.device, prompt)
         budget = options.max_new_tokens
         with self._calling(prompt, tail_start, alora_offsets) as adapters, seeded(options.seed, self.device):
             call = self._prepare(prefix, input_ids, tail_start, prompt + budget, attention_mask, adapters)

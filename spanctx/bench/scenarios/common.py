@@ -20,11 +20,17 @@ def select_methods(scenario: str, available: Sequence[str], chosen: Sequence[str
     return tuple(m for m in available if m in chosen)
 
 
+_FALLBACKS_SHOWN: set[str] = set()  # each reason the static executor stepped aside, printed once
+
+
 def spanctx_generate(runtime, ctx: Context, new_tokens: int, **kwargs) -> Outcome:
     """``runtime.generate`` of exactly ``new_tokens`` greedy tokens, as an ``Outcome``
     (TTFT is the runtime's own: from the call's start to the first token on the host)."""
     result = runtime.generate(ctx, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     stats = result.stats
+    if stats.executor_fallback and stats.executor_fallback not in _FALLBACKS_SHOWN:
+        _FALLBACKS_SHOWN.add(stats.executor_fallback)
+        print(f"note: a spanctx call ran on the {stats.executor} executor: {stats.executor_fallback}", flush=True)
     return Outcome(stats.ttft_s, result.token_ids, stats.computed_tokens, stats.cached_tokens)
 
 
