@@ -2,19 +2,22 @@
 
 from .adapters import AdapterError, AdapterInfo
 from .batch import BatchLayout, plan_batch
-from .chat import ChatRendering, ChatSplitWarning, Message
+from .chat import ChatRendering, ChatSplitWarning
 from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
+from .engine import KVLayoutMismatch
 from .fidelity import Fidelity, fidelity
 from .index import EntryInfo, SpanIndex, lru
 from .loading import load_model
+from .logprobs import TokenLogprob, token_logprobs
+from .messages import Message
 from .options import CallOptions, merge_options
-from .parallel import ParallelStats
 from .placement import PlacementPlan, Repair, plan_placement
 from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
 from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
+from .results import GenerationStats, ParallelStats, Result
 from .reward import RewardModel
 from .rope import KeyMover, key_mover
-from .runtime import GenerationStats, KVLayoutMismatch, Result, Runtime
+from .runtime import Runtime
 from .scoring import Ranked, Score
 from .spans import Context, ParallelGroup, Span
 from .store import KVStore, SpanKV, StoreStats
@@ -76,6 +79,7 @@ __all__ = [
     "SpanKV",
     "StoreStats",
     "StructuredOutputError",
+    "TokenLogprob",
     "Tool",
     "ToolCall",
     "ToolCallError",
@@ -96,4 +100,5 @@ __all__ = [
     "plan_placement",
     "plan_prompt",
     "preset_config",
+    "token_logprobs",
 ]

@@ -42,11 +42,10 @@ import attrs
 import torch
 import xxhash
 
-from .hf import cache_argument
-from .keys import adapter_namespace, root_key, span_key
-from .plan import PlanSegment
+from .hf import cache_argument, peft_wrapping
+from .keys import adapter_namespace
 from .prompt import PromptResolver, ResolvedPrompt
-from .spans import Context, Span
+from .spans import Span
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -59,14 +58,19 @@ class AdapterError(ValueError):
     """A bad adapter folder, an unknown adapter name, or an adapter that does not fit."""
 
 
+ALORA_STARTS = ("append", "in_prompt")
+
+
 @attrs.frozen
 class AdapterInfo:
-    """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA."""
+    """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA;
+    ``alora_start`` says where an aLoRA's invocation is (``spanctx.prompt``)."""
 
     name: str
     path: str
     invocation_ids: tuple[int, ...] | None
     namespace: bytes = attrs.field(repr=False)
+    alora_start: str = "append"
 
     @property
     def is_alora(self) -> bool:
@@ -101,34 +105,6 @@ def batch_activation(activations: Sequence[Activation | None]) -> Activation | N
     return Activation(first.name, tuple(start for a in activations for start in a.alora_starts))
 
 
-def alora_prompt(base: ResolvedPrompt, invocation: tuple[int, ...], base_namespace: bytes,
-                 namespace: bytes) -> tuple[ResolvedPrompt, int]:
-    """The prompt of an aLoRA call on the base prompt ``base``, and its invocation start.
-
-    The invocation is appended unless ``base`` already ends with it. Base spans that end
-    before the invocation keep their keys; a span that runs into it is cut where it
-    starts (the head gets the base key of its own ids); the invocation is one span under
-    ``namespace``, chained after the base part. Pure: no model, no store.
-    """
-    ids, n = base.token_ids, len(invocation)
-    ends_with_it = len(ids) >= n and ids[len(ids) - n:] == invocation
-    start = len(ids) - n if ends_with_it else len(ids)
-    segments: list[PlanSegment] = []
-    parent = root_key(base_namespace)
-    for seg, (seg_start, seg_end) in zip(base.segments, base.span_ranges()):
-        if seg_end <= start:
-            segments.append(seg)
-            parent = seg.key
-            continue
-        if seg_start < start:
-            head = ids[seg_start:start]
-            parent = span_key(parent, head, base_namespace)
-            segments.append(PlanSegment(parent, len(head)))
-        break
-    segments.append(PlanSegment(span_key(parent, invocation, namespace), n))
-    return ResolvedPrompt(ids[:start] + invocation, tuple(segments)), start
-
-
 class AdapterSet:
     """The adapters of one runtime's model; the runtime calls it under its lock.
 
@@ -142,7 +118,6 @@ class AdapterSet:
         self.base_namespace = base_namespace
         self._peft = None  # a peft.PeftModel around ``model`` while an adapter is loaded
         self._infos: dict[str, AdapterInfo] = {}
-        self._resolvers: dict[str, PromptResolver] = {}  # plain LoRAs: keys under their namespace
         self._lora_layers: list[torch.nn.Module] = []
 
     def infos(self) -> dict[str, AdapterInfo]:
@@ -158,7 +133,8 @@ class AdapterSet:
 
     # -- loading -----------------------------------------------------------------------
 
-    def add(self, name: str, path: str | Path, invocation: str | None = None) -> AdapterInfo:
+    def add(self, name: str, path: str | Path, invocation: str | None = None,
+            alora_start: str = "append") -> AdapterInfo:
         """Load the PEFT LoRA or aLoRA adapter folder ``path`` as ``name``.
 
         ``invocation``, when given, is the aLoRA's invocation text: it must tokenize (as a
@@ -166,6 +142,8 @@ class AdapterSet:
         """
         if not isinstance(name, str) or not name:
             raise AdapterError(f"an adapter name is a non-empty str, got {name!r}")
+        if alora_start not in ALORA_STARTS:
+            raise AdapterError(f"alora_start is one of {ALORA_STARTS}, got {alora_start!r}")
         if name in self._infos:
             raise AdapterError(f"an adapter named {name!r} is loaded already; unload it first")
         folder = Path(path)
@@ -173,10 +151,8 @@ class AdapterSet:
         invocation_ids = self._invocation_ids(name, config, invocation)
         check_base_model(self.model, folder, config)
         namespace = adapter_namespace(self.base_namespace, self._load(name, folder))
-        info = AdapterInfo(name, str(folder), invocation_ids, namespace)
+        info = AdapterInfo(name, str(folder), invocation_ids, namespace, alora_start)
         self._infos[name] = info
-        if invocation_ids is None:
-            self._resolvers[name] = PromptResolver(self.resolver.tokenizer, namespace, self.resolver.vocab_size)
         return info
 
     def remove(self, name: str) -> None:
@@ -190,7 +166,6 @@ class AdapterSet:
             self._peft.set_adapter(others[0])  # PEFT warns when the active adapter goes
             self._peft.delete_adapter(name)
         del self._infos[name]
-        self._resolvers.pop(name, None)
         self._after_change()
 
     def _invocation_ids(self, name: str, config: dict, invocation: str | None) -> tuple[int, ...] | None:
@@ -221,7 +196,8 @@ class AdapterSet:
             if self._peft is None:
                 config = LoraConfig.from_pretrained(str(folder))
                 config.inference_mode = True
-                self._peft = PeftModel(self.model, config, adapter_name=name)
+                with peft_wrapping():
+                    self._peft = PeftModel(self.model, config, adapter_name=name)
             self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False,
                                     torch_device=str(self.model.device))
             return self._fingerprint(name)
@@ -262,16 +238,12 @@ class AdapterSet:
 
     # -- calls -------------------------------------------------------------------------
 
-    def resolve(self, ctx: Context, name: str | None) -> tuple[ResolvedPrompt, Activation | None]:
-        """The prompt of a call on ``ctx`` with adapter ``name`` (None: the base model)."""
+    def activation(self, prompt: ResolvedPrompt, name: str | None) -> Activation | None:
+        """What a call of adapter ``name`` (None: the base model) on ``prompt`` switches on."""
         if name is None:
-            return self.resolver.resolve(ctx), None
+            return None
         info = self.get(name)
-        if info.invocation_ids is None:
-            return self._resolvers[name].resolve(ctx), Activation(name, None)
-        prompt, start = alora_prompt(self.resolver.resolve(ctx), info.invocation_ids, self.base_namespace,
-                                     info.namespace)
-        return prompt, Activation(name, (start,))
+        return Activation(name, None if info.invocation_ids is None else (prompt.invocation_start,))
 
     @contextlib.contextmanager
     def activated(self, activation: Activation | None) -> Iterator[None]:

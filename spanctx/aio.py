@@ -17,12 +17,16 @@ import asyncio
 import threading
 import weakref
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
-from .runtime import Result, Runtime
+from .engine import StopWhenSet
+from .results import Result
 from .spans import Context
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 _LIMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Runtime -> {event loop: Semaphore}
 _LIMITS_LOCK = threading.Lock()
@@ -56,22 +60,11 @@ async def astream(rt: Runtime, ctx: Context, max_new_tokens: int | None = None, 
             cancel.set()  # a no-op once generation has ended
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Stops every row of a generation once ``event`` is set."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        # input_ids: [B, S]
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
 def _with_cancel(rt: Runtime, kwargs: dict, cancel: threading.Event) -> dict:
     """``kwargs`` plus a stopping criterion watching ``cancel``, after the caller's own
     (the call's ``stopping_criteria``, else the runtime default's)."""
     own = kwargs.get("stopping_criteria", rt.generation_defaults.get("stopping_criteria"))
-    return {**kwargs, "stopping_criteria": StoppingCriteriaList([*(own or []), _StopWhenSet(cancel)])}
+    return {**kwargs, "stopping_criteria": StoppingCriteriaList([*(own or []), StopWhenSet(cancel)])}
 
 
 def _limit(rt: Runtime) -> asyncio.Semaphore:

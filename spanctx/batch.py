@@ -30,19 +30,21 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 
-from . import kv as kvops
-from .hf import cache_kwargs
+from .engine.interpreter import store_reads
 from .options import CallOptions, seeded
-from .plan import Reuse
-from .runtime import GenerationStats, PreparedCall, Result, Runtime, _FirstTokenTimer
+from .results import Result
 from .spans import Context
 
+if TYPE_CHECKING:
+    from .runtime import PreparedCall, Runtime
+
 # generate options that would need per-row stop positions, which a padded batch hides
-_UNSUPPORTED = ("stop_strings", "stopping_criteria", "num_return_sequences")
+_UNSUPPORTED = ("stop_strings", "stopping_criteria")
 
 
 @attrs.frozen
@@ -101,45 +103,35 @@ def _prefixes(ctx: Context) -> list[Context]:
     return out
 
 
-def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOptions, reuse: bool) -> list[Result]:
+def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOptions, reuse: bool,
+                   salt: str | None = None) -> list[Result]:
     """``Runtime.generate_batch``: one padded ``generate`` call for all ``contexts``."""
     contexts = [_as_context(c) for c in contexts]
     if not contexts:
         return []
-    unsupported = [k for k in _UNSUPPORTED if opts.generate_kwargs.get(k) not in (None, 1)]
+    unsupported = [k for k in _UNSUPPORTED if opts.generate_kwargs.get(k) is not None]
     if unsupported:
         raise ValueError(f"generate_batch does not support {unsupported}: rows would stop at positions the "
                          "padded output does not show; use generate per context")
-    with contextlib.ExitStack() as held, torch.inference_mode(), seeded(opts.seed, rt.device):
+    # the runtime is held before the seed is set: no other call can draw from the RNG between
+    with rt.holding(), contextlib.ExitStack() as held, seeded(opts.seed, rt.device):
         started = time.perf_counter()
         warmed: list[set[bytes]] = [set() for _ in contexts]  # span keys computed for each row beforehand
         if reuse:
             for row, prefix in shared_prefixes(contexts):
-                warmed[row] |= _warm(rt, prefix)
-        calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens))
+                warmed[row] |= _warm(rt, prefix, salt)
+        calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, salt=salt))
                  for ctx in contexts]
-        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.tail_start for c in calls])
-        kwargs = opts.hf_kwargs(rt.pad_token_id)
-        input_ids, attention_mask = _left_padded_ids(calls, layout, kwargs["pad_token_id"], rt.device)
-        if reuse:
-            cache = kvops.stack_left_padded([c.cache for c in calls], layout.kept, layout.cached_width)
-            kwargs.update(cache_kwargs(rt.model, cache))
-        timer = _FirstTokenTimer()
-        out = rt.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=timer, **kwargs)
-        if reuse:
-            for row, call in enumerate(calls):
-                rt.store_spans(call.prompt, cache, call.plan.tail.segments, row=row,
-                               offset=layout.pads[row])
-        eos = _eos_ids(kwargs.get("eos_token_id", rt.model.generation_config.eos_token_id))
-        now = time.perf_counter()
+        layout = plan_batch([c.prompt.num_tokens for c in calls],
+                            [c.assembly.tail_start for c in calls])
+        out = rt.generate_rows(calls, layout.kept, layout.cached_width, opts)
+        eos = _eos_ids(rt.generate_kwargs(opts).get("eos_token_id", rt.model.generation_config.eos_token_id))
+        end = time.perf_counter()
         results = []
         for row, call in enumerate(calls):
-            new_ids = _until_eos(out[row, layout.width:].tolist(), eos)
+            new_ids = _until_eos(out.sequences[row, layout.width:].tolist(), eos)
             cached = _reused_before(call, layout.kept[row], warmed[row]) if reuse else 0
-            stats = GenerationStats(
-                prompt_tokens=call.prompt.num_tokens, cached_tokens=cached,
-                computed_tokens=call.prompt.num_tokens - cached, new_tokens=len(new_ids),
-                ttft_s=(timer.first_token_at or now) - started, total_s=now - started)
+            stats = rt.stats(call, len(new_ids), out.first_token_at, cached_tokens=cached, started=started, end=end)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
 
@@ -152,33 +144,21 @@ def _as_context(item: Context | str) -> Context:
     raise TypeError(f"generate_batch takes Contexts or strings, got {type(item).__name__}")
 
 
-def _left_padded_ids(calls: Sequence[PreparedCall], layout: BatchLayout, pad_id: int | None,
-                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input ids and attention mask ``[B, width]``, each prompt at the right end."""
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an EOS token: pass pad_token_id=...")
-    input_ids = torch.full((len(calls), layout.width), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, (call, pad) in enumerate(zip(calls, layout.pads)):
-        input_ids[row, pad:] = call.input_ids[0]
-        attention_mask[row, pad:] = 1
-    return input_ids, attention_mask
-
-
-def _warm(rt: Runtime, prefix: Context) -> set[bytes]:
+def _warm(rt: Runtime, prefix: Context, salt: str | None) -> set[bytes]:
     """Compute and store the spans of ``prefix`` that are not stored; returns their keys."""
-    missing = {seg.key for seg in rt.resolver.resolve(prefix).segments if seg.key not in rt.store}
+    prompt, _ = rt.resolve(prefix, salt=salt)
+    missing = {seg.key for seg in prompt.segments if seg.key not in rt.store}
     if missing:
-        rt.next_token_logits(prefix)  # computes exactly the missing spans and stores them
+        rt.next_token_logits(prefix, salt=salt)  # computes exactly the missing spans and stores them
     return missing
 
 
 def _reused_before(call: PreparedCall, end: int, computed_here: set[bytes]) -> int:
     """How many prompt tokens in ``[0, end)`` the row read from the store, leaving out the
     spans computed for it in this call."""
-    segments = call.prompt.segments
-    return sum(max(0, min(step.end, end) - step.start) for step in call.plan.steps
-               if isinstance(step, Reuse) and segments[step.segment].key not in computed_here)
+    return sum(max(0, min(read_end, end) - start) for key, start, read_end in store_reads(call.assembly.plan,
+                                                                                      call.prompt)
+               if key not in computed_here)
 
 
 def _eos_ids(eos: int | Sequence[int] | torch.Tensor | None) -> frozenset[int]:

@@ -26,71 +26,18 @@ writes the model's special tokens itself, as ``apply_chat_template`` does.
 from __future__ import annotations
 
 import functools
-import json
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 from jinja2 import TemplateError
 
-from .spans import ChatItem, Context, Span
-
-# apply_chat_template arguments that spanctx sets itself
-_RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "add_generation_prompt", "continue_final_message",
-                                       "tokenize", "return_dict", "return_tensors", "tokenizer_kwargs"})
+from .messages import ChatItem, GenerationPrompt, Message, TemplateArgs
+from .spans import ParallelGroup, Span
 
 
 class ChatSplitWarning(UserWarning):
     """The chat template could not be cut at some message boundaries (see ``chat.py``)."""
-
-
-def _check_role(_, __, role: str) -> None:
-    if not isinstance(role, str) or not role:
-        raise TypeError(f"a message role is a non-empty str, got {role!r}")
-
-
-def _check_content(_, __, content: str | None) -> None:
-    if content is not None and not isinstance(content, str):
-        raise TypeError(f"message content is a str or None (text only), got {type(content).__name__}")
-
-
-@attrs.frozen
-class Message(ChatItem):
-    """One chat message. ``extra_json`` holds the other message keys (``tool_calls``,
-    ``name``, ``tool_call_id``, ...) as JSON, so that a message is an immutable value."""
-
-    role: str = attrs.field(validator=_check_role)
-    content: str | None = attrs.field(default=None, validator=_check_content)
-    extra_json: str = ""
-
-    @classmethod
-    def of(cls, role: str, content: str | None = None, **extra) -> Message:
-        return cls(role, content, _dumps(extra, "message fields") if extra else "")
-
-    def as_dict(self) -> dict:
-        """The message as a chat template sees it (keys whose value is None are left out)."""
-        out = {"role": self.role}
-        if self.content is not None:
-            out["content"] = self.content
-        if self.extra_json:
-            out.update(json.loads(self.extra_json))
-        return {k: v for k, v in out.items() if v is not None}
-
-
-@attrs.frozen
-class GenerationPrompt(ChatItem):
-    """The template's generation prompt after the last message (``add_generation_prompt``)."""
-
-
-@attrs.frozen
-class TemplateArgs(ChatItem):
-    """Keyword arguments of ``apply_chat_template`` for the conversation after it, as JSON:
-    ``tools`` (JSON schemas), ``chat_template`` (a template override) and any other."""
-
-    kwargs_json: str
-
-    def as_kwargs(self) -> dict:
-        return json.loads(self.kwargs_json)
 
 
 @attrs.frozen
@@ -164,20 +111,24 @@ class ChatRenderer:
         self._render = functools.lru_cache(maxsize=cache_size)(self._render_uncached)
         self._rendering = functools.lru_cache(maxsize=cache_size)(self._rendering_uncached)
 
-    def rendering(self, spans: Sequence[Span]) -> ChatRendering:
+    def rendering(self, spans: Sequence[Span | ParallelGroup]) -> ChatRendering:
         """The rendering of the conversation in ``spans`` (a path's spans)."""
         args, messages, add_generation_prompt = _conversation(spans)
         return self._rendering(args, messages, add_generation_prompt)
 
-    def expand(self, spans: Sequence[Span]) -> tuple[Span, ...]:
-        """``spans`` with the chat spans replaced by text spans cut from the rendering.
+    def expand(self, nodes: Sequence[Span | ParallelGroup]) -> tuple[tuple[Span | ParallelGroup, ...],
+                                                                 tuple[int | None, ...]]:
+        """``nodes`` (a path's) with the chat spans replaced by text spans cut from the
+        rendering, and for each input node the number of output nodes once it is whole
+        (None where its text runs on into the next output span: no cut after it).
 
-        Plain spans keep their place; one may sit between two messages only where the
-        template can be cut there.
+        Plain spans and parallel groups keep their place; one may sit between two
+        messages only where the template can be cut there.
         """
-        rendering = self.rendering(spans)
+        rendering = self.rendering(nodes)
         text = rendering.text
-        out: list[Span] = []
+        out: list[Span | ParallelGroup] = []
+        ends: list[int | None] = []
         pos, k = 0, 0
         cut_pending = False  # the last message had no cut: its text goes with the next span
 
@@ -187,14 +138,14 @@ class ChatRenderer:
                 out.append(Span(text[pos:end]))
             pos = end
 
-        for span in spans:
-            item = span.content
-            if not span.is_chat:
+        for node in nodes:
+            item = node.content if isinstance(node, Span) else None
+            if not isinstance(item, ChatItem):
                 if cut_pending:
                     raise ValueError(
                         f"a plain span follows message {k - 1}, but the chat template cannot be cut there "
                         f"(it renders earlier messages differently once later ones exist)")
-                out.append(span)
+                out.append(node)
             elif isinstance(item, Message):
                 for offset in (rendering.reply_starts[k], rendering.message_ends[k]):
                     if offset is not None:
@@ -204,8 +155,9 @@ class ChatRenderer:
             elif isinstance(item, GenerationPrompt):
                 emit(len(text))
                 cut_pending = False
+            ends.append(None if cut_pending else len(out))
         assert not cut_pending and pos == len(text), "the last chat span always ends the rendering"
-        return tuple(out)
+        return tuple(out), tuple(ends)
 
     def _render_uncached(self, args: TemplateArgs | None, messages: tuple[Message, ...],
                          add_generation_prompt: bool) -> str:
@@ -237,7 +189,7 @@ def _conversation(spans: Sequence[Span]) -> tuple[TemplateArgs | None, tuple[Mes
     messages: list[Message] = []
     add_generation_prompt = False
     for span in spans:
-        item = span.content
+        item = span.content if isinstance(span, Span) else None  # parallel groups hold no chat
         if isinstance(item, TemplateArgs):
             if args is not None or messages:
                 raise ValueError("template arguments (tools, chat_template, ...) come once, before the first message")
@@ -259,71 +211,3 @@ def _conversation(spans: Sequence[Span]) -> tuple[TemplateArgs | None, tuple[Mes
 # -- building contexts (Context.chat / Context.message) ----------------------------------
 
 
-def append_messages(ctx: Context, messages: Iterable[Mapping | Message], *, system: str | None = None,
-                    tools: Sequence | None = None, add_generation_prompt: bool = False,
-                    chat_template: str | None = None, template_kwargs: Mapping | None = None) -> Context:
-    """``ctx`` followed by chat spans; see ``Context.chat`` and ``Context.message``."""
-    if not ctx.is_root and isinstance(ctx.span.content, GenerationPrompt):
-        ctx = ctx.parent  # the generation prompt was a placeholder for the next message
-    args = template_args(tools, chat_template, template_kwargs or {})
-    if args is not None:
-        if any(span.is_chat for span in ctx.spans):
-            raise ValueError("tools, chat_template and template kwargs are set where a conversation starts; "
-                             "this context already holds chat spans")
-        ctx = ctx.append(args)
-    new = [as_message(m) for m in messages]
-    if system is not None:
-        if new and new[0].role == "system":
-            raise ValueError("system= given and the messages start with a system message too")
-        new.insert(0, Message("system", system))
-    ctx = ctx.extend(new)
-    if add_generation_prompt:
-        if not any(isinstance(span.content, Message) for span in ctx.spans):
-            raise ValueError("a generation prompt needs at least one message before it")
-        ctx = ctx.append(GenerationPrompt())
-    elif not new:
-        raise ValueError("no messages given")
-    return ctx
-
-
-def as_message(message: Mapping | Message) -> Message:
-    """A ``Message`` from a dict with ``role``, ``content`` and other message keys."""
-    if isinstance(message, Message):
-        return message
-    if not isinstance(message, Mapping):
-        raise TypeError(f"a message is a dict or a Message, got {type(message).__name__}")
-    if "role" not in message:
-        raise ValueError(f"a message needs a 'role': {dict(message)!r}")
-    fields = dict(message)
-    return Message.of(fields.pop("role"), fields.pop("content", None), **fields)
-
-
-def template_args(tools: Sequence | None, chat_template: str | None, kwargs: Mapping) -> TemplateArgs | None:
-    """The ``TemplateArgs`` span for these arguments, or None when there are none.
-    Tools are JSON schemas or Python functions (schema from signature and docstring)."""
-    reserved = _RESERVED_TEMPLATE_KWARGS & set(kwargs)
-    if reserved:
-        raise ValueError(f"spanctx sets {sorted(reserved)} itself; they cannot be template kwargs")
-    out = dict(kwargs)
-    if tools is not None:
-        out["tools"] = [_tool_schema(tool) for tool in tools]
-    if chat_template is not None:
-        out["chat_template"] = chat_template
-    return TemplateArgs(_dumps(out, "template arguments")) if out else None
-
-
-def _tool_schema(tool) -> dict:
-    if isinstance(tool, Mapping):
-        return dict(tool)
-    if callable(tool):
-        from transformers.utils import get_json_schema
-
-        return get_json_schema(tool)
-    raise TypeError(f"a tool is a JSON schema (dict) or a function, got {type(tool).__name__}")
-
-
-def _dumps(value, what: str) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False)
-    except TypeError as exc:
-        raise TypeError(f"{what} must be JSON-serializable: {exc}") from None

@@ -37,23 +37,19 @@ extends the previous one, so it reuses the KV that earlier generations and check
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import attrs
 import torch
 
-from . import kv as kvops
-from .adapters import Activation, batch_activation
-from .hf import cache_kwargs
-from .plan import Compute, Plan, PlanSegment, plan_prompt
+from .adapters import batch_activation
 from .prompt import ResolvedPrompt
+from .results import GenerationStats, Result
 from .spans import Context
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache
-
-    from .runtime import GenerationStats, Result, Runtime
+    from .runtime import Runtime
 
 DEFAULT_TEMPLATE = "\nRequirement: {requirement}\n"
 DEFAULT_FEEDBACK = "\nThe answer above does not meet these requirements:\n{failed}\nWrite a better answer.\n"
@@ -168,36 +164,31 @@ def check(rt: Runtime, ctx: Context, requirements: Sequence[str], *, adapter: st
     if not requirements:
         return []
     if ctx.has_parallel:  # parallel layouts have their own planner: one call per check
-        return [_verdict(r, config, *rt._next_token_logits(requirement_context(ctx, r, config), reuse, adapter),
-                         yes, no) for r in requirements]
-    from .runtime import GenerationStats  # not at the top: runtime imports this module
-
-    with rt._lock, torch.inference_mode():
+        return [_checked_alone(rt, requirement_context(ctx, r, config), r, config, adapter, reuse, yes, no)
+                for r in requirements]
+    with rt.holding():
         started = time.perf_counter()
-        resolved = [rt.adapters.resolve(requirement_context(ctx, r, config), adapter) for r in requirements]
+        resolved = [rt.resolve(requirement_context(ctx, r, config), adapter=adapter) for r in requirements]
         prompts = [prompt for prompt, _ in resolved]
         activations = [activation for _, activation in resolved]
         for prompt in prompts:
-            rt._check_length(prompt.num_tokens)
+            rt.check_length(prompt.num_tokens)
         shared = shared_spans(prompts) if reuse else 0
-        before = activations[0].before_invocation if activations[0] is not None else None
-        context, plan = _shared_cache(rt, prompts[0], shared, before)  # KV of tokens [0, plan.tail.start)
+        with rt.activated(activations[0].before_invocation if activations[0] is not None else None):
+            context = rt.assemble_shared(prompts[0], shared, reuse=reuse)  # KV of tokens [0, tail_start)
         verdicts = []
         for start in range(0, len(prompts), batch_size):
             rows = range(start, min(start + batch_size, len(prompts)))
-            batch = [prompts[i] for i in rows]
-            with rt.adapters.activated(batch_activation([activations[i] for i in rows])):
-                logits, cache = _forward_rows(rt, context, batch, plan.tail.start)  # [b, V]
-            if reuse:
-                _store_rows(rt, batch, shared, cache)
+            with rt.activated(batch_activation([activations[i] for i in rows])):
+                logits = rt.forward_rows(context.cache, [prompts[i] for i in rows], context.tail_start,
+                                         store_from=shared if reuse else None)  # [b, V]
             probabilities = torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
-            elapsed = time.perf_counter() - started
+            end = time.perf_counter()
             for i, probability in zip(rows, probabilities):
                 # the first check computed the shared context; the others got it from it
-                cached = plan.cached_tokens if i == 0 else plan.tail.start
-                stats = GenerationStats(prompt_tokens=prompts[i].num_tokens, cached_tokens=cached,
-                                        computed_tokens=prompts[i].num_tokens - cached, new_tokens=0,
-                                        ttft_s=elapsed, total_s=elapsed)
+                cached = context.cached_tokens if i == 0 else context.tail_start
+                stats = GenerationStats.measured(prompt_tokens=prompts[i].num_tokens, cached_tokens=cached,
+                                                 new_tokens=0, started=started, first_token_at=None, end=end)
                 verdicts.append(Verdict(requirements[i], probability > config.threshold, probability, stats))
         return verdicts
 
@@ -209,65 +200,12 @@ def shared_spans(prompts: Sequence[ResolvedPrompt]) -> int:
     return next((j for j in range(limit) if len({p.segments[j].key for p in prompts}) > 1), limit)
 
 
-def plan_shared(segments: Sequence[PlanSegment], shared: int, is_stored: Callable[[bytes], bool]) -> Plan:
-    """The plan of a batch row made of ``segments`` whose first ``shared`` spans every row has.
-
-    Its steps assemble ALL of the shared spans: stored ones are reused, each run of
-    missing ones is computed (and stored). Unlike ``plan_prompt``'s, no shared token is
-    left to the final call, since the rows run after them. Its tail is the row's own
-    spans, which the batch computes whether they are stored or not. Pure.
-    """
-    shared_keys = {seg.key for seg in segments[:shared]}
-    plan = plan_prompt(segments, lambda key: key in shared_keys and is_stored(key))
-    missing = tuple(i for i in plan.tail.segments if i < shared)
-    if not missing:
-        return plan
-    end = plan.tail.start + sum(segments[i].num_tokens for i in missing)
-    return Plan((*plan.steps, Compute(missing, plan.tail.start, end)),
-                Compute(plan.tail.segments[len(missing):], end, plan.total_tokens), plan.total_tokens)
-
-
-def _shared_cache(rt: Runtime, prompt: ResolvedPrompt, shared: int,
-                  activation: Activation | None) -> tuple[DynamicCache, Plan]:
-    """The KV of the first ``shared`` spans of ``prompt`` (a row of the batch), through the
-    store, computed with ``activation``; and the plan that built it."""
-    keys = [seg.key for seg in prompt.segments[:shared]]
-    with rt.store.locked(keys), rt.adapters.activated(activation):
-        found = {key: rt.store.lookup(key) for key in keys}
-        plan = plan_shared(prompt.segments, shared, lambda key: found[key] is not None)
-        return rt._execute(plan, prompt, found, rt._input_ids(prompt)), plan
-
-
-def _forward_rows(rt: Runtime, context: DynamicCache, prompts: Sequence[ResolvedPrompt],
-                  start: int) -> tuple[torch.Tensor, DynamicCache]:
-    """Run the tokens from ``start`` on of every prompt as one right-padded batch after
-    ``context`` (the KV of their common tokens ``[0, start)``). Returns the logits at each
-    prompt's last token ``[B, V]`` (float32) and the batch's cache, where row ``i``'s prompt
-    token ``p`` sits at slot ``p``."""
-    tails = [p.token_ids[start:] for p in prompts]
-    width = max(len(tail) for tail in tails)
-    # padding: id 0, after a row's last token, so none of the row's tokens attends to it
-    ids = torch.tensor([list(tail) + [0] * (width - len(tail)) for tail in tails], device=rt.device)  # [B, W]
-    last = torch.tensor([len(tail) - 1 for tail in tails], device=rt.device)  # [B]
-    keep = torch.unique(last)  # [K] sorted columns whose logits are read
-    cache = kvops.repeat_batch(context, len(tails))
-    out = rt.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **cache_kwargs(rt.model, cache))
-    # out.logits: [B, K, V]
-    logits = out.logits[torch.arange(len(tails), device=rt.device), torch.searchsorted(keep, last)]
-    return logits.float(), cache
-
-
-def _store_rows(rt: Runtime, prompts: Sequence[ResolvedPrompt], shared: int, cache: DynamicCache) -> None:
-    """Store each row's spans after the first ``shared`` that the store does not hold."""
-    for row, prompt in enumerate(prompts):
-        missing = [j for j in range(shared, len(prompt.segments)) if prompt.segments[j].key not in rt.store]
-        rt.store_spans(prompt, cache, missing, row=row)
-
-
-def _verdict(requirement: str, config: CheckConfig, logits: torch.Tensor, stats: GenerationStats, yes: int,
-             no: int) -> Verdict:
-    probability = torch.sigmoid(logits[yes] - logits[no]).item()
-    return Verdict(requirement, probability > config.threshold, probability, stats)
+def _checked_alone(rt: Runtime, ctx: Context, requirement: str, config: CheckConfig, adapter: str | None,
+                   reuse: bool, yes: int, no: int) -> Verdict:
+    with rt.prepared(ctx, reuse=reuse, adapter=adapter) as call:
+        out, _ = rt.forward_tail(call)
+        probability = torch.sigmoid(out.logits[0, -1, yes] - out.logits[0, -1, no]).item()
+        return Verdict(requirement, probability > config.threshold, probability, rt.stats(call, 0, None))
 
 
 def check_loop(rt: Runtime, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,

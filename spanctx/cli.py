@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="shared-context workload with and without span reuse")
     demo.add_argument("--model", default=None,
-                      help="preset name (default tiny-llama, random weights) or a local model folder / hub id")
+                      help="preset name (default tiny-llama, random weights; tiny-trained: a small trained "
+                           "model) or a local model folder / hub id")
     demo.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     demo.add_argument("--notes", type=int, default=24, help="size of the shared document (x ~190 tokens)")
@@ -40,7 +41,10 @@ def _demo(args) -> int:
 
     name = args.model or DEFAULT_PRESET
     rt = Runtime.from_pretrained(name, device=args.device, dtype=DTYPES.get(args.dtype))
-    if name in PRESETS:
+    if name in PRESETS and PRESETS[name].weights is not None:
+        print(f"model: preset {name!r} ({PRESETS[name].description}, 6M parameters):\n"
+              "       expect broken text outside retrieval prompts.")
+    elif name in PRESETS:
         print(f"model: preset {name!r} ({PRESETS[name].description}) with RANDOM weights: "
               "its text is noise, its timings and reuse are real.\n"
               "       Point at a real model with --model PATH_OR_HUB_ID.")

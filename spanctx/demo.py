@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import attrs
 
-from .runtime import Result, Runtime
+from .results import Result
+from .runtime import Runtime
 from .spans import Context
 
 SYSTEM = "You are a careful assistant. Answer from the document only, in one short sentence.\n"

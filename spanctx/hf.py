@@ -9,17 +9,23 @@ Differences handled here, and nowhere else:
   read off the model class's ``forward`` signature, so a model class that has not moved
   yet keeps the old name.
 
+- peft 0.21 reads ``PreTrainedModel.is_gradient_checkpointing``, which transformers 5.24
+  deprecates: a FutureWarning raised by PEFT's own code whenever a PEFT model is made.
+  ``peft_wrapping`` silences exactly that one around spanctx's calls into PEFT.
+
 Everything else in spanctx passes caches through ``cache_kwargs`` and reads a forward's
 cache argument through ``cache_argument``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import warnings
 from collections.abc import Mapping
 
-__all__ = ["CACHE_NAMES", "cache_argument", "cache_kwargs", "cache_name"]
+__all__ = ["CACHE_NAMES", "cache_argument", "cache_kwargs", "cache_name", "peft_wrapping"]
 
 # every spelling of the cache argument, newest first
 CACHE_NAMES = ("cache", "past_key_values")
@@ -53,3 +59,12 @@ def cache_argument(kwargs: Mapping[str, object]):
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around a call that makes a PEFT model: PEFT's own read of a property that
+    transformers 5.24 deprecated warns nothing (see the module doc); all else warns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

@@ -117,6 +117,12 @@ def adapter_namespace(base_namespace: bytes, adapter_fingerprint: bytes) -> byte
     return _digest(b"adapter", base_namespace, adapter_fingerprint)
 
 
+def salted_namespace(namespace: bytes, salt: str | None) -> bytes:
+    """``namespace`` for one tenant: KV computed under one salt is never found under
+    another (or under none), as vLLM's ``cache_salt``. No salt: ``namespace`` itself."""
+    return namespace if salt is None else _digest(b"salt", namespace, salt.encode())
+
+
 # -- weights ---------------------------------------------------------------------------
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -102,8 +102,9 @@ def _full_layer(keys: torch.Tensor, values: torch.Tensor) -> DynamicLayer:
     return layer
 
 
-def repeat_batch(cache: DynamicCache, batch_size: int) -> DynamicCache:
-    """A new cache holding ``cache``'s one sequence ``batch_size`` times: ``[B, H_kv, S, D]``.
+def repeat_batch(cache: DynamicCache, batch_size: int, length: int | None = None) -> DynamicCache:
+    """A new cache holding the first ``length`` tokens (default: all) of ``cache``'s one
+    sequence ``batch_size`` times: ``[B, H_kv, length, D]``.
 
     The layers are expanded views of ``cache``; the model's first update concatenates, so
     neither cache changes the other.
@@ -112,9 +113,9 @@ def repeat_batch(cache: DynamicCache, batch_size: int) -> DynamicCache:
     for layer in cache.layers:
         if layer.keys.shape[0] != 1:
             raise ValueError(f"repeat_batch expects a batch of one, got {layer.keys.shape[0]}")
-        keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
-        values = layer.values.expand(batch_size, *layer.values.shape[1:])
-        out.layers.append(_full_layer(keys, values))
+        keys, values = layer.keys[:, :, :length], layer.values[:, :, :length]
+        out.layers.append(_full_layer(keys.expand(batch_size, *keys.shape[1:]),
+                                      values.expand(batch_size, *values.shape[1:])))
     return out
 
 
@@ -153,6 +154,13 @@ def extract(cache: DynamicCache, start: int, end: int, row: int = 0) -> SpanKV:
     keys = tuple(layer.keys[row : row + 1, :, start:end].clone() for layer in cache.layers)
     values = tuple(layer.values[row : row + 1, :, start:end].clone() for layer in cache.layers)
     return SpanKV(keys, values)
+
+
+def as_cache(kv: SpanKV) -> DynamicCache:
+    """``kv`` as a ``DynamicCache`` of views (no copy): to read spans out of it."""
+    cache = DynamicCache()
+    cache.layers.extend(_full_layer(k, v) for k, v in zip(kv.keys, kv.values))
+    return cache
 
 
 def as_slices(cache: DynamicCache) -> SpanKV:

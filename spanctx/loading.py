@@ -25,8 +25,6 @@ from typing import Literal
 import attrs
 import torch
 
-from .runtime import default_device
-
 Quantization = Literal["8bit", "4bit"]
 
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -144,3 +142,11 @@ def load_model(name_or_path: str, *, model_class=None, device: str | None = None
         model.to(options.move_to)
     return model.eval(), tokenizer
 
+
+def default_device() -> str:
+    """cuda, then mps, then cpu: the first that is available."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"

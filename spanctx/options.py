@@ -7,6 +7,9 @@ Merge rule, per key, lowest layer first:
 3. the call's kwargs. A call kwarg overrides the default of the same name; a call kwarg
    of ``None`` removes that default (so the model's own value applies again).
 
+Beam search (``num_beams`` > 1) and ``num_return_sequences`` > 1 are refused: a call
+returns one sequence per context (for N samples, batch the context N times).
+
 Sampling is decided per layer, the call first: a layer that sets ``do_sample`` decides;
 a layer that sets a sampling parameter (``temperature``, ``top_p``, ``top_k``, ``min_p``,
 ``typical_p``) without ``do_sample`` asks for sampling; with no decision anywhere, decoding
@@ -67,6 +70,7 @@ def merge_options(defaults: Mapping[str, object], call: Mapping[str, object]) ->
     if not do_sample:
         for key in SAMPLING_KWARGS:
             merged[key] = None  # None, not absent: the model's generation_config may set them
+    _refuse_search(merged)
     max_new_tokens = merged.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     seed = merged.pop("seed", None)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -74,6 +78,18 @@ def merge_options(defaults: Mapping[str, object], call: Mapping[str, object]) ->
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int, got {seed!r}")
     return CallOptions(max_new_tokens, seed, do_sample, merged)
+
+
+def _refuse_search(merged: Mapping[str, object]) -> None:
+    """Beam search and several sequences per call are refused: every path of a call
+    (reused cache or not, single or batch) returns one sequence per context."""
+    if merged.get("num_beams", 1) != 1:
+        raise ValueError(f"num_beams={merged['num_beams']}: spanctx does not run beam search (its caches hold "
+                         "one sequence per context); use greedy or sampled decoding")
+    if merged.get("num_return_sequences", 1) != 1:
+        raise ValueError(f"num_return_sequences={merged['num_return_sequences']}: a call returns one sequence; "
+                         "for N samples of one context use rt.generate_batch([ctx] * N, do_sample=True), "
+                         "whose rows share the context's stored KV")
 
 
 def _sampling_decision(layer: Mapping[str, object]) -> bool | None:

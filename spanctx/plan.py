@@ -129,3 +129,21 @@ def _plan_reuse(segments: Sequence[PlanSegment], is_stored: Callable[[bytes], bo
 
     tail_segments = tuple(range(last_hit + 1, len(segments)))
     return Plan(tuple(steps), Compute(tail_segments, starts[last_hit + 1], total), total)
+
+
+def plan_shared(segments: Sequence[PlanSegment], shared: int, is_stored: Callable[[bytes], bool]) -> Plan:
+    """The plan of a batch row made of ``segments`` whose first ``shared`` spans every row has.
+
+    Its steps assemble ALL of the shared spans: stored ones are reused, each run of
+    missing ones is computed (and stored). Unlike ``plan_prompt``'s, no shared token is
+    left to the final call, since the rows run after them. Its tail is the row's own
+    spans, which the batch computes whether they are stored or not.
+    """
+    shared_keys = {seg.key for seg in segments[:shared]}
+    plan = plan_prompt(segments, lambda key: key in shared_keys and is_stored(key))
+    missing = tuple(i for i in plan.tail.segments if i < shared)
+    if not missing:
+        return plan
+    end = plan.tail.start + sum(segments[i].num_tokens for i in missing)
+    return Plan((*plan.steps, Compute(missing, plan.tail.start, end)),
+                Compute(plan.tail.segments[len(missing):], end, plan.total_tokens), plan.total_tokens)

@@ -1,14 +1,20 @@
-"""Built-in models: random weights in a given shape, with the offline byte tokenizer.
+"""Built-in models with the offline byte tokenizer: random weights in a given shape, and
+one small trained model.
 
 Tiny presets run in seconds on a CPU (the demo's default and the tests' models). The
 real-shape presets have the exact shapes of public models, for benchmarks: timing does
-not depend on the weights' values. All preset weights are RANDOM: their text is noise.
-To use a real model, pass a local folder or a hub id to ``Runtime.from_pretrained``.
+not depend on the weights' values. Their weights are RANDOM: their text is noise.
+``tiny-trained`` is the exception: a 6M-parameter Llama trained on English prose and
+synthetic retrieval (``benchmarks/train_tiny.py``); its weights ship in the package
+(``spanctx/weights/tiny-trained``: bfloat16 safetensors, loaded as float32 by default,
+with its training log). To use a real model, pass a local folder or a hub id to
+``Runtime.from_pretrained``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import attrs
 import torch
@@ -27,6 +33,7 @@ from transformers import (
 
 from .tokenizer import byte_tokenizer
 
+WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_VOCAB = len(byte_tokenizer())
 _TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=TINY_VOCAB, max_position_embeddings=8192,
@@ -35,12 +42,18 @@ _TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_at
 
 @attrs.frozen
 class Preset:
-    """A named random-weight model: its config and the dtype it is meant to run in."""
+    """A named model: its config and the dtype it is meant to run in. ``weights`` names a
+    folder of ``WEIGHTS_DIR`` holding trained weights; None: random weights."""
 
     name: str
     make_config: Callable[[], PretrainedConfig]
     dtype: torch.dtype
     description: str
+    weights: str | None = None
+
+    @property
+    def weights_dir(self) -> Path | None:
+        return None if self.weights is None else WEIGHTS_DIR / self.weights
 
 
 def _tiny(config_cls, **extra) -> Callable[[], PretrainedConfig]:
@@ -91,6 +104,9 @@ PRESETS: dict[str, Preset] = {
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, rms_norm_eps=1e-6,
             bos_token_id=256, eos_token_id=257, pad_token_id=258),
             torch.bfloat16, "Qwen2.5-7B shape (random weights)"),
+        Preset("tiny-trained", lambda: LlamaConfig.from_pretrained(WEIGHTS_DIR / "tiny-trained"), torch.float32,
+               "Llama, 8 layers, hidden 256, GQA 8/2, TRAINED on English prose and synthetic retrieval",
+               weights="tiny-trained"),
     ]
 }
 
@@ -110,18 +126,26 @@ def preset_config(name: str, **overrides) -> PretrainedConfig:
 def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                 seed: int = 0, attn_implementation: str | None = None, model_class=AutoModelForCausalLM,
                 **overrides):
-    """Build preset ``name`` with random weights (seeded) on ``device``.
+    """Build preset ``name`` on ``device``: random weights (seeded), or a trained preset's
+    shipped weights (``seed`` unused; its shape cannot be overridden).
 
-    Returns ``(model, tokenizer)``. Weights are initialised on the device itself, so an
-    8B shape takes seconds on a GPU. ``model_class`` is an ``AutoModelFor...`` class
+    Returns ``(model, tokenizer)``. Random weights are initialised on the device itself,
+    so an 8B shape takes seconds on a GPU. ``model_class`` is an ``AutoModelFor...`` class
     (e.g. ``AutoModelForSequenceClassification`` for a random reward model).
     """
     preset = _preset(name)
-    config = preset_config(name, **overrides)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = model_class.from_config(config, dtype=dtype or preset.dtype, **kwargs)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if preset.weights_dir is not None:
+        if overrides:
+            raise ValueError(f"preset {name!r} has trained weights: its config cannot be overridden "
+                             f"(got {sorted(overrides)})")
+        model = model_class.from_pretrained(preset.weights_dir, dtype=dtype or preset.dtype, **kwargs).to(device)
+        config = model.config
+    else:
+        config = preset_config(name, **overrides)
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = model_class.from_config(config, dtype=dtype or preset.dtype, **kwargs)
     model.eval()
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = config.pad_token_id

@@ -62,7 +62,7 @@ class RewardModel:
                 # the head pools the last NON-pad token: a trailing pad would move it
                 raise ValueError("the prompt ends with the pad token; the reward head reads the last non-pad token")
             # one row, no padding: the head pools the tail's last token, the prompt's last
-            out, _ = rt.forward_tail(call)  # logits: [1, 1]
+            out, _ = rt.forward_tail(call, logits_to_keep=None)  # logits: [1, 1]
             return out.logits[0, 0].float().item()
 
     def rewards(self, contexts: Sequence[Context], *, reuse: bool = True) -> list[float]:

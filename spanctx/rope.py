@@ -19,11 +19,11 @@ at the moved position, so an unknown rope layout is refused, never silently wron
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import torch
 
-from . import kv as kvops
-from .hf import cache_kwargs
 from .store import SpanKV
 
 MOVABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -99,13 +99,15 @@ class KeyMover:
         return SpanKV(tuple(keys), kv.values)
 
 
-def key_mover(model) -> KeyMover:
-    """Read ``model``'s per-layer rope frequencies and check on the model that rotating a
-    cached key reproduces the key computed at the moved position."""
+def key_mover(model, kv_at: Callable[[torch.Tensor, torch.Tensor], SpanKV]) -> KeyMover:
+    """Read ``model``'s per-layer rope frequencies and check, on the model, that rotating
+    a cached key reproduces the key computed at the moved position. ``kv_at(ids,
+    positions)`` runs ``ids`` ``[1, T]`` at ``positions`` ``[T]`` with no past and returns
+    their KV (the engine's forward: this module never calls the model itself)."""
     inv_freq, reason = _layer_inv_freq(model)
     if reason is not None:
         return KeyMover((), reason)
-    error = _probe_error(model, inv_freq)
+    error = _probe_error(model, kv_at, inv_freq)
     tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not error <= tolerance:
         return KeyMover((), f"rotating cached keys does not reproduce this model's keys (relative error "
@@ -142,23 +144,18 @@ def _is_inv_freq(name: str) -> bool:
                                                                                       "long_inv_freq")))
 
 
-def _probe_error(model, inv_freq: tuple[torch.Tensor, ...]) -> float:
+def _probe_error(model, kv_at: Callable[[torch.Tensor, torch.Tensor], SpanKV],
+                 inv_freq: tuple[torch.Tensor, ...]) -> float:
     """Worst relative (Frobenius) error, over layers, between a span's keys computed at
     ``PROBE_DELTA`` and its keys computed at 0 then rotated (no past either way)."""
-    vocab = model.config.get_text_config().vocab_size
+    text = model.config.get_text_config()
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, PROBE_TOKENS), generator=generator).to(model.device)
-
-    def keys_at(start: int) -> tuple[torch.Tensor, ...]:
-        cache = kvops.empty_cache()
-        positions = torch.arange(start, start + PROBE_TOKENS, device=model.device)[None]
-        model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
-        return kvops.as_slices(cache).keys
-
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 2 * PROBE_DELTA
+    ids = torch.randint(0, text.vocab_size, (1, PROBE_TOKENS), generator=generator).to(model.device)
+    limit = getattr(text, "max_position_embeddings", None) or 2 * PROBE_DELTA
     delta = min(PROBE_DELTA, limit - PROBE_TOKENS)
+    positions = torch.arange(PROBE_TOKENS, device=model.device)
     with torch.inference_mode():
-        at_zero, moved = keys_at(0), keys_at(delta)
+        at_zero, moved = kv_at(ids, positions).keys, kv_at(ids, positions + delta).keys
     if len(at_zero) != len(inv_freq):
         return float("inf")
     errors = [(rotate_keys(k0, delta, f).float() - k1.float()).norm() / k1.float().norm()

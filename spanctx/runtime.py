@@ -1,104 +1,48 @@
-"""The runtime: plans a prompt against the store, assembles its cache, runs the model.
+"""``Runtime``: the public API, on the session layer (``session.py``). It never runs the
+model itself: every call goes through the session's building blocks to the engine.
 
-One request is: resolve the context (ids + span keys), look every span up in the store,
-plan (``plan.py``), execute the plan's steps (reuse stored KV, compute missing runs),
-hand the assembled cache and the full ids to the final call (``generate`` or a logits
-forward), then store the spans that the final call computed.
+Features live in their own modules (batch, checks, scoring, states, structured, tools,
+aio) and use only the session's public methods; the methods here hand calls to them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import threading
-import time
-from array import array
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import attrs
 import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from . import checks, scoring, states, structured
-from . import kv as kvops
+from . import batch, checks, scoring, states, structured
 from . import tools as tools_mod
-from .adapters import AdapterInfo, AdapterSet
-from .chat import ChatRendering
-from .hf import cache_kwargs
+from .adapters import AdapterInfo
 from .index import EvictionPolicy, lru
-from .keys import model_namespace
-from .options import CallOptions, merge_options, seeded
-from .parallel import ParallelStats, build_cache, parallel_stats, resolve_layout
-from .placement import PlacementPlan, Repair
-from .plan import Plan, Reuse, plan_prompt
-from .prompt import PromptResolver, ResolvedPrompt
-from .rope import KeyMover, key_mover
+from .options import seeded
+from .placement import Repair
+from .results import Result
 from .scoring import Candidate, Ranked, Score
+from .session import PreparedCall, Session, first_row
 from .spans import Context
-from .store import KVStore, SpanKV, default_budget_bytes
+from .store import KVStore
 from .structured import JsonResult
 from .tools import ToolRun, ToolTurn
 
-
-@attrs.frozen
-class GenerationStats:
-    """Where one call's prompt tokens came from, and how long it took (seconds)."""
-
-    prompt_tokens: int
-    cached_tokens: int  # reused from the store
-    computed_tokens: int  # run through the model
-    new_tokens: int
-    ttft_s: float  # call start to the first new token on the host
-    total_s: float
-    # prompt tokens whose KV was already placed and was computed again, in place, by
-    # ``repair`` (parallel spans); not part of computed_tokens
-    recomputed_tokens: int = 0
-    parallel: ParallelStats | None = None  # details, for prompts with parallel groups
+__all__ = ["PreparedCall", "Runtime"]
 
 
-@attrs.frozen
-class Result:
-    """One generation: the NEW tokens only, their text, and the call's stats."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    stats: GenerationStats
-
-
-@attrs.frozen(eq=False)
-class PreparedCall:
-    """A prompt whose cache is assembled up to ``tail_start``; the final call runs the rest."""
-
-    prompt: ResolvedPrompt
-    cache: object  # a DynamicCache covering [0, tail_start), or None without reuse
-    plan: Plan | PlacementPlan | None
-    input_ids: torch.Tensor  # [1, S] the whole prompt
-    started: float
-    parallel: ParallelStats | None = None
-
-    @property
-    def tail_start(self) -> int:
-        return self.plan.tail.start if self.plan else 0
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.plan.cached_tokens if self.plan else 0
-
-
-class KVLayoutMismatch(RuntimeError):
-    """A stored span does not have this model's KV layout (another model's entry)."""
-
-
-class Runtime:
+class Runtime(Session):
     """Generation over span contexts with a bounded, shared KV store.
 
     ``store_bytes`` bounds the store (default: half of free GPU memory, or a quarter of
     free RAM on CPU). Pass ``store=`` to share one store between runtimes: entries are
-    namespaced by model fingerprint, so they never mix. ``repair`` is the default repair
-    mode of prompts with parallel groups (``Context.parallel``): "none", "head:k",
-    "blend:r" or "full" (see ``spanctx.placement``).
+    namespaced by model fingerprint (every weight is read; or ``model_identity``, the
+    user's promise that other weights get another identity), so they never mix.
+    ``salt`` keeps this runtime's spans apart from other tenants' in a shared store
+    (calls may pass their own ``salt=``). ``repair`` is the default repair mode of
+    prompts with parallel groups (``Context.parallel``): "none", "head:k", "blend:r" or
+    "full" (see ``spanctx.placement``).
 
     ``generation_defaults`` are generation options for every call, overridden per call
     (merge rule in ``spanctx.options``). ``max_concurrency`` bounds the async requests
@@ -107,32 +51,24 @@ class Runtime:
     ``min_reuse_fraction``: stored spans are reused only when they cover at least this
     fraction of the tokens the call must compute anyway; below it the prompt is computed
     from position 0 (see ``spanctx.plan``). 0 reuses every hit.
+
+    ``executor``: what runs a generation's final call and decode loop. ``"eager"``: HF's
+    own ``generate``. ``"static"``: fixed KV buffers (their memory is taken off the store's
+    budget) with CUDA graphs on a GPU (``spanctx.engine.static``); calls it cannot run
+    (adapters, per-token scores, options it does not build) run eagerly and the stats say
+    why (``executor_fallback``). ``"auto"`` (default): static on CUDA, eager elsewhere.
+    ``compile``: the static executor runs the model through ``torch.compile`` (fused
+    kernels; each new shape compiles once, 25-50 s on an 8B model).
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "none",
                  generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
-                 min_reuse_fraction: float = 0.125) -> None:
-        if store is not None and store_bytes is not None:
-            raise ValueError("pass store_bytes or store, not both")
-        if not 0.0 <= min_reuse_fraction:
-            raise ValueError(f"min_reuse_fraction must be >= 0, got {min_reuse_fraction}")
-        self.min_reuse_fraction = min_reuse_fraction
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.device = model.device
-        self.namespace = model_namespace(model)
-        # not ``store or ...``: an empty KVStore is falsy (it has __len__)
-        self.store = store if store is not None else KVStore(
-            default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
-        self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
-        self.max_positions = _max_positions(model.config)
-        self.repair = Repair.parse(repair)
-        self._lock = threading.RLock()
-        self._kv_layout = self._probe_layout()
-        self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
-        self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
-        merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
+                 min_reuse_fraction: float = 0.125, salt: str | None = None,
+                 model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
+        super().__init__(model, tokenizer, store_bytes, store=store, policy=policy, repair=repair,
+                         generation_defaults=generation_defaults, min_reuse_fraction=min_reuse_fraction,
+                         salt=salt, model_identity=model_identity, executor=executor, compile=compile)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.max_concurrency = max_concurrency
@@ -151,75 +87,108 @@ class Runtime:
                                       quantization=quantization, max_gpu_memory=max_gpu_memory, **model_kwargs)
         return cls(model, tokenizer, store_bytes)
 
-    # -- public API --------------------------------------------------------------------
+    # -- generation ----------------------------------------------------------------------
 
     def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
         """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
         appended), the same with and without reuse."""
         with self._lock:
-            if ctx.has_parallel:
-                self._refuse_adapter_on_parallel(adapter)
-                return list(resolve_layout(self.resolver, ctx, self.repair).token_ids)
-            return list(self.adapters.resolve(ctx, adapter)[0].token_ids)
+            return list(self.resolve(ctx, adapter=adapter)[0].token_ids)
 
     def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
-                 adapter: str | None = None, repair: str | None = None, **generate_kwargs) -> Result:
+                 adapter: str | None = None, repair: str | None = None, salt: str | None = None,
+                 output_scores: bool = False, output_logits: bool = False, streamer: BaseStreamer | None = None,
+                 **generate_kwargs) -> Result:
         """Generate after ``ctx``: greedy unless sampling kwargs are given; ``seed=`` makes
-        sampling reproducible; other HF ``generate`` kwargs pass through; unset options come
-        from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the same
-        ids that neither reads nor writes the store. ``adapter`` names a loaded adapter (see
-        ``add_adapter``); an aLoRA's invocation is appended to ``ctx``. ``repair`` overrides
-        the runtime's repair mode for parallel groups."""
+        sampling reproducible; other HF ``generate`` kwargs pass through (beam search and
+        several return sequences are refused: see ``spanctx.options``); unset options come
+        from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the
+        same ids that neither reads nor writes the store. ``adapter`` names a loaded adapter
+        (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``. ``repair``
+        overrides the runtime's repair mode for parallel groups; ``salt`` the runtime's.
+        ``output_scores`` / ``output_logits`` keep each new token's processed scores / raw
+        logits on the result (``Result.logprobs``; see ``spanctx.logprobs``); ``streamer``
+        (an HF ``BaseStreamer``) gets the prompt, then the new tokens as they are decoded."""
         opts = self.options(max_new_tokens, **generate_kwargs)
-        with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
-                           repair=repair) as call, seeded(opts.seed, self.device):
-            timer = _FirstTokenTimer()
-            out = self._generate(call, opts, timer)
-            new_ids = tuple(out[0, call.prompt.num_tokens:].tolist())
-            return Result(
-                text=self.tokenizer.decode(new_ids, skip_special_tokens=True),
-                token_ids=new_ids,
-                stats=self._stats(call, len(new_ids), timer.first_token_at),
-            )
+        with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter, repair=repair,
+                           salt=salt) as call, seeded(opts.seed, self.device):
+            out = self.generate_prepared(call, opts, streamer=streamer, output_scores=output_scores,
+                                         output_logits=output_logits)
+            new_ids = tuple(out.sequences[0, call.prompt.num_tokens:].tolist())
+            return Result(text=self.tokenizer.decode(new_ids, skip_special_tokens=True), token_ids=new_ids,
+                          stats=self.stats(call, len(new_ids), out.first_token_at, generated=out),
+                          scores=first_row(out.scores), logits=first_row(out.logits))
 
     def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
-               adapter: str | None = None, repair: str | None = None, **generate_kwargs) -> Iterator[str]:
-        """Like ``generate``, yielding text pieces as they are decoded."""
+               adapter: str | None = None, repair: str | None = None, salt: str | None = None,
+               **generate_kwargs) -> Iterator[str]:
+        """Like ``generate``, yielding text pieces as they are decoded. Leaving the loop
+        early (or closing the iterator) stops the generation within a decode step."""
         opts = self.options(max_new_tokens, **generate_kwargs)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = threading.Event()
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
-                                   repair=repair) as call, seeded(opts.seed, self.device):
-                    self._generate(call, opts, streamer)
+                                   repair=repair, salt=salt) as call, seeded(opts.seed, self.device):
+                    self.generate_prepared(call, opts, streamer=streamer, cancel=cancel)
             except BaseException as exc:  # re-raised in the consumer's thread
                 failure.append(exc)
                 streamer.end()
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from (piece for piece in streamer if piece)
-        worker.join()
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:
+            cancel.set()  # a no-op once generation has ended
+            worker.join()
         if failure:
             raise failure[0]
 
     def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None,
-                          repair: str | None = None) -> torch.Tensor:
+                          repair: str | None = None, salt: str | None = None) -> torch.Tensor:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
-        return self._next_token_logits(ctx, reuse, adapter, repair)[0]
+        with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair, salt=salt) as call:
+            out, _ = self.forward_tail(call, logits_to_keep=1)
+            return out.logits[0, -1].float()
+
+    def generate_batch(self, contexts: Sequence[Context | str], max_new_tokens: int | None = None, *,
+                       reuse: bool = True, salt: str | None = None, **generate_kwargs) -> list[Result]:
+        """Generate after several contexts (or plain strings) in one left-padded batch, each
+        row reusing its own stored spans; greedy results equal one ``generate`` per row."""
+        return batch.generate_batch(self, contexts, self.options(max_new_tokens, **generate_kwargs), reuse, salt)
+
+    async def agenerate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+                        **generate_kwargs) -> Result:
+        """``generate`` in a worker thread, at most ``max_concurrency`` requests at once."""
+        from .aio import agenerate
+
+        return await agenerate(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
+
+    def astream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+                **generate_kwargs) -> AsyncIterator[str]:
+        """``stream`` as an async iterator; leaving it early stops the generation."""
+        from .aio import astream
+
+        return astream(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
 
     # -- adapters and constraint checks (adapters.py, checks.py) ------------------------
 
-    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None) -> AdapterInfo:
+    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None,
+                    alora_start: str = "append") -> AdapterInfo:
         """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
         ``alora_invocation_tokens``) as ``name``. The model is adapted in place and never
         reloaded; base calls keep running on base weights. ``invocation``: the aLoRA's
-        invocation text, checked against the configured token ids."""
+        invocation text, checked against the configured token ids. ``alora_start``: where
+        an aLoRA's invocation is in a call's prompt: ``"append"`` (after the context,
+        unless it ends with it) or ``"in_prompt"`` (the context holds it; the adapter
+        applies from its last occurrence, as PEFT does). See ``spanctx.prompt``."""
         with self._lock:
-            return self.adapters.add(name, path, invocation)
+            return self.adapters.add(name, path, invocation, alora_start)
 
     def list_adapters(self) -> dict[str, AdapterInfo]:
         """The loaded adapters by name, in load order."""
@@ -248,12 +217,6 @@ class Runtime:
         return checks.check_loop(self, ctx, requirements, adapter=adapter, max_rounds=max_rounds,
                                  max_new_tokens=max_new_tokens, generator=generator, config=config,
                                  feedback=feedback, **generate_kwargs)
-
-    def _next_token_logits(self, ctx: Context, reuse: bool, adapter: str | None, repair: str | None = None
-                           ) -> tuple[torch.Tensor, GenerationStats]:
-        with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair) as call:
-            out, _ = self.forward_tail(call, logits_to_keep=1)
-            return out.logits[0, -1].float(), self._stats(call, 0, None)
 
     # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
 
@@ -287,222 +250,3 @@ class Runtime:
         calls none. See ``spanctx.tools``."""
         return tools_mod.run_tools(self, messages, tools, **kwargs)
 
-    # -- building blocks for calls (used by generate and the feature modules) ----------
-
-    @contextlib.contextmanager
-    def prepared(self, ctx: Context, *, reuse: bool = True, max_new_tokens: int = 0,
-                 adapter: str | None = None, repair: str | None = None) -> Iterator[PreparedCall]:
-        """Hold the runtime (its lock, inference mode, ``adapter`` switched on) and yield
-        ``ctx``'s prompt with its cache assembled up to ``call.tail_start`` (no cache when
-        ``reuse=False``). The caller runs the final model call inside the block, e.g.
-        through ``forward_tail``. ``repair`` overrides the runtime's repair mode for
-        parallel groups."""
-        with self._lock, torch.inference_mode():
-            started = time.perf_counter()
-            if ctx.has_parallel:
-                self._refuse_adapter_on_parallel(adapter)
-                yield self._prepare_parallel(ctx, reuse, max_new_tokens, repair, started)
-                return
-            prompt, activation = self.adapters.resolve(ctx, adapter)
-            with self.adapters.activated(activation):
-                yield self._prepare(prompt, reuse, max_new_tokens, started)
-
-    def forward_tail(self, call: PreparedCall, module=None, **forward_kwargs):
-        """Run the prompt tokens ``call``'s cache does not cover through ``module`` (default:
-        the model) and, when reusing, store the spans this computed. Returns ``(output,
-        cache)``, the cache now holding the whole prompt."""
-        tail = call.input_ids[:, call.tail_start:]
-        cache = call.cache if call.plan is not None else kvops.empty_cache()
-        out = (module or self.model)(input_ids=tail, use_cache=True, **cache_kwargs(self.model, cache), **forward_kwargs)
-        if call.plan is not None:
-            self.store_spans(call.prompt, cache, call.plan.tail.segments)
-        return out, cache
-
-    def store_spans(self, prompt: ResolvedPrompt, cache, segments: Sequence[int], *, row: int = 0,
-                    offset: int = 0) -> None:
-        """Store spans ``segments`` of ``prompt`` from batch row ``row`` of ``cache``, where
-        the prompt starts at slot ``offset`` (after left padding)."""
-        ranges = prompt.span_ranges()
-        for i in segments:
-            start, end = ranges[i]
-            self.store.put(prompt.segments[i].key, kvops.extract(cache, offset + start, offset + end, row))
-
-    # -- options, chat, batch, async (chat.py, options.py, batch.py, aio.py) ----------------
-
-    def options(self, max_new_tokens: int | None = None, **generate_kwargs) -> CallOptions:
-        """The effective options of a call with these arguments (``generation_defaults``
-        under them; the rule is in ``spanctx.options``)."""
-        call = dict(generate_kwargs)
-        if max_new_tokens is not None:
-            call["max_new_tokens"] = max_new_tokens
-        return merge_options(self.generation_defaults, call)
-
-    @property
-    def pad_token_id(self) -> int | None:
-        """The id that fills padding: the tokenizer's pad token, else its EOS."""
-        pad = self.tokenizer.pad_token_id
-        return pad if pad is not None else self.tokenizer.eos_token_id
-
-    def chat_rendering(self, ctx: Context) -> ChatRendering:
-        """How the chat template renders the conversation in ``ctx`` and where it is cut
-        into spans (``.split`` is False when some messages share a span)."""
-        return self.resolver.chat.rendering(ctx.spans)
-
-    def generate_batch(self, contexts: Sequence[Context | str], max_new_tokens: int | None = None, *,
-                       reuse: bool = True, **generate_kwargs) -> list[Result]:
-        """Generate after several contexts (or plain strings) in one left-padded batch, each
-        row reusing its own stored spans; greedy results equal one ``generate`` per row."""
-        from .batch import generate_batch
-
-        return generate_batch(self, contexts, self.options(max_new_tokens, **generate_kwargs), reuse)
-
-    async def agenerate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
-                        **generate_kwargs) -> Result:
-        """``generate`` in a worker thread, at most ``max_concurrency`` requests at once."""
-        from .aio import agenerate
-
-        return await agenerate(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
-
-    def astream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
-                **generate_kwargs) -> AsyncIterator[str]:
-        """``stream`` as an async iterator; leaving it early stops the generation."""
-        from .aio import astream
-
-        return astream(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
-
-    # -- execution ---------------------------------------------------------------------
-
-    def _prepare(self, prompt: ResolvedPrompt, reuse: bool, max_new_tokens: int, started: float) -> PreparedCall:
-        self._check_length(prompt.num_tokens + max_new_tokens)
-        input_ids = self._input_ids(prompt)
-        if not reuse:
-            return PreparedCall(prompt, None, None, input_ids, started)
-        keys = [seg.key for seg in prompt.segments]
-        with self.store.locked(keys):
-            found = {key: self.store.lookup(key) for key in keys}
-            plan = plan_prompt(prompt.segments, lambda key: found[key] is not None, self.min_reuse_fraction)
-            cache = self._execute(plan, prompt, found, input_ids)
-        return PreparedCall(prompt, cache, plan, input_ids, started)
-
-    def _execute(self, plan: Plan, prompt: ResolvedPrompt, found: dict[bytes, SpanKV | None],
-                 input_ids: torch.Tensor):
-        """Run the plan's steps; returns a fresh cache covering ``[0, plan.tail.start)``."""
-        ranges = prompt.span_ranges()
-        pieces: list[kvops.KVSlice] = []
-        for step in plan.steps:
-            if isinstance(step, Reuse):
-                kv = found[prompt.segments[step.segment].key]
-                self._check_layout(kv)
-                offset = ranges[step.segment][0]
-                pieces.append(kvops.KVSlice(kv, step.start - offset, step.end - offset))
-            else:
-                cache = kvops.assemble(pieces)
-                self.model(input_ids=input_ids[:, step.start:step.end], use_cache=True, **cache_kwargs(self.model, cache),
-                           logits_to_keep=1)
-                self.store_spans(prompt, cache, step.segments)
-                pieces = [kvops.KVSlice.whole(kvops.as_slices(cache))]
-        return kvops.assemble(pieces)
-
-    def _generate(self, call: PreparedCall, opts: CallOptions, streamer: BaseStreamer) -> torch.Tensor:
-        kwargs = opts.hf_kwargs(self.pad_token_id)
-        if call.cache is not None:
-            kwargs.update(cache_kwargs(self.model, call.cache))
-        out = self.model.generate(
-            input_ids=call.input_ids, attention_mask=torch.ones_like(call.input_ids), streamer=streamer, **kwargs)
-        if call.cache is not None:
-            self.store_spans(call.prompt, call.cache, call.plan.tail.segments)
-        return out
-
-    def _stats(self, call: PreparedCall, new_tokens: int, first_token_at: float | None) -> GenerationStats:
-        now = time.perf_counter()
-        return GenerationStats(
-            prompt_tokens=call.prompt.num_tokens,
-            cached_tokens=call.cached_tokens,
-            computed_tokens=call.prompt.num_tokens - call.cached_tokens,
-            new_tokens=new_tokens,
-            ttft_s=(first_token_at or now) - call.started,
-            total_s=now - call.started,
-            recomputed_tokens=call.parallel.recomputed_tokens if call.parallel else 0,
-            parallel=call.parallel,
-        )
-
-    def _input_ids(self, prompt) -> torch.Tensor:
-        """``[1, S]`` on the model's device; through an int64 buffer, because
-        ``torch.tensor`` over a long tuple of ints costs milliseconds."""
-        return torch.frombuffer(array("q", prompt.token_ids), dtype=torch.long)[None].to(self.device)
-
-    # -- parallel spans (parallel.py) -------------------------------------------------------
-
-    def _refuse_adapter_on_parallel(self, adapter: str | None) -> None:
-        if adapter is not None:
-            raise ValueError("adapters on prompts with parallel groups are not supported; "
-                             "append the group's spans as dependent spans to use an adapter")
-
-    @functools.cached_property
-    def key_mover(self) -> KeyMover:
-        """How this model's cached keys move along positions (probed on first use)."""
-        with torch.inference_mode():
-            return key_mover(self.model)
-
-    def _prepare_parallel(self, ctx: Context, reuse: bool, max_new_tokens: int, repair: str | None,
-                          started: float) -> PreparedCall:
-        mode = self.repair if repair is None else Repair.parse(repair)
-        prompt = resolve_layout(self.resolver, ctx, mode)
-        self._check_length(prompt.num_tokens + max_new_tokens)
-        input_ids = self._input_ids(prompt)
-        if not reuse:
-            return PreparedCall(prompt, None, None, input_ids, started)
-        plan, cache = build_cache(self, prompt, input_ids, mode)
-        stats = parallel_stats(plan, self.key_mover.reason)
-        return PreparedCall(prompt, cache, plan, input_ids, started, stats)
-
-    # -- checks ------------------------------------------------------------------------
-
-    def _probe_layout(self):
-        """The per-layer KV layout of this model, read off a one-token forward."""
-        with torch.inference_mode():
-            cache = kvops.empty_cache()
-            ids = torch.tensor([[self.tokenizer.eos_token_id or 0]], device=self.device)
-            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, cache))
-            return kvops.layout(kvops.as_slices(cache))
-
-    def _check_layout(self, kv: SpanKV) -> None:
-        if kvops.layout(kv) != self._kv_layout:
-            raise KVLayoutMismatch(
-                "a stored span's KV layout does not match this model "
-                f"({len(kv.keys)} layers, {kvops.layout(kv)[0]} vs {self._kv_layout[0]}): "
-                "was the store filled by another model under a colliding key?")
-
-    def _check_length(self, num_tokens: int) -> None:
-        if self.max_positions is not None and num_tokens > self.max_positions:
-            raise ValueError(f"prompt + new tokens = {num_tokens} exceeds the model's "
-                             f"{self.max_positions} positions")
-
-
-class _FirstTokenTimer(BaseStreamer):
-    """Records when generate hands over its first new token (the prompt comes first)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first_token_at: float | None = None
-
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:
-            self.first_token_at = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
-def _max_positions(config) -> int | None:
-    text = config.get_text_config()
-    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-
-
-def default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"

@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 import torch
 
-from . import kv as kvops
-from .hf import cache_kwargs
 from .spans import Context, Span
 
 if TYPE_CHECKING:
@@ -83,13 +81,23 @@ def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: 
     with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids)) as call:
         out, cache = rt.forward_tail(call, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # [V]
+        context_end = call.prompt.num_tokens
         scores = []
         for start in range(0, len(cand_ids), batch_size):
             batch = cand_ids[start:start + batch_size]
-            rest = _continuation_logprobs(rt.model, cache, batch)  # [b, L_max - 1]
-            for row, ids in enumerate(batch):
-                logprobs = [first[ids[0]].item(), *rest[row, : len(ids) - 1].tolist()]
-                scores.append(Score(tuple(ids), tuple(logprobs)))
+            # rows: each candidate but its last token, after the context; row position j
+            # predicts the candidate's token j + 1
+            rows = [rt.resolve(ctx.append(ids[:-1]))[0] for ids in batch if len(ids) > 1]
+            logprobs = (torch.log_softmax(rt.forward_rows(cache, rows, context_end, every_position=True), -1).cpu()
+                        if rows else None)  # [r, W, V]
+            row = 0
+            for ids in batch:
+                rest = []
+                if len(ids) > 1:
+                    targets = torch.tensor(ids[1:])[:, None]  # [L - 1, 1]
+                    rest = logprobs[row, : len(ids) - 1].gather(-1, targets).squeeze(-1).tolist()
+                    row += 1
+                scores.append(Score(tuple(ids), (first[ids[0]].item(), *rest)))
     return scores
 
 
@@ -101,21 +109,3 @@ def rank(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *,
     scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size)
     ranked = [Ranked(i, c, s) for i, (c, s) in enumerate(zip(candidates, scores))]
     return sorted(ranked, key=lambda r: -getattr(r.score, by))
-
-
-def _continuation_logprobs(model, cache, cand_ids: list[tuple[int, ...]]) -> torch.Tensor:
-    """``[B, L_max - 1]``: entry ``[b, j]`` is log P(token j+1 of candidate b | context and
-    its tokens 0..j). Entries past a candidate's end are padding."""
-    batch, width = len(cand_ids), max(len(ids) for ids in cand_ids) - 1
-    if width == 0:
-        return torch.empty(batch, 0)
-    device = model.device
-    # inputs: every candidate but its last token; targets: every candidate but its first
-    inputs = torch.zeros(batch, width, dtype=torch.long)
-    targets = torch.zeros(batch, width, dtype=torch.long)
-    for row, ids in enumerate(cand_ids):
-        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[row, : len(ids) - 1] = torch.tensor(ids[1:])
-    out = model(input_ids=inputs.to(device), use_cache=True, **cache_kwargs(model, kvops.repeat_batch(cache, batch)))
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, W, V]
-    return logprobs.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()

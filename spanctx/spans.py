@@ -12,17 +12,11 @@ anchor (a prefix of the path). What follows the group attends to everything.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-
-class ChatItem:
-    """Span content that the runtime renders with the tokenizer's chat template before
-    tokenizing: a message, a generation prompt or template arguments (see ``chat.py``)."""
-
-    __slots__ = ()
-
+from .messages import ChatItem, GenerationPrompt, Message, as_message, template_args
 
 SpanContent = str | tuple[int, ...] | ChatItem
 
@@ -144,9 +138,7 @@ class Context:
         """This context followed by one chat message (``fields``: extra message keys such as
         ``tool_calls``, ``name``, ``tool_call_id``). A generation prompt at the end of ``self``
         is a placeholder for the reply: the message replaces it."""
-        from .chat import append_messages
-
-        return append_messages(self, [{"role": role, "content": content, **fields}],
+        return _append_messages(self, [{"role": role, "content": content, **fields}],
                                add_generation_prompt=add_generation_prompt)
 
     @_OnRootOrSelf
@@ -159,9 +151,7 @@ class Context:
         kwargs are passed to the template; they can only be set where a conversation starts.
         Works on the class too: ``Context.chat(msgs)`` starts from an empty root.
         """
-        from .chat import append_messages
-
-        return append_messages(self, messages, system=system, tools=tools,
+        return _append_messages(self, messages, system=system, tools=tools,
                                add_generation_prompt=add_generation_prompt, chat_template=chat_template,
                                template_kwargs=template_kwargs)
 
@@ -201,3 +191,30 @@ def _show(node: Span | ParallelGroup) -> str:
     if isinstance(node, ParallelGroup):
         return f"parallel({', '.join(_show(m) for m in node.members)}; anchor={node.anchor_depth})"
     return repr(node.content) if node.is_text or node.is_chat else f"<{len(node.content)} ids>"
+
+
+def _append_messages(ctx: Context, messages: Iterable[Mapping | Message], *, system: str | None = None,
+                    tools: Sequence | None = None, add_generation_prompt: bool = False,
+                    chat_template: str | None = None, template_kwargs: Mapping | None = None) -> Context:
+    """``ctx`` followed by chat spans; see ``Context.chat`` and ``Context.message``."""
+    if not ctx.is_root and isinstance(ctx.span.content, GenerationPrompt):
+        ctx = ctx.parent  # the generation prompt was a placeholder for the next message
+    args = template_args(tools, chat_template, template_kwargs or {})
+    if args is not None:
+        if any(span.is_chat for span in ctx.spans):
+            raise ValueError("tools, chat_template and template kwargs are set where a conversation starts; "
+                             "this context already holds chat spans")
+        ctx = ctx.append(args)
+    new = [as_message(m) for m in messages]
+    if system is not None:
+        if new and new[0].role == "system":
+            raise ValueError("system= given and the messages start with a system message too")
+        new.insert(0, Message("system", system))
+    ctx = ctx.extend(new)
+    if add_generation_prompt:
+        if not any(isinstance(span.content, Message) for span in ctx.spans):
+            raise ValueError("a generation prompt needs at least one message before it")
+        ctx = ctx.append(GenerationPrompt())
+    elif not new:
+        raise ValueError("no messages given")
+    return ctx

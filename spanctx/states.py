@@ -12,7 +12,9 @@ What reuse can give, per reduction:
   forward of the whole prompt, and this function runs one (no reuse of the store). It
   stores the spans it computed that were missing, so later calls on this prompt (e.g.
   ``generate``) reuse them. A mean over only the computed tail would be a different,
-  prefix-dependent quantity; spanctx does not offer it.
+  prefix-dependent quantity; spanctx does not offer it. A context with parallel groups
+  gets the mean of the sequential prefill of its ids, and nothing is stored: a causal
+  forward is not what a group's KV (or what follows it) is.
 """
 
 from __future__ import annotations
@@ -21,8 +23,6 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from . import kv as kvops
-from .hf import cache_kwargs
 from .spans import Context
 
 if TYPE_CHECKING:
@@ -36,16 +36,12 @@ def hidden_states(rt: Runtime, ctx: Context, reduction: Reduction = "last", *, r
     each reduction). ``reuse=False`` neither reads nor writes the store."""
     if reduction not in ("last", "mean"):
         raise ValueError(f"reduction must be 'last' or 'mean', got {reduction!r}")
-    backbone = rt.model.base_model
     if reduction == "last":
         with rt.prepared(ctx, reuse=reuse) as call:
-            out, _ = rt.forward_tail(call, module=backbone)
+            out, _ = rt.forward_tail(call, hidden=True)
             return out.last_hidden_state[0, -1].float()
     # the store keeps keys and values, not hidden states: the mean needs a full forward
-    with rt.prepared(ctx, reuse=False) as call:
-        cache = kvops.empty_cache()
-        states = backbone(input_ids=call.input_ids, use_cache=reuse, **cache_kwargs(backbone, cache)).last_hidden_state
-        if reuse:
-            missing = [i for i, seg in enumerate(call.prompt.segments) if seg.key not in rt.store]
-            rt.store_spans(call.prompt, cache, missing)
-        return states[0].float().mean(dim=0)
+    with rt.holding():
+        prompt, _ = rt.resolve(ctx)
+        out = rt.forward_whole(prompt, hidden=True, store=reuse)
+        return out.last_hidden_state[0].float().mean(dim=0)

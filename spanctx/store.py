@@ -120,6 +120,23 @@ class KVStore:
                 self.index.remove(entry.key)
                 del self._payloads[entry.key]
 
+    def reserve(self, nbytes: int) -> None:
+        """Take ``nbytes`` off the budget for memory held beside the store (a static
+        executor's KV buffers), so that the two together stay within it. Unlocked
+        entries are evicted (LRU first) until the store fits the smaller budget."""
+        with self._lock:
+            if nbytes < 0 or nbytes > self.index.budget:
+                raise ValueError(f"cannot reserve {nbytes} bytes of a {self.index.budget}-byte budget")
+            for entry in list(self.index.evictable()):
+                if self.index.bytes_used <= self.index.budget - nbytes:
+                    break
+                self.index.remove(entry.key)
+                del self._payloads[entry.key]
+                self._evictions += 1
+            if self.index.bytes_used > self.index.budget - nbytes:
+                raise ValueError("locked entries hold more than the budget left after the reservation")
+            self.index.budget -= nbytes
+
     @property
     def stats(self) -> StoreStats:
         with self._lock:

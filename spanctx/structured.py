@@ -24,9 +24,10 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from . import validation
+from .results import GenerationStats
 
 if TYPE_CHECKING:
-    from .runtime import GenerationStats, Runtime
+    from .runtime import Runtime
     from .spans import Context
 
 #: llguidance JSON options: compact output; a schema's own "x-guidance" overrides them.

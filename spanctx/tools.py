@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import attrs
 
 from . import validation
+from .results import Result
 from .spans import Context
 
 if TYPE_CHECKING:
-    from .runtime import Result, Runtime
+    from .runtime import Runtime
 
 Style = Literal["tagged", "json"]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

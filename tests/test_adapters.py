@@ -27,7 +27,7 @@ from peft import IA3Config, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import spanctx
-from spanctx.adapters import AdapterError, alora_prompt
+from spanctx.adapters import AdapterError
 from spanctx.keys import model_namespace, span_key
 
 ARCHS = ["llama", "qwen2"]
@@ -226,8 +226,8 @@ def test_switching_agrees_with_peft(setup):
     layers = [m for m in rt.model.modules() if isinstance(m, LoraLayer)]
     assert layers and all(layer.disable_adapters for layer in layers)
     for name in ["style", "check"]:
-        _, activation = rt.adapters.resolve(context(), name)
-        with rt.adapters.activated(activation):
+        _, activation = rt.resolve(context(), adapter=name)
+        with rt.activated(activation):
             assert all(layer.active_adapters == [name] and not layer.disable_adapters for layer in layers)
         assert all(layer.disable_adapters for layer in layers)
 
@@ -245,22 +245,29 @@ def test_alora_prompt_keys():
     rt = spanctx.Runtime(model, tokenizer, store_bytes=1 << 20)
     inv = (7, 8, 9)
     adapter_ns = b"adapter"
-    plain = rt.resolver.resolve(spanctx.Context().append([1, 2]).append([3, 4]))
-    prompt, start = alora_prompt(plain, inv, rt.namespace, adapter_ns)
-    assert (start, prompt.token_ids) == (plain.num_tokens, plain.token_ids + inv)
+
+    def resolve(ctx):
+        return rt.resolver.resolve(ctx, adapter_namespace=adapter_ns, invocation=inv)
+
+    plain_ctx = spanctx.Context().append([1, 2]).append([3, 4])
+    plain = rt.resolver.resolve(plain_ctx)
+    prompt = resolve(plain_ctx)
+    assert (prompt.invocation_start, prompt.token_ids) == (plain.num_tokens, plain.token_ids + inv)
     assert prompt.segments[:-1] == plain.segments
     assert prompt.segments[-1].key == span_key(plain.segments[-1].key, inv, adapter_ns)
     # ends with the invocation inside its last span: the span is cut where it starts
-    cut = rt.resolver.resolve(spanctx.Context().append([1, 2]).append([3, 7, 8, 9]))
-    prompt, start = alora_prompt(cut, inv, rt.namespace, adapter_ns)
-    assert (start, prompt.token_ids) == (cut.num_tokens - 3, cut.token_ids)
+    cut_ctx = spanctx.Context().append([1, 2]).append([3, 7, 8, 9])
+    cut = rt.resolver.resolve(cut_ctx)
+    prompt = resolve(cut_ctx)
+    assert (prompt.invocation_start, prompt.token_ids) == (cut.num_tokens - 3, cut.token_ids)
     assert prompt.segments[:-2] == cut.segments[:-1]
     head = prompt.segments[-2]
     assert (head.num_tokens, head.key) == (1, span_key(cut.segments[-2].key, (3,), rt.namespace))
     assert prompt.segments[-1].key == span_key(head.key, inv, adapter_ns)
     # the invocation as its own span: that span's base key is dropped, not reused
-    own = rt.resolver.resolve(spanctx.Context().append([1, 2]).append(inv))
-    prompt, _ = alora_prompt(own, inv, rt.namespace, adapter_ns)
+    own_ctx = spanctx.Context().append([1, 2]).append(inv)
+    own = rt.resolver.resolve(own_ctx)
+    prompt = resolve(own_ctx)
     assert prompt.segments[-1].key not in {s.key for s in own.segments}
 
 
@@ -365,3 +372,61 @@ def test_refused_adapter_kinds(tmp_path):
     with pytest.raises(AdapterError, match="IA3 adapter"):
         rt.add_adapter("x", tmp_path / "ia3")
     assert rt.list_adapters() == {}
+
+
+# -- aLoRA invocation inside the prompt (alora_start="in_prompt") ------------------------
+
+def in_prompt_context(occurrences: int) -> spanctx.Context:
+    """A conversation-like context whose invocation sits inside, followed by more text."""
+    ctx = context()
+    for i in range(occurrences):
+        ctx = ctx.append(f"Answer {i}. ").append(f"{INVOCATION}: is it short? Reply now.")
+    return ctx
+
+
+@pytest.mark.parametrize("occurrences", [1, 2])
+def test_alora_from_the_last_invocation_inside_the_prompt_matches_peft(setup, occurrences):
+    arch, alora, _ = setup
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", alora, alora_start="in_prompt")
+    ref = peft_reference(arch, alora)
+    ctx = in_prompt_context(occurrences)
+    ids = rt.token_ids(ctx)
+    assert rt.token_ids(ctx, adapter="check") == ids  # nothing appended
+    inv = tuple(invocation_ids(rt.tokenizer))
+    start = max(i for i in range(len(ids)) if tuple(ids[i:i + len(inv)]) == inv)
+    before = ctx.parent  # every span before the last one: it ends before the last invocation
+    rt.next_token_logits(before)  # stores the base spans
+    res = rt.generate(ctx, 6, adapter="check")
+    assert res.stats.cached_tokens == len(rt.token_ids(before)) == start
+    assert res.token_ids == reference_tokens(ref, ids, 6)
+    logits = rt.next_token_logits(ctx, adapter="check")
+    torch.testing.assert_close(logits, reference_logits(ref, ids), atol=ATOL, rtol=0)
+    assert (logits - reference_logits(rt.model, ids)).abs().max() > 1e-2  # the adapter ran
+    assert rt.generate(ctx, 6, adapter="check", reuse=False).token_ids == res.token_ids
+
+
+def test_alora_in_prompt_refuses_a_prompt_without_the_invocation(setup):
+    arch, alora, _ = setup
+    rt = fresh_runtime(arch)
+    rt.add_adapter("check", alora, alora_start="in_prompt")
+    with pytest.raises(ValueError, match="does not hold the aLoRA's invocation"):
+        rt.generate(context(), 2, adapter="check")
+    with pytest.raises(AdapterError, match="alora_start is one of"):
+        rt.add_adapter("other", alora, alora_start="end")
+
+
+def test_alora_prompt_keys_in_prompt():
+    model, tokenizer = tiny_model("llama")
+    rt = spanctx.Runtime(model, tokenizer, store_bytes=1 << 20)
+    inv = (7, 8)
+    adapter_ns = b"adapter"
+    ctx = spanctx.Context().append([1, 7, 8, 2]).append([3, 7, 8, 4, 5])
+    base = rt.resolver.resolve(ctx)
+    prompt = rt.resolver.resolve(ctx, adapter_namespace=adapter_ns, invocation=inv, invocation_in_prompt=True)
+    # the last of two occurrences
+    assert (prompt.invocation_start, prompt.token_ids) == (base.num_tokens - 4, base.token_ids)
+    assert prompt.segments[:-2] == base.segments[:-1]
+    head = prompt.segments[-2]
+    assert (head.num_tokens, head.key) == (1, span_key(base.segments[-2].key, (3,), rt.namespace))
+    assert prompt.segments[-1].key == span_key(head.key, (7, 8, 4, 5), adapter_ns)

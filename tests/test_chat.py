@@ -201,7 +201,7 @@ def test_building_conversations():
     assert Context.chat([user]) == Context().chat([user])
     assert Context.message("user", "hi") == Context.chat([user], add_generation_prompt=False)
     with_prompt = Context.chat([user])
-    assert isinstance(with_prompt.span.content, spanctx.chat.GenerationPrompt)
+    assert isinstance(with_prompt.span.content, spanctx.messages.GenerationPrompt)
     # a message replaces the trailing generation prompt
     assert with_prompt.message("assistant", "yo").spans[:-1] == with_prompt.spans[:-1]
     assert with_prompt.message("assistant", "yo").span.content == spanctx.Message("assistant", "yo")

@@ -21,11 +21,18 @@ from spanctx.checks import (
     DEFAULT_CHECK,
     DEFAULT_FEEDBACK,
     answer_token,
-    plan_shared,
     requirement_context,
     shared_spans,
 )
-from spanctx.plan import Compute, PlanSegment, Reuse
+from spanctx.plan import Compute, PlanSegment, Reuse, plan_shared
+
+
+def logits_and_stats(rt, ctx, adapter):
+    """Next-token logits after ``ctx`` (through the store) and the call's stats."""
+    with rt.prepared(ctx, adapter=adapter) as call:
+        out, _ = rt.forward_tail(call)
+        return out.logits[0, -1].float(), rt.stats(call, 0, None)
+
 
 ARCHS = ["llama", "qwen2", "mistral"]  # mistral: a sliding window (16) that the check prompts cross
 REQUIREMENTS = ["Is under 50 words.", "Mentions the date and the hour of the meeting.", "Is polite."]
@@ -84,7 +91,7 @@ def test_batched_verdicts_match_peft_full_prefill(setup):
             assert [v.passed for v in verdicts] == [p > 0.5 for p in expected]
         # the rows' spans stored by the batch are right: a later single call reuses them
         for r, p in zip(REQUIREMENTS, expected):
-            logits, stats = rt._next_token_logits(requirement_context(ctx, r), True, adapter)
+            logits, stats = logits_and_stats(rt, requirement_context(ctx, r), adapter)
             assert stats.computed_tokens == 1
             assert probability(rt, logits) == pytest.approx(p, abs=ATOL)
     strict = rt.check(ctx, REQUIREMENTS, adapter="check", config=spanctx.CheckConfig(threshold=1.0))
@@ -161,7 +168,7 @@ def test_checks_do_not_taint_the_store(setup):
     rt.check(ctx, fresh, adapter="style")
     rt.check(ctx, fresh, adapter="check")
     for r in fresh:
-        logits, stats = rt._next_token_logits(requirement_context(ctx, r), True, None)
+        logits, stats = logits_and_stats(rt, requirement_context(ctx, r), None)
         assert stats.computed_tokens == 1
         torch.testing.assert_close(logits, rt.next_token_logits(requirement_context(ctx, r), reuse=False),
                                    atol=1e-4, rtol=0)

@@ -52,7 +52,9 @@ def test_no_module_but_hf_spells_a_cache_argument():
         if path.name == "hf.py" and path.parent == PACKAGE:
             continue
         text = path.read_text()
-        for needle in ("past_key_values", "cache=cache", '"cache"'):
+        # (a model call's ``cache=`` keyword can only sit in the executor, which the
+        # architecture test pins; Mellea's own ``cache=`` argument is another thing)
+        for needle in ("past_key_values", '"cache"'):
             if needle in text:
                 offenders.append(f"{path.relative_to(PACKAGE)}: {needle}")
     assert not offenders

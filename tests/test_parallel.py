@@ -16,8 +16,9 @@ from transformers import DynamicCache
 
 import spanctx
 from spanctx import Context
+from spanctx.engine import EagerExecutor
+from spanctx.engine.masks import in_place_allowed
 from spanctx.hf import cache_kwargs
-from spanctx.inplace import forward_queries, in_place_allowed
 
 ATOL = 1e-4
 SYSTEM = "You are terse. "
@@ -272,11 +273,9 @@ def test_bad_input_is_refused_clearly():
         Context().append("a").parallel("b", anchor=Context().append("z"))
     with pytest.raises(ValueError, match="anchor must be"):
         Context().parallel("b", anchor="parent")
-    with pytest.raises(ValueError, match="parallel group"):
-        rt.resolver.resolve(_rag())
     fake = types.SimpleNamespace(config=types.SimpleNamespace(_attn_implementation="flash_attention_2"))
     with pytest.raises(NotImplementedError, match="sdpa"):
-        forward_queries(fake, None, torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1))
+        EagerExecutor(fake).forward(torch.zeros(1, 1), None, positions=torch.zeros(1), allowed=torch.ones(1, 1))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -286,8 +285,8 @@ def test_a_forward_stopped_after_a_layer_grows_only_the_layers_up_to_it(arch):
     _forward(rt.model, cache, [5, 6, 7, 8], 0)
     slots = torch.tensor([1, 3])
     with torch.inference_mode():
-        forward_queries(rt.model, cache, torch.tensor([[6, 8]]), slots, in_place_allowed(4, slots),
-                        stop_after_layer=1)
+        EagerExecutor(rt.model).forward(torch.tensor([[6, 8]]), cache, positions=slots,
+                                        allowed=in_place_allowed(4, slots), stop_after_layer=1)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [6, 6, 4, 4]
 
 

@@ -12,8 +12,15 @@ from rope_models import MOVABLE_KINDS, ROPE_MODELS, rope_model
 from transformers import DynamicCache
 
 from spanctx import rope
+from spanctx.engine import Engine
 from spanctx.hf import cache_kwargs
-from spanctx.rope import key_mover, rotate_keys
+from spanctx.rope import rotate_keys
+from spanctx.store import KVStore
+
+
+def mover_of(model) -> rope.KeyMover:
+    """The key mover of ``model``, probed through the engine (which runs the model)."""
+    return Engine(model, KVStore(1 << 20)).key_mover
 
 
 def _span_kv(model, anchor_ids: list[int], span_ids: list[int], shift: int):
@@ -32,7 +39,7 @@ def _span_kv(model, anchor_ids: list[int], span_ids: list[int], shift: int):
 @pytest.mark.parametrize(("anchor_len", "delta"), [(0, 23), (9, 1), (9, 57)])
 def test_moved_span_equals_span_computed_at_its_place(kind, anchor_len, delta):
     model, _ = rope_model(kind)
-    mover = key_mover(model)
+    mover = mover_of(model)
     assert mover.movable, mover.reason
     gen = torch.Generator().manual_seed(delta)
     anchor_ids = torch.randint(0, 256, (anchor_len,), generator=gen).tolist()
@@ -49,7 +56,7 @@ def test_moved_span_equals_span_computed_at_its_place(kind, anchor_len, delta):
 
 def test_partial_rotary_leaves_the_other_channels_alone():
     model, _ = rope_model("partial")
-    (inv_freq, *_), head_dim = key_mover(model).inv_freq, model.config.hidden_size // model.config.num_attention_heads
+    (inv_freq, *_), head_dim = mover_of(model).inv_freq, model.config.hidden_size // model.config.num_attention_heads
     assert 2 * inv_freq.numel() < head_dim
     keys = torch.randn(1, 2, 5, head_dim)
     moved = rotate_keys(keys, 11, inv_freq)
@@ -67,7 +74,7 @@ def test_rotation_composes_and_inverts():
 
 def test_per_layer_rope_uses_each_layer_types_frequencies():
     model, _ = rope_model("per-layer")
-    mover = key_mover(model)
+    mover = mover_of(model)
     types = model.config.layer_types
     sliding, full = types.index("sliding_attention"), types.index("full_attention")
     assert not torch.equal(mover.inv_freq[sliding], mover.inv_freq[full])
@@ -76,7 +83,7 @@ def test_per_layer_rope_uses_each_layer_types_frequencies():
 @pytest.mark.parametrize("kind", [k for k, (_, _, movable) in ROPE_MODELS.items() if not movable])
 def test_keys_that_cannot_move_are_refused_with_a_reason(kind):
     model, _ = rope_model(kind)
-    mover = key_mover(model)
+    mover = mover_of(model)
     assert not mover.movable and mover.reason
     expected = {"dynamic": "dynamic", "absolute": "absolute"}[kind]
     assert expected in mover.reason
@@ -95,7 +102,7 @@ def test_the_probe_refuses_frequencies_that_do_not_match_the_model(monkeypatch):
     assert reason is None
     swapped = tuple(right[1:] + right[:1])  # each layer gets its neighbour's rope
     monkeypatch.setattr(rope, "_layer_inv_freq", lambda m: (swapped, None))
-    mover = key_mover(model)
+    mover = mover_of(model)
     assert not mover.movable and "unknown rope layout" in mover.reason
 
 

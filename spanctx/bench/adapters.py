@@ -18,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from ..checks import DEFAULT_CHECK
+from ..hf import peft_wrapping
 from .baselines import GREEDY, pad_token_id
 from .timing import now
 
@@ -38,7 +39,8 @@ def make_adapter(model, directory: str | Path, *, rank: int, invocation_ids: Seq
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
                         task_type="CAUSAL_LM", **extra)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, config)
     try:
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
@@ -53,7 +55,8 @@ def make_adapter(model, directory: str | Path, *, rank: int, invocation_ids: Seq
 @contextlib.contextmanager
 def peft_loaded(model, path: str | Path) -> Iterator[PeftModel]:
     """``model`` with the adapter at ``path`` injected; removed again on exit."""
-    peft_model = PeftModel.from_pretrained(model, str(path))
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(model, str(path))
     peft_model.eval()
     try:
         yield peft_model

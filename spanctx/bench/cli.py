@@ -17,7 +17,16 @@ from . import report
 from .floor import measure_floor
 from .harness import DTYPES, load_model, make_harness
 from .results import new_results, results_stem, write_json
-from .scenarios import SCENARIOS, chat, checks, cold, prefix, rag, run_scenario
+from .scenarios import (
+    SCENARIOS,
+    chat,
+    checks,
+    cold,
+    fidelity,
+    prefix,
+    rag,
+    run_scenario,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these methods (comma separated): a plain name applies to every scenario "
                              "that has it, SCENARIO/METHOD to one scenario only (e.g. checks/lora-full)")
     parser.add_argument("--store-gb", type=float, help="spanctx store budget (default: the runtime's)")
+    parser.add_argument("--executor", choices=["auto", "eager", "static"], default="auto",
+                        help="spanctx's executor (Runtime(executor=...)): auto is static on CUDA, eager elsewhere")
+    parser.add_argument("--compile", action="store_true", help="the static executor runs the model compiled")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sizes = parser.add_argument_group("workload sizes (defaults: the issue's)")
@@ -59,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--checks", type=int, default=checks.Config().checks, help="checks: requirements")
     sizes.add_argument("--checks-context", type=int, default=checks.Config().context_tokens)
     sizes.add_argument("--adapter-rank", type=int, default=checks.Config().rank)
+    sizes.add_argument("--fidelity-docs", type=_ints, default=fidelity.Config().docs,
+                       help="fidelity: documents per prompt (K), from the held-out set (2, 4, 8, 16)")
+    sizes.add_argument("--fidelity-worlds", type=int, default=fidelity.Config().worlds,
+                       help="fidelity: held-out worlds per K (4 prompts each; default all 16)")
 
 
 def configs(args: argparse.Namespace) -> dict:
@@ -75,6 +91,7 @@ def configs(args: argparse.Namespace) -> dict:
         "chat": chat.Config(args.chat_turns, args.chat_system_tokens, args.chat_user_tokens,
                             args.chat_reply_tokens, new_tokens("chat")),
         "checks": checks.Config(args.checks_context, args.checks, args.adapter_rank),
+        "fidelity": fidelity.Config(args.fidelity_docs, args.fidelity_worlds),
     }
 
 
@@ -91,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.seed, args.attn)
     store_bytes = None if args.store_gb is None else int(args.store_gb * 2**30)
     h = make_harness(model, tokenizer, args.model, seed=args.seed, warmup=args.warmup, repeats=repeats,
-                     scenario_repeats=scenario_repeats, store_bytes=store_bytes, progress=progress)
+                     scenario_repeats=scenario_repeats, store_bytes=store_bytes, progress=progress,
+                     executor=args.executor, compile=args.compile)
     floor = measure_floor(model, h.device)
     print(f"floor: {floor.floor_ms:.2f} ms to read {floor.weight_bytes / 1e9:.2f} GB at "
           f"{floor.bandwidth_gbps:.0f} GB/s", flush=True)

@@ -77,9 +77,10 @@ def load_model(name_or_path: str, device: str, dtype: str | None, seed: int, att
 
 def make_harness(model, tokenizer, model_name: str, *, seed: int = 0, warmup: int = 1, repeats: int = 5,
                  scenario_repeats: Mapping[str, int] | None = None, store_bytes: int | None = None,
-                 progress: Callable[..., object] | None = None) -> Harness:
+                 progress: Callable[..., object] | None = None, executor: str = "auto",
+                 compile: bool = False) -> Harness:
     """A harness over an already loaded model (a fresh runtime and store)."""
-    runtime = Runtime(model, tokenizer, store_bytes)
+    runtime = Runtime(model, tokenizer, store_bytes, executor=executor, compile=compile)
     vocab = model.config.get_text_config().vocab_size
     return Harness(model, tokenizer, runtime, model_name, TokenSource.for_tokenizer(tokenizer, vocab, seed),
                    warmup, repeats, dict(scenario_repeats or {}), progress)

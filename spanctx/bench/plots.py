@@ -7,6 +7,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
+from .accuracy import plot_accuracy
 from .report import (
     SPEEDUP_METRIC,
     case_key,
@@ -98,11 +99,13 @@ def plot_fidelity(results: dict) -> Figure | None:
 
 
 def write_plots(results: dict, stem: str | Path) -> list[Path]:
-    """Write the PNGs ``<stem>-ttft.png``, ``-speedup.png`` and (with rag fidelity rows) ``-fidelity.png``."""
+    """Write the PNGs ``<stem>-ttft.png``, ``-speedup.png``, (with rag fidelity rows) ``-fidelity.png``
+    and (with fidelity-scenario rows) ``-accuracy.png``."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    figures = {"ttft": plot_ttft(results), "speedup": plot_speedup(results), "fidelity": plot_fidelity(results)}
+    figures = {"ttft": plot_ttft(results), "speedup": plot_speedup(results), "fidelity": plot_fidelity(results),
+               "accuracy": plot_accuracy(results)}
     for name, fig in figures.items():
         if fig is not None:
             path = stem.parent / f"{stem.name}-{name}.png"

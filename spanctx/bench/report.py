@@ -10,11 +10,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import accuracy
 from .results import CASE_KEYS
 
 # Scenario order in reports; the metric each one's speedup is read from.
-SCENARIO_ORDER = ("prefix", "rag", "chat", "checks", "cold")
-SPEEDUP_METRIC = {"prefix": "ttft_ms", "rag": "ttft_ms", "chat": "ttft_ms", "checks": "total_ms", "cold": "ttft_ms"}
+SCENARIO_ORDER = ("prefix", "rag", "chat", "checks", "cold", "fidelity")
+SPEEDUP_METRIC = {"prefix": "ttft_ms", "rag": "ttft_ms", "chat": "ttft_ms", "checks": "total_ms", "cold": "ttft_ms",
+                  "fidelity": "ttft_ms"}
+FIDELITY_KEYS = ("accuracy", "answer_agreement", "recomputed_fraction", "checked_fraction", "greedy_match",
+                 "top1_agreement", "kl", "verdict_agreement")
 
 
 # -- reading rows -----------------------------------------------------------------------
@@ -26,7 +30,7 @@ def case_key(row: dict) -> tuple:
 
 def case_label(row: dict) -> str:
     if row.get("docs") is not None:
-        return f"K={row['docs']}"
+        return f"K={row['docs']}" + (f", {row['question']}" if row.get("question") else "")
     if row.get("turn") is not None:
         return f"turn {row['turn']}"
     if row.get("checks") is not None:
@@ -83,6 +87,9 @@ def markdown(results: dict) -> str:
         lines += ["## Targets", "", *targets, ""]
     for scenario in scenarios_in(results):
         lines += [f"## {scenario}", "", *scenario_table(results, scenario), ""]
+    pooled = accuracy.markdown_lines(results)
+    if pooled:
+        lines += ["## fidelity, pooled over K", "", *pooled, ""]
     for skipped in results.get("skipped", []):
         lines += [f"**{skipped['scenario']} not run:**", "", "```", skipped["error"], "```", ""]
     return "\n".join(lines)
@@ -100,8 +107,7 @@ def _floor_line(results: dict) -> str:
 
 def scenario_table(results: dict, scenario: str) -> list[str]:
     rows = rows_of(results, scenario)
-    fidelity = [k for k in ("greedy_match", "top1_agreement", "kl", "verdict_agreement")
-                if any(r.get(k) is not None for r in rows)]
+    fidelity = [k for k in FIDELITY_KEYS if any(r.get(k) is not None for r in rows)]
     header = ["case", "method", "TTFT ms", "total ms", "computed / cached", "peak MB",
               "TTFT speedup", "total speedup", *fidelity]
     if scenario == "prefix":
@@ -154,6 +160,7 @@ def target_table(results: dict) -> list[str]:
         lines.append(_target(f"checks: {row['checks']} checks ≥ 5x faster end to end, identical verdicts", s,
                              s is not None and s >= 5.0 and agree == 1.0,
                              f"{_x(s)}, verdicts agree {_fraction_or_kl('verdict_agreement', agree)}"))
+    lines += accuracy.goal_lines(results)
     cold = [(r, speedup(rows, r, "total_ms")) for r in pick("cold", "spanctx")]
     cold = [(r, s) for r, s in cold if s]
     if cold:

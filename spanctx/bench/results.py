@@ -8,8 +8,10 @@ Schema (keys always present unless marked optional)::
      "rows": [{"scenario", "method", "context_tokens", "new_tokens",
                "ttft_ms", "ttft_p90_ms", "total_ms", "total_p90_ms",
                "computed_tokens", "cached_tokens", "peak_mem_mb", "repeats",
-               optional: "docs" (rag K), "turn" (chat), "checks" (checks count),
-               "greedy_match", "top1_agreement", "kl", "verdict_agreement"}]}
+               optional: "docs" (rag and fidelity K), "turn" (chat), "checks" (checks count),
+               "question" (fidelity: "single" or "two" documents),
+               "greedy_match", "top1_agreement", "kl", "verdict_agreement",
+               fidelity: "accuracy", "answer_agreement", "recomputed_fraction", "checked_fraction"}]}
 
 Times are milliseconds (median, and p90, over the timed repeats); ``peak_mem_mb`` is
 null on CPU. Speedups are not stored: the report computes them against the ``full`` row
@@ -37,7 +39,7 @@ REQUIRED_KEYS = ("device", "torch", "transformers", "peft", "model", "dtype", "d
                  "model_shape", "floor_ms", "rows")
 REQUIRED_ROW_KEYS = ("scenario", "method", "context_tokens", "new_tokens", "ttft_ms", "ttft_p90_ms", "total_ms",
                      "total_p90_ms", "computed_tokens", "cached_tokens", "peak_mem_mb", "repeats")
-CASE_KEYS = ("docs", "turn", "checks")  # with context_tokens, what makes rows of one scenario comparable
+CASE_KEYS = ("docs", "turn", "checks", "question")  # with context_tokens, what makes rows of one scenario comparable
 
 
 def _drop_none(attribute: attrs.Attribute, value: object) -> bool:
@@ -67,6 +69,11 @@ class Row:
     top1_agreement: float | None = None
     kl: float | None = None
     verdict_agreement: float | None = None
+    question: str | None = None
+    accuracy: float | None = None
+    answer_agreement: float | None = None
+    recomputed_fraction: float | None = None
+    checked_fraction: float | None = None
 
     @classmethod
     def measured(cls, scenario: str, method: str, context_tokens: int, new_tokens: int, measured: Measured,
@@ -124,7 +131,10 @@ def results_stem(out_dir: str | Path, results: dict) -> Path:
     """``<out>/<date>-<device>-<model>``: the JSON, markdown and PNGs share this stem."""
     device = "cpu" if results["device"].startswith("cpu") else slug(results["device"])
     model = slug(Path(results["model"]).name)
-    return Path(out_dir) / f"{results['date'][:10]}-{device}-{model}"
+    executor = results["settings"].get("executor", "auto")
+    suffix = "" if executor == "auto" else f"-{executor}"
+    suffix += "-compiled" if results["settings"].get("compile") else ""
+    return Path(out_dir) / f"{results['date'][:10]}-{device}-{model}{suffix}"
 
 
 def write_json(results: dict, path: str | Path) -> Path:

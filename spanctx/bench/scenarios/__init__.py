@@ -8,10 +8,10 @@ from types import ModuleType
 
 from ..harness import Harness
 from ..results import Row
-from . import chat, checks, cold, prefix, rag
+from . import chat, checks, cold, fidelity, prefix, rag
 from .common import select_methods
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat, checks, cold)}
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat, checks, cold, fidelity)}
 
 
 def run_scenario(h: Harness, name: str, config=None, methods: list[str] | None = None) -> list[Row]:

@@ -1,7 +1,8 @@
-"""Forwards of chosen tokens, at chosen positions, that see chosen keys (custom 4D masks).
+"""Visibility masks of forwards of chosen tokens, at chosen positions (custom 4D masks).
 
-The one model primitive behind parallel spans: computing a span after its anchor only
-(not its siblings) and recomputing selected tokens in place (repair).
+The masks behind parallel spans: computing a span after its anchor only (not its
+siblings) and recomputing selected tokens in place (repair). The forward itself is the
+executor's (``engine.executor``); this module only builds what it is given.
 
 Contract: in the cache passed in, slot ``j`` holds the token at position ``j`` (spanctx
 lays prompts out contiguously). The ``Q`` query tokens run at ``positions`` (explicit
@@ -16,12 +17,9 @@ Custom masks need the ``eager`` or ``sdpa`` attention implementation.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from . import kv as kvops
-from .hf import cache_kwargs
+__all__ = ["MASKABLE_ATTENTION", "in_place_allowed", "isolated_allowed", "mask_argument"]
 
 MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -53,32 +51,8 @@ def in_place_allowed(cache_len: int, slots: torch.Tensor) -> torch.Tensor:
     return torch.cat([before & kept[None, :], own], dim=1)
 
 
-def forward_queries(model, cache, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                    stop_after_layer: int | None = None) -> None:
-    """Run ``input_ids`` ``[1, Q]`` at ``positions`` ``[Q]`` after ``cache`` (see the module
-    contract). With ``stop_after_layer=c`` only layers ``0..c`` run (and grow the cache)."""
-    implementation = model.config._attn_implementation
-    if implementation not in MASKABLE_ATTENTION:
-        raise NotImplementedError(f"parallel spans need custom attention masks, which the {implementation!r} "
-                                  f"attention implementation does not take; load the model with "
-                                  f"attn_implementation='sdpa' or 'eager'")
-    cache_len = kvops.cache_length(cache)
-    expected = (positions.numel(), cache_len + positions.numel())
-    if tuple(allowed.shape) != expected:
-        raise ValueError(f"allowed is {tuple(allowed.shape)}, expected {expected}")
-    key_positions = torch.cat([torch.arange(cache_len, device=positions.device), positions])
-    mask = _mask_argument(model.config.get_text_config(), allowed, positions, key_positions, model.dtype)
-    stop = contextlib.nullcontext() if stop_after_layer is None else kvops.stop_after_layer(cache, stop_after_layer)
-    with stop:
-        try:
-            model(input_ids=input_ids, position_ids=positions[None], attention_mask=mask, **cache_kwargs(model, cache),
-                  use_cache=True, logits_to_keep=1)
-        except kvops.StopForward:
-            pass
-
-
-def _mask_argument(text_config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                   dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+def mask_argument(text_config, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
     """The ``attention_mask`` to pass: one additive 4D mask, or one per layer type."""
     window = getattr(text_config, "sliding_window", None)
     layer_types = getattr(text_config, "layer_types", None)

@@ -1,0 +1,266 @@
+"""Train the ``tiny-trained`` preset: a small Llama (RoPE, GQA) on byte tokens.
+
+    python benchmarks/train_tiny.py --out DIR [--steps N] [--seed S]     (CUDA; ~6 min on an H100)
+
+Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
+- natural English: CPython's ``pydoc_data.topics`` (the language reference's topics as
+  plain text, shipped with every CPython; Python Software Foundation License 2.0),
+  every tenth topic held out;
+- synthetic RAG episodes: a system line, K = 1..16 documents of two to four facts about
+  people (code, city, pet) and some filler prose, then several ``Q: ...\\nA: ...`` pairs,
+  half of them two-document questions. Answer tokens weigh ``ANSWER_WEIGHT`` in the loss.
+
+Each row of a batch packs episodes (each after a BOS token) and ends with natural text;
+``NATURAL_ROWS`` of the rows are natural text only. Writes to ``DIR``: the model in
+bfloat16 safetensors with its config, ``training-log.txt`` and ``training.json`` (settings,
+versions, device, loss curve, held-out accuracy by K and question kind: teacher-forced
+exact match of the frozen held-out prompts, which equals greedy exact match).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spanctx.bench import retrieval  # noqa: E402
+from spanctx.tokenizer import byte_tokenizer  # noqa: E402
+
+ANSWER_WEIGHT = 4.0
+NATURAL_ROWS = 0.15
+MAX_DOCS = 16
+
+
+def model_config() -> LlamaConfig:
+    tok = byte_tokenizer()
+    return LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=False)
+
+
+class Rows(IterableDataset):
+    """Endless ``(ids [T+1], weights [T+1])`` rows; worker ``w`` draws from seed ``(seed, w)``."""
+
+    def __init__(self, seq_len: int, seed: int) -> None:
+        self.seq_len, self.seed = seq_len, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+        tok = byte_tokenizer()
+        self.ascii = tok("".join(map(chr, range(128))), add_special_tokens=False)["input_ids"]
+        assert len(self.ascii) == 128
+        texts = retrieval.natural_text(held_out=False)
+        self.natural = tok("\n\n".join(texts.values()), add_special_tokens=False)["input_ids"]
+        self.filler = retrieval.filler_sentences(texts)
+        self.bos = tok.bos_token_id
+        while True:
+            yield self.row(rng)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.ascii[b] for b in text.encode("ascii")]
+
+    def natural_window(self, rng: random.Random, n: int) -> list[int]:
+        start = rng.randrange(len(self.natural) - n)
+        return self.natural[start:start + n]
+
+    def row(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        total = self.seq_len + 1
+        ids: list[int] = []
+        weights: list[float] = []
+
+        def add(part: list[int], weight: float = 1.0) -> None:
+            ids.extend(part)
+            weights.extend([weight] * len(part))
+
+        if rng.random() >= NATURAL_ROWS:
+            while total - len(ids) > 400:
+                # the first episode of a row has any K; later ones a K that fits (~110 bytes a document)
+                fits = MAX_DOCS if not ids else max(1, min(MAX_DOCS, (total - len(ids) - 300) // 110))
+                add([self.bos])
+                world = retrieval.make_world(rng, rng.randint(1, fits), self.filler)
+                add(self.encode(rng.choice(retrieval.SYSTEM_LINES) + "".join(world.documents)))
+                for _ in range(rng.randint(4, 12)):
+                    q = retrieval.ask(rng, world, "two" if rng.random() < 0.5 else "single")
+                    q = q or retrieval.ask(rng, world, "single")
+                    add(self.encode(retrieval.question_text(q.text)))
+                    add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
+        if len(ids) < total:
+            add([self.bos])
+            add(self.natural_window(rng, total - len(ids)))
+        return torch.tensor(ids[:total], dtype=torch.long), torch.tensor(weights[:total], dtype=torch.float32)
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def heldout_accuracy(model, device, prompts=None, batch: int = 32) -> dict:
+    """Teacher-forced exact match (every answer token, newline included, is the argmax) of
+    the held-out prompts, by ``K/kind`` and overall; equals greedy exact match."""
+    tok = byte_tokenizer()
+    heldout = retrieval.load_heldout()
+    prompts = heldout.prompts if prompts is None else prompts
+    correct: dict[str, list[bool]] = {}
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        seqs = [[tok.bos_token_id] + tok(heldout.text(p) + retrieval.answer_text(p.answer),
+                                         add_special_tokens=False)["input_ids"] for p in chunk]
+        answer_lens = [len(retrieval.answer_text(p.answer).encode()) for p in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)] = torch.tensor(s)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=model.dtype != torch.float32):
+            logits = model(input_ids=ids.to(device)).logits.float()
+        predicted = logits.argmax(-1).cpu()  # [B, W]: the token after each position
+        for j, (s, n, p) in enumerate(zip(seqs, answer_lens, chunk)):
+            ok = bool((predicted[j, len(s) - n - 1:len(s) - 1] == torch.tensor(s[len(s) - n:])).all())
+            correct.setdefault(f"K={p.k}/{p.kind}", []).append(ok)
+            correct.setdefault(p.kind, []).append(ok)
+            correct.setdefault("all", []).append(ok)
+    return {key: {"correct": sum(v), "prompts": len(v), "accuracy": sum(v) / len(v)} for key, v in correct.items()}
+
+
+@torch.no_grad()
+def natural_bits_per_byte(model, device, windows: int = 16, seq_len: int = 1024) -> float:
+    """Mean loss on held-out pydoc topics, in bits per byte (windows from a fixed seed)."""
+    tok = byte_tokenizer()
+    ids = tok("\n\n".join(retrieval.natural_text(held_out=True).values()), add_special_tokens=False)["input_ids"]
+    rng = random.Random(0)
+    starts = [rng.randrange(len(ids) - seq_len - 1) for _ in range(windows)]
+    x = torch.tensor([ids[s:s + seq_len + 1] for s in starts], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        logits = model(input_ids=x[:, :-1]).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    return loss.item() / math.log(2)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--time-limit", type=float, default=360.0, help="stop training after this many seconds")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    log_lines: list[str] = []
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
+    config = model_config()
+    model = LlamaForCausalLM(config).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"spanctx tiny-trained: {params / 1e6:.2f} M parameters, {config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
+        f"{config.vocab_size}; {device_name(device)}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, Python {platform.python_version()}")
+    log(f"natural text: pydoc_data.topics of Python {platform.python_version()} (PSF License 2.0), "
+        f"{len(retrieval.natural_text())} topics for training, {len(retrieval.natural_text(True))} held out")
+    log(f"settings: {json.dumps(vars(args))}")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    forward = torch.compile(model) if args.compile else model
+    loader = DataLoader(Rows(args.seq_len, args.seed), batch_size=args.batch, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4)
+    probe = retrieval.load_heldout().select(worlds=4)
+    curve, evals = [], []
+    started = time.perf_counter()
+    tokens = 0
+    step = 0
+    mark = (started, 0)  # (time, tokens) at the last log line
+    for step, (ids, weights) in enumerate(loader):
+        if step >= args.steps or time.perf_counter() - started > args.time_limit:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = forward(input_ids=ids[:, :-1]).logits
+        per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                      reduction="none")
+        w = weights[:, 1:].flatten()
+        loss = (per_token * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += ids[:, :-1].numel()
+        if step % 50 == 0:
+            now = time.perf_counter()
+            curve.append({"step": step, "loss": loss.item(), "seconds": round(now - started, 1)})
+            log(f"step {step:5d}  loss {loss.item():.4f}  lr {group['lr']:.2e}  {now - started:6.1f} s  "
+                f"{(tokens - mark[1]) / (now - mark[0]) / 1e6:.2f} M tok/s")
+            mark = (now, tokens)
+        if step % args.eval_every == 0 and step > 0:
+            model.eval()
+            acc = heldout_accuracy(model, device, probe)
+            model.train()
+            evals.append({"step": step, "single": acc["single"]["accuracy"], "two": acc["two"]["accuracy"]})
+            log(f"  held-out probe ({len(probe)} prompts): single {acc['single']['accuracy']:.3f}, "
+                f"two {acc['two']['accuracy']:.3f}")
+    train_seconds = time.perf_counter() - started
+    log(f"trained {step} steps, {tokens / 1e6:.1f} M tokens in {train_seconds:.1f} s")
+
+    model.eval()
+    weights_dir = out / "tiny-trained"
+    model.to(torch.bfloat16).save_pretrained(weights_dir, safe_serialization=True)
+    shipped = LlamaForCausalLM.from_pretrained(weights_dir, dtype=torch.float32).to(device).eval()
+    accuracy = heldout_accuracy(shipped, device)
+    bpb = natural_bits_per_byte(shipped, device)
+    for key, v in sorted(accuracy.items()):
+        log(f"held-out {key:14s} {v['correct']:4d}/{v['prompts']:<4d} = {v['accuracy']:.3f}")
+    log(f"held-out natural text: {bpb:.3f} bits per byte")
+    summary = {"parameters": params, "device": device_name(device), "torch": torch.__version__,
+               "transformers": transformers.__version__, "python": platform.python_version(),
+               "natural_text": "pydoc_data.topics (CPython, PSF License 2.0)", "settings": vars(args),
+               "steps": step, "tokens": tokens, "train_seconds": round(train_seconds, 1),
+               "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "probe_evals": evals,
+               "heldout_accuracy": accuracy, "heldout_natural_bits_per_byte": bpb,
+               "weights_bytes": (weights_dir / "model.safetensors").stat().st_size}
+    (weights_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (weights_dir / "training-log.txt").write_text("\n".join(log_lines) + "\n")
+    (weights_dir / "generation_config.json").unlink(missing_ok=True)
+    print(f"wrote {weights_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

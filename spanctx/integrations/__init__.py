@@ -1,0 +1,1 @@
+"""spanctx inside other libraries; each integration is an optional extra."""
