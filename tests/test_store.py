@@ -17,7 +17,7 @@ from spanctx import KVStore, SpanIndex, SpanKV
 
 def span_kv(num_tokens: int, layers: int = 2) -> SpanKV:
     # k, v: [1, H=2, S, D=4] float32 -> 32 bytes per token per tensor
-    make = lambda: tuple(torch.randn(1, 2, num_tokens, 4) for _ in range(layers))  # noqa: E731
+    make = lambda: tuple(torch.randn(1, 2, num_tokens, 4) for _ in range(layers))
     return SpanKV(make(), make())
 
 
@@ -138,7 +138,7 @@ def test_lru_evicts_the_least_recently_used_unlocked_entry():
     assert admission.evicted == (b"c",)
     assert not index.admit(b"e", 25, 1).admitted  # only 20 bytes are unlocked
     assert index.admit(b"e", 20, 1).evicted == (b"a", b"d")
-    assert set(e.key for e in index.entries()) == {b"b", b"e"} and index.bytes_used == 30
+    assert {e.key for e in index.entries()} == {b"b", b"e"} and index.bytes_used == 30
 
 
 def test_admit_changes_nothing_when_locked_entries_leave_no_room():
