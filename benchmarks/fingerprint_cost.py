@@ -6,7 +6,7 @@ calls ``model_namespace`` once to warm up, then times 3 calls and prints the med
     PYTHONPATH=. python benchmarks/fingerprint_cost.py            # fingerprint 8B: X ms
     PYTHONPATH=. python benchmarks/fingerprint_cost.py --device cpu --layers 2
 
-With ``$OUT`` set, also writes ``$OUT/fingerprint_cost-<preset>-<layers>-<device>.json``
+With ``$OUT`` set, also writes ``$OUT/<date>-<device>-fingerprint-<preset>-<layers>layers.json``
 (timings, element and byte counts, device, versions, the extra device memory the call
 took, and the cost of the weight-free ``identity`` path for comparison).
 """
@@ -88,7 +88,9 @@ def main() -> None:
             "extra_device_bytes": extra_bytes,
             "identity_ms": identity_ms,
         }
-        path = Path(out) / f"fingerprint_cost-{args.preset}-{model.config.num_hidden_layers}-{args.device}.json"
+        slug = "-".join(device_name.lower().split())
+        name = f"{record['date']}-{slug}-fingerprint-{args.preset}-{record['num_hidden_layers']}layers.json"
+        path = Path(out) / name
         path.write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -173,6 +173,23 @@ class SpanIndex:
             self._unlocked_bytes += nbytes
             return Admission(True, tuple(victims))
 
+    def shrink(self, nbytes: int) -> tuple[bytes, ...]:
+        """Lower the budget by ``nbytes``, evicting unlocked entries in policy order until
+        the entries fit it. Returns the evicted keys. Raises ValueError, changing nothing,
+        when ``nbytes`` exceeds the budget or the locked entries alone would not fit."""
+        with self._lock:
+            if not 0 <= nbytes <= self.budget:
+                raise ValueError(f"cannot take {nbytes} bytes off a {self.budget}-byte budget")
+            need = self._bytes_used - (self.budget - nbytes)
+            if need > self._unlocked_bytes:
+                raise ValueError(f"locked entries hold {self._bytes_used - self._unlocked_bytes} bytes, "
+                                 f"more than the {self.budget - nbytes} bytes left of the budget")
+            victims = self._victims(need) if need > 0 else []
+            for victim in victims:
+                self._remove(victim)
+            self.budget -= nbytes
+            return tuple(victims)
+
     def _victims(self, need: int) -> list[bytes]:
         """The first unlocked keys in policy order whose bytes add up to ``need`` (> 0);
         the caller has checked that the unlocked entries hold that much."""

@@ -12,23 +12,25 @@ import json
 from array import array
 from collections.abc import Sequence
 
+import attrs
 import torch
 import xxhash
 
 __all__ = [
-    "FINGERPRINT_CHUNK",
+    "FINGERPRINT_BLOCK",
     "KEY_BYTES",
     "adapter_namespace",
     "group_key",
     "model_namespace",
     "parallel_key",
     "root_key",
+    "salted_namespace",
     "span_key",
     "weights_fingerprint",
 ]
 
 KEY_BYTES = 16
-FINGERPRINT_CHUNK = 1 << 24  # elements weighted per step: bounds each int64 temporary to 128 MiB
+FINGERPRINT_BLOCK = 1 << 16  # elements per weighted sum of weights_fingerprint
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -81,9 +83,10 @@ def model_namespace(model: torch.nn.Module, identity: str | None = None, *, adap
     It covers the model's class, config and dtype, the ``adapter`` id, and either:
 
     - without ``identity``: every parameter and buffer, read where it lives
-      (``weights_fingerprint``): models that differ in any element of any weight get
-      different namespaces. It reads each weight once (about the time of one forward
-      pass over a few tokens for memory-bound shapes; see benchmarks/fingerprint_cost.py);
+      (``weights_fingerprint``): models that differ in one element of one weight always
+      get different namespaces, models that differ more all but always. Each weight is
+      read once: about 1.1 ns per element on a 2-core CPU (some 9 s for an 8B model);
+      a GPU's cost is measured by benchmarks/fingerprint_cost.py;
     - with ``identity``: that string, and no weight is read. The caller promises that
       models with different weights never get the same identity (e.g. a hub id and
       revision, plus the hashes of any adapters merged into it). Two models with one
@@ -129,46 +132,85 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SPLITMIX = tuple(c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
-def weights_fingerprint(model: torch.nn.Module, chunk_elements: int = FINGERPRINT_CHUNK) -> bytes:
+def weights_fingerprint(model: torch.nn.Module, chunk_elements: int | None = None) -> bytes:
     """A digest of every parameter and buffer of ``model``: names, dtypes, shapes, bits.
 
-    Each tensor is read on its own device as integers (its bits: bf16 as int16, fp32 as
-    int32, ...) in chunks of ``chunk_elements``; a chunk's elements ``x_i`` give
-    ``sum_i c_i * x_i`` in int64, wrapping around, where ``c_i`` are fixed pseudo-random
-    odd integers (splitmix64 of ``i``). An odd ``c`` is invertible modulo 2**64, so
-    changing any single element always changes its chunk's sum; changing several leaves
-    it equal with odds near 2**-64 (not against an adversary who picks the weights).
-    Every chunk's sum enters the digest on its own, after its tensor's name, dtype and
-    shape, so sums of different chunks and tensors never mix. Extra memory per device:
-    the coefficients and one product, ``chunk_elements`` int64 each. One transfer to
-    the host per device. Raises ValueError for weights on the meta device.
+    Each tensor is read where it lives, as integers (its bits: bf16 as int16, fp32 as
+    int32, ...), in blocks of ``FINGERPRINT_BLOCK`` elements. A block of elements ``x_i``
+    gives ``sum_i c_i * x_i`` in int64, wrapping around, where the ``c_i`` are fixed
+    pseudo-random odd integers (splitmix64 of ``i``). An odd ``c`` is invertible modulo
+    2**64, so changing any single element always changes its block's sum; changing
+    several leaves it equal with odds near 2**-64 (not against someone who picks the
+    weights to collide). Every block's sum enters the digest on its own, after its
+    tensor's name, dtype and shape, so sums of different blocks never mix.
+
+    ``chunk_elements`` (a multiple of ``FINGERPRINT_BLOCK``) is how many elements are
+    weighted per step: it bounds the extra memory (one int64 buffer of that length per
+    device) and does not change the result, which is the same on every device. Default:
+    ``2**18`` on CPU (the buffer stays in cache), ``2**24`` elsewhere (128 MiB; few
+    kernel launches). The sums reach the host in one transfer per device. Raises
+    ValueError for weights on the meta device.
     """
-    if chunk_elements < 1:
-        raise ValueError(f"chunk_elements must be >= 1, got {chunk_elements}")
+    if chunk_elements is not None and (chunk_elements < 1 or chunk_elements % FINGERPRINT_BLOCK):
+        raise ValueError(f"chunk_elements must be a positive multiple of {FINGERPRINT_BLOCK}, got {chunk_elements}")
     tensors = [(name, t.detach()) for name, t in (*model.named_parameters(), *model.named_buffers())]
     if meta := [name for name, t in tensors if t.is_meta]:
         raise ValueError(f"{meta[0]} is on the meta device: its values cannot be read; "
                          "pass an explicit identity to model_namespace instead")
-    coefficients = {}
-    for device in {t.device for _, t in tensors}:
-        longest = max(t.numel() for _, t in tensors if t.device == device)
-        coefficients[device] = _odd_coefficients(min(longest, chunk_elements), device)
     header, sums = [], []
+    weighers: dict[torch.device, _BlockWeigher] = {}
     for name, tensor in tensors:
         header.append(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}")
-        flat = tensor.reshape(-1)
-        bits = flat.view(_INT_OF_SIZE.get(flat.element_size(), torch.uint8))
-        c = coefficients[tensor.device]
-        for start in range(0, bits.numel(), chunk_elements):
-            chunk = bits[start:start + chunk_elements]  # [n] ints
-            sums.append((chunk * c[:chunk.numel()]).sum())  # promoted to int64, wraps
-    return _digest(b"weights", "\n".join(header).encode(), array("q", _to_host(sums)).tobytes())
+        if tensor.device not in weighers:
+            longest = max(t.nbytes // _int_dtype(t).itemsize for _, t in tensors if t.device == tensor.device)
+            weighers[tensor.device] = _BlockWeigher.make(tensor.device, longest, chunk_elements)
+        sums += weighers[tensor.device].block_sums(_int_view(tensor))
+    return _digest(b"weights", "\n".join(header).encode(), _to_host(sums))
 
 
-def _odd_coefficients(length: int, device: torch.device) -> torch.Tensor:
-    """``[length]`` int64: splitmix64 of 0..length-1 with the low bit set."""
+def _int_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The integer type as wide as ``tensor``'s elements (bytes for sizes without one)."""
+    return _INT_OF_SIZE.get(tensor.element_size(), torch.uint8)
+
+
+def _int_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``[n]``: the bits of ``tensor``'s elements as integers. Copies a non-contiguous tensor."""
+    return tensor.reshape(-1).view(_int_dtype(tensor))
+
+
+@attrs.frozen
+class _BlockWeigher:
+    """Per device: the block's odd weights and an int64 buffer for one chunk's products."""
+
+    coefficients: torch.Tensor  # [FINGERPRINT_BLOCK] int64, odd
+    work: torch.Tensor  # [min(chunk, longest tensor)] int64
+    chunk: int
+
+    @classmethod
+    def make(cls, device: torch.device, longest: int, chunk_elements: int | None) -> _BlockWeigher:
+        chunk = chunk_elements or (1 << 18 if device.type == "cpu" else 1 << 24)
+        work = torch.empty(min(chunk, longest), dtype=torch.int64, device=device)
+        return cls(_odd_coefficients(device), work, chunk)
+
+    def block_sums(self, bits: torch.Tensor) -> list[torch.Tensor]:
+        """1-D int64 tensors: the weighted sum of each block of ``bits`` ``[n]``, in order."""
+        sums = []
+        for start in range(0, bits.numel(), self.chunk):
+            part = bits[start:start + self.chunk]
+            products = self.work[:part.numel()].copy_(part)  # [m] int64
+            whole = part.numel() // FINGERPRINT_BLOCK * FINGERPRINT_BLOCK
+            if whole:
+                sums.append(products[:whole].view(-1, FINGERPRINT_BLOCK).mul_(self.coefficients).sum(dim=1))
+            if whole < part.numel():  # the tensor's last, partial block
+                tail = products[whole:]
+                sums.append(tail.mul_(self.coefficients[:tail.numel()]).sum(dim=0, keepdim=True))
+        return sums
+
+
+def _odd_coefficients(device: torch.device) -> torch.Tensor:
+    """``[FINGERPRINT_BLOCK]`` int64: the splitmix64 sequence (seed 0), low bit set."""
     golden, mix1, mix2 = _SPLITMIX
-    z = (torch.arange(length, dtype=torch.int64, device=device) + 1) * golden
+    z = (torch.arange(FINGERPRINT_BLOCK, dtype=torch.int64, device=device) + 1) * golden
     z = (z ^ _shift_right(z, 30)) * mix1
     z = (z ^ _shift_right(z, 27)) * mix2
     return (z ^ _shift_right(z, 31)) | 1
@@ -179,11 +221,13 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return (z >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def _to_host(scalars: list[torch.Tensor]) -> list[int]:
-    """The 0-d tensors ``scalars`` as ints, in order, with one transfer per device."""
-    values = [0] * len(scalars)
-    for device in {s.device for s in scalars}:
-        positions = [i for i, s in enumerate(scalars) if s.device == device]
-        for i, value in zip(positions, torch.stack([scalars[i] for i in positions]).tolist()):
-            values[i] = value
-    return values
+def _to_host(sums: list[torch.Tensor]) -> bytes:
+    """The 1-D int64 tensors ``sums`` (on any devices), in order, as host bytes, with one
+    transfer per device."""
+    host: list[torch.Tensor | None] = [None] * len(sums)
+    for device in {s.device for s in sums}:
+        positions = [i for i, s in enumerate(sums) if s.device == device]
+        joined = torch.cat([sums[i] for i in positions]).cpu()
+        for i, part in zip(positions, joined.split([sums[i].numel() for i in positions])):
+            host[i] = part
+    return b"".join(part.numpy().tobytes() for part in host)

@@ -91,9 +91,7 @@ class KVStore:
             if not admission.admitted:
                 self._rejected += 1
                 return False
-            for victim in admission.evicted:
-                del self._payloads[victim]
-            self._evictions += len(admission.evicted)
+            self._forget(admission.evicted)
             if key not in self._payloads:
                 self._payloads[key] = kv
                 self._stored_tokens += kv.num_tokens
@@ -123,19 +121,16 @@ class KVStore:
     def reserve(self, nbytes: int) -> None:
         """Take ``nbytes`` off the budget for memory held beside the store (a static
         executor's KV buffers), so that the two together stay within it. Unlocked
-        entries are evicted (LRU first) until the store fits the smaller budget."""
+        entries are evicted (in policy order) until the store fits the smaller budget.
+        Raises ValueError, changing nothing, when locked entries leave too little room."""
         with self._lock:
-            if nbytes < 0 or nbytes > self.index.budget:
-                raise ValueError(f"cannot reserve {nbytes} bytes of a {self.index.budget}-byte budget")
-            for entry in list(self.index.evictable()):
-                if self.index.bytes_used <= self.index.budget - nbytes:
-                    break
-                self.index.remove(entry.key)
-                del self._payloads[entry.key]
-                self._evictions += 1
-            if self.index.bytes_used > self.index.budget - nbytes:
-                raise ValueError("locked entries hold more than the budget left after the reservation")
-            self.index.budget -= nbytes
+            self._forget(self.index.shrink(nbytes))
+
+    def _forget(self, evicted: tuple[bytes, ...]) -> None:
+        """Drop the payloads of keys the index evicted."""
+        for key in evicted:
+            del self._payloads[key]
+        self._evictions += len(evicted)
 
     @property
     def stats(self) -> StoreStats:

@@ -257,16 +257,16 @@ INDEX_POLICIES = ("lru", "largest-first")
 @attrs.frozen
 class IndexProgram:
     """A byte budget and a sequence of index operations, each a tuple:
-    ``("admit", key, nbytes)``, ``("touch" | "lock" | "unlock" | "remove", key)`` or
-    ``("policy", name)`` (one of ``INDEX_POLICIES``). Operations may be invalid (unlock
+    ``("admit", key, nbytes)``, ``("touch" | "lock" | "unlock" | "remove", key)``,
+    ``("shrink", nbytes)`` or ``("policy", name)`` (one of ``INDEX_POLICIES``). Operations may be invalid (unlock
     without lock, lock of a missing key): the index must refuse them as its model does."""
 
     budget: int
     ops: tuple[tuple, ...]
 
 
-# operation kinds, weighted: admits most, policy swaps rarely
-_INDEX_OP_KINDS = ("admit",) * 4 + ("touch", "lock", "unlock", "remove") * 2 + ("policy",)
+# operation kinds, weighted: admits most, policy swaps and budget cuts rarely
+_INDEX_OP_KINDS = ("admit",) * 4 + ("touch", "lock", "unlock", "remove") * 2 + ("policy", "shrink")
 
 
 @st.composite
@@ -280,6 +280,8 @@ def index_programs(draw, min_ops: int = 20, max_ops: int = 80) -> IndexProgram:
             ops.append((kind, draw(st.sampled_from(INDEX_POLICIES))))
         elif kind == "admit":
             ops.append((kind, draw(st.sampled_from(INDEX_KEYS)), draw(st.integers(0, 12))))
+        elif kind == "shrink":
+            ops.append((kind, draw(st.integers(0, 8))))
         elif kind == "unlock" and locked and draw(st.integers(0, 3)):
             ops.append((kind, locked.pop(draw(st.integers(0, len(locked) - 1)))))
         else:

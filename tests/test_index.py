@@ -60,29 +60,44 @@ class ReferenceIndex:
             raise RuntimeError("locked")
         del self.entries[key]
 
-    def admit(self, key: bytes, nbytes: int, num_tokens: int) -> Admission:
-        if key in self.entries:
-            self.touch(key)
-            return Admission(True)
-        need = sum(e.nbytes for e in self.entries.values()) + nbytes - self.budget
+    def victims(self, budget: int) -> list[bytes] | None:
+        """The keys to evict, in policy order, for the entries to fit ``budget``; None if
+        evicting every unlocked entry is not enough."""
+        need = sum(e.nbytes for e in self.entries.values()) - budget
         victims = []
         for entry in sorted(self.evictable(), key=lambda e: (self.policy(e), e.last_used)):
             if need <= 0:
                 break
             victims.append(entry.key)
             need -= entry.nbytes
-        if need > 0:
+        return None if need > 0 else victims
+
+    def admit(self, key: bytes, nbytes: int, num_tokens: int) -> Admission:
+        if key in self.entries:
+            self.touch(key)
+            return Admission(True)
+        victims = self.victims(self.budget - nbytes)
+        if victims is None:
             return Admission(False)
         for victim in victims:
             del self.entries[victim]
         self.entries[key] = EntryInfo(key, nbytes, num_tokens, 0, self.tick())
         return Admission(True, tuple(victims))
 
+    def shrink(self, nbytes: int) -> tuple[bytes, ...]:
+        victims = self.victims(self.budget - nbytes) if nbytes <= self.budget else None
+        if victims is None:
+            raise ValueError("no room")
+        for victim in victims:
+            del self.entries[victim]
+        self.budget -= nbytes
+        return tuple(victims)
+
 
 def outcome(method, *args) -> tuple:
     try:
         return ("returned", method(*args))
-    except (KeyError, RuntimeError) as error:
+    except (KeyError, RuntimeError, ValueError) as error:
         return ("raised", type(error))
 
 
@@ -100,7 +115,8 @@ def test_index_matches_its_reference_model(program: IndexProgram):
         assert outcome(getattr(index, kind), *args) == outcome(getattr(model, kind), *args), op
         assert {e.key: e for e in index.entries()} == model.entries, op
         assert list(index.evictable()) == model.evictable(), op  # the LRU order, snapshots equal
-        assert index.bytes_used == sum(e.nbytes for e in model.entries.values()) <= program.budget
+        assert index.budget == model.budget
+        assert index.bytes_used == sum(e.nbytes for e in model.entries.values()) <= model.budget
         assert len(index) == len(model.entries)
 
 

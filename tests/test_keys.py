@@ -8,9 +8,7 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from strategies import element_edits
 
-from spanctx.keys import model_namespace, weights_fingerprint
-
-CHUNK = 4096  # small chunks: many per tensor, so chunk bookkeeping is exercised
+from spanctx.keys import FINGERPRINT_BLOCK, model_namespace, weights_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -43,50 +41,80 @@ def test_one_ulp_in_bf16_changes_the_namespace(model):
     assert model_namespace(bf16) != base
 
 
+@pytest.fixture(scope="module")
+def modules(model):
+    """The tiny Llama (every tensor shorter than a block) and a wide layer whose weight
+    spans two whole blocks and a partial one."""
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"llama": model, "wide": torch.nn.Linear(512, 300)})  # 153600 = 2 * 65536 + 22528
+
+
+def wide_weight(modules) -> torch.Tensor:
+    return modules["wide"].weight.data.view(-1)
+
+
 @settings(max_examples=25, deadline=None)
 @given(element_edits())
-def test_any_single_bit_pattern_change_changes_the_fingerprint(model, edit):
-    tensors = [t for _, t in (*model.named_parameters(), *model.named_buffers())]
+def test_any_single_element_change_changes_the_fingerprint(modules, edit):
+    tensors = [t for _, t in (*modules.named_parameters(), *modules.named_buffers())]
     tensor_pick, element_pick, mask = edit
-    flat = tensors[tensor_pick % len(tensors)].data.view(-1)
-    bits = flat.view(torch.int32)  # fp32 weights
-    i = element_pick % flat.numel()
-    before = weights_fingerprint(model, chunk_elements=CHUNK)
+    bits = tensors[tensor_pick % len(tensors)].data.view(-1).view(torch.int32)  # fp32 weights
+    i = element_pick % bits.numel()
+    before = weights_fingerprint(modules)
     old = bits[i].item()
     bits[i] = old ^ mask
     try:
-        assert weights_fingerprint(model, chunk_elements=CHUNK) != before
+        after = weights_fingerprint(modules)
+        assert after != before
+        assert weights_fingerprint(modules, chunk_elements=FINGERPRINT_BLOCK) == after  # chunks: memory, not result
     finally:
         bits[i] = old
-    assert weights_fingerprint(model, chunk_elements=CHUNK) == before
+    assert weights_fingerprint(modules) == before
 
 
-def test_elements_swapped_between_chunks_change_the_fingerprint(model):
-    w = middle_weight(model).data.view(-1)  # elements 5 and CHUNK + 5: one offset, two chunks
-    before = weights_fingerprint(model, chunk_elements=CHUNK)
-    a, b = w[5].item(), w[CHUNK + 5].item()
+@pytest.mark.parametrize("i, j", [(5, 6), (5, FINGERPRINT_BLOCK + 5), (7, 2 * FINGERPRINT_BLOCK + 7)],
+                         ids=["one block", "two blocks", "whole and partial block"])
+def test_swapped_elements_change_the_fingerprint(modules, i, j):
+    w = wide_weight(modules)
+    before = weights_fingerprint(modules)
+    a, b = w[i].item(), w[j].item()
     assert a != b
-    w[5], w[CHUNK + 5] = b, a
+    w[i], w[j] = b, a
     try:
-        assert weights_fingerprint(model, chunk_elements=CHUNK) != before
+        assert weights_fingerprint(modules) != before
     finally:
-        w[5], w[CHUNK + 5] = a, b
+        w[i], w[j] = a, b
 
 
-def test_elements_swapped_within_a_chunk_change_the_fingerprint(model):
-    w = middle_weight(model).data.view(-1)
-    before = weights_fingerprint(model)
-    a, b = w[5].item(), w[6].item()
-    assert a != b
-    w[5], w[6] = b, a
-    try:
-        assert weights_fingerprint(model) != before
-    finally:
-        w[5], w[6] = a, b
+def test_the_chunk_size_does_not_change_the_fingerprint(modules):
+    default = weights_fingerprint(modules)
+    assert weights_fingerprint(modules, FINGERPRINT_BLOCK) == weights_fingerprint(modules, 3 * FINGERPRINT_BLOCK) == default
+    assert weights_fingerprint(copy.deepcopy(modules)) == default
+    with pytest.raises(ValueError, match="multiple"):
+        weights_fingerprint(modules, 1000)
 
 
-def test_the_chunk_size_does_not_weaken_equality(model):
-    assert weights_fingerprint(copy.deepcopy(model), 1000) == weights_fingerprint(model, 1000)
+@pytest.mark.parametrize("i", [0, 1, 2, 3, FINGERPRINT_BLOCK - 1, FINGERPRINT_BLOCK, FINGERPRINT_BLOCK + 9, 70000])
+def test_the_worst_single_change_is_seen(i):
+    """Flipping the top bit of an int64 changes it by 2**63: only an odd weight keeps
+    that change from vanishing modulo 2**64."""
+    holder = torch.nn.Module()
+    holder.register_buffer("counts", torch.zeros(70001, dtype=torch.int64))
+    before = weights_fingerprint(holder)
+    holder.counts[i] = -(1 << 63)
+    assert weights_fingerprint(holder) != before
+
+
+def test_the_same_bits_in_another_shape_or_dtype_differ():
+    def holding(t: torch.Tensor) -> torch.nn.Module:
+        holder = torch.nn.Module()
+        holder.register_buffer("t", t)
+        return holder
+
+    bits = torch.arange(24, dtype=torch.int16)
+    fingerprints = {weights_fingerprint(holding(t))
+                    for t in (bits.view(4, 6), bits.view(6, 4), bits.view(torch.float16), bits.view(torch.bfloat16))}
+    assert len(fingerprints) == 4
 
 
 def test_dtype_enters_the_namespace(model):

@@ -17,7 +17,7 @@ from spanctx import KVStore, SpanIndex, SpanKV
 
 def span_kv(num_tokens: int, layers: int = 2) -> SpanKV:
     # k, v: [1, H=2, S, D=4] float32 -> 32 bytes per token per tensor
-    make = lambda: tuple(torch.randn(1, 2, num_tokens, 4) for _ in range(layers))  # noqa: E731
+    make = lambda: tuple(torch.randn(1, 2, num_tokens, 4) for _ in range(layers))
     return SpanKV(make(), make())
 
 
@@ -37,6 +37,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.stored_ever: dict[bytes, int] = {}
         self.puts = 0
         self.rejected = 0
+        self.evictions = 0
 
     @rule(target=keys, key=st.binary(min_size=16, max_size=16), tokens=st.integers(1, 24))
     def put(self, key, tokens):
@@ -54,14 +55,20 @@ class StoreMachine(RuleBasedStateMachine):
             assert set(self.store._payloads) == before
             locked_bytes = sum(self.store.index.info(k).nbytes for k in self.locks if self.locks[k])
             assert locked_bytes + tokens * BYTES_PER_TOKEN > self.budget
-        evicted = before - set(self.store._payloads)
-        assert not any(self.locks.get(k, 0) for k in evicted), "evicted a locked entry"
+        evicted = self.account_evictions(before)
         kept_unlocked = [k for k in before - evicted if not self.locks.get(k, 0)]
         if evicted and kept_unlocked:  # LRU: every victim was used before every unlocked survivor
             assert max(last_used[k] for k in evicted) < min(last_used[k] for k in kept_unlocked)
+        return key
+
+    def account_evictions(self, before: set[bytes]) -> set[bytes]:
+        """The keys of ``before`` gone from the store: none locked; counted."""
+        evicted = before - set(self.store._payloads)
+        assert not any(self.locks.get(k, 0) for k in evicted), "evicted a locked entry"
         for k in evicted:
             self.locks.pop(k, None)
-        return key
+        self.evictions += len(evicted)
+        return evicted
 
     @rule(key=keys)
     def lock(self, key):
@@ -83,6 +90,20 @@ class StoreMachine(RuleBasedStateMachine):
         if kv is not None:
             assert kv.num_tokens == self.stored_ever[key]
 
+    @rule(nbytes=st.integers(0, 4 * BYTES_PER_TOKEN))
+    def reserve(self, nbytes):
+        before = set(self.store._payloads)
+        locked_bytes = sum(self.store.index.info(k).nbytes for k in self.locks if self.locks[k])
+        try:
+            self.store.reserve(nbytes)
+        except ValueError:
+            # refused only when the locked entries leave no room, and then nothing changed
+            assert locked_bytes > self.budget - nbytes
+            assert set(self.store._payloads) == before
+            return
+        self.budget -= nbytes
+        self.account_evictions(before)
+
     @rule()
     def clear(self):
         self.store.clear()
@@ -95,6 +116,8 @@ class StoreMachine(RuleBasedStateMachine):
         assert stats.bytes_used == sum(kv.nbytes for kv in self.store._payloads.values())
         assert stats.entries == len(self.store._payloads) == len(self.store.index)
         assert stats.rejected == self.rejected
+        assert stats.evictions == self.evictions
+        assert stats.bytes_budget == self.budget
         for key, n in self.locks.items():
             if n:
                 assert key in self.store, "a locked entry disappeared"
@@ -115,7 +138,7 @@ def test_lru_evicts_the_least_recently_used_unlocked_entry():
     assert admission.evicted == (b"c",)
     assert not index.admit(b"e", 25, 1).admitted  # only 20 bytes are unlocked
     assert index.admit(b"e", 20, 1).evicted == (b"a", b"d")
-    assert set(e.key for e in index.entries()) == {b"b", b"e"} and index.bytes_used == 30
+    assert {e.key for e in index.entries()} == {b"b", b"e"} and index.bytes_used == 30
 
 
 def test_admit_changes_nothing_when_locked_entries_leave_no_room():
