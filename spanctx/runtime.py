@@ -62,7 +62,7 @@ class Runtime(Session):
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
-                 policy: EvictionPolicy = lru, repair: str | Repair = "none",
+                 policy: EvictionPolicy = lru, repair: str | Repair = "head:16",
                  generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:

@@ -63,7 +63,7 @@ class Session:
     ``Runtime`` for the arguments)."""
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
-                 policy: EvictionPolicy = lru, repair: str | Repair = "none",
+                 policy: EvictionPolicy = lru, repair: str | Repair = "head:16",
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:

@@ -3,6 +3,7 @@ prefill (repair="full"), store hits on order swaps, fallbacks, repair accounting
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -21,6 +22,10 @@ from spanctx.engine.masks import in_place_allowed
 from spanctx.hf import cache_kwargs
 
 ATOL = 1e-4
+
+# these tests are about placement itself: repair only where a test names it
+unrepaired_tiny = functools.partial(tiny_runtime, repair="none")
+unrepaired_rope = functools.partial(rope_runtime, repair="none")
 SYSTEM = "You are terse. "
 DOCS = ("Doc A: the sky is blue. ", "Doc B: grass is green! ", "Doc C: snow is white? ")
 
@@ -115,7 +120,7 @@ REFERENCE_KINDS = [*ROPE_MODELS, "mistral", "gemma2"]
 @given(kind=st.sampled_from(REFERENCE_KINDS), spec=parallel_prompt_specs())
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_logits_match_the_hf_reference_and_full_repair_matches_sequential_prefill(kind, spec):
-    rt = rope_runtime(kind) if kind in ROPE_MODELS else tiny_runtime(kind)
+    rt = unrepaired_rope(kind) if kind in ROPE_MODELS else unrepaired_tiny(kind)
     model, tokenizer = rt.model, rt.tokenizer
     movable = ROPE_MODELS[kind][2] if kind in ROPE_MODELS else True
     for prompt in (spec, _reversed_groups(spec)):  # the second one reuses what the first stored
@@ -142,18 +147,18 @@ def _same_as_sequential(rt, ctx: Context, repair: str) -> None:
 
 
 def test_full_repair_equals_sequential_prefill(arch):
-    rt = tiny_runtime(arch)
+    rt = unrepaired_tiny(arch)
     for ctx in (_rag((2, 0, 1)), _rag((1, 2), question=None)):
         _same_as_sequential(rt, ctx, "full")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_blend_of_every_token_equals_sequential_prefill(arch):
-    _same_as_sequential(tiny_runtime(arch), _rag((2, 0, 1)), "blend:1")
+    _same_as_sequential(unrepaired_tiny(arch), _rag((2, 0, 1)), "blend:1")
 
 
 def test_one_parallel_span_after_its_anchor_is_exact_dependent_reuse(arch):
-    rt = tiny_runtime(arch)
+    rt = unrepaired_tiny(arch)
     base = Context().append(SYSTEM)
     parallel, dependent = base.parallel(DOCS[0]).append("Q?"), base.append(DOCS[0]).append("Q?")
     assert rt.token_ids(parallel) == rt.token_ids(dependent)
@@ -168,7 +173,7 @@ def test_one_parallel_span_after_its_anchor_is_exact_dependent_reuse(arch):
 
 
 def test_an_order_swap_computes_only_the_new_question():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     rt.generate(_rag(question="First question?"), 4)
     hits = rt.store.stats.hits
     second = rt.generate(_rag((2, 0, 1), question="Second?"), 4)
@@ -181,7 +186,7 @@ def test_an_order_swap_computes_only_the_new_question():
 
 
 def test_head_repair_recomputes_the_heads_of_moved_documents():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     rt.next_token_logits(_rag())
     lengths = [len(rt.tokenizer(d, add_special_tokens=False)["input_ids"]) for d in DOCS]
     result = rt.generate(_rag((1, 0, 2), question="Other?"), 4, repair="head:5")
@@ -191,7 +196,7 @@ def test_head_repair_recomputes_the_heads_of_moved_documents():
 
 
 def test_blend_recomputes_the_asked_fraction():
-    rt = tiny_runtime("qwen2")
+    rt = unrepaired_tiny("qwen2")
     result = rt.generate(_rag(), 4, repair="blend:0.25")
     moved = sum(len(rt.tokenizer(DOCS[i], add_special_tokens=False)["input_ids"]) for i in (1, 2))
     assert result.stats.parallel.checked_tokens == moved
@@ -199,18 +204,18 @@ def test_blend_recomputes_the_asked_fraction():
 
 
 def test_a_repaired_group_is_stored_and_reused_by_the_next_question():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     first = rt.generate(_rag(question="One?"), 4, repair="head:3")
     second = rt.generate(_rag(question="Two?"), 4, repair="head:3")
     assert first.stats.recomputed_tokens == 6 and second.stats.recomputed_tokens == 0
     assert second.stats.computed_tokens == len(rt.tokenizer("Two?", add_special_tokens=False)["input_ids"])
-    fresh = tiny_runtime("llama")
+    fresh = unrepaired_tiny("llama")
     torch.testing.assert_close(rt.next_token_logits(_rag(question="Two?"), repair="head:3"),
                                fresh.next_token_logits(_rag(question="Two?"), repair="head:3"), atol=ATOL, rtol=0)
 
 
 def test_position_independent_documents_are_shared_across_system_prompts():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     model, tokenizer = rt.model, rt.tokenizer
     ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in DOCS]
     for system in ("You are terse. ", "Answer in French, please. "):
@@ -226,7 +231,7 @@ def test_position_independent_documents_are_shared_across_system_prompts():
 
 @pytest.mark.parametrize("kind", ["absolute", "dynamic"])
 def test_models_whose_keys_cannot_move_recompute_at_the_place_and_say_so(kind):
-    rt = rope_runtime(kind)
+    rt = unrepaired_rope(kind)
     rt.next_token_logits(_rag())  # stores doc A, which sits right after the anchor
     result = rt.generate(_rag((0, 2, 1)), 3)
     moved_docs = sum(len(rt.tokenizer(DOCS[i], add_special_tokens=False)["input_ids"]) for i in (2, 1))
@@ -239,20 +244,20 @@ def test_models_whose_keys_cannot_move_recompute_at_the_place_and_say_so(kind):
 
 
 def test_the_runtime_default_repair_and_per_call_override():
-    rt = tiny_runtime("llama", repair="full")
+    rt = unrepaired_tiny("llama", repair="full")
     torch.testing.assert_close(rt.next_token_logits(_rag()), rt.next_token_logits(_rag(), reuse=False),
                                atol=ATOL, rtol=0)
     assert rt.generate(_rag((1, 0, 2)), 2, repair="none").stats.parallel.repair == "none"
 
 
 def test_stream_yields_what_generate_returns():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     ctx = _rag((2, 1, 0))
     assert "".join(rt.stream(ctx, 8, repair="head:2")) == rt.generate(ctx, 8, repair="head:2").text
 
 
 def test_fidelity_of_full_repair_is_perfect_and_of_none_is_measured():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     full = spanctx.fidelity(rt, _rag(), repair="full", greedy_tokens=4)
     assert full.kl < 1e-8 and full.top1_agrees and full.greedy_agreement == 1.0 and full.repair == "full"
     none = spanctx.fidelity(rt, _rag(), repair="none", greedy_tokens=4)
@@ -260,7 +265,7 @@ def test_fidelity_of_full_repair_is_perfect_and_of_none_is_measured():
 
 
 def test_bad_input_is_refused_clearly():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     with pytest.raises(ValueError, match="repair"):
         rt.generate(_rag(), 2, repair="head:0")
     with pytest.raises(ValueError, match="repair"):
@@ -280,7 +285,7 @@ def test_bad_input_is_refused_clearly():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_forward_stopped_after_a_layer_grows_only_the_layers_up_to_it(arch):
-    rt = tiny_runtime(arch)
+    rt = unrepaired_tiny(arch)
     cache = DynamicCache()
     _forward(rt.model, cache, [5, 6, 7, 8], 0)
     slots = torch.tensor([1, 3])
@@ -291,7 +296,7 @@ def test_a_forward_stopped_after_a_layer_grows_only_the_layers_up_to_it(arch):
 
 
 def test_a_lone_exact_member_shares_what_follows_it_across_repair_modes():
-    rt = tiny_runtime("llama")
+    rt = unrepaired_tiny("llama")
     ctx = Context().append(SYSTEM).parallel(DOCS[0]).append("Q?")
     rt.generate(ctx, 2, repair="none")
     assert rt.generate(ctx, 2, repair="head:4").stats.computed_tokens == 1
