@@ -68,3 +68,10 @@ def test_reward_model_from_a_preset():
     ctx = spanctx.Context().append("hello")
     assert type(rm.runtime.model).__name__ == "GPT2ForSequenceClassification"
     assert rm.reward(ctx) == pytest.approx(full_reward(rm.runtime.model, rm.runtime.token_ids(ctx)), abs=1e-4)
+
+
+def test_a_reward_model_never_gets_the_static_executor():
+    """It does not decode (``auto`` keeps it eager on CUDA too); ``static`` is refused clearly."""
+    model, tokenizer = reward_head_model(), spanctx.byte_tokenizer()
+    with pytest.raises(ValueError, match="does not generate"):
+        spanctx.Runtime(model, tokenizer, store_bytes=1 << 20, executor="static")

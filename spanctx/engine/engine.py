@@ -142,7 +142,10 @@ class Engine:
         self.device = model.device
         # the final call and decode loop of single generations, where it can run them
         self.static = None
-        if executor == "static" or (executor == "auto" and self.device.type == "cuda"):
+        generates = model.can_generate()  # a reward model (sequence classification) does not decode
+        if executor == "static" and not generates:
+            raise ValueError(f"executor='static' runs decoding; a {type(model).__name__} does not generate")
+        if generates and (executor == "static" or (executor == "auto" and self.device.type == "cuda")):
             from .static import StaticExecutor
 
             text = model.config.get_text_config()
