@@ -56,7 +56,8 @@ class Runtime(Session):
     own ``generate``. ``"static"``: fixed KV buffers (their memory is taken off the store's
     budget) with CUDA graphs on a GPU (``spanctx.engine.static``); calls it cannot run
     (adapters, per-token scores, options it does not build) run eagerly and the stats say
-    why (``executor_fallback``). ``"auto"`` (default): static on CUDA, eager elsewhere.
+    why (``executor_fallback``). ``"auto"`` (default): static for a generating model on one
+    CUDA device (no device map, no quantized weights), eager elsewhere.
     ``compile``: the static executor runs the model through ``torch.compile`` (fused
     kernels; each new shape compiles once, 25-50 s on an 8B model).
     """

@@ -145,7 +145,10 @@ class Engine:
         generates = model.can_generate()  # a reward model (sequence classification) does not decode
         if executor == "static" and not generates:
             raise ValueError(f"executor='static' runs decoding; a {type(model).__name__} does not generate")
-        if generates and (executor == "static" or (executor == "auto" and self.device.type == "cuda")):
+        # auto: one plain CUDA device (no device map, no quantized weights)
+        plain_cuda = (self.device.type == "cuda" and getattr(model, "hf_device_map", None) is None
+                      and not getattr(model, "is_quantized", False))
+        if generates and (executor == "static" or (executor == "auto" and plain_cuda)):
             from .static import StaticExecutor
 
             text = model.config.get_text_config()
