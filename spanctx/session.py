@@ -128,12 +128,16 @@ class Session:
         switches on."""
         info = None if adapter is None else self.adapters.get(adapter)
         prompt = self.resolver.resolve(
-            ctx, repair=self.repair if repair is None else Repair.parse(repair),
+            ctx, repair=self._repair_mode(repair),
             salt=self.salt if salt is None else _check_salt(salt),
             adapter_namespace=None if info is None else info.namespace,
             invocation=None if info is None else info.invocation_ids,
             invocation_in_prompt=info is not None and info.alora_start == "in_prompt")
         return prompt, self.adapters.activation(prompt, adapter)
+
+    def _repair_mode(self, repair: str | Repair | None) -> Repair:
+        """A call's repair mode: its own, else the runtime's."""
+        return self.repair if repair is None else Repair.parse(repair)
 
     def activated(self, activation: Activation | None):
         """A context that runs model calls with ``activation``'s adapter switched on."""
@@ -147,9 +151,9 @@ class Session:
         call inside the block: ``forward_tail`` or ``generate_prepared``."""
         with self.holding():
             started = time.perf_counter()
-            prompt, activation = self.resolve(ctx, adapter=adapter, repair=repair, salt=salt)
+            mode = self._repair_mode(repair)
+            prompt, activation = self.resolve(ctx, adapter=adapter, repair=mode, salt=salt)
             self.check_length(prompt.num_tokens + max_new_tokens)
-            mode = self.repair if repair is None else Repair.parse(repair)
             with self.adapters.activated(activation):
                 yield PreparedCall(self.engine.assemble(prompt, reuse=reuse, repair=mode), started, activation)
 
