@@ -15,7 +15,7 @@ import random
 import statistics
 import time
 
-from spanctx import SpanIndex
+from spanctx.cache.index import SpanIndex
 
 ENTRY_BYTES = 1 << 20
 LOCKED_FRACTION = 0.01

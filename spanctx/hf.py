@@ -13,8 +13,9 @@ Differences handled here, and nowhere else:
   deprecates: a FutureWarning raised by PEFT's own code whenever a PEFT model is made.
   ``peft_wrapping`` silences exactly that one around spanctx's calls into PEFT.
 
-Everything else in spanctx passes caches through ``cache_kwargs`` and reads a forward's
-cache argument through ``cache_argument``.
+Everything else in spanctx passes caches through ``cache_kwargs``, reads a forward's
+cache argument through ``cache_argument`` and a config's length limit through
+``max_positions``. No torch, and nothing of spanctx: every layer may import it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import inspect
 import warnings
 from collections.abc import Mapping
 
-__all__ = ["CACHE_NAMES", "cache_argument", "cache_kwargs", "cache_name", "peft_wrapping"]
+__all__ = ["CACHE_NAMES", "cache_argument", "cache_kwargs", "cache_name", "max_positions", "peft_wrapping"]
 
 # every spelling of the cache argument, newest first
 CACHE_NAMES = ("cache", "past_key_values")
@@ -59,6 +60,13 @@ def cache_argument(kwargs: Mapping[str, object]):
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
+
+
+def max_positions(config) -> int | None:
+    """How many positions a model's text config allows (None: no limit given); configs
+    spell it ``max_position_embeddings`` or, GPT-2 style, ``n_positions``."""
+    text = config.get_text_config()
+    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ def planner_inputs(draw, max_segments: int = 8):
     """(segments, stored key set) for the pure planner."""
     n = draw(st.integers(1, max_segments))
     lengths = draw(st.lists(st.integers(1, 6), min_size=n, max_size=n))
-    segments = [spanctx.PlanSegment(i.to_bytes(16, "little"), length) for i, length in enumerate(lengths)]
+    segments = [PlanSegment(i.to_bytes(16, "little"), length) for i, length in enumerate(lengths)]
     stored = {seg.key for seg in segments if draw(st.booleans())}
     return segments, stored
 

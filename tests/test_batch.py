@@ -5,8 +5,8 @@ from conftest import tiny_runtime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spanctx import Context, plan_batch
-from spanctx.features.batch import shared_prefixes
+from spanctx import Context
+from spanctx.features.batch import plan_batch, shared_prefixes
 
 SHARED = Context().append("A shared system prompt that crosses the window. ")
 

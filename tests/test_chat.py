@@ -13,6 +13,7 @@ from strategies import chat_messages
 import spanctx
 from spanctx import ChatSplitWarning, Context
 from spanctx.core.messages import GenerationPrompt
+from spanctx.tokenizer import byte_tokenizer
 
 ATOL = 1e-4
 
@@ -227,7 +228,7 @@ def test_bad_conversations_are_refused(build, match):
 
 def test_a_tokenizer_without_a_chat_template_is_a_clear_error():
     model, tokenizer = tiny_model("llama")
-    tokenizer = spanctx.byte_tokenizer()
+    tokenizer = byte_tokenizer()
     tokenizer.chat_template = None
     rt = spanctx.Runtime(model, tokenizer, store_bytes=1 << 20)
     with pytest.raises(ValueError, match="no chat template"):

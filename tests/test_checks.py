@@ -24,7 +24,7 @@ from spanctx.session.adapters import Activation, AdapterError
 def logits_and_stats(rt, ctx, adapter):
     """Next-token logits after ``ctx`` (through the store) and the call's stats."""
     with rt.prepared(ctx, adapter=adapter) as call:
-        out, _ = rt.forward_tail(call)
+        out, _ = rt.engine.forward_tail(call.assembly)
         return out.logits[0, -1].float(), rt.stats(call, 0, None)
 
 

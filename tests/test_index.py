@@ -11,8 +11,7 @@ import pytest
 from hypothesis import given, settings
 from strategies import IndexProgram, index_programs
 
-from spanctx import EntryInfo, SpanIndex, lru
-from spanctx.cache.index import Admission
+from spanctx.cache.index import Admission, EntryInfo, SpanIndex, lru
 
 
 def largest_first(entry: EntryInfo) -> object:

@@ -16,6 +16,7 @@ from transformers import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 
 import spanctx
+from spanctx.session.logprobs import token_logprobs
 
 ATOL = 1e-4
 
@@ -76,7 +77,7 @@ def test_logprobs_need_scores_and_bad_top():
     with pytest.raises(ValueError, match="output_scores=True"):
         res.logprobs()
     with pytest.raises(ValueError, match="top must be >= 0"):
-        spanctx.token_logprobs((torch.zeros(4),), (1,), top=-1)
+        token_logprobs((torch.zeros(4),), (1,), top=-1)
 
 
 @pytest.fixture(scope="module")

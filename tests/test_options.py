@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_runtime
 
 import spanctx
-from spanctx import merge_options
+from spanctx.core.options import merge_options
 
 CTX = spanctx.Context().append("Options are merged key by key.")
 

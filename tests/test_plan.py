@@ -4,8 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import planner_inputs
 
-import spanctx
-from spanctx import Compute, PlanSegment, Reuse, plan_prompt
+from spanctx.core.plan import Compute, PlanSegment, Reuse, plan_prompt
 
 
 @given(planner_inputs())
@@ -71,7 +70,7 @@ def test_empty_prompt_is_refused():
     with pytest.raises(ValueError):
         plan_prompt([], lambda k: False)
     with pytest.raises(ValueError):
-        spanctx.PlanSegment(b"x" * 16, 0)
+        PlanSegment(b"x" * 16, 0)
 
 
 @given(planner_inputs(), st.floats(0.0, 4.0))

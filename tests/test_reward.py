@@ -9,16 +9,18 @@ import torch
 from transformers import LlamaForSequenceClassification
 
 import spanctx
+from spanctx.presets import preset_config
+from spanctx.tokenizer import byte_tokenizer
 
 
 @functools.cache
 def reward_head_model() -> LlamaForSequenceClassification:
     torch.manual_seed(0)
-    return LlamaForSequenceClassification(spanctx.preset_config("tiny-llama", num_labels=1)).eval()
+    return LlamaForSequenceClassification(preset_config("tiny-llama", num_labels=1)).eval()
 
 
 def reward_model(store: spanctx.KVStore | None = None) -> spanctx.RewardModel:
-    return spanctx.RewardModel(reward_head_model(), spanctx.byte_tokenizer(),
+    return spanctx.RewardModel(reward_head_model(), byte_tokenizer(),
                                store_bytes=None if store is not None else 16 << 20, store=store)
 
 
@@ -33,11 +35,11 @@ def test_rewards_match_full_forwards_and_reuse_the_conversation():
                                              "<|im_start|>assistant\n"])
     responses = [conversation.append(f"Joke number {i}.<|im_end|>") for i in range(4)]
     rewards = rm.rewards(responses)
-    expected = [full_reward(rm.runtime.model, rm.runtime.token_ids(ctx)) for ctx in responses]
+    expected = [full_reward(rm.session.model, rm.session.token_ids(ctx)) for ctx in responses]
     assert rewards == pytest.approx(expected, abs=1e-4)
     assert len(set(rewards)) == 4  # distinct texts, distinct rewards
     # the conversation (BOS + 2 spans) was computed once, then reused 3 times
-    n_conv = len(rm.runtime.token_ids(conversation))
+    n_conv = len(rm.session.token_ids(conversation))
     assert rm.store.stats.hit_tokens == 3 * n_conv
     assert rm.rewards(responses, reuse=False) == pytest.approx(expected, abs=1e-4)
 
@@ -52,7 +54,7 @@ def test_reward_model_shares_a_store_without_mixing():
     hits = store.stats.hits
     reward = rm.reward(ctx)
     assert store.stats.hits == hits  # the causal LM's spans are another namespace
-    assert reward == pytest.approx(full_reward(rm.runtime.model, rm.runtime.token_ids(ctx)), abs=1e-4)
+    assert reward == pytest.approx(full_reward(rm.session.model, rm.session.token_ids(ctx)), abs=1e-4)
 
 
 def test_reward_model_errors():
@@ -60,18 +62,18 @@ def test_reward_model_errors():
         spanctx.RewardModel(*spanctx.load_preset("tiny-llama"))
     rm = reward_model()
     with pytest.raises(ValueError, match="ends with the pad token"):
-        rm.reward(spanctx.Context().extend(["text", [rm.runtime.model.config.pad_token_id]]))
+        rm.reward(spanctx.Context().extend(["text", [rm.session.model.config.pad_token_id]]))
 
 
 def test_reward_model_from_a_preset():
     rm = spanctx.RewardModel.from_pretrained("tiny-gpt2", device="cpu", store_bytes=1 << 20)
     ctx = spanctx.Context().append("hello")
-    assert type(rm.runtime.model).__name__ == "GPT2ForSequenceClassification"
-    assert rm.reward(ctx) == pytest.approx(full_reward(rm.runtime.model, rm.runtime.token_ids(ctx)), abs=1e-4)
+    assert type(rm.session.model).__name__ == "GPT2ForSequenceClassification"
+    assert rm.reward(ctx) == pytest.approx(full_reward(rm.session.model, rm.session.token_ids(ctx)), abs=1e-4)
 
 
 def test_a_reward_model_never_gets_the_static_executor():
     """It does not decode (``auto`` keeps it eager on CUDA too); ``static`` is refused clearly."""
-    model, tokenizer = reward_head_model(), spanctx.byte_tokenizer()
+    model, tokenizer = reward_head_model(), byte_tokenizer()
     with pytest.raises(ValueError, match="does not generate"):
         spanctx.Runtime(model, tokenizer, store_bytes=1 << 20, executor="static")

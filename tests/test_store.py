@@ -12,7 +12,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from spanctx import KVStore, SpanIndex, SpanKV
+from spanctx import KVStore
+from spanctx.cache.index import SpanIndex
+from spanctx.cache.store import SpanKV
 
 
 def span_kv(num_tokens: int, layers: int = 2) -> SpanKV:

@@ -24,6 +24,7 @@ from spanctx.features.tools import (
     parse_tool_calls,
     tool_chat,
 )
+from spanctx.tokenizer import byte_tokenizer
 
 # A Hermes/Qwen-style template for the byte tokenizer: tools in a system block, calls in
 # <tool_call> tags, tool results as "tool" turns.
@@ -40,7 +41,7 @@ TOOLS_TEMPLATE = (
 
 def tools_runtime() -> spanctx.Runtime:
     model, _ = tiny_model("llama")
-    tokenizer = spanctx.byte_tokenizer()
+    tokenizer = byte_tokenizer()
     tokenizer.chat_template = TOOLS_TEMPLATE
     return spanctx.Runtime(model, tokenizer, store_bytes=64 << 20)
 

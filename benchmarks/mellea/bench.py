@@ -46,6 +46,7 @@ from mellea.stdlib.sampling import MultiTurnStrategy
 import spanctx
 from spanctx.bench.random_adapters import make_adapter
 from spanctx.integrations.mellea import LocalIntrinsicAdapter, SpanctxBackend
+from spanctx.tokenizer import byte_tokenizer
 
 INVOCATION = "<requirements>:"
 REQUIREMENTS = [
@@ -191,7 +192,7 @@ def main() -> None:
     device = torch.device(args.device)
     # Mellea asserts that the model's vocabulary is the tokenizer's: the presets' byte
     # tokenizer has 261 tokens, so the LM head is 261 rows (the 8B shapes' is 128K)
-    vocab_size = len(spanctx.byte_tokenizer())
+    vocab_size = len(byte_tokenizer())
     base, tokenizer = spanctx.load_preset(args.model, device=device, vocab_size=vocab_size)
     reports = [report_text(tokenizer, args.report_tokens, run) for run in range(args.repeats + 1)]
     invocation = tokenizer(INVOCATION, add_special_tokens=False)["input_ids"]

@@ -55,13 +55,15 @@ class ResolvedPrompt:
 
     ``groups``: the parallel groups (their members are segments); empty for a prompt of
     dependent spans only. ``invocation_start``: for an aLoRA call, the prompt index of
-    the invocation (tokens before it run on base weights); else None.
+    the invocation (tokens before it run on base weights); else None. ``repair``: how
+    the groups are repaired, the one value that names their keys and places their KV.
     """
 
     token_ids: tuple[int, ...]
     segments: tuple[PlanSegment, ...]
     groups: tuple[GroupLayout, ...] = ()
     invocation_start: int | None = None
+    repair: Repair = NO_REPAIR
 
     @property
     def num_tokens(self) -> int:
@@ -145,7 +147,7 @@ class PromptResolver:
                 segments.append(PlanSegment(key, len(ids)))
                 token_ids += ids
             after_node.append((key, len(token_ids)))
-        return ResolvedPrompt(tuple(token_ids), tuple(segments), tuple(groups))
+        return ResolvedPrompt(tuple(token_ids), tuple(segments), tuple(groups), repair=repair)
 
     def _member_ids(self, member: Span) -> tuple[int, ...]:
         if member.is_chat:

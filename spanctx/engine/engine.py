@@ -26,9 +26,10 @@ from ..cache import kv as kvops
 from ..cache.rope import KeyMover, key_mover
 from ..cache.store import KVStore, SpanKV
 from ..core.options import CallOptions
-from ..core.placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
+from ..core.placement import PlaceGroup, PlacementPlan, ReuseGroup, plan_placement
 from ..core.plan import Plan, plan_prompt, plan_shared
 from ..core.prompt import ResolvedPrompt
+from ..hf import max_positions
 from .executor import EagerExecutor
 from .interpreter import Interpreter
 
@@ -172,8 +173,7 @@ class Engine:
         if generates and (executor == "static" or (executor == "auto" and plain_cuda)):
             from .static import StaticExecutor
 
-            text = model.config.get_text_config()
-            limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+            limit = max_positions(model.config)
             self.static = StaticExecutor(model, max_tokens=static_tokens or min(limit or STATIC_TOKENS, STATIC_TOKENS),
                                          compile=compile)
             store.reserve(self.static.memory_bytes)
@@ -195,8 +195,10 @@ class Engine:
 
     # -- assembling ---------------------------------------------------------------------
 
-    def assemble(self, prompt: ResolvedPrompt, *, reuse: bool, repair: Repair) -> Assembly:
-        """``prompt``'s cache up to its tail, through the store (nothing without ``reuse``)."""
+    def assemble(self, prompt: ResolvedPrompt, *, reuse: bool) -> Assembly:
+        """``prompt``'s cache up to its tail, through the store (nothing without ``reuse``);
+        its parallel groups are placed with the repair they were resolved with."""
+        repair = prompt.repair
         input_ids = self.input_ids(prompt)
         if not reuse:
             return Assembly(prompt, input_ids, None, None)
@@ -309,8 +311,8 @@ class Engine:
                                              offset=width - call.prompt.num_tokens)
         return Generated(out, clock.first_token_at)
 
-    def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *, every_position: bool,
-                     store_from: int | None) -> torch.Tensor:
+    def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *, every_position: bool = False,
+                     store_from: int | None = None) -> torch.Tensor:
         """Run the tokens from ``start`` on of every prompt as one right-padded batch after
         the first ``start`` slots of ``context`` (the KV of their common tokens). No mask
         is needed: attention is causal and every row's tokens sit in the same slots, so a

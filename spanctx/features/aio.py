@@ -19,40 +19,37 @@ import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from transformers import StoppingCriteriaList
-
 from ..core.spans import Context
-from ..engine import StopWhenSet
 from ..session.results import Result
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..session.protocol import SessionAPI
 
-_LIMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Runtime -> {event loop: Semaphore}
+_LIMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {event loop: Semaphore}
 _LIMITS_LOCK = threading.Lock()
 _DONE = object()
 
 
-async def agenerate(rt: Runtime, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+async def agenerate(rt: SessionAPI, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                     **generate_kwargs) -> Result:
-    """``rt.generate`` in a worker thread, under the runtime's concurrency limit."""
+    """``generate`` in a worker thread, at most ``max_concurrency`` requests at once."""
     cancel = threading.Event()
-    kwargs = _with_cancel(rt, generate_kwargs, cancel)
     async with _limit(rt):
         try:
-            return await asyncio.to_thread(rt.generate, ctx, max_new_tokens, reuse=reuse, **kwargs)
+            return await asyncio.to_thread(rt.generate, ctx, max_new_tokens, reuse=reuse, cancel=cancel,
+                                           **generate_kwargs)
         except asyncio.CancelledError:
             cancel.set()
             raise
 
 
-async def astream(rt: Runtime, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+async def astream(rt: SessionAPI, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                   **generate_kwargs) -> AsyncIterator[str]:
-    """``rt.stream`` as an async iterator; each piece is awaited from a worker thread."""
+    """``stream`` as an async iterator (each piece awaited from a worker thread); leaving
+    it early stops the generation."""
     cancel = threading.Event()
-    kwargs = _with_cancel(rt, generate_kwargs, cancel)
     async with _limit(rt):
-        pieces = rt.stream(ctx, max_new_tokens, reuse=reuse, **kwargs)
+        pieces = rt.stream(ctx, max_new_tokens, reuse=reuse, cancel=cancel, **generate_kwargs)
         try:
             while (piece := await asyncio.to_thread(next, pieces, _DONE)) is not _DONE:
                 yield piece
@@ -60,14 +57,7 @@ async def astream(rt: Runtime, ctx: Context, max_new_tokens: int | None = None, 
             cancel.set()  # a no-op once generation has ended
 
 
-def _with_cancel(rt: Runtime, kwargs: dict, cancel: threading.Event) -> dict:
-    """``kwargs`` plus a stopping criterion watching ``cancel``, after the caller's own
-    (the call's ``stopping_criteria``, else the runtime default's)."""
-    own = kwargs.get("stopping_criteria", rt.generation_defaults.get("stopping_criteria"))
-    return {**kwargs, "stopping_criteria": StoppingCriteriaList([*(own or []), StopWhenSet(cancel)])}
-
-
-def _limit(rt: Runtime) -> asyncio.Semaphore:
+def _limit(rt: SessionAPI) -> asyncio.Semaphore:
     """The semaphore that bounds ``rt``'s requests on the running event loop."""
     loop = asyncio.get_running_loop()
     with _LIMITS_LOCK:

@@ -35,14 +35,11 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from ..core.options import CallOptions
 from ..core.spans import Context
-from ..engine.decoding import seeded
-from ..engine.interpreter import store_reads
 from ..session.results import Result
 
 if TYPE_CHECKING:
-    from ..runtime import PreparedCall, Runtime
+    from ..session.protocol import SessionAPI
 
 # generate options that would need per-row stop positions, which a padded batch hides
 _UNSUPPORTED = ("stop_strings", "stopping_criteria")
@@ -104,9 +101,11 @@ def _prefixes(ctx: Context) -> list[Context]:
     return out
 
 
-def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOptions, reuse: bool,
-                   salt: str | None = None) -> list[Result]:
-    """``Runtime.generate_batch``: one padded ``generate`` call for all ``contexts``."""
+def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_tokens: int | None = None, *,
+                   reuse: bool = True, salt: str | None = None, **generate_kwargs) -> list[Result]:
+    """Generate after several contexts (or plain strings) in one left-padded batch, each
+    row reusing its own stored spans; greedy results equal one ``generate`` per row."""
+    opts = rt.options(max_new_tokens, **generate_kwargs)
     contexts = [_as_context(c) for c in contexts]
     if not contexts:
         return []
@@ -115,7 +114,7 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
         raise ValueError(f"generate_batch does not support {unsupported}: rows would stop at positions the "
                          "padded output does not show; use generate per context")
     # the runtime is held before the seed is set: no other call can draw from the RNG between
-    with rt.holding(), contextlib.ExitStack() as held, seeded(opts.seed, rt.device):
+    with rt.holding(opts.seed), contextlib.ExitStack() as held:
         started = time.perf_counter()
         warmed: list[set[bytes]] = [set() for _ in contexts]  # span keys computed for each row beforehand
         if reuse:
@@ -125,13 +124,14 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
                  for ctx in contexts]
         layout = plan_batch([c.prompt.num_tokens for c in calls],
                             [c.assembly.tail_start for c in calls])
-        out = rt.generate_rows(calls, layout.kept, layout.cached_width, opts)
-        eos = _eos_ids(rt.generate_kwargs(opts).get("eos_token_id", rt.model.generation_config.eos_token_id))
+        kwargs = rt.generate_kwargs(opts)
+        out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs)
+        eos = _eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id))
         end = time.perf_counter()
         results = []
         for row, call in enumerate(calls):
             new_ids = _until_eos(out.sequences[row, layout.width:].tolist(), eos)
-            cached = _reused_before(call, layout.kept[row], warmed[row]) if reuse else 0
+            cached = call.reused_before(layout.kept[row], warmed[row]) if reuse else 0
             stats = rt.stats(call, len(new_ids), out.first_token_at, cached_tokens=cached, started=started, end=end)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
@@ -145,21 +145,13 @@ def _as_context(item: Context | str) -> Context:
     raise TypeError(f"generate_batch takes Contexts or strings, got {type(item).__name__}")
 
 
-def _warm(rt: Runtime, prefix: Context, salt: str | None) -> set[bytes]:
+def _warm(rt: SessionAPI, prefix: Context, salt: str | None) -> set[bytes]:
     """Compute and store the spans of ``prefix`` that are not stored; returns their keys."""
     prompt, _ = rt.resolve(prefix, salt=salt)
-    missing = {seg.key for seg in prompt.segments if seg.key not in rt.store}
+    missing = rt.unstored(prompt)
     if missing:
         rt.next_token_logits(prefix, salt=salt)  # computes exactly the missing spans and stores them
     return missing
-
-
-def _reused_before(call: PreparedCall, end: int, computed_here: set[bytes]) -> int:
-    """How many prompt tokens in ``[0, end)`` the row read from the store, leaving out the
-    spans computed for it in this call."""
-    return sum(max(0, min(read_end, end) - start) for key, start, read_end in store_reads(call.assembly.plan,
-                                                                                      call.prompt)
-               if key not in computed_here)
 
 
 def _eos_ids(eos: int | Sequence[int] | torch.Tensor | None) -> frozenset[int]:

@@ -49,7 +49,7 @@ from ..session.adapters import batch_activation
 from ..session.results import GenerationStats, Result
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..session.protocol import SessionAPI
 
 DEFAULT_TEMPLATE = "\nRequirement: {requirement}\n"
 DEFAULT_FEEDBACK = "\nThe answer above does not meet these requirements:\n{failed}\nWrite a better answer.\n"
@@ -146,7 +146,7 @@ def requirement_context(ctx: Context, requirement: str, config: CheckConfig = DE
     return ctx.append(config.template.format(requirement=requirement))
 
 
-def check(rt: Runtime, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+def check(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
           config: CheckConfig = DEFAULT_CHECK, reuse: bool = True, batch_size: int = 16) -> list[Verdict]:
     """Check each requirement on ``ctx`` with ``adapter`` (an aLoRA, a LoRA, or None for
     the base model); verdicts in input order.
@@ -175,20 +175,19 @@ def check(rt: Runtime, ctx: Context, requirements: Sequence[str], *, adapter: st
             rt.check_length(prompt.num_tokens)
         shared = shared_spans(prompts) if reuse else 0
         with rt.activated(activations[0].before_invocation if activations[0] is not None else None):
-            context = rt.assemble_shared(prompts[0], shared, reuse=reuse)  # KV of tokens [0, tail_start)
+            context = rt.engine.assemble_shared(prompts[0], shared, reuse=reuse)  # KV of tokens [0, tail_start)
         verdicts = []
         for start in range(0, len(prompts), batch_size):
             rows = range(start, min(start + batch_size, len(prompts)))
             with rt.activated(batch_activation([activations[i] for i in rows])):
-                logits = rt.forward_rows(context.cache, [prompts[i] for i in rows], context.tail_start,
+                logits = rt.engine.forward_rows(context.cache, [prompts[i] for i in rows], context.tail_start,
                                          store_from=shared if reuse else None)  # [b, V]
             probabilities = torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
             end = time.perf_counter()
             for i, probability in zip(rows, probabilities):
                 # the first check computed the shared context; the others got it from it
                 cached = context.cached_tokens if i == 0 else context.tail_start
-                stats = GenerationStats.measured(prompt_tokens=prompts[i].num_tokens, cached_tokens=cached,
-                                                 new_tokens=0, started=started, first_token_at=None, end=end)
+                stats = rt.stats(prompts[i], 0, None, cached_tokens=cached, started=started, end=end)
                 verdicts.append(Verdict(requirements[i], probability > config.threshold, probability, stats))
         return verdicts
 
@@ -200,15 +199,15 @@ def shared_spans(prompts: Sequence[ResolvedPrompt]) -> int:
     return next((j for j in range(limit) if len({p.segments[j].key for p in prompts}) > 1), limit)
 
 
-def _checked_alone(rt: Runtime, ctx: Context, requirement: str, config: CheckConfig, adapter: str | None,
+def _checked_alone(rt: SessionAPI, ctx: Context, requirement: str, config: CheckConfig, adapter: str | None,
                    reuse: bool, yes: int, no: int) -> Verdict:
     with rt.prepared(ctx, reuse=reuse, adapter=adapter) as call:
-        out, _ = rt.forward_tail(call)
+        out, _ = rt.engine.forward_tail(call.assembly)
         probability = torch.sigmoid(out.logits[0, -1, yes] - out.logits[0, -1, no]).item()
         return Verdict(requirement, probability > config.threshold, probability, rt.stats(call, 0, None))
 
 
-def check_loop(rt: Runtime, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+def check_loop(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
                max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
                config: CheckConfig = DEFAULT_CHECK, feedback: str = DEFAULT_FEEDBACK,
                **generate_kwargs) -> CheckLoopResult:
@@ -244,7 +243,7 @@ def answer_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
-def _answered(rt: Runtime, prompt: Context, answer: Result, generator: str | None) -> Context:
+def _answered(rt: SessionAPI, prompt: Context, answer: Result, generator: str | None) -> Context:
     """``prompt`` followed by what the generator saw after it (an aLoRA's invocation)
     and the answer's tokens, as one span of ids."""
     seen = rt.token_ids(prompt, adapter=generator)

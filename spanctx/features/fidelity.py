@@ -9,11 +9,16 @@ sequential prefill (``reuse=False``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import torch
 
 from ..core.placement import Repair
 from ..core.spans import Context
+
+if TYPE_CHECKING:
+    from ..session.protocol import SessionAPI
 
 
 @attrs.frozen
@@ -34,7 +39,7 @@ class Fidelity:
     greedy_tokens: int
 
 
-def fidelity(rt, ctx: Context, *, repair: str | None = None, greedy_tokens: int = 16) -> Fidelity:
+def fidelity(rt: SessionAPI, ctx: Context, *, repair: str | None = None, greedy_tokens: int = 16) -> Fidelity:
     """Compare ``ctx`` run through ``rt`` (store and ``repair``; the runtime's mode when
     None) with the sequential prefill of the same ids. Fills the store as any call does."""
     if greedy_tokens < 1:

@@ -31,7 +31,7 @@ import torch
 from ..core.spans import Context, Span
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..session.protocol import SessionAPI
 
 Candidate = str | Sequence[int] | Span
 
@@ -63,7 +63,7 @@ class Ranked:
     score: Score
 
 
-def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
           batch_size: int = 16) -> list[Score]:
     """Scores of ``candidates`` after ``ctx``, in input order (see the module doc).
 
@@ -77,9 +77,9 @@ def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: 
         raise TypeError("candidates is a sequence of candidates; wrap a single one in a list")
     if not candidates:
         return []
-    cand_ids = [rt.resolver.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
+    cand_ids = [rt.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
     with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids)) as call:
-        out, cache = rt.forward_tail(call, logits_to_keep=1)
+        out, cache = rt.engine.forward_tail(call.assembly, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # [V]
         context_end = call.prompt.num_tokens
         scores = []
@@ -88,7 +88,7 @@ def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: 
             # rows: each candidate but its last token, after the context; row position j
             # predicts the candidate's token j + 1
             rows = [rt.resolve(ctx.append(ids[:-1]))[0] for ids in batch if len(ids) > 1]
-            logprobs = (torch.log_softmax(rt.forward_rows(cache, rows, context_end, every_position=True), -1).cpu()
+            logprobs = (torch.log_softmax(rt.engine.forward_rows(cache, rows, context_end, every_position=True), -1).cpu()
                         if rows else None)  # [r, W, V]
             row = 0
             for ids in batch:
@@ -101,7 +101,7 @@ def score(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *, reuse: 
     return scores
 
 
-def rank(rt: Runtime, ctx: Context, candidates: Sequence[Candidate], *,
+def rank(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *,
          by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
     """``candidates`` best first by ``by`` (ties keep input order)."""
     if by not in ("logprob", "mean_logprob"):

@@ -26,22 +26,22 @@ import torch
 from ..core.spans import Context
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..session.protocol import SessionAPI
 
 Reduction = Literal["last", "mean"]
 
 
-def hidden_states(rt: Runtime, ctx: Context, reduction: Reduction = "last", *, reuse: bool = True) -> torch.Tensor:
+def hidden_states(rt: SessionAPI, ctx: Context, reduction: Reduction = "last", *, reuse: bool = True) -> torch.Tensor:
     """The embedding ``[hidden]`` of ``ctx``'s prompt (see the module doc for the cost of
     each reduction). ``reuse=False`` neither reads nor writes the store."""
     if reduction not in ("last", "mean"):
         raise ValueError(f"reduction must be 'last' or 'mean', got {reduction!r}")
     if reduction == "last":
         with rt.prepared(ctx, reuse=reuse) as call:
-            out, _ = rt.forward_tail(call, hidden=True)
+            out, _ = rt.engine.forward_tail(call.assembly, hidden=True)
             return out.last_hidden_state[0, -1].float()
     # the store keeps keys and values, not hidden states: the mean needs a full forward
     with rt.holding():
         prompt, _ = rt.resolve(ctx)
-        out = rt.forward_whole(prompt, hidden=True, store=reuse)
+        out = rt.engine.forward_whole(prompt, hidden=True, store=reuse)
         return out.last_hidden_state[0].float().mean(dim=0)

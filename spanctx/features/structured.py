@@ -28,7 +28,7 @@ from . import validation
 
 if TYPE_CHECKING:
     from ..core.spans import Context
-    from ..runtime import Runtime
+    from ..session.protocol import SessionAPI
 
 #: llguidance JSON options: compact output; a schema's own "x-guidance" overrides them.
 JSON_DEFAULTS = {"whitespace_flexible": False}
@@ -89,7 +89,7 @@ class JsonFormat:
         return value
 
 
-def generate_json(rt: Runtime, ctx: Context, format: Any, *, max_new_tokens: int = 256,
+def generate_json(rt: SessionAPI, ctx: Context, format: Any, *, max_new_tokens: int = 256,
                   **generate_kwargs) -> JsonResult:
     """Generate a value of ``format`` after ``ctx`` (see the module doc).
 
@@ -112,11 +112,11 @@ def generate_json(rt: Runtime, ctx: Context, format: Any, *, max_new_tokens: int
     return JsonResult(fmt.parse(result.text), result.text, result.token_ids, result.stats)
 
 
-def json_matcher(rt: Runtime, schema: dict):
+def json_matcher(rt: SessionAPI, schema: dict):
     """A fresh llguidance matcher for ``schema`` over ``rt``'s tokenizer and vocabulary."""
     llguidance = _llguidance()
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_DEFAULTS)
-    ll_tokenizer = _ll_tokenizer(rt.tokenizer, rt.model.config.get_text_config().vocab_size, eos_ids(rt))
+    ll_tokenizer = _ll_tokenizer(rt.tokenizer, rt.vocab_size, eos_ids(rt))
     matcher = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
     if matcher.is_error():
         raise ValueError(f"llguidance cannot compile this schema: {matcher.get_error()}")
@@ -168,10 +168,10 @@ def _unpack_bitmask(bitmask: bytes, vocab_size: int) -> torch.Tensor:
     return allowed[:vocab_size]
 
 
-def eos_ids(rt: Runtime) -> frozenset[int]:
+def eos_ids(rt: SessionAPI) -> frozenset[int]:
     """The ids that end generation: the generation config's EOS ids and the tokenizer's.
     The mask allows all of them once the value is complete."""
-    config_eos = getattr(rt.model.generation_config, "eos_token_id", None)
+    config_eos = getattr(rt.generation_config, "eos_token_id", None)
     ids = config_eos if isinstance(config_eos, list) else [config_eos]
     return frozenset(i for i in [*ids, rt.tokenizer.eos_token_id] if i is not None)
 

@@ -36,7 +36,7 @@ from ..session.results import Result
 from . import validation
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..session.protocol import SessionAPI
 
 Style = Literal["tagged", "json"]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -247,7 +247,7 @@ def _loads(raw: str, text: str, what: str) -> Any:
 # -- chat and the loop ---------------------------------------------------------------------
 
 
-def tool_chat(rt: Runtime, messages: Sequence[dict], tools: Sequence[Tool]) -> Context:
+def tool_chat(rt: SessionAPI, messages: Sequence[dict], tools: Sequence[Tool]) -> Context:
     """``messages`` as a chat context with ``tools`` passed to the template, ending with the
     generation prompt. Raises when the template ignores ``tools`` (the model would never
     see them)."""
@@ -268,7 +268,7 @@ class ToolTurn:
     context: Context  # the prompt the reply was generated after
 
 
-def tool_turn(rt: Runtime, messages: Sequence[dict], tools: Sequence[ToolLike], *, style: Style = "tagged",
+def tool_turn(rt: SessionAPI, messages: Sequence[dict], tools: Sequence[ToolLike], *, style: Style = "tagged",
               max_new_tokens: int = 256, **generate_kwargs) -> ToolTurn:
     """Render ``messages`` with ``tools``, generate the assistant's reply, parse it."""
     tools = as_tools(tools)
@@ -289,7 +289,7 @@ class ToolRun:
         return self.turns[-1].reply
 
 
-def run_tools(rt: Runtime, messages: Sequence[dict], tools: Sequence[ToolLike], *, max_rounds: int = 8,
+def run_tools(rt: SessionAPI, messages: Sequence[dict], tools: Sequence[ToolLike], *, max_rounds: int = 8,
               style: Style = "tagged", max_new_tokens: int = 256, **generate_kwargs) -> ToolRun:
     """Generate; while the reply calls tools, call them and append each result as a
     ``{"role": "tool", "name", "content"}`` message, then generate again.

@@ -1,14 +1,14 @@
-"""The session layer: what one call holds and the building blocks every feature uses.
+"""The session: one model, its store, resolver, adapters and engine behind one lock.
 
-One request: hold the session (its lock, inference mode), resolve the context into one
-prompt (``prompt.py``: chat, BOS, parallel groups, aLoRA invocation, salt), switch the
-adapter on, let the engine assemble the prompt's cache through the store and make the
-final call (``engine/``), build the stats (``results.GenerationStats``, in one place).
-The session never runs the model itself. ``Runtime`` (``runtime.py``) is the user-facing
-API on top; features (batches, checks, scores, hidden states, ...) use only the public
-methods here: ``holding``, ``resolve`` with ``activated``, ``prepared`` and the final
-calls (``forward_tail``, ``forward_whole``, ``generate_prepared``), the row calls
-(``assemble_shared``, ``forward_rows``, ``generate_rows``), and ``stats``.
+One request: hold the session (its lock, inference mode, the call's seed), resolve the
+context into one prompt (``core.prompt``: chat, BOS, parallel groups, their repair, aLoRA
+invocation, salt), switch the adapter on, let the engine assemble the prompt's cache
+through the store (``prepared``) and make the final call (``engine/``), build the stats
+(``stats``, the one place). The session never runs the model itself.
+
+``generate``, ``stream``, ``next_token_logits`` and the adapter calls are the session's
+own calls. Features (``spanctx.features``) use only what ``session.protocol.SessionAPI``
+lists; ``Runtime`` (``spanctx.runtime``) composes the session and the features.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import attrs
 import torch
+from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from ..cache.fingerprint import model_namespace
@@ -29,10 +31,13 @@ from ..core.chat import ChatRendering
 from ..core.options import CallOptions, merge_options
 from ..core.placement import Repair
 from ..core.prompt import PromptResolver, ResolvedPrompt
-from ..core.spans import Context
+from ..core.spans import Context, Span
 from ..engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
-from .adapters import Activation, AdapterSet
-from .results import GenerationStats
+from ..engine.decoding import seeded
+from ..engine.interpreter import store_reads
+from ..hf import max_positions
+from .adapters import Activation, AdapterInfo, AdapterSet
+from .results import GenerationStats, Result
 
 __all__ = ["PreparedCall", "Session"]
 
@@ -57,20 +62,33 @@ class PreparedCall:
     def cached_tokens(self) -> int:
         return self.assembly.cached_tokens
 
+    def reused_before(self, end: int, excluding: set[bytes] = frozenset()) -> int:
+        """How many prompt tokens in ``[0, end)`` this call read from the store, leaving
+        out what it read under the keys ``excluding``."""
+        if self.assembly.plan is None:
+            return 0
+        return sum(max(0, min(read_end, end) - start)
+                   for key, start, read_end in store_reads(self.assembly.plan, self.prompt) if key not in excluding)
+
 
 class Session:
     """One model, its tokenizer, a bounded store, and the engine that runs them (see
-    ``Runtime`` for the arguments)."""
+    ``Runtime`` for the arguments). ``engine`` is public for its final calls
+    (``protocol.FinalCalls``)."""
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "head:16",
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
-                 model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
+                 model_identity: str | None = None, executor: str = "auto", compile: bool = False,
+                 max_concurrency: int = 4) -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         if not 0.0 <= min_reuse_fraction:
             raise ValueError(f"min_reuse_fraction must be >= 0, got {min_reuse_fraction}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.device
@@ -79,8 +97,9 @@ class Session:
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
-        self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
-        self.max_positions = _max_positions(model.config)
+        self.vocab_size: int = model.config.get_text_config().vocab_size
+        self.resolver = PromptResolver(tokenizer, self.namespace, self.vocab_size)
+        self.max_positions = max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
@@ -109,17 +128,31 @@ class Session:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
 
+    @property
+    def generation_config(self):
+        """The model's ``generation_config`` (its EOS ids, its decoding defaults)."""
+        return self.model.generation_config
+
     def chat_rendering(self, ctx: Context) -> ChatRendering:
         """How the chat template renders the conversation in ``ctx`` and where it is cut
         into spans (``.split`` is False when some messages share a span)."""
         return self.resolver.chat.rendering(ctx.spans)
 
-    # -- building blocks for features (the session's public API) --------------------------
+    def span_ids(self, span: Span) -> tuple[int, ...]:
+        """The token ids of ``span`` alone (memoized)."""
+        return self.resolver.span_ids(span)
+
+    def unstored(self, prompt: ResolvedPrompt) -> set[bytes]:
+        """The keys of ``prompt``'s spans that the store does not hold."""
+        return {seg.key for seg in prompt.segments if seg.key not in self.store}
+
+    # -- building blocks for features (protocol.SessionAPI) -----------------------------
 
     @contextlib.contextmanager
-    def holding(self) -> Iterator[None]:
-        """Hold the runtime: its lock (other calls wait) and inference mode. Re-entrant."""
-        with self._lock, torch.inference_mode():
+    def holding(self, seed: int | None = None) -> Iterator[None]:
+        """Hold the session: its lock (other calls wait), inference mode and, with a
+        ``seed``, freshly seeded RNGs (restored afterwards). Re-entrant."""
+        with self._lock, torch.inference_mode(), seeded(seed, self.device):
             yield
 
     def resolve(self, ctx: Context, *, adapter: str | None = None, repair: str | Repair | None = None,
@@ -128,16 +161,12 @@ class Session:
         switches on."""
         info = None if adapter is None else self.adapters.get(adapter)
         prompt = self.resolver.resolve(
-            ctx, repair=self._repair_mode(repair),
+            ctx, repair=self.repair if repair is None else Repair.parse(repair),
             salt=self.salt if salt is None else _check_salt(salt),
             adapter_namespace=None if info is None else info.namespace,
             invocation=None if info is None else info.invocation_ids,
             invocation_in_prompt=info is not None and info.alora_start == "in_prompt")
         return prompt, self.adapters.activation(prompt, adapter)
-
-    def _repair_mode(self, repair: str | Repair | None) -> Repair:
-        """A call's repair mode: its own, else the runtime's."""
-        return self.repair if repair is None else Repair.parse(repair)
 
     def activated(self, activation: Activation | None):
         """A context that runs model calls with ``activation``'s adapter switched on."""
@@ -145,26 +174,18 @@ class Session:
 
     @contextlib.contextmanager
     def prepared(self, ctx: Context, *, reuse: bool = True, max_new_tokens: int = 0, adapter: str | None = None,
-                 repair: str | None = None, salt: str | None = None) -> Iterator[PreparedCall]:
-        """Hold the runtime, switch ``adapter`` on, and yield ``ctx``'s prompt with its cache
-        assembled up to its tail (no cache when ``reuse=False``). The caller makes the final
-        call inside the block: ``forward_tail`` or ``generate_prepared``."""
-        with self.holding():
+                 repair: str | None = None, salt: str | None = None, seed: int | None = None
+                 ) -> Iterator[PreparedCall]:
+        """Hold the session (seeded with ``seed``), switch ``adapter`` on, and yield
+        ``ctx``'s prompt with its cache assembled up to its tail (no cache when
+        ``reuse=False``). The caller makes the final call inside the block:
+        ``generate_prepared`` or one of ``engine``'s (``engine.forward_tail(call.assembly)``)."""
+        with self.holding(seed):
             started = time.perf_counter()
-            mode = self._repair_mode(repair)
-            prompt, activation = self.resolve(ctx, adapter=adapter, repair=mode, salt=salt)
+            prompt, activation = self.resolve(ctx, adapter=adapter, repair=repair, salt=salt)
             self.check_length(prompt.num_tokens + max_new_tokens)
             with self.adapters.activated(activation):
-                yield PreparedCall(self.engine.assemble(prompt, reuse=reuse, repair=mode), started, activation)
-
-    def forward_tail(self, call: PreparedCall, *, logits_to_keep: int | None = 1, hidden: bool = False):
-        """The final forward of a prepared call: the prompt tokens its cache lacks (stored
-        afterwards). Returns ``(output, cache)``; ``hidden``: the backbone's hidden states."""
-        return self.engine.forward_tail(call.assembly, logits_to_keep=logits_to_keep, hidden=hidden)
-
-    def forward_whole(self, prompt: ResolvedPrompt, *, hidden: bool, store: bool):
-        """One causal forward of the whole of ``prompt`` (see ``Engine.forward_whole``)."""
-        return self.engine.forward_whole(prompt, hidden=hidden, store=store)
+                yield PreparedCall(self.engine.assemble(prompt, reuse=reuse), started, activation)
 
     def generate_prepared(self, call: PreparedCall, opts: CallOptions, *, streamer: BaseStreamer | None = None,
                           cancel: threading.Event | None = None, output_scores: bool = False,
@@ -183,32 +204,21 @@ class Session:
             kwargs["streamer"] = streamer
         return kwargs if cancel is None else with_stopping_criterion(kwargs, StopWhenSet(cancel))
 
-    def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly:
-        """The KV of all of the first ``shared`` spans of ``prompt`` (see ``Engine.assemble_shared``)."""
-        return self.engine.assemble_shared(prompt, shared, reuse=reuse)
-
-    def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *,
-                     every_position: bool = False, store_from: int | None = None) -> torch.Tensor:
-        """Rows of tokens after one shared cache (see ``Engine.forward_rows``)."""
-        return self.engine.forward_rows(context, prompts, start, every_position=every_position,
-                                        store_from=store_from)
-
-    def generate_rows(self, calls: Sequence[PreparedCall], kept: Sequence[int], cached_width: int,
-                      opts: CallOptions) -> Generated:
-        """Decode after several prepared calls in one left-padded batch (see ``spanctx.batch``)."""
-        return self.engine.generate_rows([c.assembly for c in calls], kept, cached_width, self.generate_kwargs(opts))
-
-    def stats(self, call: PreparedCall, new_tokens: int, first_token_at: float | None, *,
+    def stats(self, call: PreparedCall | ResolvedPrompt, new_tokens: int, first_token_at: float | None, *,
               cached_tokens: int | None = None, started: float | None = None, end: float | None = None,
               generated: Generated | None = None) -> GenerationStats:
-        """The stats of a call (the one place they are built): ``cached_tokens`` defaults to
-        what the call's plan reused, ``started`` to when the call was prepared; ``generated``
-        names the executor that decoded (and why not the static one)."""
+        """The stats of a call (the one place they are built). For a prepared ``call``,
+        ``cached_tokens`` defaults to what its plan reused and ``started`` to when it was
+        prepared; for a bare prompt (a row of a batched call) both are required.
+        ``generated`` names the executor that decoded (and why not the static one)."""
+        prepared = isinstance(call, PreparedCall)
+        if not prepared and (cached_tokens is None or started is None):
+            raise ValueError("the stats of a bare prompt need cached_tokens and started")
         return GenerationStats.measured(
-            prompt_tokens=call.prompt.num_tokens,
+            prompt_tokens=call.prompt.num_tokens if prepared else call.num_tokens,
             cached_tokens=call.cached_tokens if cached_tokens is None else cached_tokens,
             new_tokens=new_tokens, started=call.started if started is None else started,
-            first_token_at=first_token_at, end=end, parallel=call.assembly.parallel,
+            first_token_at=first_token_at, end=end, parallel=call.assembly.parallel if prepared else None,
             executor=generated.executor if generated else "eager",
             executor_fallback=generated.fallback if generated else None)
 
@@ -217,6 +227,102 @@ class Session:
         if self.max_positions is not None and num_tokens > self.max_positions:
             raise ValueError(f"prompt + new tokens = {num_tokens} exceeds the model's "
                              f"{self.max_positions} positions")
+
+
+    # -- the session's own calls --------------------------------------------------------
+
+    def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
+        """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
+        appended), the same with and without reuse."""
+        with self._lock:
+            return list(self.resolve(ctx, adapter=adapter)[0].token_ids)
+
+    def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+                 adapter: str | None = None, repair: str | None = None, salt: str | None = None,
+                 output_scores: bool = False, output_logits: bool = False, streamer: BaseStreamer | None = None,
+                 cancel: threading.Event | None = None, **generate_kwargs) -> Result:
+        """Generate after ``ctx``: greedy unless sampling kwargs are given; ``seed=`` makes
+        sampling reproducible; other HF ``generate`` kwargs pass through (beam search and
+        several return sequences are refused: see ``spanctx.core.options``); unset options
+        come from ``generation_defaults``. ``reuse=False`` is an ordinary full prefill of the
+        same ids that neither reads nor writes the store. ``adapter`` names a loaded adapter
+        (see ``add_adapter``); an aLoRA's invocation is appended to ``ctx``. ``repair``
+        overrides the runtime's repair mode for parallel groups; ``salt`` the runtime's.
+        ``output_scores`` / ``output_logits`` keep each new token's processed scores / raw
+        logits on the result (``Result.logprobs``; see ``spanctx.session.logprobs``);
+        ``streamer`` (an HF ``BaseStreamer``) gets the prompt, then the new tokens as they are
+        decoded; setting ``cancel`` (a ``threading.Event``) stops decoding within a step."""
+        opts = self.options(max_new_tokens, **generate_kwargs)
+        with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter, repair=repair,
+                           salt=salt, seed=opts.seed) as call:
+            out = self.generate_prepared(call, opts, streamer=streamer, cancel=cancel, output_scores=output_scores,
+                                         output_logits=output_logits)
+            new_ids = tuple(out.sequences[0, call.prompt.num_tokens:].tolist())
+            return Result(text=self.tokenizer.decode(new_ids, skip_special_tokens=True), token_ids=new_ids,
+                          stats=self.stats(call, len(new_ids), out.first_token_at, generated=out),
+                          scores=first_row(out.scores), logits=first_row(out.logits))
+
+    def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+               adapter: str | None = None, repair: str | None = None, salt: str | None = None,
+               cancel: threading.Event | None = None, **generate_kwargs) -> Iterator[str]:
+        """Like ``generate``, yielding text pieces as they are decoded. Leaving the loop
+        early (or closing the iterator) stops the generation within a decode step, as does
+        setting ``cancel`` (which leaving the loop sets)."""
+        opts = self.options(max_new_tokens, **generate_kwargs)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        cancel = cancel if cancel is not None else threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter,
+                                   repair=repair, salt=salt, seed=opts.seed) as call:
+                    self.generate_prepared(call, opts, streamer=streamer, cancel=cancel)
+            except BaseException as exc:  # re-raised in the consumer's thread
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        try:
+            yield from (piece for piece in streamer if piece)
+        finally:
+            cancel.set()  # a no-op once generation has ended
+            worker.join()
+        if failure:
+            raise failure[0]
+
+    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None,
+                          repair: str | None = None, salt: str | None = None) -> torch.Tensor:
+        """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
+        (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
+        with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair, salt=salt) as call:
+            out, _ = self.engine.forward_tail(call.assembly, logits_to_keep=1)
+            return out.logits[0, -1].float()
+
+    # -- adapters (adapters.py) ------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str | Path, *, invocation: str | None = None,
+                    alora_start: str = "append") -> AdapterInfo:
+        """Load the PEFT adapter folder ``path`` (LoRA, or aLoRA when its config has
+        ``alora_invocation_tokens``) as ``name``. The model is adapted in place and never
+        reloaded; base calls keep running on base weights. ``invocation``: the aLoRA's
+        invocation text, checked against the configured token ids. ``alora_start``: where
+        an aLoRA's invocation is in a call's prompt: ``"append"`` (after the context,
+        unless it ends with it) or ``"in_prompt"`` (the context holds it; the adapter
+        applies from its last occurrence, as PEFT does). See ``spanctx.core.prompt``."""
+        with self._lock:
+            return self.adapters.add(name, path, invocation, alora_start)
+
+    def list_adapters(self) -> dict[str, AdapterInfo]:
+        """The loaded adapters by name, in load order."""
+        with self._lock:
+            return self.adapters.infos()
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from the model (its store entries age out by LRU)."""
+        with self._lock:
+            self.adapters.remove(name)
 
 
 def first_row(steps: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
@@ -228,9 +334,3 @@ def _check_salt(salt: str | None) -> str | None:
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"a salt is a non-empty str (or None), got {salt!r}")
     return salt
-
-
-def _max_positions(config) -> int | None:
-    text = config.get_text_config()
-    return getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-

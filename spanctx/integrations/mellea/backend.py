@@ -51,7 +51,6 @@ from mellea.core import (
     ModelOutputThunk,
 )
 from mellea.helpers import DEFAULT_CHUNK_TIMEOUT, send_to_queue
-from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import AsyncTextIteratorStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -93,16 +92,6 @@ class _CallRecord:
 
     input_ids: torch.Tensor | None = None  # [1, S]
     stats: GenerationStats | None = None
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Stops generation once ``event`` is set (Mellea's cooperative cancel of a stream)."""
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs) -> bool:
-        return self.event.is_set()
 
 
 class _AdapterModel:
@@ -172,9 +161,8 @@ class SpanctxBackend(LocalHFBackend):
         streamer = cancel = None
         if model_options.get(ModelOption.STREAM, False):
             streamer = AsyncTextIteratorStreamer(self._tokenizer, skip_prompt=True, skip_special_tokens=True)
-            cancel = threading.Event()
-            request = attrs.evolve(request, kwargs=_with_cancel(request.kwargs, cancel))
-        work = asyncio.to_thread(self._run_chat, prompt, request, record, _format, streamer)
+            cancel = threading.Event()  # Mellea's cooperative cancel of a stream
+        work = asyncio.to_thread(self._run_chat, prompt, request, record, _format, streamer, cancel)
 
         output = ModelOutputThunk(None)
         if cancel is not None:
@@ -219,7 +207,7 @@ class SpanctxBackend(LocalHFBackend):
         return tools
 
     def _run_chat(self, prompt: Context, request: GenerateRequest, record: _CallRecord, _format,
-                  streamer: AsyncTextIteratorStreamer | None):
+                  streamer: AsyncTextIteratorStreamer | None, cancel: threading.Event | None):
         """Worker thread: one chat call through spanctx."""
         try:
             with self._generation_lock:
@@ -234,7 +222,7 @@ class SpanctxBackend(LocalHFBackend):
                 result = self._runtime.generate(
                     prompt, request.new_tokens(len(ids), self._model.generation_config, self._runtime.max_positions),
                     output_scores=request.output_scores, output_logits=request.output_logits, streamer=streamer,
-                    **kwargs)
+                    cancel=cancel, **kwargs)
                 record.stats = result.stats
                 self._count(result.stats)
                 return hf_output(ids, result, self._device)
@@ -391,10 +379,4 @@ class SpanctxBackend(LocalHFBackend):
     def deactivate_peft_adapter(self, adapter_qualified_name: str) -> None:
         """Nothing to do: outside a call that uses it, no adapter runs."""
 
-
-def _with_cancel(kwargs, event: threading.Event) -> dict:
-    """``kwargs`` with a stopping criterion that ends generation once ``event`` is set."""
-    out = dict(kwargs)
-    out["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(event), *(out.get("stopping_criteria") or [])])
-    return out
 

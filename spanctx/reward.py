@@ -20,9 +20,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from ..cache.store import KVStore
-from ..core.spans import Context
-from ..runtime import Runtime
+from .cache.store import KVStore
+from .core.spans import Context
+from .session.session import Session
 
 
 class RewardModel:
@@ -33,8 +33,8 @@ class RewardModel:
         if num_labels != 1 or type(model).__name__ not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
             raise TypeError("a RewardModel needs a ...ForSequenceClassification model with num_labels=1, "
                             f"got {type(model).__name__} with num_labels={num_labels}")
-        # the runtime plans and assembles the cache; the classification model runs it
-        self.runtime = Runtime(model, tokenizer, store_bytes, store=store)
+        # the session plans and assembles the cache; the classification model runs it
+        self.session = Session(model, tokenizer, store_bytes, store=store)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, store_bytes: int | None = None, **load_kwargs) -> RewardModel:
@@ -42,8 +42,8 @@ class RewardModel:
         ``num_labels=1``); ``load_kwargs`` are ``spanctx.loading.load_model``'s options."""
         from transformers import AutoModelForSequenceClassification
 
-        from ..loading import load_model
-        from ..presets import PRESETS
+        from .loading import load_model
+        from .presets import PRESETS
 
         if name_or_path in PRESETS:
             load_kwargs.setdefault("num_labels", 1)
@@ -52,17 +52,17 @@ class RewardModel:
 
     @property
     def store(self) -> KVStore:
-        return self.runtime.store
+        return self.session.store
 
     def reward(self, ctx: Context, *, reuse: bool = True) -> float:
         """The reward of ``ctx``'s prompt. ``reuse=False``: a full forward, store untouched."""
-        rt = self.runtime
-        with rt.prepared(ctx, reuse=reuse) as call:
-            if call.prompt.token_ids[-1] == rt.model.config.pad_token_id:
+        session = self.session
+        with session.prepared(ctx, reuse=reuse) as call:
+            if call.prompt.token_ids[-1] == session.model.config.pad_token_id:
                 # the head pools the last NON-pad token: a trailing pad would move it
                 raise ValueError("the prompt ends with the pad token; the reward head reads the last non-pad token")
             # one row, no padding: the head pools the tail's last token, the prompt's last
-            out, _ = rt.forward_tail(call, logits_to_keep=None)  # logits: [1, 1]
+            out, _ = session.engine.forward_tail(call.assembly, logits_to_keep=None)  # logits: [1, 1]
             return out.logits[0, 0].float().item()
 
     def rewards(self, contexts: Sequence[Context], *, reuse: bool = True) -> list[float]:
