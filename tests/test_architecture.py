@@ -1,10 +1,14 @@
 """The shape of the package: only the engine runs the model, only its interpreter writes
-the store, and the import graph has no cycle."""
+the store, every import follows the layer table of docs/architecture.md (type-only imports
+count), the import graph has no cycle, and the core needs no torch."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import re
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -99,17 +103,17 @@ def test_the_probes_run_through_the_engine_too():
     assert model_callers == {EXECUTOR}
 
 
-def _imports(path: Path) -> set[str]:
-    """The spanctx modules ``path`` imports at run time (``TYPE_CHECKING`` blocks aside)."""
-    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def _module_name(path: Path, root: Path = PACKAGE.parent) -> str:
+    return ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _imports(path: Path, root: Path = PACKAGE.parent) -> set[str]:
+    """The spanctx modules ``path`` (a file under ``root``) imports: at the top, in
+    functions, and under ``TYPE_CHECKING`` (a type-only import is an arrow too)."""
+    module = _module_name(path, root)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    tree = ast.parse(path.read_text())
-    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-               and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING") for n in ast.walk(node)}
     out = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
@@ -124,9 +128,97 @@ def _imports(path: Path) -> set[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in PACKAGE.rglob("*.py")}
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {name: {m for m in _imports(path) if m in files and m != name} for name, path in files.items()}
+
+
+def layer_table() -> dict[str, tuple[tuple[str, ...], frozenset[str]]]:
+    """docs/architecture.md's table: layer -> (its paths in the package, the layers it may
+    import). The row whose paths start with "the rest" has every path no other row names."""
+    text = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] in ("layer", "---") or not line.startswith("|"):
+            continue
+        name, where, _, may = cells
+        paths = () if where.startswith("the rest") else tuple(
+            p.removeprefix("spanctx/") for p in re.findall(r"`([^`]+)`", where))
+        allowed = frozenset() if may == "nothing" else frozenset(m.strip() for m in may.split(","))
+        table[name] = (paths, allowed)
+    return table
+
+
+def layer_of(module: str, table) -> str:
+    """The layer of a module (dotted name below ``spanctx``), by the longest matching path."""
+    path = module.removeprefix("spanctx.").replace(".", "/")
+    best, rest = None, None
+    for name, (paths, _) in table.items():
+        if not paths:
+            rest = name
+        for p in paths:
+            if (path + ".py" == p or (path + "/").startswith(p.rstrip("/") + "/")) and (
+                    best is None or len(p) > best[1]):
+                best = (name, len(p))
+    return best[0] if best else rest
+
+
+def test_the_layer_table_is_read():
+    table = layer_table()
+    assert list(table) == ["hf", "core", "cache", "engine", "session", "features", "face", "integrations"]
+    assert table["core"][1] == {"hf"} and table["hf"][1] == set()
+    assert layer_of("spanctx.core.keys", table) == "core"
+    assert layer_of("spanctx.hf", table) == "hf"
+    assert layer_of("spanctx.runtime", table) == layer_of("spanctx.bench.cli", table) == "face"
+    assert layer_of("spanctx.integrations.mellea.backend", table) == "integrations"
+
+
+def layer_violations(graph: dict[str, set[str]], table) -> list[str]:
+    """Every arrow of ``graph`` that the layer ``table`` does not allow."""
+    wrong = []
+    for module, deps in sorted(graph.items()):
+        if module == "spanctx":
+            continue
+        mine = layer_of(module, table)
+        for dep in sorted(deps):
+            if dep == "spanctx":
+                wrong.append(f"{module} imports the package spanctx (its __init__)")
+                continue
+            theirs = layer_of(dep, table)
+            if theirs != mine and theirs not in table[mine][1]:
+                wrong.append(f"{module} ({mine}) imports {dep} ({theirs})")
+    return wrong
+
+
+def test_every_import_follows_the_layer_table():
+    assert layer_violations(import_graph(), layer_table()) == []
+
+
+def test_the_layer_check_finds_wrong_arrows():
+    graph = {"spanctx.engine.engine": {"spanctx.features.batch", "spanctx.cache.store"},
+             "spanctx.features.checks": {"spanctx.runtime", "spanctx.session.protocol"},
+             "spanctx.core.keys": {"spanctx"}}
+    assert layer_violations(graph, layer_table()) == [
+        "spanctx.core.keys imports the package spanctx (its __init__)",
+        "spanctx.engine.engine (engine) imports spanctx.features.batch (features)",
+        "spanctx.features.checks (features) imports spanctx.runtime (face)"]
+
+
+def test_the_core_imports_no_torch():
+    core = sorted((PACKAGE / "core").glob("*.py")) + [PACKAGE / "hf.py"]
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n == "torch" or n.startswith("torch.") for n in names), path
+    # and at run time: every core module imports with torch blocked (the package's
+    # __init__, which imports everything, is skipped)
+    script = (f"import sys, types\nsys.modules['torch'] = None\n"
+              f"pkg = types.ModuleType('spanctx'); pkg.__path__ = [{str(PACKAGE)!r}]; sys.modules['spanctx'] = pkg\n"
+              + "".join(f"import spanctx.core.{p.stem}\n" for p in core if p.parent.name == "core")
+              + "import spanctx.hf\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -162,6 +254,12 @@ def test_the_import_graph_has_no_cycle():
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_type_only_imports_are_counted(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from spanctx.runtime import Runtime\n")
+    assert "spanctx.runtime" in _imports(module, root=tmp_path)
 
 
 def test_modules_stay_small():

@@ -16,7 +16,7 @@ from spanctx.bench import records as results
 from spanctx.bench.floor import Floor
 from spanctx.bench.harness import make_harness
 from spanctx.bench.random_adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
-from spanctx.bench.scenarios import chat, cold, prefix, rag, run_scenario
+from spanctx.bench.scenarios import SCENARIOS, chat, cold, prefix, rag, run_scenario
 from spanctx.bench.scenarios import requirement_checks as checks
 from spanctx.bench.timing import Outcome, Sample, percentile, summarize
 from spanctx.bench.workloads import TokenSource, draw_documents
@@ -225,3 +225,16 @@ def test_checks_spanctx_method_agrees_with_full_aLoRA_prefill():
     assert row["computed_tokens"] + row["cached_tokens"] == full["computed_tokens"]
     assert row["cached_tokens"] >= CHECKS.checks * CHECKS.context_tokens
 
+
+
+def test_size_flags_come_from_each_scenarios_config():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.configs(parser.parse_args(["all"])) == {name: m.Config() for name, m in SCENARIOS.items()}
+    args = parser.parse_args(["all", "--checks-context", "7", "--fidelity-max-new-tokens", "5", "--rag-pool", "3",
+                              "--new-tokens", "3,chat=2", "--contexts", "9,10", "--fidelity-worlds", "1"])
+    configs = cli.configs(args)
+    assert (configs["checks"].context_tokens, configs["fidelity"].max_new_tokens, configs["rag"].pool) == (7, 5, 3)
+    assert (configs["chat"].new_tokens, configs["rag"].new_tokens, configs["cold"].new_tokens) == (2, 3, 3)
+    assert configs["prefix"].contexts == configs["cold"].contexts == (9, 10)
+    assert configs["fidelity"].worlds == 1

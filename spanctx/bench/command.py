@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import traceback
 
+import attrs
 import torch
 
 from ..presets import DEFAULT_PRESET
@@ -17,20 +18,7 @@ from . import report
 from .floor import measure_floor
 from .harness import DTYPES, load_model, make_harness
 from .records import new_results, results_stem, write_json
-from .scenarios import (
-    SCENARIOS,
-    chat,
-    cold,
-    prefix,
-    rag,
-    run_scenario,
-)
-from .scenarios import (
-    parallel_fidelity as fidelity,
-)
-from .scenarios import (
-    requirement_checks as checks,
-)
+from .scenarios import SCENARIOS, run_scenario
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,49 +42,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="the static executor runs the model compiled")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sizes = parser.add_argument_group("workload sizes (defaults: the issue's)")
-    sizes.add_argument("--contexts", type=_ints, default=prefix.Config().contexts,
-                       help="prefix and cold: context lengths in tokens")
-    sizes.add_argument("--question-tokens", type=int, default=prefix.Config().question_tokens,
-                       help="prefix, cold, rag: tokens of the new question")
-    sizes.add_argument("--new-tokens", type=_per_scenario,
-                       default=f"{prefix.Config().new_tokens},chat={chat.Config().new_tokens}",
-                       help="tokens generated per request: N, or N,SCENARIO=M,... (checks read one answer token)")
-    sizes.add_argument("--rag-docs", type=_ints, default=rag.Config().docs, help="rag: documents per prompt (K)")
-    sizes.add_argument("--rag-doc-tokens", type=int, default=rag.Config().doc_tokens)
-    sizes.add_argument("--rag-pool", type=int, default=rag.Config().pool, help="rag: documents in the pool")
-    sizes.add_argument("--rag-system-tokens", type=int, default=rag.Config().system_tokens)
-    sizes.add_argument("--rag-fidelity-prompts", type=int, default=rag.Config().fidelity_prompts,
-                       help="rag: prompts over which top-1 agreement and KL are averaged")
-    sizes.add_argument("--chat-turns", type=int, default=chat.Config().turns)
-    sizes.add_argument("--chat-system-tokens", type=int, default=chat.Config().system_tokens)
-    sizes.add_argument("--chat-user-tokens", type=int, default=chat.Config().user_tokens)
-    sizes.add_argument("--chat-reply-tokens", type=int, default=chat.Config().reply_tokens)
-    sizes.add_argument("--checks", type=int, default=checks.Config().checks, help="checks: requirements")
-    sizes.add_argument("--checks-context", type=int, default=checks.Config().context_tokens)
-    sizes.add_argument("--adapter-rank", type=int, default=checks.Config().rank)
-    sizes.add_argument("--fidelity-docs", type=_ints, default=fidelity.Config().docs,
-                       help="fidelity: documents per prompt (K), from the held-out set (2, 4, 8, 16)")
-    sizes.add_argument("--fidelity-worlds", type=int, default=fidelity.Config().worlds,
-                       help="fidelity: held-out worlds per K (4 prompts each; default all 16)")
+    sizes = parser.add_argument_group("workload sizes (defaults: each scenario's Config)")
+    for field, owners in _shared_fields().items():
+        defaults = {getattr(SCENARIOS[o].Config(), field) for o in owners}
+        if field == "new_tokens":  # N,SCENARIO=M: one default, the scenarios that differ
+            per = {o: SCENARIOS[o].Config().new_tokens for o in owners}
+            base = max(set(per.values()), key=list(per.values()).count)
+            default = ",".join([str(base), *(f"{o}={n}" for o, n in per.items() if n != base)])
+            sizes.add_argument("--new-tokens", type=_per_scenario, default=default,
+                               help=f"{', '.join(owners)}: tokens generated per request: N, or N,SCENARIO=M,...")
+            continue
+        value = defaults.pop() if len(defaults) == 1 else None  # None: each scenario's own default
+        sizes.add_argument(_flag(field), type=_parser(value), default=value,
+                           help=f"{', '.join(owners)}: {field.replace('_', ' ')}")
+    for name, field in _own_fields():
+        sizes.add_argument(field.metadata.get("flag") or _flag(f"{name}_{field.name}"), dest=_dest(name, field),
+                           type=_parser(field.default), default=field.default,
+                           help=f"{name}: {field.name.replace('_', ' ')} (default %(default)s)")
+
+
+# Config fields that one flag sets for every scenario that has them
+SHARED = ("contexts", "question_tokens", "new_tokens")
+
+
+def _configs() -> dict[str, type]:
+    """Each Config class once, with the scenarios that use it."""
+    return {name: module.Config for name, module in SCENARIOS.items()}
+
+
+def _shared_fields() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name, config in _configs().items():
+        for field in attrs.fields(config):
+            if field.name in SHARED:
+                out.setdefault(field.name, []).append(name)
+    return out
+
+
+def _own_fields():
+    """``(scenario, field)`` of every Config field that is not shared, each Config class once."""
+    seen: set[type] = set()
+    for name, config in _configs().items():
+        if config not in seen:
+            seen.add(config)
+            yield from ((name, f) for f in attrs.fields(config) if f.name not in SHARED)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _dest(scenario: str, field) -> str:
+    return (field.metadata.get("flag") or _flag(f"{scenario}_{field.name}")).removeprefix("--").replace("-", "_")
+
+
+def _parser(default):
+    """How a flag's text becomes a value of the type of ``default`` (None: an int)."""
+    if isinstance(default, tuple):
+        return _ints
+    return str if isinstance(default, str) else int
 
 
 def configs(args: argparse.Namespace) -> dict:
-    """Each scenario's ``Config`` from the parsed arguments."""
-    default, override = args.new_tokens
-
-    def new_tokens(scenario: str) -> int:
-        return override.get(scenario, default)
-    return {
-        "prefix": prefix.Config(args.contexts, args.question_tokens, new_tokens("prefix")),
-        "cold": cold.Config(args.contexts, args.question_tokens, new_tokens("cold")),
-        "rag": rag.Config(args.rag_docs, args.rag_doc_tokens, args.rag_pool, args.rag_system_tokens,
-                          args.question_tokens, new_tokens("rag"), args.rag_fidelity_prompts),
-        "chat": chat.Config(args.chat_turns, args.chat_system_tokens, args.chat_user_tokens,
-                            args.chat_reply_tokens, new_tokens("chat")),
-        "checks": checks.Config(args.checks_context, args.checks, args.adapter_rank),
-        "fidelity": fidelity.Config(args.fidelity_docs, args.fidelity_worlds),
-    }
+    """Each scenario's ``Config`` from the parsed arguments (unset: the Config's default)."""
+    default_new, override_new = args.new_tokens
+    out = {}
+    for name, config in _configs().items():
+        values = {}
+        for field in attrs.fields(config):
+            if field.name == "new_tokens":
+                value = override_new.get(name, default_new)
+            elif field.name in SHARED:
+                value = getattr(args, field.name)
+            else:
+                value = getattr(args, _dest(name, field))
+            if value is not None:
+                values[field.name] = value
+        out[name] = config(**values)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,9 +48,9 @@ class CheckPromptMismatch(RuntimeError):
 
 @attrs.frozen
 class Config:
-    context_tokens: int = 4096
-    checks: int = 10
-    rank: int = 32
+    context_tokens: int = attrs.field(default=4096, metadata={"flag": "--checks-context"})
+    checks: int = attrs.field(default=10, metadata={"flag": "--checks"})  # requirements per request
+    rank: int = attrs.field(default=32, metadata={"flag": "--adapter-rank"})
 
 
 def run(h: Harness, config: Config, methods: tuple[str, ...]) -> list[Row]:
