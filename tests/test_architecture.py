@@ -265,3 +265,39 @@ def test_type_only_imports_are_counted(tmp_path):
 def test_modules_stay_small():
     sizes = {p.relative_to(PACKAGE): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > 420} == {}
+
+
+def _protocol_members(name: str) -> set[str]:
+    """The names a Protocol class of session/protocol.py declares (attributes and methods)."""
+    tree = ast.parse((PACKAGE / "session" / "protocol.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    return {n.target.id if isinstance(n, ast.AnnAssign) else n.name for n in cls.body
+            if isinstance(n, (ast.AnnAssign, ast.FunctionDef))}
+
+
+def _session_uses(path: Path) -> set[str]:
+    """What the functions of ``path`` read off their ``SessionAPI`` argument: ``name``, or
+    ``engine.name`` for a final call."""
+    uses = set()
+    for fn in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        params = {a.arg for a in fn.args.args if a.annotation is not None and ast.unparse(a.annotation) == "SessionAPI"}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in params:
+                uses.add(node.attr)
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                  and isinstance(node.value.value, ast.Name) and node.value.value.id in params
+                  and node.value.attr == "engine"):
+                uses.add(f"{node.value.attr}.{node.attr}")
+    return uses
+
+
+def test_features_use_only_the_session_protocol(tmp_path):
+    allowed = _protocol_members("SessionAPI") | {f"engine.{m}" for m in _protocol_members("FinalCalls")}
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(rt: SessionAPI):\n    return rt.store, rt.engine.assemble, rt.engine.forward_tail, rt.holding\n")
+    assert _session_uses(probe) - allowed == {"store", "engine.assemble"}
+    used = {p.name: _session_uses(p) for p in (PACKAGE / "features").glob("*.py")}
+    assert sum(map(len, used.values())) > 20  # the features do take a SessionAPI
+    assert {name: uses - allowed for name, uses in used.items() if uses - allowed} == {}

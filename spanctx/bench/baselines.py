@@ -6,7 +6,7 @@
 - ``prefill``: one forward that returns the cache of some ids, computed from position 0.
 - ``next_token_logits``: the fidelity probe, with or without a cache.
 
-Caches are read and built only through ``spanctx.kv`` helpers.
+Caches are read and built only through ``spanctx.cache.kv`` helpers.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ class ParallelStats:
         (``fallback_reason`` says why); counted in ``computed_tokens`` too.
     recomputed_tokens: run again, in place and through all layers, by ``repair``.
     checked_tokens: run through the first layers by ``blend`` to choose which tokens to
-        recompute (``spanctx.placement.BLEND_CHECK_LAYER``).
+        recompute (``spanctx.core.placement.BLEND_CHECK_LAYER``).
     """
 
     repair: str

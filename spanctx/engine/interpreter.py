@@ -1,6 +1,6 @@
 """The one interpreter of plan steps, and the only writer of the store.
 
-A plan (``plan.py`` for dependent spans, ``placement.py`` with parallel groups) is a list
+A plan (``core/plan.py`` for dependent spans, ``core/placement.py`` with parallel groups) is a list
 of steps over one prompt, in prompt order:
 
 - ``Reuse``: stored KV of a span, as is;

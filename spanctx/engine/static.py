@@ -11,7 +11,7 @@ buffers (one copy; slices still in place from the previous call are not copied a
 one step runs the prompt's tail ``[tail_start, S)``, padded to its suffix bucket
 (``static_layout.suffix_bucket``; tails over ``GRAPH_TOKENS`` run unpadded, without a
 graph); then one step per generated token, chosen as HF ``generate`` would
-(``spanctx.decoding``). Every step attends over the first ``cache_bucket`` slots, fixed
+(``spanctx.engine.decoding``). Every step attends over the first ``cache_bucket`` slots, fixed
 per call to cover prompt, new tokens and padding. A graph is keyed by ``Bucket`` (rows,
 step tokens, attention slots, logits kept, adapter state): its capture (and with
 ``compile=True`` a ``torch.compile`` of each new shape) is paid once and reported in
@@ -245,7 +245,7 @@ class StaticExecutor:
                  alora_offsets: Sequence[int | None] | None = None) -> GenerateOutput:
         """Run the tail ``[tail_start, S)`` of ``input_ids [B, S]`` over ``prefix`` (as in
         ``forward``), then decode up to ``options.max_new_tokens`` tokens as HF ``generate``
-        would (``spanctx.decoding``), seeded with ``options.seed``. ``streamer`` gets the
+        would (``spanctx.engine.decoding``), seeded with ``options.seed``. ``streamer`` gets the
         prompt, then each new token, then ``end()``, as from ``generate``."""
         batch, prompt = input_ids.shape
         chooser = TokenChooser.from_options(self.model, options, self.device, prompt)

@@ -64,7 +64,7 @@ ALORA_STARTS = ("append", "in_prompt")
 @attrs.frozen
 class AdapterInfo:
     """A loaded adapter. ``invocation_ids`` is set for an aLoRA, None for a plain LoRA;
-    ``alora_start`` says where an aLoRA's invocation is (``spanctx.prompt``)."""
+    ``alora_start`` says where an aLoRA's invocation is (``spanctx.core.prompt``)."""
 
     name: str
     path: str

@@ -49,7 +49,7 @@ class Result:
     """One generation: the NEW tokens only, their text, and the call's stats.
 
     ``scores`` / ``logits``: one ``[V]`` tensor per new token, when the call asked for
-    them (``output_scores`` / ``output_logits``; see ``spanctx.logprobs``)."""
+    them (``output_scores`` / ``output_logits``; see ``spanctx.session.logprobs``)."""
 
     text: str
     token_ids: tuple[int, ...]

@@ -44,7 +44,7 @@ __all__ = ["PreparedCall", "Session"]
 
 @attrs.frozen(eq=False)
 class PreparedCall:
-    """A call held by ``Runtime.prepared``: its assembled prompt and when it started."""
+    """A call held by ``Session.prepared``: its assembled prompt and when it started."""
 
     assembly: Assembly
     started: float
@@ -116,7 +116,7 @@ class Session:
 
     def options(self, max_new_tokens: int | None = None, **generate_kwargs) -> CallOptions:
         """The effective options of a call with these arguments (``generation_defaults``
-        under them; the rule is in ``spanctx.options``)."""
+        under them; the rule is in ``spanctx.core.options``)."""
         call = dict(generate_kwargs)
         if max_new_tokens is not None:
             call["max_new_tokens"] = max_new_tokens
