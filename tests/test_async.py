@@ -140,3 +140,15 @@ def test_async_errors_reach_the_caller():
 def test_the_concurrency_limit_must_be_positive():
     with pytest.raises(ValueError, match="max_concurrency"):
         tiny_runtime("llama", max_concurrency=0)
+
+
+def test_a_set_cancel_event_stops_generate_and_stream_within_a_step():
+    rt = tiny_runtime("llama")
+    ctx = Context().append("Cancelled before it starts. ")
+    cancelled = threading.Event()
+    cancelled.set()
+    full = rt.generate(ctx, 12, min_new_tokens=12)
+    stopped = rt.generate(ctx, 12, min_new_tokens=12, cancel=cancelled)
+    assert len(full.token_ids) == 12 and len(stopped.token_ids) == 1  # checked after each decode step
+    assert stopped.token_ids == full.token_ids[:1]
+    assert "".join(rt.stream(ctx, 12, min_new_tokens=12, cancel=cancelled)) == stopped.text

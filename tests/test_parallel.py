@@ -300,3 +300,13 @@ def test_a_lone_exact_member_shares_what_follows_it_across_repair_modes():
     ctx = Context().append(SYSTEM).parallel(DOCS[0]).append("Q?")
     rt.generate(ctx, 2, repair="none")
     assert rt.generate(ctx, 2, repair="head:4").stats.computed_tokens == 1
+
+
+def test_the_repair_travels_on_the_resolved_prompt():
+    rt = tiny_runtime()
+    ctx = Context().append("System. ").parallel("Doc A. ", "Doc B. ").append("Question?")
+    assert rt.resolve(ctx)[0].repair == rt.repair
+    own = rt.resolve(ctx, repair="blend:0.5")[0]
+    assert own.repair == spanctx.Repair.parse("blend:0.5") and own.groups[0].key != rt.resolve(ctx)[0].groups[0].key
+    with rt.prepared(ctx, repair="head:2") as call:  # the engine places the groups with the prompt's repair
+        assert call.assembly.parallel.repair == "head:2" == str(call.prompt.repair)
