@@ -16,7 +16,7 @@ import torch
 from ..presets import DEFAULT_PRESET
 from . import report
 from .floor import measure_floor
-from .harness import DTYPES, load_model, make_harness
+from .harness import DTYPES, load_bench_model, make_harness
 from .records import new_results, results_stem, write_json
 from .scenarios import SCENARIOS, run_scenario
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         from tqdm import tqdm as progress
 
     print(f"loading {args.model} on {args.device} ...", flush=True)
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.seed, args.attn)
+    model, tokenizer = load_bench_model(args.model, args.device, args.dtype, args.seed, args.attn)
     store_bytes = None if args.store_gb is None else int(args.store_gb * 2**30)
     h = make_harness(model, tokenizer, args.model, seed=args.seed, warmup=args.warmup, repeats=repeats,
                      scenario_repeats=scenario_repeats, store_bytes=store_bytes, progress=progress,

@@ -63,8 +63,9 @@ class _SilentBar:
         pass
 
 
-def load_model(name_or_path: str, device: str, dtype: str | None, seed: int, attn: str | None):
-    """(model, tokenizer): a preset (random weights, seeded) or a local folder / hub id."""
+def load_bench_model(name_or_path: str, device: str, dtype: str | None, seed: int, attn: str | None):
+    """(model, tokenizer) as the benchmark loads it: a preset (random weights, seeded) or a local
+    folder / hub id in its own dtype ("auto"), moved whole to ``device`` (no device map)."""
     torch_dtype = DTYPES[dtype] if dtype else None
     if name_or_path in PRESETS:
         return load_preset(name_or_path, device=device, dtype=torch_dtype, seed=seed, attn_implementation=attn)
