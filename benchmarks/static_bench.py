@@ -32,7 +32,7 @@ import spanctx  # noqa: E402
 from spanctx.bench.floor import measure_floor  # noqa: E402
 from spanctx.bench.timing import now  # noqa: E402
 from spanctx.cache import kv as kvops  # noqa: E402
-from spanctx.cache.store import SpanKV  # noqa: E402
+from spanctx.cache.span_kv import SpanKV  # noqa: E402
 from spanctx.core.options import merge_options  # noqa: E402
 from spanctx.engine.slots import split_attention  # noqa: E402
 from spanctx.engine.static import StaticExecutor  # noqa: E402

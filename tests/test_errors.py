@@ -6,7 +6,7 @@ from conftest import tiny_model, tiny_runtime
 
 import spanctx
 from spanctx.cache.fingerprint import model_namespace
-from spanctx.cache.store import SpanKV
+from spanctx.cache.span_kv import SpanKV
 from spanctx.core.keys import span_key
 
 

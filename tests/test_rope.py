@@ -88,7 +88,7 @@ def test_keys_that_cannot_move_are_refused_with_a_reason(kind):
     expected = {"dynamic": "dynamic", "absolute": "absolute"}[kind]
     assert expected in mover.reason
     assert mover.shift is not None
-    from spanctx.cache.store import SpanKV
+    from spanctx.cache.span_kv import SpanKV
 
     kv = SpanKV((torch.zeros(1, 1, 2, 4),), (torch.zeros(1, 1, 2, 4),))
     assert mover.shift(kv, 0) is kv

@@ -14,7 +14,7 @@ from hypothesis.stateful import (
 
 from spanctx import KVStore
 from spanctx.cache.index import SpanIndex
-from spanctx.cache.store import SpanKV
+from spanctx.cache.span_kv import SpanKV
 
 
 def span_kv(num_tokens: int, layers: int = 2) -> SpanKV:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import kv as kvops
-from ..cache.store import SpanKV
+from ..cache.span_kv import SpanKV
 from ..hf import cache_kwargs
 from .timing import FirstTokenClock, Outcome, now
 

@@ -17,7 +17,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .store import SpanKV
+from .span_kv import SpanKV
 
 
 @attrs.frozen(eq=False)

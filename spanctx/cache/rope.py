@@ -24,7 +24,7 @@ from collections.abc import Callable
 import attrs
 import torch
 
-from .store import SpanKV
+from .span_kv import SpanKV
 
 MOVABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 UNMOVABLE_ROPE_TYPES = {

@@ -2,7 +2,8 @@
 
 It knows nothing of models: it holds ``SpanKV`` values under ``bytes`` keys, and its
 ``SpanIndex`` decides what stays. Stored tensors are never handed to anything that
-mutates them: readers concatenate them into fresh caches (see ``kv.py``).
+mutates them: readers concatenate them into fresh caches (see ``kv.py``). The value type,
+``SpanKV``, is in ``span_kv.py``.
 """
 
 from __future__ import annotations
@@ -16,29 +17,7 @@ import attrs
 import torch
 
 from .index import EvictionPolicy, SpanIndex, lru
-
-
-@attrs.frozen(eq=False)
-class SpanKV:
-    """The KV cache of one span: per layer, keys and values ``[1, H_kv, S, D]``."""
-
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-
-    def __attrs_post_init__(self) -> None:
-        if len(self.keys) != len(self.values) or not self.keys:
-            raise ValueError("a SpanKV needs one (keys, values) pair per layer")
-        lengths = {t.shape[-2] for t in (*self.keys, *self.values)}
-        if len(lengths) != 1:
-            raise ValueError(f"all layers of a SpanKV must cover the same tokens, got {lengths}")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.keys[0].shape[-2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+from .span_kv import SpanKV
 
 
 @attrs.frozen

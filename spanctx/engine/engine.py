@@ -24,7 +24,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..cache import kv as kvops
 from ..cache.rope import KeyMover, key_mover
-from ..cache.store import KVStore, SpanKV
+from ..cache.span_kv import SpanKV
+from ..cache.store import KVStore
 from ..core.options import CallOptions
 from ..core.placement import PlaceGroup, PlacementPlan, ReuseGroup, plan_placement
 from ..core.plan import Plan, plan_prompt, plan_shared

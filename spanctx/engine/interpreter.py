@@ -23,7 +23,8 @@ import torch
 
 from ..cache import kv as kvops
 from ..cache.rope import KeyMover
-from ..cache.store import KVStore, SpanKV
+from ..cache.span_kv import SpanKV
+from ..cache.store import KVStore
 from ..core.placement import BlendTokens, Place, PlaceGroup, PlacementPlan, ReuseGroup
 from ..core.plan import Compute, Plan, Reuse
 from ..core.prompt import ResolvedPrompt

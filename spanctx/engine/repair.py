@@ -8,7 +8,7 @@ import torch
 
 from ..cache import kv as kvops
 from ..cache.rope import KeyMover
-from ..cache.store import SpanKV
+from ..cache.span_kv import SpanKV
 from ..core.placement import BLEND_CHECK_LAYER, BlendTokens
 from .executor import Executor
 from .masks import in_place_allowed, isolated_allowed

@@ -46,7 +46,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..cache import kv as kvops
-from ..cache.store import SpanKV
+from ..cache.span_kv import SpanKV
 from ..core.options import CallOptions
 from ..hf import cache_kwargs
 from . import attention as kernels
