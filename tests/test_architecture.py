@@ -196,7 +196,7 @@ def test_every_import_follows_the_layer_table():
 
 def test_the_layer_check_finds_wrong_arrows():
     graph = {"spanctx.engine.engine": {"spanctx.features.batch", "spanctx.cache.store"},
-             "spanctx.features.checks": {"spanctx.runtime", "spanctx.session.protocol"},
+             "spanctx.features.checks": {"spanctx.runtime", "spanctx.session.api"},
              "spanctx.core.keys": {"spanctx"}}
     assert layer_violations(graph, layer_table()) == [
         "spanctx.core.keys imports the package spanctx (its __init__)",
@@ -268,8 +268,8 @@ def test_modules_stay_small():
 
 
 def _protocol_members(name: str) -> set[str]:
-    """The names a Protocol class of session/protocol.py declares (attributes and methods)."""
-    tree = ast.parse((PACKAGE / "session" / "protocol.py").read_text())
+    """The names a Protocol class of session/api.py declares (attributes and methods)."""
+    tree = ast.parse((PACKAGE / "session" / "api.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
     return {n.target.id if isinstance(n, ast.AnnAssign) else n.name for n in cls.body
             if isinstance(n, (ast.AnnAssign, ast.FunctionDef))}
@@ -301,3 +301,8 @@ def test_features_use_only_the_session_protocol(tmp_path):
     used = {p.name: _session_uses(p) for p in (PACKAGE / "features").glob("*.py")}
     assert sum(map(len, used.values())) > 20  # the features do take a SessionAPI
     assert {name: uses - allowed for name, uses in used.items() if uses - allowed} == {}
+
+
+def test_module_names_are_unique():
+    stems = [p.stem for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert sorted({s for s in stems if stems.count(s) > 1}) == []

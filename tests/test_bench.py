@@ -16,7 +16,8 @@ from spanctx.bench import records as results
 from spanctx.bench.floor import Floor
 from spanctx.bench.harness import make_harness
 from spanctx.bench.random_adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
-from spanctx.bench.scenarios import SCENARIOS, chat, cold, prefix, rag, run_scenario
+from spanctx.bench.scenarios import SCENARIOS, cold, prefix, rag, run_scenario
+from spanctx.bench.scenarios import chat_turns as chat
 from spanctx.bench.scenarios import requirement_checks as checks
 from spanctx.bench.timing import Outcome, Sample, percentile, summarize
 from spanctx.bench.workloads import TokenSource, draw_documents

@@ -23,7 +23,7 @@ from ..core.spans import Context
 from ..session.results import Result
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 _LIMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> {event loop: Semaphore}
 _LIMITS_LOCK = threading.Lock()

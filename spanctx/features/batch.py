@@ -39,7 +39,7 @@ from ..core.spans import Context
 from ..session.results import Result
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 # generate options that would need per-row stop positions, which a padded batch hides
 _UNSUPPORTED = ("stop_strings", "stopping_criteria")

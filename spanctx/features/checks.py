@@ -49,7 +49,7 @@ from ..session.adapters import batch_activation
 from ..session.results import GenerationStats, Result
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 DEFAULT_TEMPLATE = "\nRequirement: {requirement}\n"
 DEFAULT_FEEDBACK = "\nThe answer above does not meet these requirements:\n{failed}\nWrite a better answer.\n"

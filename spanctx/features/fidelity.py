@@ -18,7 +18,7 @@ from ..core.placement import Repair
 from ..core.spans import Context
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 
 @attrs.frozen

@@ -31,7 +31,7 @@ import torch
 from ..core.spans import Context, Span
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 Candidate = str | Sequence[int] | Span
 

@@ -26,7 +26,7 @@ import torch
 from ..core.spans import Context
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 Reduction = Literal["last", "mean"]
 

@@ -28,7 +28,7 @@ from . import validation
 
 if TYPE_CHECKING:
     from ..core.spans import Context
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 #: llguidance JSON options: compact output; a schema's own "x-guidance" overrides them.
 JSON_DEFAULTS = {"whitespace_flexible": False}

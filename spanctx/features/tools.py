@@ -36,7 +36,7 @@ from ..session.results import Result
 from . import validation
 
 if TYPE_CHECKING:
-    from ..session.protocol import SessionAPI
+    from ..session.api import SessionAPI
 
 Style = Literal["tagged", "json"]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

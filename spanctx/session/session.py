@@ -7,7 +7,7 @@ through the store (``prepared``) and make the final call (``engine/``), build th
 (``stats``, the one place). The session never runs the model itself.
 
 ``generate``, ``stream``, ``next_token_logits`` and the adapter calls are the session's
-own calls. Features (``spanctx.features``) use only what ``session.protocol.SessionAPI``
+own calls. Features (``spanctx.features``) use only what ``session.api.SessionAPI``
 lists; ``Runtime`` (``spanctx.runtime``) composes the session and the features.
 """
 
@@ -74,7 +74,7 @@ class PreparedCall:
 class Session:
     """One model, its tokenizer, a bounded store, and the engine that runs them (see
     ``Runtime`` for the arguments). ``engine`` is public for its final calls
-    (``protocol.FinalCalls``)."""
+    (``api.FinalCalls``)."""
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "head:16",
@@ -146,7 +146,7 @@ class Session:
         """The keys of ``prompt``'s spans that the store does not hold."""
         return {seg.key for seg in prompt.segments if seg.key not in self.store}
 
-    # -- building blocks for features (protocol.SessionAPI) -----------------------------
+    # -- building blocks for features (api.SessionAPI) -----------------------------
 
     @contextlib.contextmanager
     def holding(self, seed: int | None = None) -> Iterator[None]:

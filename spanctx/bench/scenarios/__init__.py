@@ -8,10 +8,10 @@ from types import ModuleType
 
 from ..harness import Harness
 from ..records import Row
-from . import chat, cold, parallel_fidelity, prefix, rag, requirement_checks
+from . import chat_turns, cold, parallel_fidelity, prefix, rag, requirement_checks
 from .common import select_methods
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat, requirement_checks, cold, parallel_fidelity)}
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat_turns, requirement_checks, cold, parallel_fidelity)}
 
 
 def run_scenario(h: Harness, name: str, config=None, methods: list[str] | None = None) -> list[Row]:
