@@ -1,0 +1,432 @@
+"""Defects where the new surfaces meet (issue 17). Each test failed on main (02d1b05)
+before its fix; the history shows it committed as a strict xfail first."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+import warnings
+
+import pytest
+import torch
+from adapter_helpers import make_adapter
+from conftest import tiny_model, tiny_runtime
+from safetensors.torch import load_file, save_file
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
+
+import spanctx
+from spanctx import Context
+from spanctx.adapters import AdapterError
+from spanctx.batch import plan_batch
+from spanctx.placement import Repair
+
+ATOL = 1e-4
+SYSTEM = "You answer from the documents. "
+DOCS = ("Doc 0: Ana's code is 4411. ", "Doc 1: Tomas's code is 9023. ", "Doc 2: Lee's code is 1170. ")
+QUESTION = "Q: What is the code of Tomas?\nA:"
+BROKEN = pytest.mark.xfail(strict=True, reason="issue 17: fails on main before its fix")
+HANG = 60  # seconds a worker thread may take before a test calls it hung (a deadlock guard, not a timing)
+
+
+def group_question() -> Context:
+    return Context().append(SYSTEM).parallel(*DOCS).append(QUESTION)
+
+
+def longer_question() -> Context:
+    return Context().append(SYSTEM).append("Q: " + "Please tell me everything you know about it. " * 3 + "\nA:")
+
+
+class Recorder(LogitsProcessor):
+    """Keeps every step's scores (greedy: the raw logits) and leaves them as they are."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.detach().float().clone())
+        return scores
+
+
+def in_thread(fn):
+    """Run ``fn`` in a thread; its result, or its exception raised here; a hang fails."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(("ok", fn()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            out.append(("err", exc))
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(HANG)
+    assert not worker.is_alive(), "the call hung (deadlock)"
+    kind, value = out[0]
+    if kind == "err":
+        raise value
+    return value
+
+
+# -- 1. a batch row keeps its whole parallel group; nothing stored from a causal recompute ----
+
+@BROKEN
+def test_plan_batch_never_cuts_a_row_below_its_floor():
+    # row 0: 40 tokens, 10 cached; row 1: 20 tokens, 18 cached, its group ends at 16
+    layout = plan_batch([40, 20], [10, 18], [0, 16])
+    assert layout.kept[1] >= 16 and layout.kept[0] <= 40 - 1
+    assert layout.cached_width == layout.pads[1] + layout.kept[1]
+
+
+@BROKEN
+@pytest.mark.parametrize("repair", ["none", "head:4", "blend:0.5", "full"])
+def test_batch_row_with_a_parallel_group_equals_its_solo_call_and_stores_nothing_wrong(repair):
+    q, longer = group_question(), longer_question()
+    solo_rt = tiny_runtime(repair=repair)
+    solo = Recorder()
+    want = solo_rt.generate(q, 6, logits_processor=LogitsProcessorList([solo]))
+    rt = tiny_runtime(repair=repair)
+    got = Recorder()
+    rows = rt.generate_batch([longer, q], 6, logits_processor=LogitsProcessorList([got]))
+    assert rows[1].token_ids == want.token_ids
+    for step, (a, b) in enumerate(zip(got.steps, solo.steps)):
+        torch.testing.assert_close(a[1], b[0], atol=ATOL, rtol=0, msg=lambda m, s=step: f"step {s}: {m}")
+    # the store is not poisoned: a later call equals a cold runtime's
+    torch.testing.assert_close(rt.next_token_logits(q), tiny_runtime(repair=repair).next_token_logits(q),
+                               atol=ATOL, rtol=0)
+
+
+@BROKEN
+def test_generate_batch_takes_a_repair_mode():
+    q = group_question()
+    rt = tiny_runtime(repair="none")
+    row, = rt.generate_batch([q], 3, repair="full")
+    assert row.stats.parallel.repair == "full"
+    assert row.token_ids == tiny_runtime(repair="full").generate(q, 3).token_ids
+
+
+# -- 2. the static executor selects its attention per call, never the model's config ----------
+
+class AtFirstLayer:
+    """A forward pre-hook on the model's first decoder layer that runs ``action`` once,
+    inside the forward of a call made on ``thread``."""
+
+    def __init__(self, model, action) -> None:
+        self.action, self.thread, self.done = action, None, False
+        self.handle = model.model.layers[0].register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        if not self.done and threading.current_thread() is self.thread:
+            self.done = True
+            self.action()
+
+
+@BROKEN
+def test_eager_calls_on_the_model_work_during_a_static_forward():
+    model, tokenizer = tiny_model("llama")
+    static = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static")
+    eager = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="eager")
+    ctx = Context().append(SYSTEM).append(QUESTION)
+    want = eager.next_token_logits(ctx, reuse=False)
+    seen: list = []
+    hook = AtFirstLayer(model, lambda: seen.append(in_thread(lambda: eager.next_token_logits(ctx, reuse=False))))
+    try:
+        hook.thread = threading.current_thread()
+        out = static.generate(ctx, 4)
+    finally:
+        hook.handle.remove()
+    assert out.stats.executor == "static" and hook.done
+    torch.testing.assert_close(seen[0], want, atol=ATOL, rtol=0)
+
+
+@BROKEN
+def test_overlapping_static_generations_leave_the_model_as_it_was():
+    model, tokenizer = tiny_model("llama")
+    own = model.config._attn_implementation
+    a, b = (spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static") for _ in range(2))
+    ctx = Context().append(SYSTEM).append(QUESTION)
+    b_inside, a_done = threading.Event(), threading.Event()
+    results: dict = {}
+
+    def run_b():
+        try:
+            results["b"] = b.generate(ctx, 4)
+        except BaseException as exc:  # noqa: BLE001
+            results["b"] = exc
+
+    def pause_b():  # b's first forward waits inside until a has finished
+        b_inside.set()
+        a_done.wait(HANG)
+
+    b_hook = AtFirstLayer(model, pause_b)
+    a_hook = AtFirstLayer(model, lambda: (worker.start(), b_inside.wait(HANG)))
+    worker = threading.Thread(target=run_b, daemon=True)
+    b_hook.thread, a_hook.thread = worker, threading.current_thread()
+    try:
+        results["a"] = a.generate(ctx, 4)
+        a_done.set()
+        worker.join(HANG)
+    finally:
+        a_done.set()
+        a_hook.handle.remove()
+        b_hook.handle.remove()
+    assert not worker.is_alive()
+    assert not isinstance(results["b"], BaseException), results["b"]
+    assert results["a"].token_ids == results["b"].token_ids
+    assert model.config._attn_implementation == own
+    eager = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="eager")
+    torch.testing.assert_close(eager.next_token_logits(ctx), eager.next_token_logits(ctx, reuse=False),
+                               atol=ATOL, rtol=0)
+
+
+# -- 3. re-entrant calls work on both executors ---------------------------------------------
+
+class CallingStreamer(BaseStreamer):
+    """A streamer whose ``put`` makes a nested generation on the same runtime."""
+
+    def __init__(self, rt, ctx) -> None:
+        self.rt, self.ctx, self.nested = rt, ctx, []
+
+    def put(self, value):
+        if len(self.nested) < 2:
+            self.nested.append(self.rt.generate(self.ctx, 3).token_ids)
+
+    def end(self):
+        pass
+
+
+class CallingProcessor(LogitsProcessor):
+    """A logits processor that asks the same runtime for logits, then leaves the scores."""
+
+    def __init__(self, rt, ctx) -> None:
+        self.rt, self.ctx, self.seen = rt, ctx, []
+
+    def __call__(self, input_ids, scores):
+        self.seen.append(self.rt.next_token_logits(self.ctx))
+        return scores
+
+
+@pytest.mark.parametrize("executor", ["eager", pytest.param("static", marks=BROKEN)])
+def test_reentrant_calls_work_on_both_executors(executor):
+    rt = tiny_runtime(executor=executor)
+    ctx, other = Context().append(SYSTEM).append(QUESTION), Context().append(SYSTEM).append("Q: and Lee?\nA:")
+    plain, nested_plain = rt.generate(ctx, 4).token_ids, rt.generate(other, 3).token_ids
+    streamer = CallingStreamer(rt, other)
+    assert in_thread(lambda: rt.generate(ctx, 4, streamer=streamer)).token_ids == plain
+    assert streamer.nested == [nested_plain] * 2
+    processor = CallingProcessor(rt, other)
+    got = in_thread(lambda: rt.generate(ctx, 4, logits_processor=LogitsProcessorList([processor])))
+    assert got.token_ids == plain and len(processor.seen) == 4
+    torch.testing.assert_close(processor.seen[-1], rt.next_token_logits(other, reuse=False), atol=ATOL, rtol=0)
+
+
+# -- 4. adapter state belongs to a runtime ----------------------------------------------------
+
+@BROKEN
+def test_unloading_an_adapter_in_one_runtime_leaves_another_runtimes(tmp_path):
+    base, tokenizer = tiny_model("llama")
+    folder = make_adapter(base, tmp_path / "c", seed=3)
+    model = copy.deepcopy(base)
+    ta, tb = (spanctx.Runtime(model, tokenizer, store_bytes=64 << 20) for _ in range(2))
+    ta.add_adapter("c", folder)
+    tb.add_adapter("c", folder)
+    ctx = Context().append(SYSTEM).append(QUESTION)
+    with_c = tb.next_token_logits(ctx, adapter="c", reuse=False)
+    assert (with_c - tb.next_token_logits(ctx, reuse=False)).abs().max() > 1e-3  # the adapter changes outputs
+    ta.unload_adapter("c")
+    assert "c" in tb.list_adapters() and "c" not in ta.list_adapters()
+    torch.testing.assert_close(tb.next_token_logits(ctx, adapter="c", reuse=False), with_c, atol=ATOL, rtol=0)
+    tb.unload_adapter("c")
+    torch.testing.assert_close(tb.next_token_logits(ctx, reuse=False),
+                               spanctx.Runtime(base, tokenizer, store_bytes=1 << 20).next_token_logits(ctx, reuse=False),
+                               atol=ATOL, rtol=0)
+
+
+# -- 5. adapter loading checks its weights ------------------------------------------------------
+
+def _damaged(tmp_path, name, damage):
+    base, _ = tiny_model("llama")
+    folder = make_adapter(base, tmp_path / name, seed=1)
+    file = folder / "adapter_model.safetensors"
+    weights = load_file(str(file))
+    save_file(damage(weights), str(file))
+    return folder
+
+
+DAMAGES = {
+    "no-lora-B": (lambda w: {k: v for k, v in w.items() if "lora_B" not in k}, "missing"),
+    "layer-missing": (lambda w: {k: v for k, v in w.items() if ".layers.1." not in k}, "missing"),
+    "nan": (lambda w: {k: (v.fill_(float("nan")) if i == 0 else v) for i, (k, v) in enumerate(w.items())},
+            "non-finite"),
+    "unexpected": (lambda w: {**w, "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight": torch.ones(2)},
+                   "unexpected"),
+}
+
+
+@BROKEN
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_adapter_file_is_refused_naming_the_file(tmp_path, damage):
+    change, words = DAMAGES[damage]
+    folder = _damaged(tmp_path, damage, change)
+    base, tokenizer = tiny_model("llama")
+    rt = spanctx.Runtime(copy.deepcopy(base), tokenizer, store_bytes=1 << 20)
+    ctx = Context().append(QUESTION)
+    before = rt.next_token_logits(ctx, reuse=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(AdapterError, match=words) as error:
+            rt.add_adapter("c", folder)
+    assert "adapter_model.safetensors" in str(error.value) and damage in str(error.value)
+    assert rt.list_adapters() == {}
+    torch.testing.assert_close(rt.next_token_logits(ctx, reuse=False), before, atol=0, rtol=0)
+
+
+# -- 6. a per-call salt on every call that reads spans ------------------------------------------
+
+def _tenant_calls():
+    ctx = Context().append(SYSTEM).append(QUESTION)
+    group = group_question()
+    messages = [{"role": "user", "content": "What is the code of Tomas?"}]
+    return {
+        "score": lambda rt, s: rt.score(ctx, [" 9023", " 4411"], salt=s),
+        "rank": lambda rt, s: rt.rank(ctx, [" 9023", " 4411"], salt=s),
+        "check": lambda rt, s: rt.check(ctx, ["It is short.", "It is kind."], salt=s),
+        "check-parallel": lambda rt, s: rt.check(group, ["It is short."], salt=s),
+        "check_loop": lambda rt, s: rt.check_loop(ctx, ["It is short."], max_rounds=1, max_new_tokens=3, salt=s),
+        "hidden-last": lambda rt, s: rt.hidden_states(ctx, salt=s),
+        "generate_json": lambda rt, s: rt.generate_json(ctx, {"type": "boolean"}, max_new_tokens=8, salt=s),
+        "tool_turn": lambda rt, s: rt.tool_turn(messages, [], max_new_tokens=3, salt=s),
+        "batch": lambda rt, s: rt.generate_batch([ctx, group], 2, salt=s),
+        "logits": lambda rt, s: rt.next_token_logits(group, salt=s),
+    }
+
+
+class KeySpy:
+    """Records the keys a store is given (``put``) and the keys it hands out (``lookup`` hits)."""
+
+    def __init__(self, store) -> None:
+        self.stored, self.hit = set(), set()
+        put, lookup = store.put, store.lookup
+
+        def spy_put(key, kv):
+            self.stored.add(key)
+            return put(key, kv)
+
+        def spy_lookup(key):
+            found = lookup(key)
+            if found is not None:
+                self.hit.add(key)
+            return found
+
+        store.put, store.lookup = spy_put, spy_lookup
+
+    def reset(self) -> None:
+        self.stored, self.hit = set(), set()
+
+
+FAILED_ON_MAIN = {"score", "rank", "check", "check-parallel", "check_loop", "hidden-last"}
+
+
+@pytest.mark.parametrize("call", [pytest.param(c, marks=BROKEN) if c in FAILED_ON_MAIN else c
+                                  for c in _tenant_calls()])
+def test_tenants_with_different_call_salts_share_no_span(call):
+    if call == "generate_json":
+        pytest.importorskip("llguidance")
+    fn = _tenant_calls()[call]
+    rt = tiny_runtime()
+    spy = KeySpy(rt.store)
+    fn(rt, "tenant-a")
+    tenant_a = spy.stored
+    assert tenant_a
+    spy.reset()
+    fn(rt, "tenant-b")
+    fn(rt, "tenant-b")
+    assert not spy.hit & tenant_a  # no cross-tenant hit
+    assert spy.hit  # ... while each tenant reuses its own
+
+
+@BROKEN
+def test_a_salted_mean_embedding_stores_under_its_tenants_keys_only():
+    rt = tiny_runtime()
+    ctx = Context().append(SYSTEM).append(QUESTION)
+    rt.hidden_states(ctx, "mean", salt="tenant-a")
+    before = rt.store.stats.hits
+    rt.next_token_logits(ctx, salt="tenant-b")
+    assert rt.store.stats.hits == before
+    rt.next_token_logits(ctx, salt="tenant-a")
+    assert rt.store.stats.hits > before
+
+
+# -- 7. a runtime gives its static buffers' reservation back ------------------------------------
+
+@BROKEN
+def test_static_runtimes_give_their_reservation_back():
+    model, tokenizer = tiny_model("llama")
+    store = spanctx.KVStore(64 << 20)
+    budget = store.stats.bytes_budget
+    for _ in range(3):
+        spanctx.Runtime(model, tokenizer, store=store, executor="static")  # dropped: collected
+    gc.collect()
+    assert store.stats.bytes_budget == budget
+    rt = spanctx.Runtime(model, tokenizer, store=store, executor="static")
+    assert store.stats.bytes_budget < budget
+    rt.close()
+    rt.close()  # twice is harmless
+    assert store.stats.bytes_budget == budget
+    with pytest.raises(RuntimeError, match="closed"):
+        rt.generate(Context().append(QUESTION), 2)
+    with spanctx.Runtime(model, tokenizer, store=store, executor="static") as held:
+        held.generate(Context().append(QUESTION), 2)
+        assert store.stats.bytes_budget < budget
+    assert store.stats.bytes_budget == budget
+
+
+# -- 10. exact repair keys ----------------------------------------------------------------------
+
+@BROKEN
+def test_repair_modes_that_differ_never_share_a_key():
+    assert str(Repair.parse("blend:0.1500001")) != str(Repair.parse("blend:0.15"))
+    for spec in ("blend:0.15", "blend:0.1500001", "blend:1e-05", "head:3", "none", "full"):
+        assert Repair.parse(str(Repair.parse(spec))) == Repair.parse(spec)
+    q = group_question()
+    rt = tiny_runtime()
+    rt.next_token_logits(q, repair="blend:0.15")
+    got = rt.next_token_logits(q, repair="blend:0.1500001")
+    torch.testing.assert_close(got, tiny_runtime().next_token_logits(q, repair="blend:0.1500001"), atol=1e-5, rtol=0)
+    a, _ = rt.resolve(q, repair="blend:0.15")
+    b, _ = rt.resolve(q, repair="blend:0.1500001")
+    assert a.groups[0].key != b.groups[0].key
+
+
+# -- notes: stop strings, long cold prompts on the static executor, model identities -----------
+
+@BROKEN
+@pytest.mark.parametrize("executor", ["eager", "static"])
+def test_stop_strings_work_without_passing_a_tokenizer(executor):
+    rt = tiny_runtime(executor=executor)
+    ctx = Context().append(QUESTION)
+    free = rt.generate(ctx, 12)
+    stop = free.text[2:4]
+    assert stop, "the tiny model must produce some text"
+    got = rt.generate(ctx, 12, stop_strings=[stop])
+    assert stop in got.text and got.text.index(stop) + len(stop) == len(got.text)
+
+
+@BROKEN
+def test_a_long_cold_tail_on_the_cpu_static_executor_runs_eagerly_and_says_why():
+    model, tokenizer = tiny_model("llama")
+    rt = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static")
+    rt.engine.static.max_mask_bytes = 1 << 20  # a 600-token tail's fp32 mask takes ~1.5 MB
+    out = rt.generate(Context().append("word " * 120), 2)
+    assert out.stats.executor == "eager" and "mask" in out.stats.executor_fallback
+
+
+@BROKEN
+def test_two_models_of_other_shapes_under_one_identity_are_refused():
+    llama, tokenizer = tiny_model("llama")
+    qwen, _ = tiny_model("qwen2")
+    store = spanctx.KVStore(16 << 20)
+    spanctx.Runtime(llama, tokenizer, store=store, model_identity="my-model")
+    with pytest.raises(ValueError, match="model_identity"):
+        spanctx.Runtime(qwen, tokenizer, store=store, model_identity="my-model")
