@@ -121,7 +121,6 @@ class AtFirstLayer:
             self.action()
 
 
-@BROKEN
 def test_eager_calls_on_the_model_work_during_a_static_forward():
     model, tokenizer = tiny_model("llama")
     static = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static")
@@ -139,7 +138,6 @@ def test_eager_calls_on_the_model_work_during_a_static_forward():
     torch.testing.assert_close(seen[0], want, atol=ATOL, rtol=0)
 
 
-@BROKEN
 def test_overlapping_static_generations_leave_the_model_as_it_was():
     model, tokenizer = tiny_model("llama")
     own = model.config._attn_implementation
@@ -206,7 +204,7 @@ class CallingProcessor(LogitsProcessor):
         return scores
 
 
-@pytest.mark.parametrize("executor", ["eager", pytest.param("static", marks=BROKEN)])
+@pytest.mark.parametrize("executor", ["eager", "static"])
 def test_reentrant_calls_work_on_both_executors(executor):
     rt = tiny_runtime(executor=executor)
     ctx, other = Context().append(SYSTEM).append(QUESTION), Context().append(SYSTEM).append("Q: and Lee?\nA:")

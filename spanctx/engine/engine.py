@@ -247,6 +247,8 @@ class Engine:
             return None
         if adapter_on:
             return "adapter calls run on the eager executor"
+        if self.static.busy_here:
+            return "a call made from a callback of a running static generation runs on the eager executor"
         if kwargs.get("output_scores") or kwargs.get("output_logits"):
             return "per-token scores and logits are kept by the eager executor"
         return self.static.unsupported(batch=1, num_tokens=call.prompt.num_tokens + opts.max_new_tokens,

@@ -30,9 +30,14 @@ Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwa
 with an explicit mask; logits match a full prefill within float rounding
 (``tests/test_static.py``).
 
-Threading: calls must not overlap (the engine serializes them; the executor also holds a
-lock): during a call the model's attention implementation is switched to
-``spanctx.slots``' function, and aLoRA layers to the executor's hooks.
+Threading: calls of one executor must not overlap (the engine serializes them; the
+executor also holds a lock). During a step's forward the model's attention is switched
+to ``spanctx.slots``' function on the calling thread only (``slots.attention_switched``):
+eager calls on the same model from other threads, and callbacks between steps, see the
+model as it is. A call made from a callback of a running call (a streamer, a logits
+processor) is refused here with a clear error; the engine runs it eagerly
+(``busy_here``). With an aLoRA on, its layers run through the executor's hooks during
+the call.
 """
 
 from __future__ import annotations
@@ -178,6 +183,7 @@ class StaticExecutor:
         self._adapters = AdapterSteps(model, max_batch=max_batch, max_tokens=self.max_tokens)
         self._forward = torch.compile(model) if compile else model
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside a call
         self.reset()
 
     def reset(self) -> None:
@@ -289,10 +295,22 @@ class StaticExecutor:
             if any(s is not None and not tail_start <= s < prompt for s in starts):
                 raise ValueError(f"aLoRA offsets {list(alora_offsets)} put an invocation before tail_start="
                                  f"{tail_start} (the reused prefix must be base KV) or outside the prompt")
-        with self._lock, torch.inference_mode(), attention_switched(self.model):
-            state, layers = self._adapters.state()
-            with self._adapters.engaged(state, layers, starts):
-                yield state
+        if self.busy_here:
+            raise RuntimeError("a re-entrant call to the static executor (from a callback of its running "
+                               "generation): the engine runs such calls eagerly")
+        with self._lock, torch.inference_mode():
+            self._owner = threading.get_ident()
+            try:
+                state, layers = self._adapters.state()
+                with self._adapters.engaged(state, layers, starts):
+                    yield state
+            finally:
+                self._owner = None
+
+    @property
+    def busy_here(self) -> bool:
+        """Whether this thread is inside one of the executor's calls (a callback of it)."""
+        return self._owner == threading.get_ident()
 
     def _prepare(self, prefix, input_ids: torch.Tensor, tail_start: int, slots_needed: int,
                  attention_mask: torch.Tensor | None, adapters: AdapterState | None) -> _Call:
@@ -355,9 +373,10 @@ class StaticExecutor:
         if cache is None:
             cache = self._caches[bucket] = SlotCache(*self.buffers.views(batch, length), slots)
         keep = 1 if tokens == 1 else self._keep[:bucket.keep]
-        out = self._forward(input_ids=self._ids[:batch, :tokens], position_ids=self._pos[:batch, :tokens],
-                            attention_mask=masks[None], use_cache=True, logits_to_keep=keep, **{STEP_KWARG: step},
-                            **cache_kwargs(self.model, cache))
+        with attention_switched(self.model):
+            out = self._forward(input_ids=self._ids[:batch, :tokens], position_ids=self._pos[:batch, :tokens],
+                                attention_mask=masks[None], use_cache=True, logits_to_keep=keep,
+                                **{STEP_KWARG: step}, **cache_kwargs(self.model, cache))
         return out.logits
 
     def _chunk_count(self, bucket: Bucket) -> int:
