@@ -381,9 +381,9 @@ def test_static_runtimes_give_their_reservation_back():
 
 # -- 10. exact repair keys ----------------------------------------------------------------------
 
-@BROKEN
 def test_repair_modes_that_differ_never_share_a_key():
     assert str(Repair.parse("blend:0.1500001")) != str(Repair.parse("blend:0.15"))
+    assert str(Repair("blend", fraction=1)) == str(Repair.parse("blend:1.0")) == str(Repair.parse("blend:1"))
     for spec in ("blend:0.15", "blend:0.1500001", "blend:1e-05", "head:3", "none", "full"):
         assert Repair.parse(str(Repair.parse(spec))) == Repair.parse(spec)
     q = group_question()
