@@ -83,6 +83,7 @@ class Session:
         self.max_positions = _max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
+        self._closed = False
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
                              compile=compile)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
@@ -118,9 +119,29 @@ class Session:
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
-        """Hold the runtime: its lock (other calls wait) and inference mode. Re-entrant."""
+        """Hold the runtime: its lock (other calls wait) and inference mode. Re-entrant.
+        Refused once the runtime is closed."""
         with self._lock, torch.inference_mode():
+            if self.closed:
+                raise RuntimeError("this runtime is closed; make a new Runtime")
             yield
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Give the static executor's buffer reservation back to the store and refuse
+        later calls. Idempotent; a runtime that is collected gives it back too."""
+        with self._lock:
+            self._closed = True
+            self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def resolve(self, ctx: Context, *, adapter: str | None = None, repair: str | Repair | None = None,
                 salt: str | None = None) -> tuple[ResolvedPrompt, Activation | None]:

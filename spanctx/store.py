@@ -126,6 +126,13 @@ class KVStore:
         with self._lock:
             self._forget(self.index.shrink(nbytes))
 
+    def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that ``reserve`` took (a closed runtime's static buffers)."""
+        if nbytes < 0:
+            raise ValueError(f"cannot release {nbytes} bytes")
+        with self._lock:
+            self.index.budget += nbytes
+
     def _forget(self, evicted: tuple[bytes, ...]) -> None:
         """Drop the payloads of keys the index evicted."""
         for key in evicted:

@@ -14,7 +14,9 @@ One call:
 from __future__ import annotations
 
 import functools
+import gc
 import time
+import weakref
 from array import array
 from collections.abc import Sequence
 
@@ -155,11 +157,24 @@ class Engine:
             limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
             self.static = StaticExecutor(model, max_tokens=static_tokens or min(limit or STATIC_TOKENS, STATIC_TOKENS),
                                          compile=compile)
-            store.reserve(self.static.memory_bytes)
+            try:
+                store.reserve(self.static.memory_bytes)
+            except ValueError:  # dropped runtimes may wait in reference cycles: collect them, retry once
+                gc.collect()
+                store.reserve(self.static.memory_bytes)
+            # given back on close() or when the engine is collected, whichever comes first
+            self._release = weakref.finalize(self, store.release, self.static.memory_bytes)
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.interpreter = Interpreter(self.executor, store, lambda: self.key_mover, self.num_layers)
         with torch.inference_mode():
             self.layout = self._probe_layout()
+
+    def close(self) -> None:
+        """Free the static executor's buffers and give their reservation back to the
+        store (once; later calls do nothing). The engine runs no static call after it."""
+        if self.static is not None:
+            self._release()
+            self.static = None
 
     @functools.cached_property
     def key_mover(self) -> KeyMover:
