@@ -203,11 +203,11 @@ class Runtime(Session):
 
     def check(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
               config: checks.CheckConfig = checks.DEFAULT_CHECK, reuse: bool = True,
-              batch_size: int = 16) -> list[checks.Verdict]:
+              batch_size: int = 16, salt: str | None = None) -> list[checks.Verdict]:
         """One verdict per requirement on ``ctx``; the context is assembled once and the
         checks run ``batch_size`` per forward (see ``spanctx.checks.check``)."""
         return checks.check(self, ctx, requirements, adapter=adapter, config=config, reuse=reuse,
-                            batch_size=batch_size)
+                            batch_size=batch_size, salt=salt)
 
     def check_loop(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
                    max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
@@ -222,20 +222,21 @@ class Runtime(Session):
     # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
 
     def score(self, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
-              batch_size: int = 16) -> list[Score]:
+              batch_size: int = 16, salt: str | None = None) -> list[Score]:
         """Log-probabilities of each candidate after ``ctx``; the context is computed once
         (through the store) for all of them. See ``spanctx.scoring``."""
-        return scoring.score(self, ctx, candidates, reuse=reuse, batch_size=batch_size)
+        return scoring.score(self, ctx, candidates, reuse=reuse, batch_size=batch_size, salt=salt)
 
     def rank(self, ctx: Context, candidates: Sequence[Candidate], *, by: str = "logprob",
-             reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
+             reuse: bool = True, batch_size: int = 16, salt: str | None = None) -> list[Ranked]:
         """``candidates`` best first by ``"logprob"`` or ``"mean_logprob"``."""
-        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse, batch_size=batch_size)
+        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse, batch_size=batch_size, salt=salt)
 
-    def hidden_states(self, ctx: Context, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:
+    def hidden_states(self, ctx: Context, reduction: str = "last", *, reuse: bool = True,
+                      salt: str | None = None) -> torch.Tensor:
         """An embedding ``[hidden]`` of ``ctx``: the last token's final hidden state
         (reuses the store) or the mean over all tokens (a full forward). See ``spanctx.states``."""
-        return states.hidden_states(self, ctx, reduction, reuse=reuse)
+        return states.hidden_states(self, ctx, reduction, reuse=reuse, salt=salt)
 
     def generate_json(self, ctx: Context, format, *, max_new_tokens: int = 256, **generate_kwargs) -> JsonResult:
         """Generate a value of ``format`` (pydantic model or JSON schema) under a grammar

@@ -322,11 +322,9 @@ class KeySpy:
         self.stored, self.hit = set(), set()
 
 
-FAILED_ON_MAIN = {"score", "rank", "check", "check-parallel", "check_loop", "hidden-last"}
-
-
-@pytest.mark.parametrize("call", [pytest.param(c, marks=BROKEN) if c in FAILED_ON_MAIN else c
-                                  for c in _tenant_calls()])
+# score, rank, check, check-parallel, check_loop and hidden-last failed on main (no salt= or a
+# dropped one); the others passed and stay as regression cases
+@pytest.mark.parametrize("call", list(_tenant_calls()))
 def test_tenants_with_different_call_salts_share_no_span(call):
     if call == "generate_json":
         pytest.importorskip("llguidance")
@@ -343,7 +341,6 @@ def test_tenants_with_different_call_salts_share_no_span(call):
     assert spy.hit  # ... while each tenant reuses its own
 
 
-@BROKEN
 def test_a_salted_mean_embedding_stores_under_its_tenants_keys_only():
     rt = tiny_runtime()
     ctx = Context().append(SYSTEM).append(QUESTION)
