@@ -158,10 +158,13 @@ class Runtime(Session):
             return out.logits[0, -1].float()
 
     def generate_batch(self, contexts: Sequence[Context | str], max_new_tokens: int | None = None, *,
-                       reuse: bool = True, salt: str | None = None, **generate_kwargs) -> list[Result]:
+                       reuse: bool = True, salt: str | None = None, repair: str | None = None,
+                       **generate_kwargs) -> list[Result]:
         """Generate after several contexts (or plain strings) in one left-padded batch, each
-        row reusing its own stored spans; greedy results equal one ``generate`` per row."""
-        return batch.generate_batch(self, contexts, self.options(max_new_tokens, **generate_kwargs), reuse, salt)
+        row reusing its own stored spans; greedy results equal one ``generate`` per row.
+        ``salt`` and ``repair`` apply to every row (None: the runtime's)."""
+        return batch.generate_batch(self, contexts, self.options(max_new_tokens, **generate_kwargs), reuse, salt,
+                                    repair)
 
     async def agenerate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                         **generate_kwargs) -> Result:

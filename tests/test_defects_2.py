@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from adapter_helpers import make_adapter
 from conftest import tiny_model, tiny_runtime
 from safetensors.torch import load_file, save_file
@@ -71,7 +73,6 @@ def in_thread(fn):
 
 # -- 1. a batch row keeps its whole parallel group; nothing stored from a causal recompute ----
 
-@BROKEN
 def test_plan_batch_never_cuts_a_row_below_its_floor():
     # row 0: 40 tokens, 10 cached; row 1: 20 tokens, 18 cached, its group ends at 16
     layout = plan_batch([40, 20], [10, 18], [0, 16])
@@ -79,7 +80,23 @@ def test_plan_batch_never_cuts_a_row_below_its_floor():
     assert layout.cached_width == layout.pads[1] + layout.kept[1]
 
 
-@pytest.mark.parametrize("repair", [pytest.param(r, marks=BROKEN) for r in ("none", "head:4", "blend:0.5")] + ["full"])
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 60), st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=6))
+def test_plan_batch_keeps_every_floor_and_otherwise_the_most_cache(rows):
+    lengths = [n for n, _, _ in rows]
+    cached = [int(a * (n - 1)) for n, a, _ in rows]
+    floors = [int(b * c) for c, (_, _, b) in zip(cached, rows)]
+    layout = plan_batch(lengths, cached, floors)
+    assert all(kept >= floor for kept, floor in zip(layout.kept, floors))
+    assert all(pad + kept < layout.width for pad, kept in zip(layout.pads, layout.kept))  # one token left to run
+    # the smallest cached width that keeps every floor, and no smaller than plain reuse's
+    plain = min(c + pad for c, pad in zip(cached, layout.pads))
+    needed = max([f + pad for f, pad in zip(floors, layout.pads) if f], default=0)
+    assert layout.cached_width == max(plain, needed)
+
+
+# none, head:4 and blend:0.5 failed on main; full passed
+@pytest.mark.parametrize("repair", ["none", "head:4", "blend:0.5", "full"])
 def test_batch_row_with_a_parallel_group_equals_its_solo_call_and_stores_nothing_wrong(repair):
     q, longer = group_question(), longer_question()
     solo_rt = tiny_runtime(repair=repair)
@@ -96,7 +113,6 @@ def test_batch_row_with_a_parallel_group_equals_its_solo_call_and_stores_nothing
                                atol=ATOL, rtol=0)
 
 
-@BROKEN
 def test_generate_batch_takes_a_repair_mode():
     q = group_question()
     rt = tiny_runtime(repair="none")

@@ -78,6 +78,15 @@ class Assembly:
     def cached_tokens(self) -> int:
         return self.plan.cached_tokens if self.plan else 0
 
+    @property
+    def keep_at_least(self) -> int:
+        """The fewest of its cached tokens a final call may keep and recompute the rest
+        causally: the end of its last parallel group (a group's KV is not what a causal
+        forward computes, nor is what was stored after it), at most ``tail_start``."""
+        ranges = self.prompt.span_ranges()
+        group_end = max((ranges[g.stop - 1][1] for g in self.prompt.groups), default=0)
+        return min(group_end, self.tail_start) if self.plan is not None else 0
+
 
 @attrs.frozen(eq=False)
 class Generated:
@@ -284,7 +293,12 @@ class Engine:
                       kwargs: dict) -> Generated:
         """Decode after every call's prompt in one left-padded batch (``batch.plan_batch``:
         row ``i`` keeps the first ``kept[i]`` tokens of its cache, the batch cache is
-        ``cached_width`` slots); store each row's tail spans. Sequences: ``[B, W + N]``."""
+        ``cached_width`` slots); store each row's tail spans. Sequences: ``[B, W + N]``.
+
+        ``kept[i]`` is at least the call's ``keep_at_least`` (refused otherwise: the batch
+        would recompute a parallel group causally and store what follows from it). Where
+        it exceeds the call's cache, the missing tokens (its tail's first ones) are run
+        first, causally, as the final call would run them."""
         width = max(c.prompt.num_tokens for c in calls)
         pad_id = kwargs["pad_token_id"]
         if pad_id is None:
@@ -295,6 +309,12 @@ class Engine:
             input_ids[row, width - call.prompt.num_tokens:] = call.input_ids[0]
             attention_mask[row, width - call.prompt.num_tokens:] = 1
         reuse = all(c.cache is not None for c in calls)
+        for row, (call, keep) in enumerate(zip(calls, kept)):
+            if reuse and keep < call.keep_at_least:
+                raise ValueError(f"row {row} would keep {keep} cached tokens, fewer than its parallel group's "
+                                 f"{call.keep_at_least}: the rest would be recomputed causally")
+            if reuse and keep > call.tail_start:
+                self.executor.forward(call.input_ids[:, call.tail_start:keep], call.cache)
         cache = kvops.stack_left_padded([c.cache for c in calls], kept, cached_width) if reuse else None
         clock = FirstTokenClock()
         kwargs = with_stopping_criterion(kwargs, clock)
