@@ -236,7 +236,6 @@ def test_reentrant_calls_work_on_both_executors(executor):
 
 # -- 4. adapter state belongs to a runtime ----------------------------------------------------
 
-@BROKEN
 def test_unloading_an_adapter_in_one_runtime_leaves_another_runtimes(tmp_path):
     base, tokenizer = tiny_model("llama")
     folder = make_adapter(base, tmp_path / "c", seed=3)
@@ -277,7 +276,6 @@ DAMAGES = {
 }
 
 
-@BROKEN
 @pytest.mark.parametrize("damage", list(DAMAGES))
 def test_a_damaged_adapter_file_is_refused_naming_the_file(tmp_path, damage):
     change, words = DAMAGES[damage]
