@@ -408,16 +408,28 @@ def test_repair_modes_that_differ_never_share_a_key():
 
 # -- notes: stop strings, long cold prompts on the static executor, model identities -----------
 
-@BROKEN
+class Forced(LogitsProcessor):
+    """Makes step ``i`` choose ``ids[i]``: printable text from a random model."""
+
+    def __init__(self, ids, prompt_tokens: int) -> None:
+        self.ids, self.prompt_tokens = ids, prompt_tokens
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[input_ids.shape[1] - self.prompt_tokens]] = 0
+        return forced
+
+
 @pytest.mark.parametrize("executor", ["eager", "static"])
 def test_stop_strings_work_without_passing_a_tokenizer(executor):
     rt = tiny_runtime(executor=executor)
     ctx = Context().append(QUESTION)
-    free = rt.generate(ctx, 12)
-    stop = free.text[2:4]
-    assert stop, "the tiny model must produce some text"
-    got = rt.generate(ctx, 12, stop_strings=[stop])
-    assert stop in got.text and got.text.index(stop) + len(stop) == len(got.text)
+    text = "The code is 9023. Done."
+    ids = rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+    forced = LogitsProcessorList([Forced(ids, len(rt.token_ids(ctx)))])
+    assert rt.generate(ctx, len(ids), logits_processor=forced).text == text
+    got = rt.generate(ctx, len(ids), logits_processor=forced, stop_strings=["9023"])
+    assert got.text == "The code is 9023"
 
 
 @BROKEN
