@@ -432,13 +432,14 @@ def test_stop_strings_work_without_passing_a_tokenizer(executor):
     assert got.text == "The code is 9023"
 
 
-@BROKEN
 def test_a_long_cold_tail_on_the_cpu_static_executor_runs_eagerly_and_says_why():
     model, tokenizer = tiny_model("llama")
     rt = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static")
     rt.engine.static.max_mask_bytes = 1 << 20  # a 600-token tail's fp32 mask takes ~1.5 MB
     out = rt.generate(Context().append("word " * 120), 2)
     assert out.stats.executor == "eager" and "mask" in out.stats.executor_fallback
+    assert out.token_ids == rt.generate(Context().append("word " * 120), 2, reuse=False).token_ids
+    assert rt.generate(Context().append("word " * 10), 2).stats.executor == "static"  # a short tail stays
 
 
 @BROKEN

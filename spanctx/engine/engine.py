@@ -276,7 +276,7 @@ class Engine:
         if kwargs.get("output_scores") or kwargs.get("output_logits"):
             return "per-token scores and logits are kept by the eager executor"
         return self.static.unsupported(batch=1, num_tokens=call.prompt.num_tokens + opts.max_new_tokens,
-                                       options=opts)
+                                       options=opts, tail=(call.tail_start, call.prompt.num_tokens))
 
     def _generate_static(self, call: Assembly, opts: CallOptions, kwargs: dict) -> Generated:
         """The static executor's decode: the prefix slices are copied into its buffers once."""

@@ -68,6 +68,7 @@ from .slots import (
 )
 from .static_layout import (
     SLOT_GRANULE,
+    attention_mode,
     cache_bucket,
     check_tail,
     left_pads,
@@ -80,8 +81,10 @@ from .static_lora import AdapterState, AdapterSteps
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 
-ATTENTION_MODES = ("auto", "split", "hf")
 GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are arithmetic-bound anyway)
+# a step's masks are tail x slots: a 15K cold prompt's are ~1 GB in fp32, and on CPU it ran
+# 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
+MAX_MASK_BYTES = 512 << 20
 
 
 @attrs.frozen
@@ -168,7 +171,7 @@ class StaticExecutor:
         window = getattr(text, "sliding_window", None)
         self.windows = (None,) if window is None else (None, window)
         self.kv_heads = layout[0][0]
-        self.attention = self._attention_mode(attention, text, layout[0][1])
+        self.attention = attention_mode(model, attention, layout[0][1], self.dtype)
         self._group = text.num_attention_heads // self.kv_heads if self.attention == "split" else 1
         self._chunks = chunks
         self._own_attention = own_attention(model)
@@ -184,6 +187,7 @@ class StaticExecutor:
         self._forward = torch.compile(model) if compile else model
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside a call
+        self.max_mask_bytes = MAX_MASK_BYTES
         self.reset()
 
     def reset(self) -> None:
@@ -207,9 +211,11 @@ class StaticExecutor:
         return self._steps.stats
 
     def unsupported(self, *, batch: int, num_tokens: int, options: CallOptions | None = None,
-                    custom_mask: bool = False) -> str | None:
+                    custom_mask: bool = False, tail: tuple[int, int] | None = None) -> str | None:
         """None when a call of ``batch`` rows needing ``num_tokens`` slots (prompt + new
-        tokens) can run here, else a short reason (the engine then runs it eagerly)."""
+        tokens) can run here, else a short reason (the engine then runs it eagerly).
+        ``tail``: ``(tail_start, prompt tokens)``; a tail whose step masks would take over
+        ``max_mask_bytes`` (a long cold prompt: a mask is tail x slots) is refused."""
         if self._model_reason:
             return self._model_reason
         if custom_mask:
@@ -218,6 +224,12 @@ class StaticExecutor:
             return f"a batch of {batch} rows exceeds the executor's max_batch of {self.buffers.max_batch}"
         if num_tokens > self.max_tokens:
             return f"the call needs {num_tokens} slots per row; the buffers hold {self.max_tokens}"
+        if tail is not None:
+            tokens, length = self._buckets(*tail, num_tokens)
+            mask_bytes = batch * self._group * tokens * length * self.dtype.itemsize * len(self.windows)
+            if mask_bytes > self.max_mask_bytes:
+                return (f"the {tail[1] - tail[0]}-token tail's attention masks would take {mask_bytes >> 20} MiB "
+                        f"(max_mask_bytes: {self.max_mask_bytes >> 20} MiB); eager attention needs none")
         return unsupported_options(self.model, options) if options is not None else None
 
     # -- calls ---------------------------------------------------------------------------
@@ -331,10 +343,14 @@ class StaticExecutor:
             copied += self.buffers.place(row, pieces, tail_start)
             self.buffers.overwrite(row, tail_start, self.max_tokens)
         self._row_start[:batch].copy_(torch.tensor(pads), non_blocking=True)
+        tail_bucket, length = self._buckets(tail_start, prompt, slots_needed)
+        return _Call(batch, prompt, tail_start, tail_bucket, length, copied, adapters, self._steps.stats)
+
+    def _buckets(self, tail_start: int, prompt: int, slots_needed: int) -> tuple[int, int]:
+        """The tail step's padded tokens and every step's attention slots."""
         tail = prompt - tail_start  # a long tail is arithmetic-bound: no graph, no padding
         tail_bucket = min(suffix_bucket(tail), self.max_tokens - tail_start) if tail <= GRAPH_TOKENS else tail
-        length = min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
-        return _Call(batch, prompt, tail_start, tail_bucket, length, copied, adapters, self._steps.stats)
+        return tail_bucket, min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
 
     def _run_tail(self, call: _Call, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the tail's last ``keep`` tokens (a graph's buffer)."""
@@ -399,22 +415,3 @@ class StaticExecutor:
         graphed = self.graphs and call.tail_bucket <= GRAPH_TOKENS
         return ExecStats("graph" if graphed else "eager", self.compiled, self.attention, call.tail_bucket,
                          call.length, call.copied, steps, built.builds, built.seconds)
-
-    def _attention_mode(self, attention: str, text, head_dim: int) -> str:
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        own = self.model.config._attn_implementation
-        softcap = getattr(text, "attn_logit_softcapping", None) is not None
-        if attention == "auto":
-            if self.device.type != "cuda" or own != "sdpa" or softcap:
-                return "hf"
-            return "split" if kernels.works(self.device, self.dtype, head_dim) else "hf"
-        if attention == "split":
-            if own not in ("sdpa", "eager") or softcap:
-                raise ValueError(f"{attention} attention computes plain softmax attention; this model's is {own!r}"
-                                 + (" with logit soft-capping" if softcap else ""))
-            if not kernels.works(self.device, self.dtype, head_dim):
-                raise ValueError(f"{attention} attention does not run (or disagrees) on {self.device} in {self.dtype}")
-        return attention
-
-
