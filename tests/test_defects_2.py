@@ -20,9 +20,9 @@ from transformers.generation.streamers import BaseStreamer
 
 import spanctx
 from spanctx import Context
-from spanctx.adapters import AdapterError
-from spanctx.batch import plan_batch
-from spanctx.placement import Repair
+from spanctx.core.placement import Repair
+from spanctx.features.batch import plan_batch
+from spanctx.session.adapters import AdapterError
 
 ATOL = 1e-4
 SYSTEM = "You answer from the documents. "

@@ -42,11 +42,11 @@ import attrs
 import torch
 import xxhash
 
+from ..core.keys import adapter_namespace
+from ..core.prompt import PromptResolver, ResolvedPrompt
+from ..core.spans import Span
+from ..hf import cache_argument, peft_wrapping
 from .adapter_files import WEIGHT_FILES, AdapterError, check_base_model, read_adapter_config
-from .hf import cache_argument, peft_wrapping
-from .keys import adapter_namespace
-from .prompt import PromptResolver, ResolvedPrompt
-from .spans import Span
 
 ALORA_STARTS = ("append", "in_prompt")
 
