@@ -442,7 +442,6 @@ def test_a_long_cold_tail_on_the_cpu_static_executor_runs_eagerly_and_says_why()
     assert rt.generate(Context().append("word " * 10), 2).stats.executor == "static"  # a short tail stays
 
 
-@BROKEN
 def test_two_models_with_other_weights_under_one_identity_are_refused():
     llama, tokenizer = tiny_model("llama")
     tuned = copy.deepcopy(llama)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 import torch
+import xxhash
 from transformers.generation.streamers import BaseStreamer
 
 from ..cache.fingerprint import model_namespace
@@ -79,6 +80,8 @@ class Session:
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
+        if model_identity is not None:  # without one, the namespace reads every weight already
+            self.store.claim(self.namespace, _weight_sample(model), model_identity)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.max_positions = _max_positions(model.config)
         self.repair = Repair.parse(repair)
@@ -251,6 +254,17 @@ def _check_salt(salt: str | None) -> str | None:
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"a salt is a non-empty str (or None), got {salt!r}")
     return salt
+
+
+def _weight_sample(model, per_tensor: int = 64) -> bytes:
+    """A digest of a few elements of the model's first, middle and last weights (strided
+    views: a few KB read), to tell apart models that share one ``model_identity``."""
+    params = [p for p in model.parameters() if p.device.type != "meta" and p.numel()]
+    h = xxhash.xxh3_64()
+    for p in {id(p): p for p in (params[0], params[len(params) // 2], params[-1])}.values() if params else ():
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu().numpy().tobytes())
+    return h.digest()
 
 
 def _max_positions(config) -> int | None:
