@@ -28,7 +28,6 @@ ATOL = 1e-4
 SYSTEM = "You answer from the documents. "
 DOCS = ("Doc 0: Ana's code is 4411. ", "Doc 1: Tomas's code is 9023. ", "Doc 2: Lee's code is 1170. ")
 QUESTION = "Q: What is the code of Tomas?\nA:"
-BROKEN = pytest.mark.xfail(strict=True, reason="issue 17: fails on main before its fix")
 HANG = 60  # seconds a worker thread may take before a test calls it hung (a deadlock guard, not a timing)
 
 
