@@ -107,6 +107,19 @@ def test_batch_row_with_a_parallel_group_equals_its_solo_call_and_stores_nothing
                                atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "gpt2"])
+def test_batch_row_with_a_parallel_group_on_other_architectures(arch):
+    q, longer = group_question(), longer_question()
+    solo, got = Recorder(), Recorder()
+    tiny_runtime(arch, repair="head:4").generate(q, 4, logits_processor=LogitsProcessorList([solo]))
+    rt = tiny_runtime(arch, repair="head:4")
+    rt.generate_batch([longer, q], 4, logits_processor=LogitsProcessorList([got]))
+    for a, b in zip(got.steps, solo.steps):
+        torch.testing.assert_close(a[1], b[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(rt.next_token_logits(q), tiny_runtime(arch, repair="head:4").next_token_logits(q),
+                               atol=ATOL, rtol=0)
+
+
 def test_generate_batch_takes_a_repair_mode():
     q = group_question()
     rt = tiny_runtime(repair="none")
