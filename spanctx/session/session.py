@@ -260,8 +260,9 @@ def _weight_sample(model, per_tensor: int = 64) -> bytes:
     """A digest of a few elements of the model's first, middle and last weights (strided
     views: a few KB read), to tell apart models that share one ``model_identity``."""
     params = [p for p in model.parameters() if p.device.type != "meta" and p.numel()]
+    chosen = (params[0], params[len(params) // 2], params[-1]) if params else ()
     h = xxhash.xxh3_64()
-    for p in {id(p): p for p in (params[0], params[len(params) // 2], params[-1])}.values() if params else ():
+    for p in dict.fromkeys(chosen):  # tensors hash by identity: a one-weight model is read once
         flat = p.detach().reshape(-1)
         h.update(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu().numpy().tobytes())
     return h.digest()
