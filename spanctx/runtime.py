@@ -42,7 +42,10 @@ class Runtime(Session):
     why (``executor_fallback``). ``"auto"`` (default): static for a generating model on one
     CUDA device (no device map, no quantized weights), eager elsewhere.
     ``compile``: the static executor runs the model through ``torch.compile`` (fused
-    kernels; each new shape compiles once, 25-50 s on an 8B model).
+    kernels; each new shape compiles once, 25-50 s on an 8B model). ``close()`` (or
+    leaving a ``with Runtime(...)`` block) gives the static buffers' reservation back to
+    the store; a collected runtime gives it back too. What is and is not isolated between
+    tenants: docs/tenancy.md.
     """
 
     # the features, as methods (each takes the session first)

@@ -44,6 +44,20 @@ class KVStore:
         self._lock = threading.RLock()
         self._hits = self._misses = self._hit_tokens = 0
         self._stored_tokens = self._evictions = self._rejected = 0
+        self._samples: dict[bytes, bytes] = {}  # model namespace -> weight sample of the model that claimed it
+
+    def claim(self, namespace: bytes, sample: bytes, identity: str) -> None:
+        """Record that a model whose sampled weights digest to ``sample`` fills the store
+        under ``namespace`` (a ``model_identity``'s); refuse another model under it. The
+        namespace already covers class, config and dtype; the sample catches most models
+        with other weights (fine-tunes differ almost everywhere), not all: the identity
+        stays the user's promise."""
+        with self._lock:
+            claimed = self._samples.setdefault(namespace, sample)
+        if claimed != sample:
+            raise ValueError(f"this store already holds spans of a model with other weights under "
+                             f"model_identity={identity!r} (sampled weights differ): give each model its own "
+                             "model_identity")
 
     def __contains__(self, key: bytes) -> bool:
         return key in self._payloads
@@ -104,6 +118,13 @@ class KVStore:
         Raises ValueError, changing nothing, when locked entries leave too little room."""
         with self._lock:
             self._forget(self.index.shrink(nbytes))
+
+    def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` that ``reserve`` took (a closed runtime's static buffers)."""
+        if nbytes < 0:
+            raise ValueError(f"cannot release {nbytes} bytes")
+        with self._lock:
+            self.index.budget += nbytes
 
     def _forget(self, evicted: tuple[bytes, ...]) -> None:
         """Drop the payloads of keys the index evicted."""

@@ -48,7 +48,7 @@ class Repair:
 
     kind: str
     k: int = 0
-    fraction: float = 0.0
+    fraction: float = attrs.field(default=0.0, converter=float)
 
     def __attrs_post_init__(self) -> None:
         if self.kind not in REPAIR_KINDS:
@@ -77,10 +77,13 @@ class Repair:
         return cls("blend", fraction=fraction)
 
     def __str__(self) -> str:
+        """The one canonical spelling, exact (it names the repair in keys): a blend
+        fraction is written as the shortest repr that reads back as the same float, so
+        ``blend:0.1500001`` and ``blend:0.15`` never share a key."""
         if self.kind == "head":
             return f"head:{self.k}"
         if self.kind == "blend":
-            return f"blend:{self.fraction:g}"
+            return f"blend:{self.fraction!r}"
         return self.kind
 
 

@@ -14,7 +14,9 @@ One call:
 from __future__ import annotations
 
 import functools
+import gc
 import time
+import weakref
 from array import array
 from collections.abc import Sequence
 
@@ -99,6 +101,15 @@ class Assembly:
     def cached_tokens(self) -> int:
         return self.plan.cached_tokens if self.plan else 0
 
+    @property
+    def keep_at_least(self) -> int:
+        """The fewest of its cached tokens a final call may keep and recompute the rest
+        causally: the end of its last parallel group (a group's KV is not what a causal
+        forward computes, nor is what was stored after it), at most ``tail_start``."""
+        ranges = self.prompt.span_ranges()
+        group_end = max((ranges[g.stop - 1][1] for g in self.prompt.groups), default=0)
+        return min(group_end, self.tail_start) if self.plan is not None else 0
+
 
 @attrs.frozen(eq=False)
 class Generated:
@@ -177,11 +188,24 @@ class Engine:
             limit = max_positions(model.config)
             self.static = StaticExecutor(model, max_tokens=static_tokens or min(limit or STATIC_TOKENS, STATIC_TOKENS),
                                          compile=compile)
-            store.reserve(self.static.memory_bytes)
+            try:
+                store.reserve(self.static.memory_bytes)
+            except ValueError:  # dropped runtimes may wait in reference cycles: collect them, retry once
+                gc.collect()
+                store.reserve(self.static.memory_bytes)
+            # given back on close() or when the engine is collected, whichever comes first
+            self._release = weakref.finalize(self, store.release, self.static.memory_bytes)
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.interpreter = Interpreter(self.executor, store, lambda: self.key_mover, self.num_layers)
         with torch.inference_mode():
             self.layout = self._probe_layout()
+
+    def close(self) -> None:
+        """Free the static executor's buffers and give their reservation back to the
+        store (once; later calls do nothing). The engine runs no static call after it."""
+        if self.static is not None:
+            self._release()
+            self.static = None
 
     @functools.cached_property
     def key_mover(self) -> KeyMover:
@@ -271,10 +295,12 @@ class Engine:
             return None
         if adapter_on:
             return "adapter calls run on the eager executor"
+        if self.static.busy_here:
+            return "a call made from a callback of a running static generation runs on the eager executor"
         if kwargs.get("output_scores") or kwargs.get("output_logits"):
             return "per-token scores and logits are kept by the eager executor"
         return self.static.unsupported(batch=1, num_tokens=call.prompt.num_tokens + opts.max_new_tokens,
-                                       options=opts)
+                                       options=opts, tail=(call.tail_start, call.prompt.num_tokens))
 
     def _generate_static(self, call: Assembly, opts: CallOptions, kwargs: dict) -> Generated:
         """The static executor's decode: the prefix slices are copied into its buffers once."""
@@ -291,7 +317,12 @@ class Engine:
                       kwargs: dict) -> Generated:
         """Decode after every call's prompt in one left-padded batch (``batch.plan_batch``:
         row ``i`` keeps the first ``kept[i]`` tokens of its cache, the batch cache is
-        ``cached_width`` slots); store each row's tail spans. Sequences: ``[B, W + N]``."""
+        ``cached_width`` slots); store each row's tail spans. Sequences: ``[B, W + N]``.
+
+        ``kept[i]`` is at least the call's ``keep_at_least`` (refused otherwise: the batch
+        would recompute a parallel group causally and store what follows from it). Where
+        it exceeds the call's cache, the missing tokens (its tail's first ones) are run
+        first, causally, as the final call would run them."""
         width = max(c.prompt.num_tokens for c in calls)
         pad_id = kwargs["pad_token_id"]
         if pad_id is None:
@@ -302,6 +333,12 @@ class Engine:
             input_ids[row, width - call.prompt.num_tokens:] = call.input_ids[0]
             attention_mask[row, width - call.prompt.num_tokens:] = 1
         reuse = all(c.cache is not None for c in calls)
+        for row, (call, keep) in enumerate(zip(calls, kept)):
+            if reuse and keep < call.keep_at_least:
+                raise ValueError(f"row {row} would keep {keep} cached tokens, fewer than its parallel group's "
+                                 f"{call.keep_at_least}: the rest would be recomputed causally")
+            if reuse and keep > call.tail_start:
+                self.executor.forward(call.input_ids[:, call.tail_start:keep], call.cache)
         cache = kvops.stack_left_padded([c.cache for c in calls], kept, cached_width) if reuse else None
         clock = FirstTokenClock()
         kwargs = with_stopping_criterion(kwargs, clock)

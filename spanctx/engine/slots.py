@@ -22,7 +22,9 @@ KV head; row ``i * Tb + t`` is the group's ``i``-th query head at token ``t``); 
 attention functions they are not (``M = Tb``).
 
 Attention. ``slot_attention`` is registered with transformers as ``ATTENTION_NAME``;
-``attention_switched`` points the model at it during the executor's calls, and the step
+``attention_switched`` points the model at it during a step's forward, on the calling
+thread only (the config's own value is never written: eager calls on other threads and
+callbacks between steps see the model as it is), and the step
 passes its ``StepAttention`` as the model kwarg ``STEP_KWARG``, which transformers hands
 down to every attention call. Mode ``"hf"`` calls the model's own attention function
 (``own_attention``) with the step's mask: the arithmetic of an eager HF call. Mode
@@ -32,7 +34,9 @@ down to every attention call. Mode ``"hf"`` calls the model's own attention func
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -208,16 +212,69 @@ def slot_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tens
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
 
 
+_switched = threading.local()  # .names: {id(config): attention name} for this thread's calls only
+
+
+class _PerThreadAttention:
+    """Mixed into a model's config class: ``_attn_implementation`` reads the calling
+    thread's switch first (``attention_switched``), else the config's own value, which is
+    never written. Other threads, and this one outside the block, see the model as it is."""
+
+    @property
+    def _attn_implementation(self):
+        name = getattr(_switched, "names", {}).get(id(self))
+        return name if name is not None else super()._attn_implementation
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value) -> None:
+        _base_property(type(self)).__set__(self, value)
+
+    def __reduce_ex__(self, protocol):
+        """Pickled and copied as the plain config class (the mixin is a runtime detail)."""
+        return _plain_config, (type(self).__mro__[2], self.__dict__)
+
+
+def _plain_config(cls: type, state: dict):
+    config = object.__new__(cls)
+    config.__dict__.update(state)
+    return config
+
+
+def _base_property(cls: type) -> property:
+    return next(k.__dict__["_attn_implementation"] for k in cls.__mro__[2:] if "_attn_implementation" in k.__dict__)
+
+
+@functools.cache
+def _per_thread_class(cls: type) -> type:
+    return type(cls.__name__, (_PerThreadAttention, cls), {"__module__": cls.__module__})
+
+
+def _per_thread(config) -> None:
+    """Let ``config``'s attention implementation be switched per thread (once per config)."""
+    if not isinstance(config, _PerThreadAttention):
+        config.__class__ = _per_thread_class(type(config))
+
+
 @contextlib.contextmanager
 def attention_switched(model) -> Iterator[None]:
-    """Within the block, the model's attention modules call ``spanctx.slots``' function."""
-    config = model.config
-    own = config._attn_implementation
-    config._attn_implementation = ATTENTION_NAME
+    """Within the block and on this thread only, the model's attention modules call
+    ``spanctx.slots``' function. The config's own value is never written, so calls on
+    other threads (the same model under an eager runtime) and overlapping blocks on other
+    threads leave each other alone, and the model is as it was after every block."""
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}
+    names = _switched.__dict__.setdefault("names", {})
+    before = {key: names.get(key) for key in configs}
+    for key, config in configs.items():
+        _per_thread(config)
+        names[key] = ATTENTION_NAME
     try:
         yield
     finally:
-        config._attn_implementation = own
+        for key, name in before.items():
+            if name is None:
+                names.pop(key, None)
+            else:
+                names[key] = name
 
 
 def own_attention(model) -> Callable:

@@ -30,9 +30,14 @@ Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwa
 with an explicit mask; logits match a full prefill within float rounding
 (``tests/test_static.py``).
 
-Threading: calls must not overlap (the engine serializes them; the executor also holds a
-lock): during a call the model's attention implementation is switched to
-``spanctx.slots``' function, and aLoRA layers to the executor's hooks.
+Threading: calls of one executor must not overlap (the engine serializes them; the
+executor also holds a lock). During a step's forward the model's attention is switched
+to ``spanctx.slots``' function on the calling thread only (``slots.attention_switched``):
+eager calls on the same model from other threads, and callbacks between steps, see the
+model as it is. A call made from a callback of a running call (a streamer, a logits
+processor) is refused here with a clear error; the engine runs it eagerly
+(``busy_here``). With an aLoRA on, its layers run through the executor's hooks during
+the call.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from .slots import (
 )
 from .static_layout import (
     SLOT_GRANULE,
+    attention_mode,
     cache_bucket,
     check_tail,
     left_pads,
@@ -75,8 +81,10 @@ from .static_lora import AdapterState, AdapterSteps
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 
-ATTENTION_MODES = ("auto", "split", "hf")
 GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are arithmetic-bound anyway)
+# a step's masks are tail x slots: a 15K cold prompt's are ~1 GB in fp32, and on CPU it ran
+# 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
+MAX_MASK_BYTES = 512 << 20
 
 
 @attrs.frozen
@@ -163,7 +171,7 @@ class StaticExecutor:
         window = getattr(text, "sliding_window", None)
         self.windows = (None,) if window is None else (None, window)
         self.kv_heads = layout[0][0]
-        self.attention = self._attention_mode(attention, text, layout[0][1])
+        self.attention = attention_mode(model, attention, layout[0][1], self.dtype)
         self._group = text.num_attention_heads // self.kv_heads if self.attention == "split" else 1
         self._chunks = chunks
         self._own_attention = own_attention(model)
@@ -178,6 +186,8 @@ class StaticExecutor:
         self._adapters = AdapterSteps(model, max_batch=max_batch, max_tokens=self.max_tokens)
         self._forward = torch.compile(model) if compile else model
         self._lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside a call
+        self.max_mask_bytes = MAX_MASK_BYTES
         self.reset()
 
     def reset(self) -> None:
@@ -201,9 +211,11 @@ class StaticExecutor:
         return self._steps.stats
 
     def unsupported(self, *, batch: int, num_tokens: int, options: CallOptions | None = None,
-                    custom_mask: bool = False) -> str | None:
+                    custom_mask: bool = False, tail: tuple[int, int] | None = None) -> str | None:
         """None when a call of ``batch`` rows needing ``num_tokens`` slots (prompt + new
-        tokens) can run here, else a short reason (the engine then runs it eagerly)."""
+        tokens) can run here, else a short reason (the engine then runs it eagerly).
+        ``tail``: ``(tail_start, prompt tokens)``; a tail whose step masks would take over
+        ``max_mask_bytes`` (a long cold prompt: a mask is tail x slots) is refused."""
         if self._model_reason:
             return self._model_reason
         if custom_mask:
@@ -212,6 +224,12 @@ class StaticExecutor:
             return f"a batch of {batch} rows exceeds the executor's max_batch of {self.buffers.max_batch}"
         if num_tokens > self.max_tokens:
             return f"the call needs {num_tokens} slots per row; the buffers hold {self.max_tokens}"
+        if tail is not None:
+            tokens, length = self._buckets(*tail, num_tokens)
+            mask_bytes = batch * self._group * tokens * length * self.dtype.itemsize * len(self.windows)
+            if mask_bytes > self.max_mask_bytes:
+                return (f"the {tail[1] - tail[0]}-token tail's attention masks would take {mask_bytes >> 20} MiB "
+                        f"(max_mask_bytes: {self.max_mask_bytes >> 20} MiB); eager attention needs none")
         return unsupported_options(self.model, options) if options is not None else None
 
     # -- calls ---------------------------------------------------------------------------
@@ -289,10 +307,22 @@ class StaticExecutor:
             if any(s is not None and not tail_start <= s < prompt for s in starts):
                 raise ValueError(f"aLoRA offsets {list(alora_offsets)} put an invocation before tail_start="
                                  f"{tail_start} (the reused prefix must be base KV) or outside the prompt")
-        with self._lock, torch.inference_mode(), attention_switched(self.model):
-            state, layers = self._adapters.state()
-            with self._adapters.engaged(state, layers, starts):
-                yield state
+        if self.busy_here:
+            raise RuntimeError("a re-entrant call to the static executor (from a callback of its running "
+                               "generation): the engine runs such calls eagerly")
+        with self._lock, torch.inference_mode():
+            self._owner = threading.get_ident()
+            try:
+                state, layers = self._adapters.state()
+                with self._adapters.engaged(state, layers, starts):
+                    yield state
+            finally:
+                self._owner = None
+
+    @property
+    def busy_here(self) -> bool:
+        """Whether this thread is inside one of the executor's calls (a callback of it)."""
+        return self._owner == threading.get_ident()
 
     def _prepare(self, prefix, input_ids: torch.Tensor, tail_start: int, slots_needed: int,
                  attention_mask: torch.Tensor | None, adapters: AdapterState | None) -> _Call:
@@ -313,10 +343,14 @@ class StaticExecutor:
             copied += self.buffers.place(row, pieces, tail_start)
             self.buffers.overwrite(row, tail_start, self.max_tokens)
         self._row_start[:batch].copy_(torch.tensor(pads), non_blocking=True)
+        tail_bucket, length = self._buckets(tail_start, prompt, slots_needed)
+        return _Call(batch, prompt, tail_start, tail_bucket, length, copied, adapters, self._steps.stats)
+
+    def _buckets(self, tail_start: int, prompt: int, slots_needed: int) -> tuple[int, int]:
+        """The tail step's padded tokens and every step's attention slots."""
         tail = prompt - tail_start  # a long tail is arithmetic-bound: no graph, no padding
         tail_bucket = min(suffix_bucket(tail), self.max_tokens - tail_start) if tail <= GRAPH_TOKENS else tail
-        length = min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
-        return _Call(batch, prompt, tail_start, tail_bucket, length, copied, adapters, self._steps.stats)
+        return tail_bucket, min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
 
     def _run_tail(self, call: _Call, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the tail's last ``keep`` tokens (a graph's buffer)."""
@@ -355,9 +389,10 @@ class StaticExecutor:
         if cache is None:
             cache = self._caches[bucket] = SlotCache(*self.buffers.views(batch, length), slots)
         keep = 1 if tokens == 1 else self._keep[:bucket.keep]
-        out = self._forward(input_ids=self._ids[:batch, :tokens], position_ids=self._pos[:batch, :tokens],
-                            attention_mask=masks[None], use_cache=True, logits_to_keep=keep, **{STEP_KWARG: step},
-                            **cache_kwargs(self.model, cache))
+        with attention_switched(self.model):
+            out = self._forward(input_ids=self._ids[:batch, :tokens], position_ids=self._pos[:batch, :tokens],
+                                attention_mask=masks[None], use_cache=True, logits_to_keep=keep,
+                                **{STEP_KWARG: step}, **cache_kwargs(self.model, cache))
         return out.logits
 
     def _chunk_count(self, bucket: Bucket) -> int:
@@ -380,22 +415,3 @@ class StaticExecutor:
         graphed = self.graphs and call.tail_bucket <= GRAPH_TOKENS
         return ExecStats("graph" if graphed else "eager", self.compiled, self.attention, call.tail_bucket,
                          call.length, call.copied, steps, built.builds, built.seconds)
-
-    def _attention_mode(self, attention: str, text, head_dim: int) -> str:
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        own = self.model.config._attn_implementation
-        softcap = getattr(text, "attn_logit_softcapping", None) is not None
-        if attention == "auto":
-            if self.device.type != "cuda" or own != "sdpa" or softcap:
-                return "hf"
-            return "split" if kernels.works(self.device, self.dtype, head_dim) else "hf"
-        if attention == "split":
-            if own not in ("sdpa", "eager") or softcap:
-                raise ValueError(f"{attention} attention computes plain softmax attention; this model's is {own!r}"
-                                 + (" with logit soft-capping" if softcap else ""))
-            if not kernels.works(self.device, self.dtype, head_dim):
-                raise ValueError(f"{attention} attention does not run (or disagrees) on {self.device} in {self.dtype}")
-        return attention
-
-

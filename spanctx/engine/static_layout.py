@@ -13,8 +13,9 @@ import torch
 
 from ..cache import kv as kvops
 from ..hf import cache_kwargs
+from . import attention as kernels
 
-__all__ = ["SLOT_GRANULE", "cache_bucket", "check_tail", "left_pads", "model_reason",
+__all__ = ["ATTENTION_MODES", "SLOT_GRANULE", "attention_mode", "cache_bucket", "check_tail", "left_pads", "model_reason",
            "probe_layout", "rows_of", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
@@ -81,3 +82,26 @@ def rows_of(prefix, batch: int) -> list[Sequence[kvops.KVSlice]]:
     if len(prefix) != batch:
         raise ValueError(f"{len(prefix)} per-row prefixes for a batch of {batch}")
     return list(prefix)
+
+
+ATTENTION_MODES = ("auto", "split", "hf")
+
+
+def attention_mode(model, attention: str, head_dim: int, dtype: torch.dtype) -> str:
+    """The static executor's attention for ``model``: ``attention`` checked, or "auto"
+    resolved ("split" on CUDA for an SDPA model where its kernel runs, else "hf")."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    own, device = model.config._attn_implementation, model.device
+    softcap = getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None
+    if attention == "auto":
+        if device.type != "cuda" or own != "sdpa" or softcap:
+            return "hf"
+        return "split" if kernels.works(device, dtype, head_dim) else "hf"
+    if attention == "split":
+        if own not in ("sdpa", "eager") or softcap:
+            raise ValueError(f"{attention} attention computes plain softmax attention; this model's is {own!r}"
+                             + (" with logit soft-capping" if softcap else ""))
+        if not kernels.works(device, dtype, head_dim):
+            raise ValueError(f"{attention} attention does not run (or disagrees) on {device} in {dtype}")
+    return attention

@@ -14,6 +14,14 @@ past ``C``; they sit in slots that would otherwise be padding of the final call,
 length is ``W - C = max_i(n_i - c_i)``, the longest uncached tail: the final call is
 exactly as long as it must be.
 
+Parallel groups. Recomputing cached tokens causally is exact only for tokens after a
+row's last parallel group: a group's KV (placed, repaired) is not what a causal forward
+computes, and neither is what follows it. So row ``i`` keeps at least ``f_i`` tokens, the
+end of its last group, and ``C >= max_i(f_i + pad_i)``. When that bound exceeds the
+minimum above, the rows with fewer cached tokens first run the start of their own tail
+causally, in a forward of their own (``Engine.generate_rows``): exact, since a tail is
+causal anyway.
+
 Pad slots hold zeros and are hidden by the attention mask; position ids come from the
 mask (``cumsum - 1``), so every real token keeps the position it has alone, and the
 stored keys (RoPE already applied) fit. Greedy results equal one ``generate`` per row.
@@ -59,20 +67,28 @@ class BatchLayout:
     kept: tuple[int, ...]
 
 
-def plan_batch(prompt_lengths: Sequence[int], cached_lengths: Sequence[int]) -> BatchLayout:
+def plan_batch(prompt_lengths: Sequence[int], cached_lengths: Sequence[int],
+               floors: Sequence[int] | None = None) -> BatchLayout:
     """The layout that maximises reuse (see the module docstring). Pure.
 
     ``cached_lengths[i]`` is how many leading prompt tokens row ``i`` has a cache for; at
-    least one token of every row must be left uncached.
+    least one token of every row must be left uncached. ``floors[i]`` (default 0, at most
+    ``cached_lengths[i]``): the fewest cached tokens row ``i`` may keep (the end of its
+    parallel group, ``Assembly.keep_at_least``). A row that must keep more than another
+    row has cached raises ``cached_width``; that row then keeps more than its cache, and
+    the engine runs those tokens (the start of its causal tail) first.
     """
-    if len(prompt_lengths) != len(cached_lengths) or not prompt_lengths:
-        raise ValueError("one prompt length and one cached length per row, at least one row")
-    for n, c in zip(prompt_lengths, cached_lengths):
-        if not 0 <= c < n:
-            raise ValueError(f"a row of {n} tokens cannot have {c} cached (0 <= cached < prompt)")
+    floors = [0] * len(prompt_lengths) if floors is None else floors
+    if not len(prompt_lengths) == len(cached_lengths) == len(floors) or not prompt_lengths:
+        raise ValueError("one prompt length, cached length and floor per row, at least one row")
+    for n, c, floor in zip(prompt_lengths, cached_lengths, floors):
+        if not 0 <= floor <= c < n:
+            raise ValueError(f"a row of {n} tokens cannot have {c} cached and keep at least {floor} "
+                             "(0 <= floor <= cached < prompt)")
     width = max(prompt_lengths)
     pads = tuple(width - n for n in prompt_lengths)
-    cached_width = min(c + pad for c, pad in zip(cached_lengths, pads))
+    cached_width = max(min(c + pad for c, pad in zip(cached_lengths, pads)),
+                       max((floor + pad for floor, pad in zip(floors, pads) if floor), default=0))
     kept = tuple(max(0, cached_width - pad) for pad in pads)
     return BatchLayout(width, cached_width, pads, kept)
 
@@ -102,9 +118,11 @@ def _prefixes(ctx: Context) -> list[Context]:
 
 
 def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_tokens: int | None = None, *,
-                   reuse: bool = True, salt: str | None = None, **generate_kwargs) -> list[Result]:
+                   reuse: bool = True, salt: str | None = None, repair: str | None = None,
+                   **generate_kwargs) -> list[Result]:
     """Generate after several contexts (or plain strings) in one left-padded batch, each
-    row reusing its own stored spans; greedy results equal one ``generate`` per row."""
+    row reusing its own stored spans; greedy results equal one ``generate`` per row.
+    ``salt`` and ``repair`` apply to every row (None: the runtime's)."""
     opts = rt.options(max_new_tokens, **generate_kwargs)
     contexts = [_as_context(c) for c in contexts]
     if not contexts:
@@ -119,11 +137,12 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
         warmed: list[set[bytes]] = [set() for _ in contexts]  # span keys computed for each row beforehand
         if reuse:
             for row, prefix in shared_prefixes(contexts):
-                warmed[row] |= _warm(rt, prefix, salt)
-        calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, salt=salt))
+                warmed[row] |= _warm(rt, prefix, salt, repair)
+        calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, salt=salt,
+                                                repair=repair))
                  for ctx in contexts]
-        layout = plan_batch([c.prompt.num_tokens for c in calls],
-                            [c.assembly.tail_start for c in calls])
+        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
+                            [c.assembly.keep_at_least for c in calls])
         kwargs = rt.generate_kwargs(opts)
         out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs)
         eos = _eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id))
@@ -145,12 +164,12 @@ def _as_context(item: Context | str) -> Context:
     raise TypeError(f"generate_batch takes Contexts or strings, got {type(item).__name__}")
 
 
-def _warm(rt: SessionAPI, prefix: Context, salt: str | None) -> set[bytes]:
+def _warm(rt: SessionAPI, prefix: Context, salt: str | None, repair: str | None) -> set[bytes]:
     """Compute and store the spans of ``prefix`` that are not stored; returns their keys."""
-    prompt, _ = rt.resolve(prefix, salt=salt)
+    prompt, _ = rt.resolve(prefix, salt=salt, repair=repair)
     missing = rt.unstored(prompt)
     if missing:
-        rt.next_token_logits(prefix, salt=salt)  # computes exactly the missing spans and stores them
+        rt.next_token_logits(prefix, salt=salt, repair=repair)  # computes exactly the missing spans, stores them
     return missing
 
 

@@ -147,7 +147,8 @@ def requirement_context(ctx: Context, requirement: str, config: CheckConfig = DE
 
 
 def check(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
-          config: CheckConfig = DEFAULT_CHECK, reuse: bool = True, batch_size: int = 16) -> list[Verdict]:
+          config: CheckConfig = DEFAULT_CHECK, reuse: bool = True, batch_size: int = 16,
+          salt: str | None = None) -> list[Verdict]:
     """Check each requirement on ``ctx`` with ``adapter`` (an aLoRA, a LoRA, or None for
     the base model); verdicts in input order.
 
@@ -156,6 +157,7 @@ def check(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter:
     contexts want smaller batches. ``reuse=False`` neither reads nor writes the store and
     every row is its whole check prompt, prefilled in full (the no-reuse baseline).
     Contexts with parallel groups are checked one requirement per call (base model only).
+    ``salt``: the call's tenant salt (None: the runtime's).
     """
     requirements = _requirements(requirements)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -164,11 +166,11 @@ def check(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter:
     if not requirements:
         return []
     if ctx.has_parallel:  # parallel layouts have their own planner: one call per check
-        return [_checked_alone(rt, requirement_context(ctx, r, config), r, config, adapter, reuse, yes, no)
+        return [_checked_alone(rt, requirement_context(ctx, r, config), r, config, adapter, reuse, yes, no, salt)
                 for r in requirements]
     with rt.holding():
         started = time.perf_counter()
-        resolved = [rt.resolve(requirement_context(ctx, r, config), adapter=adapter) for r in requirements]
+        resolved = [rt.resolve(requirement_context(ctx, r, config), adapter=adapter, salt=salt) for r in requirements]
         prompts = [prompt for prompt, _ in resolved]
         activations = [activation for _, activation in resolved]
         for prompt in prompts:
@@ -200,8 +202,8 @@ def shared_spans(prompts: Sequence[ResolvedPrompt]) -> int:
 
 
 def _checked_alone(rt: SessionAPI, ctx: Context, requirement: str, config: CheckConfig, adapter: str | None,
-                   reuse: bool, yes: int, no: int) -> Verdict:
-    with rt.prepared(ctx, reuse=reuse, adapter=adapter) as call:
+                   reuse: bool, yes: int, no: int, salt: str | None) -> Verdict:
+    with rt.prepared(ctx, reuse=reuse, adapter=adapter, salt=salt) as call:
         out, _ = rt.engine.forward_tail(call.assembly)
         probability = torch.sigmoid(out.logits[0, -1, yes] - out.logits[0, -1, no]).item()
         return Verdict(requirement, probability > config.threshold, probability, rt.stats(call, 0, None))
@@ -209,13 +211,14 @@ def _checked_alone(rt: SessionAPI, ctx: Context, requirement: str, config: Check
 
 def check_loop(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
                max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
-               config: CheckConfig = DEFAULT_CHECK, feedback: str = DEFAULT_FEEDBACK,
+               config: CheckConfig = DEFAULT_CHECK, feedback: str = DEFAULT_FEEDBACK, salt: str | None = None,
                **generate_kwargs) -> CheckLoopResult:
     """Generate after ``ctx`` (with adapter ``generator``, None: base), check the answer
     with ``adapter``; while a requirement fails and rounds remain, generate again after
     the answer and ``feedback`` (its ``{failed}`` slot lists the failed requirements).
 
     Returns every attempt with its verdicts; it stops at the first attempt that passes.
+    ``salt``: the tenant salt of every generation and check (None: the runtime's).
     """
     if not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
@@ -224,9 +227,9 @@ def check_loop(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, ada
     attempts: list[Attempt] = []
     prompt = ctx
     for _ in range(max_rounds):
-        answer = rt.generate(prompt, max_new_tokens, adapter=generator, **generate_kwargs)
+        answer = rt.generate(prompt, max_new_tokens, adapter=generator, salt=salt, **generate_kwargs)
         answered = _answered(rt, prompt, answer, generator)
-        verdicts = tuple(check(rt, answered, requirements, adapter=adapter, config=config))
+        verdicts = tuple(check(rt, answered, requirements, adapter=adapter, config=config, salt=salt))
         attempts.append(Attempt(prompt, answer, verdicts))
         if attempts[-1].passed:
             break

@@ -64,12 +64,12 @@ class Ranked:
 
 
 def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
-          batch_size: int = 16) -> list[Score]:
+          batch_size: int = 16, salt: str | None = None) -> list[Score]:
     """Scores of ``candidates`` after ``ctx``, in input order (see the module doc).
 
     Candidates run ``batch_size`` at a time after the context's cache. ``reuse=False``
     computes the whole context without reading or writing the store (still once for all
-    candidates).
+    candidates). ``salt``: the call's tenant salt (None: the runtime's).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,7 +78,7 @@ def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reus
     if not candidates:
         return []
     cand_ids = [rt.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
-    with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids)) as call:
+    with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids), salt=salt) as call:
         out, cache = rt.engine.forward_tail(call.assembly, logits_to_keep=1)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # [V]
         context_end = call.prompt.num_tokens
@@ -87,7 +87,7 @@ def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reus
             batch = cand_ids[start:start + batch_size]
             # rows: each candidate but its last token, after the context; row position j
             # predicts the candidate's token j + 1
-            rows = [rt.resolve(ctx.append(ids[:-1]))[0] for ids in batch if len(ids) > 1]
+            rows = [rt.resolve(ctx.append(ids[:-1]), salt=salt)[0] for ids in batch if len(ids) > 1]
             logprobs = (torch.log_softmax(rt.engine.forward_rows(cache, rows, context_end, every_position=True), -1).cpu()
                         if rows else None)  # [r, W, V]
             row = 0
@@ -102,10 +102,11 @@ def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reus
 
 
 def rank(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *,
-         by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
+         by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True, batch_size: int = 16,
+         salt: str | None = None) -> list[Ranked]:
     """``candidates`` best first by ``by`` (ties keep input order)."""
     if by not in ("logprob", "mean_logprob"):
         raise ValueError(f"rank by 'logprob' or 'mean_logprob', got {by!r}")
-    scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size)
+    scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size, salt=salt)
     ranked = [Ranked(i, c, s) for i, (c, s) in enumerate(zip(candidates, scores))]
     return sorted(ranked, key=lambda r: -getattr(r.score, by))

@@ -31,17 +31,19 @@ if TYPE_CHECKING:
 Reduction = Literal["last", "mean"]
 
 
-def hidden_states(rt: SessionAPI, ctx: Context, reduction: Reduction = "last", *, reuse: bool = True) -> torch.Tensor:
+def hidden_states(rt: SessionAPI, ctx: Context, reduction: Reduction = "last", *, reuse: bool = True,
+                  salt: str | None = None) -> torch.Tensor:
     """The embedding ``[hidden]`` of ``ctx``'s prompt (see the module doc for the cost of
-    each reduction). ``reuse=False`` neither reads nor writes the store."""
+    each reduction). ``reuse=False`` neither reads nor writes the store; ``salt``: the
+    call's tenant salt (None: the runtime's)."""
     if reduction not in ("last", "mean"):
         raise ValueError(f"reduction must be 'last' or 'mean', got {reduction!r}")
     if reduction == "last":
-        with rt.prepared(ctx, reuse=reuse) as call:
+        with rt.prepared(ctx, reuse=reuse, salt=salt) as call:
             out, _ = rt.engine.forward_tail(call.assembly, hidden=True)
             return out.last_hidden_state[0, -1].float()
     # the store keeps keys and values, not hidden states: the mean needs a full forward
     with rt.holding():
-        prompt, _ = rt.resolve(ctx)
+        prompt, _ = rt.resolve(ctx, salt=salt)
         out = rt.engine.forward_whole(prompt, hidden=True, store=reuse)
         return out.last_hidden_state[0].float().mean(dim=0)

@@ -32,9 +32,9 @@ cached.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
-import re
-import warnings
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -46,17 +46,7 @@ from ..core.keys import adapter_namespace
 from ..core.prompt import PromptResolver, ResolvedPrompt
 from ..core.spans import Span
 from ..hf import cache_argument, peft_wrapping
-
-ADAPTER_CONFIG = "adapter_config.json"
-WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-
-# a saved LoRA weight: "base_model.model.<module path>.lora_A.weight", lora_embedding_B, ...
-_LORA_WEIGHT = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?:embedding_)?(?P<part>[AB])(?:\.weight)?$")
-
-
-class AdapterError(ValueError):
-    """A bad adapter folder, an unknown adapter name, or an adapter that does not fit."""
-
+from .adapter_files import WEIGHT_FILES, AdapterError, check_base_model, read_adapter_config
 
 ALORA_STARTS = ("append", "in_prompt")
 
@@ -105,8 +95,85 @@ def batch_activation(activations: Sequence[Activation | None]) -> Activation | N
     return Activation(first.name, tuple(start for a in activations for start in a.alora_starts))
 
 
+class ModelLoras:
+    """The LoRA layers PEFT injected into one model, shared by every runtime over it
+    (``ModelLoras.of``). Each runtime loads its adapters under PEFT names of its own
+    (``AdapterSet``), so one runtime's loads and unloads never touch another's adapters;
+    the injected layers go when the last adapter of any runtime goes.
+
+    Invariant: outside a call's ``AdapterSet.activated`` every adapter layer is disabled.
+    Calls of two runtimes over one model with adapters must not overlap in time: the
+    switch of enabled adapter is the model's (see docs/tenancy.md).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.peft = None  # a peft.PeftModel around ``model`` while an adapter is loaded
+        self.layers: list[torch.nn.Module] = []
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict:  # a copied or pickled model gets its own lock
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, lock=threading.RLock())
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelLoras:
+        # in the model's __dict__, not as an attribute: a PeftModel must not become a submodule
+        return model.__dict__.setdefault("_spanctx_loras", cls(model))
+
+    def load(self, peft_name: str, folder: Path):
+        """Inject (the first time) and load the adapter in ``folder`` as ``peft_name``;
+        PEFT's load result (missing and unexpected keys). On failure nothing is left."""
+        from peft import LoraConfig, PeftModel
+
+        with self.lock:
+            try:
+                if self.peft is None:
+                    config = LoraConfig.from_pretrained(str(folder))
+                    config.inference_mode = True
+                    with peft_wrapping():
+                        self.peft = PeftModel(self.model, config, adapter_name=peft_name)
+                return self.peft.load_adapter(str(folder), adapter_name=peft_name, is_trainable=False,
+                                              torch_device=str(self.model.device))
+            except Exception:
+                self.delete(peft_name)
+                raise
+            finally:
+                self.refresh()
+
+    def delete(self, peft_name: str) -> None:
+        """Unload ``peft_name`` (if loaded); the last one restores the model's own modules."""
+        with self.lock:
+            if self.peft is None or peft_name not in self.peft.peft_config:
+                return
+            others = [n for n in self.peft.peft_config if n != peft_name]
+            if not others:
+                self.peft.base_model.unload()
+                self.peft = None
+            else:
+                self.peft.set_adapter(others[0])  # PEFT warns when the active adapter goes
+                self.peft.delete_adapter(peft_name)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Re-establish the invariant after PEFT changed the model's modules."""
+        from peft.tuners.lora import LoraLayer
+
+        self.model.eval()  # new LoRA modules start in training mode (dropout)
+        self.layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
+        if self.peft is not None:
+            self.peft.base_model.disable_adapter_layers()
+
+
+_runtime_serials = itertools.count()
+
+
 class AdapterSet:
-    """The adapters of one runtime's model; the runtime calls it under its lock.
+    """The adapters of one runtime; the runtime calls it under its lock. Its adapters are
+    its own: another runtime over the same model never sees, changes or unloads them
+    (they share the injected layers, ``ModelLoras``, under other PEFT names).
 
     Invariant: outside ``activated`` every adapter layer is disabled (the model is the
     base model).
@@ -116,9 +183,9 @@ class AdapterSet:
         self.model = model
         self.resolver = resolver
         self.base_namespace = base_namespace
-        self._peft = None  # a peft.PeftModel around ``model`` while an adapter is loaded
+        self._loras = ModelLoras.of(model)
+        self._serial = next(_runtime_serials)
         self._infos: dict[str, AdapterInfo] = {}
-        self._lora_layers: list[torch.nn.Module] = []
 
     def infos(self) -> dict[str, AdapterInfo]:
         return dict(self._infos)
@@ -130,6 +197,10 @@ class AdapterSet:
             raise AdapterError(f"no adapter named {name!r} (loaded: {loaded}); add it with "
                                "rt.add_adapter(name, path)")
         return info
+
+    def peft_name(self, name: str) -> str:
+        """The PEFT adapter name of this runtime's adapter ``name`` (unique per runtime)."""
+        return f"{name}__rt{self._serial}"
 
     # -- loading -----------------------------------------------------------------------
 
@@ -156,17 +227,10 @@ class AdapterSet:
         return info
 
     def remove(self, name: str) -> None:
-        """Unload ``name``. Unloading the last adapter restores the model's own modules."""
+        """Unload ``name``. Unloading the model's last adapter restores its own modules."""
         self.get(name)
-        others = [n for n in self._infos if n != name]
-        if not others:
-            self._peft.base_model.unload()
-            self._peft = None
-        else:
-            self._peft.set_adapter(others[0])  # PEFT warns when the active adapter goes
-            self._peft.delete_adapter(name)
+        self._loras.delete(self.peft_name(name))
         del self._infos[name]
-        self._after_change()
 
     def _invocation_ids(self, name: str, config: dict, invocation: str | None) -> tuple[int, ...] | None:
         configured = config.get("alora_invocation_tokens")
@@ -188,49 +252,40 @@ class AdapterSet:
         return ids
 
     def _load(self, name: str, folder: Path) -> bytes:
-        """Inject and load the adapter; returns its fingerprint. On failure the model is
-        left as it was."""
-        from peft import LoraConfig, PeftModel
-
+        """Inject and load the adapter, refusing a file whose weights are missing,
+        unexpected or not finite; returns its fingerprint. On failure the model is left
+        as it was."""
+        peft_name = self.peft_name(name)
+        result = self._loras.load(peft_name, folder)
         try:
-            if self._peft is None:
-                config = LoraConfig.from_pretrained(str(folder))
-                config.inference_mode = True
-                with peft_wrapping():
-                    self._peft = PeftModel(self.model, config, adapter_name=name)
-            self._peft.load_adapter(str(folder), adapter_name=name, is_trainable=False,
-                                    torch_device=str(self.model.device))
-            return self._fingerprint(name)
+            file = next(str(folder / f) for f in WEIGHT_FILES if (folder / f).is_file())
+            missing = [k for k in result.missing_keys if f".{peft_name}" in k]
+            if missing or result.unexpected_keys:
+                problems = ([f"{len(missing)} missing (e.g. {missing[0].replace(f'.{peft_name}', '')})"]
+                            if missing else []) + (
+                    [f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[0]})"]
+                    if result.unexpected_keys else [])
+                raise AdapterError(f"{file!r} does not hold the weights its config names: {'; '.join(problems)}; "
+                                   "is the file cut short, or saved for another configuration?")
+            return self._fingerprint(peft_name, file)
         except Exception:
-            if self._peft is not None and name in self._peft.peft_config:
-                if len(self._peft.peft_config) == 1:
-                    self._peft.base_model.unload()
-                    self._peft = None
-                else:
-                    self._peft.delete_adapter(name)
+            self._loras.delete(peft_name)
             raise
-        finally:
-            self._after_change()
 
-    def _after_change(self) -> None:
-        """Re-establish the invariant after PEFT changed the model's modules."""
-        from peft.tuners.lora import LoraLayer
-
-        self.model.eval()  # new LoRA modules start in training mode (dropout)
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, LoraLayer)]
-        if self._peft is not None:
-            self._peft.base_model.disable_adapter_layers()
-
-    def _fingerprint(self, name: str) -> bytes:
-        """Digest of the adapter's config and of its weights as loaded (dtype included)."""
+    def _fingerprint(self, peft_name: str, file: str) -> bytes:
+        """Digest of the adapter's config and of its weights as loaded (dtype included);
+        refuses weights that are not finite."""
         from peft import get_peft_model_state_dict
 
+        peft = self._loras.peft
         h = xxhash.xxh3_128()
-        config = self._peft.peft_config[name].to_dict()
+        config = peft.peft_config[peft_name].to_dict()
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
         # save_embedding_layers=False: "auto" would look the base model up on the hub
-        weights = get_peft_model_state_dict(self._peft, adapter_name=name, save_embedding_layers=False)
+        weights = get_peft_model_state_dict(peft, adapter_name=peft_name, save_embedding_layers=False)
         for key, tensor in sorted(weights.items()):
+            if not torch.isfinite(tensor).all():
+                raise AdapterError(f"{file!r}: {key} holds non-finite values (NaN or inf)")
             flat = tensor.detach().reshape(-1).contiguous().cpu()
             h.update(f"{key}:{flat.dtype}:{tuple(tensor.shape)}".encode())
             h.update(flat.view(torch.uint8).numpy().tobytes())
@@ -251,11 +306,11 @@ class AdapterSet:
         if activation is None:
             yield
             return
-        self._switch(activation.name)
+        self._switch(self.peft_name(activation.name))
         handles = []
         try:
             if activation.alora_starts is not None:
-                handles = self._alora_hooks(activation.name, activation.alora_starts)
+                handles = self._alora_hooks(self.peft_name(activation.name), activation.alora_starts)
             yield
         finally:
             for handle in handles:
@@ -263,7 +318,7 @@ class AdapterSet:
             self._switch(None)
 
     def _switch(self, name: str | None) -> None:
-        """Make ``name`` the one enabled adapter of every LoRA layer (None: all disabled).
+        """Make PEFT adapter ``name`` the one enabled adapter of every LoRA layer (None: all disabled).
 
         It sets on each layer what PEFT's ``set_adapter`` and ``enable_adapter_layers``
         set, without their requires_grad bookkeeping: that walks every module and
@@ -271,13 +326,13 @@ class AdapterSet:
         8B Llama with all linear layers adapted has; this loop: ~1.5 ms), and inference
         does not need it. The tests check that PEFT's own view of the layers agrees.
         """
-        for layer in self._lora_layers:
+        for layer in self._loras.layers:
             if name is not None:
                 layer._active_adapter = [name]
             layer._disable_adapters = name is None
 
     def _alora_hooks(self, name: str, starts: tuple[int, ...]) -> list:
-        """Hooks that give every model call PEFT's ``alora_offsets`` for a batch whose row
+        """Hooks that give every model call PEFT's ``alora_offsets`` (PEFT adapter ``name``) for a batch whose row
         ``i`` has its invocation at prompt index ``starts[i]``."""
         offsets: list[int] = []  # rewritten before each model call, read by its LoRA layers
 
@@ -299,97 +354,5 @@ class AdapterSet:
 
         handles = [self.model.register_forward_pre_hook(before_model_call, with_kwargs=True)]
         handles += [layer.register_forward_pre_hook(before_lora_layer, with_kwargs=True)
-                    for layer in self._lora_layers if name in layer.lora_A]
+                    for layer in self._loras.layers if name in layer.lora_A]
         return handles
-
-
-# -- reading and checking adapter folders -----------------------------------------------
-
-def read_adapter_config(folder: Path) -> dict:
-    """The adapter's ``adapter_config.json``, after checking that spanctx can run it."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder {str(folder)!r} does not exist")
-    config_file = folder / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} has no {ADAPTER_CONFIG}: not a PEFT adapter folder")
-    if not any((folder / f).is_file() for f in WEIGHT_FILES):
-        raise FileNotFoundError(f"{str(folder)!r} has no adapter weights ({' or '.join(WEIGHT_FILES)})")
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{str(folder)!r} is a {config.get('peft_type')} adapter; spanctx runs LoRA and aLoRA")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{str(folder)!r} trains the base model's biases (bias={config['bias']!r}): "
-                           "switching it off would not restore the base model")
-    for field in ("modules_to_save", "trainable_token_indices"):
-        if config.get(field):
-            raise AdapterError(f"{str(folder)!r} has {field}={config[field]!r}: spanctx switches LoRA layers "
-                               "only (and for an aLoRA, whole replaced modules would change every token)")
-    return config
-
-
-def adapter_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Shape of every tensor in the adapter's weight file, read without loading it all."""
-    safetensors_file = folder / WEIGHT_FILES[0]
-    if safetensors_file.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(safetensors_file), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    state = torch.load(folder / WEIGHT_FILES[1], map_location="cpu", weights_only=True, mmap=True)
-    return {key: tuple(t.shape) for key, t in state.items()}
-
-
-def check_base_model(model: torch.nn.Module, folder: Path, config: dict) -> None:
-    """Refuse an adapter whose LoRA weights do not fit ``model`` (a target module that
-    is missing, or has other in/out features); warn when it names another base model."""
-    trained_on = config.get("base_model_name_or_path") or ""
-    made_for = f" (made for {trained_on!r})" if trained_on else ""
-    for key, shape in adapter_weight_shapes(folder).items():
-        match = _LORA_WEIGHT.match(key)
-        if match is None:
-            continue
-        path, part = match["path"], match["part"]
-        module = _base_module(model, path)
-        if module is None:
-            raise AdapterError(f"{str(folder)!r} adapts {path}, which this {type(model).__name__} does not "
-                               f"have: the adapter is for another base model{made_for}")
-        features = _in_out_features(module)
-        if features is None:
-            continue
-        # lora_A: [r, in], lora_B: [out, r]
-        want, got = (features[0], shape[1]) if part == "A" else (features[1], shape[0])
-        if want != got:
-            side = "input" if part == "A" else "output"
-            raise AdapterError(f"{str(folder)!r} adapts {path} with {side} size {got}, but this model's has "
-                               f"{want}: the adapter is for another base model{made_for}")
-    ours = getattr(model.config, "name_or_path", "") or ""
-    if trained_on and ours and _model_id(trained_on) != _model_id(ours):
-        warnings.warn(f"adapter {str(folder)!r} was trained on {trained_on!r} but the model is {ours!r}; "
-                      "its shapes fit, so it is loaded", UserWarning, stacklevel=4)
-
-
-def _base_module(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return None
-    while hasattr(module, "base_layer"):  # already wrapped by PEFT for another adapter
-        module = module.base_layer
-    return module
-
-
-def _in_out_features(module: torch.nn.Module) -> tuple[int, int] | None:
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, torch.nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if isinstance(module, Conv1D):  # weight: [in, out]
-        return module.weight.shape[0], module.weight.shape[1]
-    return None  # other layer kinds: PEFT checks them when it loads the weights
-
-
-def _model_id(name_or_path: str) -> str:
-    """``org/Model-8B`` and ``/models/model-8b/`` name the same model."""
-    return Path(name_or_path.rstrip("/")).name.lower()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import attrs
 import torch
+import xxhash
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
@@ -97,11 +98,14 @@ class Session:
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
+        if model_identity is not None:  # without one, the namespace reads every weight already
+            self.store.claim(self.namespace, _weight_sample(model), model_identity)
         self.vocab_size: int = model.config.get_text_config().vocab_size
         self.resolver = PromptResolver(tokenizer, self.namespace, self.vocab_size)
         self.max_positions = max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
+        self._closed = False
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
                              compile=compile)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
@@ -151,9 +155,30 @@ class Session:
     @contextlib.contextmanager
     def holding(self, seed: int | None = None) -> Iterator[None]:
         """Hold the session: its lock (other calls wait), inference mode and, with a
-        ``seed``, freshly seeded RNGs (restored afterwards). Re-entrant."""
-        with self._lock, torch.inference_mode(), seeded(seed, self.device):
-            yield
+        ``seed``, freshly seeded RNGs (restored afterwards). Re-entrant. Refused once the
+        session is closed."""
+        with self._lock, torch.inference_mode():
+            if self.closed:
+                raise RuntimeError("this runtime is closed; make a new Runtime")
+            with seeded(seed, self.device):
+                yield
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Give the static executor's buffer reservation back to the store and refuse
+        later calls. Idempotent; a runtime that is collected gives it back too."""
+        with self._lock:
+            self._closed = True
+            self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def resolve(self, ctx: Context, *, adapter: str | None = None, repair: str | Repair | None = None,
                 salt: str | None = None) -> tuple[ResolvedPrompt, Activation | None]:
@@ -200,6 +225,8 @@ class Session:
     def generate_kwargs(self, opts: CallOptions, *, streamer=None, cancel: threading.Event | None = None) -> dict:
         """HF ``generate`` kwargs of a call with ``opts`` (a streamer only when streaming)."""
         kwargs = opts.hf_kwargs(self.pad_token_id)
+        if kwargs.get("stop_strings"):  # HF matches stop strings through the tokenizer's vocabulary
+            kwargs["tokenizer"] = self.tokenizer
         if streamer is not None:
             kwargs["streamer"] = streamer
         return kwargs if cancel is None else with_stopping_criterion(kwargs, StopWhenSet(cancel))
@@ -334,3 +361,14 @@ def _check_salt(salt: str | None) -> str | None:
     if salt is not None and (not isinstance(salt, str) or not salt):
         raise ValueError(f"a salt is a non-empty str (or None), got {salt!r}")
     return salt
+
+
+def _weight_sample(model, per_tensor: int = 64) -> bytes:
+    """A digest of a few elements of the model's first, middle and last weights (strided
+    views: a few KB read), to tell apart models that share one ``model_identity``."""
+    params = [p for p in model.parameters() if p.device.type != "meta" and p.numel()]
+    h = xxhash.xxh3_64()
+    for p in {id(p): p for p in (params[0], params[len(params) // 2], params[-1])}.values() if params else ():
+        flat = p.detach().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].float().cpu().numpy().tobytes())
+    return h.digest()
