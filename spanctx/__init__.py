@@ -37,7 +37,9 @@ from .tools import (
     parse_tool_calls,
 )
 
+from .version import __version__
 __all__ = [
+    "__version__",
     "DEFAULT_PRESET",
     "PRESETS",
     "AdapterError",
