@@ -103,10 +103,9 @@ def _prefixes(ctx: Context) -> list[Context]:
     return out
 
 
-def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOptions, reuse: bool,
+def generate_batch(rt: Runtime, contexts: Sequence[Context], opts: CallOptions, reuse: bool,
                    salt: str | None = None) -> list[Result]:
     """``Runtime.generate_batch``: one padded ``generate`` call for all ``contexts``."""
-    contexts = [_as_context(c) for c in contexts]
     if not contexts:
         return []
     unsupported = [k for k in _UNSUPPORTED if opts.generate_kwargs.get(k) is not None]
@@ -134,14 +133,6 @@ def generate_batch(rt: Runtime, contexts: Sequence[Context | str], opts: CallOpt
             stats = rt.stats(call, len(new_ids), out.first_token_at, cached_tokens=cached, started=started, end=end)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
-
-
-def _as_context(item: Context | str) -> Context:
-    if isinstance(item, Context):
-        return item
-    if isinstance(item, str):
-        return Context().append(item)  # raw completion: one text span, no template
-    raise TypeError(f"generate_batch takes Contexts or strings, got {type(item).__name__}")
 
 
 def _warm(rt: Runtime, prefix: Context, salt: str | None) -> set[bytes]:

@@ -18,13 +18,14 @@ from transformers.generation.streamers import BaseStreamer
 from . import batch, checks, scoring, states, structured
 from . import tools as tools_mod
 from .adapters import AdapterInfo
+from .core import inputs
 from .index import EvictionPolicy, lru
-from .options import seeded
+from .options import CallOptions, seeded
 from .placement import Repair
 from .results import Result
 from .scoring import Candidate, Ranked, Score
 from .session import PreparedCall, Session, first_row
-from .spans import Context
+from .spans import Context, as_context
 from .store import KVStore
 from .structured import JsonResult
 from .tools import ToolRun, ToolTurn
@@ -98,13 +99,13 @@ class Runtime(Session):
 
     # -- generation ----------------------------------------------------------------------
 
-    def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
+    def token_ids(self, ctx: Context | str, *, adapter: str | None = None) -> list[int]:
         """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
         appended), the same with and without reuse."""
         with self._lock:
-            return list(self.resolve(ctx, adapter=adapter)[0].token_ids)
+            return list(self.resolve(as_context(ctx, "token_ids"), adapter=adapter)[0].token_ids)
 
-    def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+    def generate(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                  adapter: str | None = None, repair: str | None = None, salt: str | None = None,
                  output_scores: bool = False, output_logits: bool = False, streamer: BaseStreamer | None = None,
                  **generate_kwargs) -> Result:
@@ -118,7 +119,7 @@ class Runtime(Session):
         ``output_scores`` / ``output_logits`` keep each new token's processed scores / raw
         logits on the result (``Result.logprobs``; see ``spanctx.logprobs``); ``streamer``
         (an HF ``BaseStreamer``) gets the prompt, then the new tokens as they are decoded."""
-        opts = self.options(max_new_tokens, **generate_kwargs)
+        ctx, opts = as_context(ctx, "generate"), self.options(max_new_tokens, **generate_kwargs)
         with self.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, adapter=adapter, repair=repair,
                            salt=salt) as call, seeded(opts.seed, self.device):
             out = self.generate_prepared(call, opts, streamer=streamer, output_scores=output_scores,
@@ -128,12 +129,17 @@ class Runtime(Session):
                           stats=self.stats(call, len(new_ids), out.first_token_at, generated=out),
                           scores=first_row(out.scores), logits=first_row(out.logits))
 
-    def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+    def stream(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                adapter: str | None = None, repair: str | None = None, salt: str | None = None,
                **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded. Leaving the loop
-        early (or closing the iterator) stops the generation within a decode step."""
-        opts = self.options(max_new_tokens, **generate_kwargs)
+        early (or closing the iterator) stops the generation within a decode step. Bad
+        arguments raise here, at the call; the generation starts on the first ``next``."""
+        ctx, opts = as_context(ctx, "stream"), self.options(max_new_tokens, **generate_kwargs)
+        return self._stream(ctx, opts, reuse=reuse, adapter=adapter, repair=repair, salt=salt)
+
+    def _stream(self, ctx: Context, opts: CallOptions, *, reuse: bool, adapter: str | None, repair: str | None,
+                salt: str | None) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         cancel = threading.Event()
         failure: list[BaseException] = []
@@ -157,11 +163,12 @@ class Runtime(Session):
         if failure:
             raise failure[0]
 
-    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None,
+    def next_token_logits(self, ctx: Context | str, *, reuse: bool = True, adapter: str | None = None,
                           repair: str | None = None, salt: str | None = None) -> torch.Tensor:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
-        with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair, salt=salt) as call:
+        with self.prepared(as_context(ctx, "next_token_logits"), reuse=reuse, adapter=adapter, repair=repair,
+                           salt=salt) as call:
             out, _ = self.forward_tail(call, logits_to_keep=1)
             return out.logits[0, -1].float()
 
@@ -169,16 +176,17 @@ class Runtime(Session):
                        reuse: bool = True, salt: str | None = None, **generate_kwargs) -> list[Result]:
         """Generate after several contexts (or plain strings) in one left-padded batch, each
         row reusing its own stored spans; greedy results equal one ``generate`` per row."""
+        contexts = [as_context(c, "generate_batch") for c in inputs.not_one_string(contexts, "generate_batch")]
         return batch.generate_batch(self, contexts, self.options(max_new_tokens, **generate_kwargs), reuse, salt)
 
-    async def agenerate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+    async def agenerate(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                         **generate_kwargs) -> Result:
         """``generate`` in a worker thread, at most ``max_concurrency`` requests at once."""
         from .aio import agenerate
 
         return await agenerate(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
 
-    def astream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+    def astream(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                 **generate_kwargs) -> AsyncIterator[str]:
         """``stream`` as an async iterator; leaving it early stops the generation."""
         from .aio import astream
@@ -209,45 +217,50 @@ class Runtime(Session):
         with self._lock:
             self.adapters.remove(name)
 
-    def check(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+    def check(self, ctx: Context | str, requirements: Sequence[str], *, adapter: str | None = None,
               config: checks.CheckConfig = checks.DEFAULT_CHECK, reuse: bool = True,
               batch_size: int = 16) -> list[checks.Verdict]:
         """One verdict per requirement on ``ctx``; the context is assembled once and the
         checks run ``batch_size`` per forward (see ``spanctx.checks.check``)."""
-        return checks.check(self, ctx, requirements, adapter=adapter, config=config, reuse=reuse,
-                            batch_size=batch_size)
+        requirements = inputs.not_one_string(requirements, "check")
+        return checks.check(self, as_context(ctx, "check"), requirements, adapter=adapter, config=config,
+                            reuse=reuse, batch_size=batch_size)
 
-    def check_loop(self, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+    def check_loop(self, ctx: Context | str, requirements: Sequence[str], *, adapter: str | None = None,
                    max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
                    config: checks.CheckConfig = checks.DEFAULT_CHECK, feedback: str = checks.DEFAULT_FEEDBACK,
                    **generate_kwargs) -> checks.CheckLoopResult:
         """Generate, check, regenerate with the failed requirements as feedback (see
         ``spanctx.checks.check_loop``)."""
-        return checks.check_loop(self, ctx, requirements, adapter=adapter, max_rounds=max_rounds,
-                                 max_new_tokens=max_new_tokens, generator=generator, config=config,
+        requirements = inputs.not_one_string(requirements, "check_loop")
+        return checks.check_loop(self, as_context(ctx, "check_loop"), requirements, adapter=adapter,
+                                 max_rounds=max_rounds, max_new_tokens=max_new_tokens, generator=generator, config=config,
                                  feedback=feedback, **generate_kwargs)
 
     # -- scoring, states, tools, JSON output (scoring.py, states.py, tools.py, structured.py)
 
-    def score(self, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+    def score(self, ctx: Context | str, candidates: Sequence[Candidate], *, reuse: bool = True,
               batch_size: int = 16) -> list[Score]:
         """Log-probabilities of each candidate after ``ctx``; the context is computed once
         (through the store) for all of them. See ``spanctx.scoring``."""
-        return scoring.score(self, ctx, candidates, reuse=reuse, batch_size=batch_size)
+        candidates = inputs.not_one_string(candidates, "score")
+        return scoring.score(self, as_context(ctx, "score"), candidates, reuse=reuse, batch_size=batch_size)
 
-    def rank(self, ctx: Context, candidates: Sequence[Candidate], *, by: str = "logprob",
+    def rank(self, ctx: Context | str, candidates: Sequence[Candidate], *, by: str = "logprob",
              reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
         """``candidates`` best first by ``"logprob"`` or ``"mean_logprob"``."""
-        return scoring.rank(self, ctx, candidates, by=by, reuse=reuse, batch_size=batch_size)
+        candidates = inputs.not_one_string(candidates, "rank")
+        return scoring.rank(self, as_context(ctx, "rank"), candidates, by=by, reuse=reuse, batch_size=batch_size)
 
-    def hidden_states(self, ctx: Context, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:
+    def hidden_states(self, ctx: Context | str, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:
         """An embedding ``[hidden]`` of ``ctx``: the last token's final hidden state
         (reuses the store) or the mean over all tokens (a full forward). See ``spanctx.states``."""
-        return states.hidden_states(self, ctx, reduction, reuse=reuse)
+        return states.hidden_states(self, as_context(ctx, "hidden_states"), reduction, reuse=reuse)
 
-    def generate_json(self, ctx: Context, format, *, max_new_tokens: int = 256, **generate_kwargs) -> JsonResult:
+    def generate_json(self, ctx: Context | str, format, *, max_new_tokens: int = 256, **generate_kwargs) -> JsonResult:
         """Generate a value of ``format`` (pydantic model or JSON schema) under a grammar
         mask, parsed and validated. See ``spanctx.structured``."""
+        ctx = as_context(ctx, "generate_json")
         return structured.generate_json(self, ctx, format, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def tool_turn(self, messages: Sequence[dict], tools: Sequence, **kwargs) -> ToolTurn:

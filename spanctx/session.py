@@ -24,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from .adapters import Activation, AdapterSet
 from .chat import ChatRendering
+from .core import inputs
 from .engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
@@ -67,6 +68,7 @@ class Session:
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
+        store_bytes = inputs.byte_count(store_bytes, "store_bytes")
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         if not 0.0 <= min_reuse_fraction:
@@ -74,8 +76,8 @@ class Session:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.device
-        self.namespace = model_namespace(model, model_identity)
-        self.salt = _check_salt(salt)
+        self.namespace = model_namespace(model, inputs.identity(model_identity))
+        self.salt = inputs.salt(salt)
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
@@ -129,7 +131,7 @@ class Session:
         info = None if adapter is None else self.adapters.get(adapter)
         prompt = self.resolver.resolve(
             ctx, repair=self._repair_mode(repair),
-            salt=self.salt if salt is None else _check_salt(salt),
+            salt=self.salt if salt is None else inputs.salt(salt),
             adapter_namespace=None if info is None else info.namespace,
             invocation=None if info is None else info.invocation_ids,
             invocation_in_prompt=info is not None and info.alora_start == "in_prompt")
@@ -222,12 +224,6 @@ class Session:
 def first_row(steps: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
     """Row 0 of each ``[B, V]`` step tensor (None when the call did not ask for them)."""
     return None if steps is None else tuple(step[0] for step in steps)
-
-
-def _check_salt(salt: str | None) -> str | None:
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError(f"a salt is a non-empty str (or None), got {salt!r}")
-    return salt
 
 
 def _max_positions(config) -> int | None:

@@ -9,6 +9,8 @@ import pytest
 import spanctx
 from spanctx import demo
 from spanctx.cli import main
+from spanctx.presets import PRESETS
+from spanctx.tokenizer import TURN_END
 
 
 def test_demo_answers_on_the_trained_preset_by_default(capsys):
@@ -64,3 +66,45 @@ def test_the_cli_works_without_matplotlib_and_bench_says_what_it_needs():
     assert demo_run.returncode == 0, demo_run.stderr
     bench = subprocess.run([*run, "bench", "prefix"], capture_output=True, text=True, timeout=300)
     assert bench.returncode == 2 and "pip install 'spanctx[plots]'" in bench.stderr
+
+
+@pytest.mark.parametrize("name", [name for name in PRESETS if name.startswith("tiny")])
+def test_tiny_presets_stop_where_their_chat_template_ends_a_turn(name):
+    """EOS and the template's turn end agree: a reply stops at the first of them, and its
+    text is what came before (never silently empty behind dropped special tokens)."""
+    model, tokenizer = spanctx.load_preset(name)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered.endswith(TURN_END + "\n")
+    stops = set(model.generation_config.eos_token_id)
+    assert stops == {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_END)}
+    rt = spanctx.Runtime(model, tokenizer, store_bytes=16 << 20)
+    result = rt.generate(spanctx.Context.chat([{"role": "user", "content": "Say hi."}]), max_new_tokens=24)
+    assert not stops & set(result.token_ids[:-1])
+    body = result.token_ids[:-1] if result.token_ids[-1] in stops else result.token_ids
+    assert result.text == tokenizer.decode(body, skip_special_tokens=True)
+
+
+def test_the_presets_chat_template_renders_tools():
+    def add(a: int, b: int) -> int:
+        """Add two numbers.
+
+        Args:
+            a: the first
+            b: the second
+        """
+        return a + b
+
+    rt = spanctx.Runtime.from_pretrained("tiny-qwen2", device="cpu", store_bytes=16 << 20)
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    ctx = spanctx.Context.chat([{"role": "user", "content": "2+3?"},
+                                {"role": "assistant", "content": None, "tool_calls": [call]},
+                                {"role": "tool", "content": "5"}], system="Be brief.", tools=[add])
+    text = rt.chat_rendering(ctx).text
+    assert text.startswith("<|im_start|>system\nBe brief.\n\nYou may call these tools:\n<tools>\n")
+    assert '"name": "add", "description": "Add two numbers."' in text
+    assert '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' in text
+    assert text.endswith("<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n")
+    reply = spanctx.parse_tool_calls(text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0], [add])
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == [("add", {"a": 2, "b": 3})]
+    turn = rt.tool_turn([{"role": "user", "content": "2+3?"}], [add], max_new_tokens=4)
+    assert turn.result.stats.new_tokens >= 1
