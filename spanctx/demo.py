@@ -10,7 +10,7 @@ The documents are cut to fit the model's positions.
 
 from __future__ import annotations
 
-import random
+import re
 
 import attrs
 
@@ -62,29 +62,43 @@ class DemoRow:
         return self.full.stats.ttft_s / max(self.reused.stats.ttft_s, 1e-9)
 
 
-def workload(num_docs: int, num_questions: int, seed: int = 0) -> Workload:
-    """K = ``num_docs`` documents about K people and ``num_questions`` distinct
-    single-document questions about them (seeded: the same every run)."""
-    rng = random.Random(seed)
-    world = retrieval.make_world(rng, num_docs, filler=())
-    questions: dict[str, Question] = {}
-    while len(questions) < min(num_questions, 3 * num_docs):
-        q = retrieval.ask(rng, world, "single")
-        questions.setdefault(q.text, Question(q.text, q.answer))
-    shared = Context().append(retrieval.SYSTEM_LINES[0]).append("".join(world.documents))
-    return Workload(shared, tuple(questions.values()), num_docs)
+FACTS = ((re.compile(r"The code of (\w+) is (\d+)\."), retrieval.SINGLE["code"]),
+         (re.compile(r"(\w+) works in (\w+)\."), retrieval.SINGLE["city"]),
+         (re.compile(r"(\w+) has a pet (\w+)\."), retrieval.SINGLE["pet"]))
+
+
+def workload(num_docs: int, num_questions: int) -> Workload:
+    """The documents of a frozen held-out world (``bench/data/retrieval-heldout.json``:
+    people, codes, cities and filler the model never trained on) with the most documents,
+    at most ``num_docs`` (held-out worlds have 2, 4, 8 or 16), and ``num_questions``
+    single-document questions about its facts, the same every run."""
+    heldout = retrieval.load_heldout()
+    sizes = sorted({p.k for p in heldout.prompts})
+    k = max((size for size in sizes if size <= num_docs), default=None)
+    if k is None:
+        raise ValueError(f"the demo's worlds have {sizes} documents; --docs must be at least {sizes[0]}")
+    documents = heldout.documents[next(p.world for p in heldout.prompts if p.k == k)]
+    text = "".join(documents)
+    by_kind = [[Question(question.format(name=m[1]), m[2]) for m in pattern.finditer(text)]
+               for pattern, question in FACTS]
+    mixed = [q for group in zip(*by_kind) for q in group]  # code, city, pet, code, ...
+    shared = Context().append(heldout.system).append(text)
+    return Workload(shared, tuple(mixed[:num_questions]), k)
 
 
 def fitted_workload(rt: Runtime, num_docs: int, num_questions: int, max_new_tokens: int) -> Workload:
     """The largest workload of at most ``num_docs`` documents whose every prompt, plus
     ``max_new_tokens``, fits the model's positions."""
-    for k in range(num_docs, 0, -1):
+    k = num_docs
+    while True:
         w = workload(k, num_questions)
         longest = max(len(rt.token_ids(w.prompt(q))) for q in w.questions)
         if rt.max_positions is None or longest + max_new_tokens <= rt.max_positions:
             return w
-    raise ValueError(f"even one document and {max_new_tokens} new tokens exceed the model's "
-                     f"{rt.max_positions} positions")
+        if w.num_docs == 2:
+            raise ValueError(f"even {w.num_docs} documents and {max_new_tokens} new tokens exceed the model's "
+                             f"{rt.max_positions} positions")
+        k = w.num_docs - 1
 
 
 def run_demo(rt: Runtime, w: Workload, max_new_tokens: int = 10) -> list[DemoRow]:

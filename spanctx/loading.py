@@ -131,8 +131,9 @@ def load_model(name_or_path: str, *, model_class=None, device: str | None = None
             raise ValueError("presets are random-weight models built on one device: "
                              "device_map, quantization and max_gpu_memory apply to pretrained models")
         dtype = resolve_dtype(dtype)
-        return load_preset(name_or_path, device=device or default_device(),
-                           dtype=None if dtype == "auto" else dtype, model_class=model_class, **model_kwargs)
+        with _progress_bars(False):  # a preset loads in a blink
+            return load_preset(name_or_path, device=device or default_device(),
+                               dtype=None if dtype == "auto" else dtype, model_class=model_class, **model_kwargs)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(f"a model is a preset name, a local folder or a hub id (str), got {name_or_path!r}")
     name_or_path = _local_folder_or_hub_id(os.fspath(name_or_path), PRESETS)

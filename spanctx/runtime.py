@@ -222,7 +222,6 @@ class Runtime(Session):
               batch_size: int = 16) -> list[checks.Verdict]:
         """One verdict per requirement on ``ctx``; the context is assembled once and the
         checks run ``batch_size`` per forward (see ``spanctx.checks.check``)."""
-        requirements = inputs.not_one_string(requirements, "check")
         return checks.check(self, as_context(ctx, "check"), requirements, adapter=adapter, config=config,
                             reuse=reuse, batch_size=batch_size)
 
@@ -232,7 +231,6 @@ class Runtime(Session):
                    **generate_kwargs) -> checks.CheckLoopResult:
         """Generate, check, regenerate with the failed requirements as feedback (see
         ``spanctx.checks.check_loop``)."""
-        requirements = inputs.not_one_string(requirements, "check_loop")
         return checks.check_loop(self, as_context(ctx, "check_loop"), requirements, adapter=adapter,
                                  max_rounds=max_rounds, max_new_tokens=max_new_tokens, generator=generator, config=config,
                                  feedback=feedback, **generate_kwargs)
@@ -243,13 +241,11 @@ class Runtime(Session):
               batch_size: int = 16) -> list[Score]:
         """Log-probabilities of each candidate after ``ctx``; the context is computed once
         (through the store) for all of them. See ``spanctx.scoring``."""
-        candidates = inputs.not_one_string(candidates, "score")
         return scoring.score(self, as_context(ctx, "score"), candidates, reuse=reuse, batch_size=batch_size)
 
     def rank(self, ctx: Context | str, candidates: Sequence[Candidate], *, by: str = "logprob",
              reuse: bool = True, batch_size: int = 16) -> list[Ranked]:
         """``candidates`` best first by ``"logprob"`` or ``"mean_logprob"``."""
-        candidates = inputs.not_one_string(candidates, "rank")
         return scoring.rank(self, as_context(ctx, "rank"), candidates, by=by, reuse=reuse, batch_size=batch_size)
 
     def hidden_states(self, ctx: Context | str, reduction: str = "last", *, reuse: bool = True) -> torch.Tensor:

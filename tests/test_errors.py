@@ -165,9 +165,9 @@ def test_one_string_where_a_list_is_expected_is_refused():
     ctx = spanctx.Context().append("text")
     with pytest.raises(TypeError, match=r"generate_batch takes a list, got one string: pass \['hello'\]"):
         rt.generate_batch("hello")
-    with pytest.raises(TypeError, match="score takes a list"):
+    with pytest.raises(TypeError, match="wrap a single one in a list"):
         rt.score(ctx, " yes")
-    with pytest.raises(TypeError, match="check takes a list"):
+    with pytest.raises(TypeError, match="wrap a single requirement in a list"):
         rt.check(ctx, "be short")
     assert rt.store.stats.entries == 0
 
