@@ -13,6 +13,8 @@ import ast
 import asyncio
 import inspect
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,9 @@ def run_block(code: str, name: str, namespace: dict) -> None:
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_python_block_runs(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": f"docs:{page.name}"}
+    module = types.ModuleType(f"docs_{page.stem.replace('-', '_')}")  # a real module: pydantic and
+    monkeypatch.setitem(sys.modules, module.__name__, module)         # dataclasses look names up there
+    namespace = module.__dict__
     for line, code, skip in python_blocks(page):
         if skip is None:
             run_block(code, f"{page.relative_to(ROOT)}:{line}", namespace)
