@@ -87,12 +87,29 @@ class GenerateRequest:
         return default_max_new_tokens(generation_config, prompt_tokens, max_positions)
 
 
-def hf_output(prompt_ids, result: Result, device: torch.device) -> GenerateDecoderOnlyOutput:
+class CachelessOutput(GenerateDecoderOnlyOutput):
+    """``generate``'s output without a KV cache (spanctx's store holds the KV).
+
+    Mellea 0.8's post-processing reads, tests and clears the output's cache under its
+    pre-5.24 name, ``past_key_values``. From transformers 5.24 on (field ``cache``) each
+    of those accesses goes through a renaming shim that logs a deprecation warning, on
+    every call. Here that name is a plain, unset attribute on every version: reading it
+    gives None, setting it sets it, and the mapping answers it as itself (never holding
+    it), so Mellea's code runs as written and nothing warns.
+    """
+
+    past_key_values = None
+
+    def _replace_old_cache_name(self, key: str) -> str:  # transformers >= 5.24: no rename, no warning
+        return key
+
+
+def hf_output(prompt_ids, result: Result, device: torch.device) -> CachelessOutput:
     """``result`` as ``model.generate(..., return_dict_in_generate=True)`` returns it:
     ``sequences`` ``[1, S + N]`` (prompt and new tokens), ``scores`` / ``logits`` as
-    ``N`` tensors ``[1, V]`` when the call kept them."""
+    ``N`` tensors ``[1, V]`` when the call kept them; no cache."""
     sequences = torch.tensor([list(prompt_ids) + list(result.token_ids)], dtype=torch.long, device=device)
-    return GenerateDecoderOnlyOutput(
+    return CachelessOutput(
         sequences=sequences,
         scores=None if result.scores is None else tuple(s[None] for s in result.scores),
         logits=None if result.logits is None else tuple(s[None] for s in result.logits),
