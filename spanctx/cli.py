@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec("matplotlib") is None:
             print("spanctx bench writes plots and needs matplotlib: pip install 'spanctx[plots]'", file=sys.stderr)
             return 2
-        from .bench import cli as bench_cli
+        from .bench import command as bench_cli
 
         bench_cli.add_arguments(bench)
 

@@ -15,10 +15,10 @@ import re
 import attrs
 
 from .bench import retrieval
+from .core.spans import Context
 from .presets import PRESETS
-from .results import Result
 from .runtime import Runtime
-from .spans import Context
+from .session.results import Result
 
 DEFAULT_MODEL = "tiny-trained"
 

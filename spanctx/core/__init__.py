@@ -1,1 +1,2 @@
-"""The core layer: prompt values and rules, no torch (see the package layout in docs)."""
+"""The pure core: spans, messages, keys, plans, placement, chat rendering, options and the
+prompt resolver. Imports nothing of spanctx beyond ``core`` and ``hf``, and no torch."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from .core import inputs
+from . import inputs
 
 __all__ = ["ChatItem", "GenerationPrompt", "Message", "TemplateArgs", "as_message", "template_args"]
 
