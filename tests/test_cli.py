@@ -1,6 +1,8 @@
 """README command 1: ``spanctx demo`` answers for real, with and without reuse; the CLI
 needs nothing the package does not install."""
 
+import io
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import pytest
 
 import spanctx
 from spanctx import demo
+from spanctx.cache import fingerprint
 from spanctx.cli import main
 from spanctx.presets import PRESETS
 from spanctx.tokenizer import TURN_END
@@ -108,3 +111,29 @@ def test_the_presets_chat_template_renders_tools():
     assert [(c.name, c.arguments) for c in reply.tool_calls] == [("add", {"a": 2, "b": 3})]
     turn = rt.tool_turn([{"role": "user", "content": "2+3?"}], [add], max_new_tokens=4)
     assert turn.result.stats.new_tokens >= 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _model_folder(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(PRESETS["tiny-trained"].weights_dir, folder)
+    spanctx.byte_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_while_loading_and_fingerprinting_only_on_a_terminal(tmp_path, monkeypatch, terminal):
+    """Loading a folder shows transformers' bar and fingerprinting a large model spanctx's
+    own, both on stderr when it is a terminal; on a pipe or a log, nothing."""
+    monkeypatch.setattr(fingerprint, "PROGRESS_BYTES", 0)  # every model counts as large here
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    model, tokenizer = spanctx.load_model(_model_folder(tmp_path), device="cpu")
+    spanctx.Runtime(model, tokenizer, store_bytes=1 << 20)
+    shown = stderr.getvalue()
+    assert ("fingerprinting weights" in shown and "Loading weights" in shown) == terminal
+    assert shown == "" or terminal
