@@ -1,9 +1,12 @@
 """Typed checks at the API edge: what a user passes in, refused at the call with an error
 that names the fix, never dropped or failing deep inside.
 
-One place for these rules: spans and messages check their text here, ``Context`` its
-constructor, the runtime its contexts, options, store size, identity and salt. No torch,
-nothing of spanctx: the layers above call in.
+One place for these rules: spans and messages check their content here, the options
+their counts and seeds, the session its store size, identity and salt, the runtime its
+lists. No torch, nothing of spanctx: the layers above call in. The checks that need the
+``Context`` type itself (``as_context``: what every call takes as a prompt; the
+constructor; ``parallel(docs)``) sit beside it in ``spans.py``, which builds on this
+module.
 """
 
 from __future__ import annotations
