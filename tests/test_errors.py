@@ -166,6 +166,8 @@ def test_one_string_where_a_list_is_expected_is_refused():
     ctx = spanctx.Context().append("text")
     with pytest.raises(TypeError, match=r"generate_batch takes a list, got one string: pass \['hello'\]"):
         rt.generate_batch("hello")
+    with pytest.raises(TypeError, match=r"extend takes a list, got one string"):
+        ctx.extend("one span per character")
     with pytest.raises(TypeError, match="wrap a single one in a list"):
         rt.score(ctx, " yes")
     with pytest.raises(TypeError, match="wrap a single requirement in a list"):

@@ -140,7 +140,7 @@ class Context:
     def extend(self, contents: Iterable[str | Sequence[int] | Span]) -> Context:
         """Append several spans in order; returns the last new context."""
         ctx = self
-        for content in contents:
+        for content in inputs.not_one_string(contents, "extend"):
             ctx = ctx.append(content)
         return ctx
 
