@@ -181,6 +181,8 @@ class Session:
     def generate_kwargs(self, opts: CallOptions, *, streamer=None, cancel: threading.Event | None = None) -> dict:
         """HF ``generate`` kwargs of a call with ``opts`` (a streamer only when streaming)."""
         kwargs = opts.hf_kwargs(self.pad_token_id)
+        if kwargs.get("stop_strings") is not None:
+            kwargs.setdefault("tokenizer", self.tokenizer)  # HF generate matches stop strings through it
         if streamer is not None:
             kwargs["streamer"] = streamer
         return kwargs if cancel is None else with_stopping_criterion(kwargs, StopWhenSet(cancel))
