@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 import attrs
+import torch
 
 from .bench import retrieval
 from .core.spans import Context
@@ -21,6 +22,7 @@ from .runtime import Runtime
 from .session.results import Result
 
 DEFAULT_MODEL = "tiny-trained"
+SMALL_MODEL_PARAMETERS = 50_000_000  # below this, the demo runs on one CPU thread
 
 
 @attrs.frozen
@@ -152,7 +154,11 @@ def main(args) -> int:
               "a real model with --model PATH_OR_HUB_ID.")
     else:
         print(f"model: {name}")
-    print(rt)
+    if rt.device.type == "cpu" and sum(p.numel() for p in rt.model.parameters()) < SMALL_MODEL_PARAMETERS:
+        # a small model is overhead-bound: one thread is as fast on an idle CPU and several
+        # times faster on a busy one (threads of one op wait for each other's time slices)
+        torch.set_num_threads(1)
+    print(f"{rt}, {torch.get_num_threads()} CPU thread(s)" if rt.device.type == "cpu" else rt)
     w = fitted_workload(rt, args.docs, args.questions, args.max_new_tokens)
     shared_tokens = len(rt.token_ids(w.shared))
     print(f"shared context: a system line and {w.num_docs} documents, {shared_tokens} tokens"
