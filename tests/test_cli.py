@@ -12,8 +12,9 @@ import spanctx
 from spanctx import demo
 from spanctx.cache import fingerprint
 from spanctx.cli import main
+from spanctx.features.tools import parse_tool_calls
 from spanctx.presets import PRESETS
-from spanctx.tokenizer import TURN_END
+from spanctx.tokenizer import TURN_END, byte_tokenizer
 
 
 def test_demo_answers_on_the_trained_preset_by_default(capsys):
@@ -107,7 +108,7 @@ def test_the_presets_chat_template_renders_tools():
     assert '"name": "add", "description": "Add two numbers."' in text
     assert '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' in text
     assert text.endswith("<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n")
-    reply = spanctx.parse_tool_calls(text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0], [add])
+    reply = parse_tool_calls(text.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0], [add])
     assert [(c.name, c.arguments) for c in reply.tool_calls] == [("add", {"a": 2, "b": 3})]
     turn = rt.tool_turn([{"role": "user", "content": "2+3?"}], [add], max_new_tokens=4)
     assert turn.result.stats.new_tokens >= 1
@@ -121,7 +122,7 @@ class _Terminal(io.StringIO):
 def _model_folder(tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(PRESETS["tiny-trained"].weights_dir, folder)
-    spanctx.byte_tokenizer().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     return str(folder)
 
 

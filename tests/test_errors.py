@@ -8,6 +8,7 @@ import spanctx
 from spanctx.cache.fingerprint import model_namespace
 from spanctx.cache.store import SpanKV
 from spanctx.core.keys import span_key
+from spanctx.tokenizer import byte_tokenizer
 
 
 def test_empty_spans_are_refused():
@@ -219,7 +220,7 @@ def test_a_truncated_weights_file_names_its_folder(tmp_path):
 
     folder = tmp_path / "tiny-copy"
     shutil.copytree(spanctx.PRESETS["tiny-trained"].weights_dir, folder)
-    spanctx.byte_tokenizer().save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=f"cannot read the weights in '{folder}'.*truncated or damaged"):

@@ -161,7 +161,9 @@ def test_tool_chat_passes_tools_to_the_template():
     text = rt.chat_rendering(ctx).text
     assert json.dumps(Tool.from_function(add).schema()) in text
     assert text.endswith("<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n")
-    tokenizer = spanctx.byte_tokenizer()
+    from spanctx.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
     tokenizer.chat_template = (  # plain ChatML: no tools block
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
