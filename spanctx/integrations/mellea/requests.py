@@ -26,6 +26,7 @@ from mellea.backends import ModelOption
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ...core.options import RESERVED_KWARGS
+from ...hf import cacheless_output
 from ...session.results import Result
 
 __all__ = ["GenerateRequest", "default_max_new_tokens", "hf_output"]
@@ -87,29 +88,14 @@ class GenerateRequest:
         return default_max_new_tokens(generation_config, prompt_tokens, max_positions)
 
 
-class CachelessOutput(GenerateDecoderOnlyOutput):
-    """``generate``'s output without a KV cache (spanctx's store holds the KV).
-
-    Mellea 0.8's post-processing reads, tests and clears the output's cache under its
-    pre-5.24 name, ``past_key_values``. From transformers 5.24 on (field ``cache``) each
-    of those accesses goes through a renaming shim that logs a deprecation warning, on
-    every call. Here that name is a plain, unset attribute on every version: reading it
-    gives None, setting it sets it, and the mapping answers it as itself (never holding
-    it), so Mellea's code runs as written and nothing warns.
-    """
-
-    past_key_values = None
-
-    def _replace_old_cache_name(self, key: str) -> str:  # transformers >= 5.24: no rename, no warning
-        return key
-
-
-def hf_output(prompt_ids, result: Result, device: torch.device) -> CachelessOutput:
+def hf_output(prompt_ids, result: Result, device: torch.device) -> GenerateDecoderOnlyOutput:
     """``result`` as ``model.generate(..., return_dict_in_generate=True)`` returns it:
     ``sequences`` ``[1, S + N]`` (prompt and new tokens), ``scores`` / ``logits`` as
-    ``N`` tensors ``[1, V]`` when the call kept them; no cache."""
+    ``N`` tensors ``[1, V]`` when the call kept them. No cache (the KV is in spanctx's
+    store), and Mellea's post-processing, which reads and clears the cache under its
+    pre-5.24 name, logs no rename warning (``spanctx.hf.cacheless_output``)."""
     sequences = torch.tensor([list(prompt_ids) + list(result.token_ids)], dtype=torch.long, device=device)
-    return CachelessOutput(
+    return cacheless_output(
         sequences=sequences,
         scores=None if result.scores is None else tuple(s[None] for s in result.scores),
         logits=None if result.logits is None else tuple(s[None] for s in result.logits),
