@@ -22,8 +22,10 @@ from .reward import RewardModel
 from .runtime import Runtime
 from .session.adapters import AdapterError
 from .session.results import GenerationStats, Result
+from .version import __version__
 
 __all__ = [
+    "__version__",
     "PRESETS",
     "AdapterError",
     "ChatSplitWarning",

@@ -13,6 +13,12 @@ Differences handled here, and nowhere else:
   deprecates: a FutureWarning raised by PEFT's own code whenever a PEFT model is made.
   ``peft_wrapping`` silences exactly that one around spanctx's calls into PEFT.
 
+- The cache field of ``generate``'s output: ``past_key_values`` up to 5.23, ``cache``
+  from 5.24 on, where every access under the old name goes through a shim that logs a
+  deprecation warning. ``cacheless_output`` builds an output without a cache that
+  answers the old name as a plain unset attribute on every version (for code written
+  against the old name, such as Mellea 0.8's post-processing).
+
 Everything else in spanctx passes caches through ``cache_kwargs``, reads a forward's
 cache argument through ``cache_argument`` and a config's length limit through
 ``max_positions``. No torch, and nothing of spanctx: every layer may import it.
@@ -26,7 +32,8 @@ import inspect
 import warnings
 from collections.abc import Mapping
 
-__all__ = ["CACHE_NAMES", "cache_argument", "cache_kwargs", "cache_name", "max_positions", "peft_wrapping"]
+__all__ = ["CACHE_NAMES", "cache_argument", "cache_kwargs", "cache_name", "cacheless_output", "max_positions",
+           "peft_wrapping"]
 
 # every spelling of the cache argument, newest first
 CACHE_NAMES = ("cache", "past_key_values")
@@ -76,3 +83,23 @@ def peft_wrapping():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         yield
+
+
+def cacheless_output(**fields):
+    """``GenerateDecoderOnlyOutput(**fields)`` with no cache, whose old cache name reads
+    None, can be set, and is answered by the mapping as itself: nothing logs a rename
+    warning (see the module doc)."""
+    return _cacheless_output_class()(**fields)
+
+
+@functools.cache
+def _cacheless_output_class() -> type:
+    from transformers.generation.utils import GenerateDecoderOnlyOutput  # here: hf.py stays torch-free
+
+    class CachelessOutput(GenerateDecoderOnlyOutput):
+        past_key_values = None  # a plain attribute, over 5.24's renaming property
+
+        def _replace_old_cache_name(self, key: str) -> str:  # 5.24's shim for item access: no rename
+            return key
+
+    return CachelessOutput

@@ -18,12 +18,17 @@ touching a model (pure, so tested on CPU); ``load_model`` probes the machine and
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import re
+import sys
+from collections.abc import Iterator
 from typing import Literal
 
 import attrs
 import torch
+from safetensors import SafetensorError
 
 Quantization = Literal["8bit", "4bit"]
 
@@ -126,21 +131,61 @@ def load_model(name_or_path: str, *, model_class=None, device: str | None = None
             raise ValueError("presets are random-weight models built on one device: "
                              "device_map, quantization and max_gpu_memory apply to pretrained models")
         dtype = resolve_dtype(dtype)
-        return load_preset(name_or_path, device=device or default_device(),
-                           dtype=None if dtype == "auto" else dtype, model_class=model_class, **model_kwargs)
-    if "/" not in name_or_path and not os.path.isdir(name_or_path):
-        raise ValueError(f"unknown preset {name_or_path!r} (and no such folder); presets: "
-                         f"{', '.join(PRESETS)}; or pass a local model folder or a hub id 'org/name'")
+        with _progress_bars(False):  # a preset loads in a blink
+            return load_preset(name_or_path, device=device or default_device(),
+                               dtype=None if dtype == "auto" else dtype, model_class=model_class, **model_kwargs)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"a model is a preset name, a local folder or a hub id (str), got {name_or_path!r}")
+    name_or_path = _local_folder_or_hub_id(os.fspath(name_or_path), PRESETS)
     options = load_options(Environment.probe(), device=device, dtype=dtype, device_map=device_map,
                            quantization=quantization, max_gpu_memory=max_gpu_memory)
     clash = sorted(options.kwargs.keys() & model_kwargs.keys())
     if clash:
         raise ValueError(f"{clash} are set by spanctx's loading options; pass them through those instead")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    model = model_class.from_pretrained(name_or_path, **options.kwargs, **model_kwargs)
+    try:
+        with _progress_bars(sys.stderr.isatty()):
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = model_class.from_pretrained(name_or_path, **options.kwargs, **model_kwargs)
+    except SafetensorError as exc:
+        raise OSError(f"cannot read the weights in {name_or_path!r} ({exc}): a weights file there is "
+                      "truncated or damaged; download or copy it again") from exc
     if options.move_to is not None:
         model.to(options.move_to)
     return model.eval(), tokenizer
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _local_folder_or_hub_id(name: str, presets) -> str:
+    """``name`` as an existing local folder (``~`` expanded) or a hub id ``org/name``; an
+    error that says which was meant otherwise (never the hub's "Repo id must be..." for a
+    mistyped local path)."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ValueError(f"{name!r} is a file; pass the model's folder (the one holding config.json)")
+    if "/" not in name:
+        raise ValueError(f"unknown preset {name!r} (and no such folder); presets: "
+                         f"{', '.join(presets)}; or pass a local model folder or a hub id 'org/name'")
+    if not HUB_ID.fullmatch(name) or os.path.isdir(name.split("/", 1)[0]):
+        raise FileNotFoundError(f"no model folder at {os.path.abspath(path)!r} (a hub id is 'org/name'); "
+                                "check the path, or download the model there first")
+    return name
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' loading bars on (a terminal) or off (a pipe, a log) for the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def default_device() -> str:

@@ -31,7 +31,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from .tokenizer import byte_tokenizer
+from .tokenizer import TURN_END, byte_tokenizer
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_VOCAB = len(byte_tokenizer())
@@ -135,6 +135,7 @@ def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     """
     preset = _preset(name)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    tokenizer = byte_tokenizer()
     if preset.weights_dir is not None:
         if overrides:
             raise ValueError(f"preset {name!r} has trained weights: its config cannot be overridden "
@@ -147,9 +148,12 @@ def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         with torch.device(device):
             model = model_class.from_config(config, dtype=dtype or preset.dtype, **kwargs)
     model.eval()
+    model.config._name_or_path = name  # what repr(Runtime) shows; not part of the model's fingerprint
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = config.pad_token_id
-    return model, byte_tokenizer()
+        # stop where the chat template ends a turn, as at EOS: a chat reply ends there
+        model.generation_config.eos_token_id = [config.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_END)]
+    return model, tokenizer
 
 
 def _preset(name: str) -> Preset:

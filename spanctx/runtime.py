@@ -61,6 +61,22 @@ class Runtime(Session):
     tool_turn = tools.tool_turn
     run_tools = tools.run_tools
 
+    def __repr__(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+        executor = "static" if self.engine.static is not None else "eager"
+        stats = self.store.stats
+        return (f"Runtime(model={name!r}, device={self.device}, dtype={str(self.model.dtype).removeprefix('torch.')}, "
+                f"executor={executor!r}, store={stats.entries} spans, {stats.bytes_used / 2**20:.1f} of "
+                f"{stats.bytes_budget / 2**20:.0f} MiB)")
+
+    def __repr__(self) -> str:
+        name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+        executor = "static" if self.engine.static is not None else "eager"
+        stats = self.store.stats
+        return (f"Runtime(model={name!r}, device={self.device}, dtype={str(self.model.dtype).removeprefix('torch.')}, "
+                f"executor={executor!r}, store={stats.entries} spans, {stats.bytes_used / 2**20:.1f} of "
+                f"{stats.bytes_budget / 2**20:.0f} MiB)")
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
                         dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,

@@ -116,7 +116,7 @@ def test_seeded_sampling_in_a_batch_is_reproducible():
 def test_bad_batches():
     rt = tiny_runtime("llama")
     assert rt.generate_batch([]) == []
-    with pytest.raises(TypeError, match="Contexts or strings"):
+    with pytest.raises(TypeError, match=r"generate_batch takes a Context \(or a str\)"):
         rt.generate_batch([[1, 2, 3]])
     with pytest.raises(ValueError, match="stop_strings"):
         rt.generate_batch(["a"], stop_strings=["b"])

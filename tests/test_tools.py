@@ -162,7 +162,13 @@ def test_tool_chat_passes_tools_to_the_template():
     text = rt.chat_rendering(ctx).text
     assert json.dumps(Tool.from_function(add).schema()) in text
     assert text.endswith("<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n")
-    plain = tiny_runtime("llama")  # the byte tokenizer's ChatML template has no tools block
+    from spanctx.tokenizer import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = (  # plain ChatML: no tools block
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    plain = spanctx.Runtime(tiny_model("llama")[0], tokenizer, store_bytes=64 << 20)
     with pytest.raises(ValueError, match="ignores tools="):
         tool_chat(plain, [{"role": "user", "content": "hi"}], as_tools([add]))
 

@@ -10,6 +10,7 @@ import json
 
 import attrs
 import torch
+from tqdm import tqdm
 
 from ..core.keys import digest
 
@@ -54,6 +55,7 @@ def model_namespace(model: torch.nn.Module, identity: str | None = None, *, adap
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # splitmix64 constants, as the signed int64 values of their bits
+PROGRESS_BYTES = 1 << 30  # weights_fingerprint shows a progress bar from this size on
 _SPLITMIX = tuple(c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
@@ -84,12 +86,17 @@ def weights_fingerprint(model: torch.nn.Module, chunk_elements: int | None = Non
                          "pass an explicit identity to model_namespace instead")
     header, sums = [], []
     weighers: dict[torch.device, _BlockWeigher] = {}
-    for name, tensor in tensors:
-        header.append(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}")
-        if tensor.device not in weighers:
-            longest = max(t.nbytes // _int_dtype(t).itemsize for _, t in tensors if t.device == tensor.device)
-            weighers[tensor.device] = _BlockWeigher.make(tensor.device, longest, chunk_elements)
-        sums += weighers[tensor.device].block_sums(_int_view(tensor))
+    total = sum(t.nbytes for _, t in tensors)
+    # a bar for large models (seconds of reading), on a terminal only (disable=None: not on a pipe)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="fingerprinting weights", leave=False,
+              disable=None if total >= PROGRESS_BYTES else True) as bar:
+        for name, tensor in tensors:
+            header.append(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}")
+            if tensor.device not in weighers:
+                longest = max(t.nbytes // _int_dtype(t).itemsize for _, t in tensors if t.device == tensor.device)
+                weighers[tensor.device] = _BlockWeigher.make(tensor.device, longest, chunk_elements)
+            sums += weighers[tensor.device].block_sums(_int_view(tensor))
+            bar.update(tensor.nbytes)
     return digest(b"weights", "\n".join(header).encode(), _to_host(sums))
 
 

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
+from . import inputs
+
 __all__ = ["ChatItem", "GenerationPrompt", "Message", "TemplateArgs", "as_message", "template_args"]
 
 # apply_chat_template arguments that spanctx sets itself
@@ -31,6 +33,8 @@ def _check_role(_, __, role: str) -> None:
 def _check_content(_, __, content: str | None) -> None:
     if content is not None and not isinstance(content, str):
         raise TypeError(f"message content is a str or None (text only), got {type(content).__name__}")
+    if content is not None:
+        inputs.text(content, "message content")
 
 
 @attrs.frozen

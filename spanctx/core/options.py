@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import attrs
 
 from ..hf import CACHE_NAMES
+from . import inputs
 
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -71,11 +72,7 @@ def merge_options(defaults: Mapping[str, object], call: Mapping[str, object]) ->
     _refuse_search(merged)
     max_new_tokens = merged.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     seed = merged.pop("seed", None)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    return CallOptions(max_new_tokens, seed, do_sample, merged)
+    return CallOptions(inputs.positive_int(max_new_tokens, "max_new_tokens"), inputs.seed(seed), do_sample, merged)
 
 
 def _refuse_search(merged: Mapping[str, object]) -> None:

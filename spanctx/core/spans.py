@@ -16,27 +16,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
+from . import inputs
 from .messages import ChatItem, GenerationPrompt, Message, as_message, template_args
 
 SpanContent = str | tuple[int, ...] | ChatItem
 
 
 def _freeze_content(content: str | Sequence[int] | ChatItem) -> SpanContent:
-    if isinstance(content, ChatItem):
-        return content
-    if isinstance(content, str):
-        if content == "":
-            raise ValueError("a span cannot be empty text")
-        return content
-    if isinstance(content, (bytes, bytearray)):
-        raise TypeError("a span is text (str) or token ids (a sequence of int), not bytes")
-    ids = tuple(content)
-    if not ids:
-        raise ValueError("a span cannot be an empty list of token ids")
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise TypeError(f"token ids must be non-negative ints, got {t!r}")
-    return ids
+    return content if isinstance(content, ChatItem) else inputs.span_content(content)
 
 
 @attrs.frozen
@@ -53,6 +40,28 @@ class Span:
     @property
     def is_chat(self) -> bool:
         return isinstance(self.content, ChatItem)
+
+
+def _check_parent(parent: object) -> None:
+    if parent is not None and not isinstance(parent, Context):
+        raise TypeError(f"Context() takes no text: a prompt starts at the empty root, Context(), and grows "
+                        f"with append: Context().append({parent!r:.40})" if isinstance(parent, (str, list, tuple))
+                        else f"a Context's parent is a Context, got {type(parent).__name__}")
+
+
+def as_context(value: Context | str, call: str) -> Context:
+    """What every runtime call takes as its prompt: a ``Context``, or a str (one text span
+    after the root: a raw completion, no chat template)."""
+    if isinstance(value, Context):
+        return value
+    if isinstance(value, str):
+        return Context().append(value)
+    hint = ""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+        hint = "; for chat messages use Context.chat(messages)"
+    elif isinstance(value, (list, tuple)):
+        hint = "; for token ids use Context().append(ids), for several prompts generate_batch"
+    raise TypeError(f"{call} takes a Context (or a str), got {type(value).__name__}{hint}")
 
 
 class _OnRootOrSelf:
@@ -92,8 +101,9 @@ class Context:
     spans in the same order are equal and hash alike.
     """
 
-    parent: Context | None = None
-    span: Span | ParallelGroup | None = None
+    parent: Context | None = attrs.field(default=None, validator=lambda _, __, parent: _check_parent(parent))
+    span: Span | ParallelGroup | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of((Span, ParallelGroup))))
 
     def append(self, content: str | Sequence[int] | Span) -> Context:
         """A new context: this one followed by ``content``. ``self`` is unchanged."""
@@ -108,6 +118,10 @@ class Context:
         is shared across everything that may precede it); a ``Context`` that is a prefix of
         this one anchors there. What is appended after the group attends to everything.
         """
+        if len(contents) == 1 and isinstance(contents[0], (list, tuple)) and \
+                any(isinstance(c, (str, Span)) for c in contents[0]):
+            raise TypeError("parallel takes the spans as separate arguments: ctx.parallel(*docs), "
+                            "not ctx.parallel(docs)")
         members = tuple(c if isinstance(c, Span) else Span(c) for c in contents)
         return Context(parent=self, span=ParallelGroup(members, self._anchor_depth(anchor)))
 
@@ -126,7 +140,7 @@ class Context:
     def extend(self, contents: Iterable[str | Sequence[int] | Span]) -> Context:
         """Append several spans in order; returns the last new context."""
         ctx = self
-        for content in contents:
+        for content in inputs.not_one_string(contents, "extend"):
             ctx = ctx.append(content)
         return ctx
 

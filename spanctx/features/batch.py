@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from ..core.spans import Context
+from ..core import inputs
+from ..core.spans import Context, as_context
 from ..session.results import Result
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
     row reusing its own stored spans; greedy results equal one ``generate`` per row.
     ``salt`` and ``repair`` apply to every row (None: the runtime's)."""
     opts = rt.options(max_new_tokens, **generate_kwargs)
-    contexts = [_as_context(c) for c in contexts]
+    contexts = [as_context(c, "generate_batch") for c in inputs.not_one_string(contexts, "generate_batch")]
     if not contexts:
         return []
     unsupported = [k for k in _UNSUPPORTED if opts.generate_kwargs.get(k) is not None]
@@ -154,14 +155,6 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
             stats = rt.stats(call, len(new_ids), out.first_token_at, cached_tokens=cached, started=started, end=end)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
-
-
-def _as_context(item: Context | str) -> Context:
-    if isinstance(item, Context):
-        return item
-    if isinstance(item, str):
-        return Context().append(item)  # raw completion: one text span, no template
-    raise TypeError(f"generate_batch takes Contexts or strings, got {type(item).__name__}")
 
 
 def _warm(rt: SessionAPI, prefix: Context, salt: str | None, repair: str | None) -> set[bytes]:

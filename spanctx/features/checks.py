@@ -44,7 +44,7 @@ import attrs
 import torch
 
 from ..core.prompt import ResolvedPrompt
-from ..core.spans import Context
+from ..core.spans import Context, as_context
 from ..session.adapters import batch_activation
 from ..session.results import GenerationStats, Result
 
@@ -146,7 +146,7 @@ def requirement_context(ctx: Context, requirement: str, config: CheckConfig = DE
     return ctx.append(config.template.format(requirement=requirement))
 
 
-def check(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+def check(rt: SessionAPI, ctx: Context | str, requirements: Sequence[str], *, adapter: str | None = None,
           config: CheckConfig = DEFAULT_CHECK, reuse: bool = True, batch_size: int = 16,
           salt: str | None = None) -> list[Verdict]:
     """Check each requirement on ``ctx`` with ``adapter`` (an aLoRA, a LoRA, or None for
@@ -159,6 +159,7 @@ def check(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter:
     Contexts with parallel groups are checked one requirement per call (base model only).
     ``salt``: the call's tenant salt (None: the runtime's).
     """
+    ctx = as_context(ctx, "check")
     requirements = _requirements(requirements)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -209,7 +210,7 @@ def _checked_alone(rt: SessionAPI, ctx: Context, requirement: str, config: Check
         return Verdict(requirement, probability > config.threshold, probability, rt.stats(call, 0, None))
 
 
-def check_loop(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, adapter: str | None = None,
+def check_loop(rt: SessionAPI, ctx: Context | str, requirements: Sequence[str], *, adapter: str | None = None,
                max_rounds: int = 3, max_new_tokens: int = 64, generator: str | None = None,
                config: CheckConfig = DEFAULT_CHECK, feedback: str = DEFAULT_FEEDBACK, salt: str | None = None,
                **generate_kwargs) -> CheckLoopResult:
@@ -220,6 +221,7 @@ def check_loop(rt: SessionAPI, ctx: Context, requirements: Sequence[str], *, ada
     Returns every attempt with its verdicts; it stops at the first attempt that passes.
     ``salt``: the tenant salt of every generation and check (None: the runtime's).
     """
+    ctx = as_context(ctx, "check_loop")
     if not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be an int >= 1, got {max_rounds!r}")
     _require_slot("feedback", feedback, "failed")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 import torch
 
-from ..core.spans import Context, Span
+from ..core.spans import Context, Span, as_context
 
 if TYPE_CHECKING:
     from ..session.api import SessionAPI
@@ -63,7 +63,7 @@ class Ranked:
     score: Score
 
 
-def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reuse: bool = True,
+def score(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *, reuse: bool = True,
           batch_size: int = 16, salt: str | None = None) -> list[Score]:
     """Scores of ``candidates`` after ``ctx``, in input order (see the module doc).
 
@@ -71,6 +71,7 @@ def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reus
     computes the whole context without reading or writing the store (still once for all
     candidates). ``salt``: the call's tenant salt (None: the runtime's).
     """
+    ctx = as_context(ctx, "score")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(candidates, (str, Span)):
@@ -101,10 +102,11 @@ def score(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *, reus
     return scores
 
 
-def rank(rt: SessionAPI, ctx: Context, candidates: Sequence[Candidate], *,
+def rank(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *,
          by: Literal["logprob", "mean_logprob"] = "logprob", reuse: bool = True, batch_size: int = 16,
          salt: str | None = None) -> list[Ranked]:
     """``candidates`` best first by ``by`` (ties keep input order)."""
+    ctx = as_context(ctx, "rank")
     if by not in ("logprob", "mean_logprob"):
         raise ValueError(f"rank by 'logprob' or 'mean_logprob', got {by!r}")
     scores = score(rt, ctx, candidates, reuse=reuse, batch_size=batch_size, salt=salt)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ..core.spans import Context
+from ..core.spans import Context, as_context
 
 if TYPE_CHECKING:
     from ..session.api import SessionAPI
@@ -31,11 +31,12 @@ if TYPE_CHECKING:
 Reduction = Literal["last", "mean"]
 
 
-def hidden_states(rt: SessionAPI, ctx: Context, reduction: Reduction = "last", *, reuse: bool = True,
+def hidden_states(rt: SessionAPI, ctx: Context | str, reduction: Reduction = "last", *, reuse: bool = True,
                   salt: str | None = None) -> torch.Tensor:
     """The embedding ``[hidden]`` of ``ctx``'s prompt (see the module doc for the cost of
     each reduction). ``reuse=False`` neither reads nor writes the store; ``salt``: the
     call's tenant salt (None: the runtime's)."""
+    ctx = as_context(ctx, "hidden_states")
     if reduction not in ("last", "mean"):
         raise ValueError(f"reduction must be 'last' or 'mean', got {reduction!r}")
     if reduction == "last":

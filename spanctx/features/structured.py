@@ -23,11 +23,11 @@ import attrs
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..core.spans import Context, as_context
 from ..session.results import GenerationStats
 from . import validation
 
 if TYPE_CHECKING:
-    from ..core.spans import Context
     from ..session.api import SessionAPI
 
 #: llguidance JSON options: compact output; a schema's own "x-guidance" overrides them.
@@ -89,7 +89,7 @@ class JsonFormat:
         return value
 
 
-def generate_json(rt: SessionAPI, ctx: Context, format: Any, *, max_new_tokens: int = 256,
+def generate_json(rt: SessionAPI, ctx: Context | str, format: Any, *, max_new_tokens: int = 256,
                   **generate_kwargs) -> JsonResult:
     """Generate a value of ``format`` after ``ctx`` (see the module doc).
 
@@ -98,6 +98,7 @@ def generate_json(rt: SessionAPI, ctx: Context, format: Any, *, max_new_tokens: 
     ``StructuredOutputError`` when ``max_new_tokens`` ends the output before the value is
     complete, and ``ValueError`` when llguidance cannot compile the schema.
     """
+    ctx = as_context(ctx, "generate_json")
     for key in ("num_beams", "num_return_sequences"):
         if generate_kwargs.get(key, 1) != 1:
             raise ValueError(f"generate_json makes one sequence: {key} must be 1")

@@ -28,11 +28,12 @@ from transformers.generation.streamers import BaseStreamer
 from ..cache.fingerprint import model_namespace
 from ..cache.index import EvictionPolicy, lru
 from ..cache.store import KVStore, default_budget_bytes
+from ..core import inputs
 from ..core.chat import ChatRendering
 from ..core.options import CallOptions, merge_options
 from ..core.placement import Repair
 from ..core.prompt import PromptResolver, ResolvedPrompt
-from ..core.spans import Context, Span
+from ..core.spans import Context, Span, as_context
 from ..engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
 from ..engine.decoding import seeded
 from ..engine.interpreter import store_reads
@@ -83,6 +84,7 @@ class Session:
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None, executor: str = "auto", compile: bool = False,
                  max_concurrency: int = 4) -> None:
+        store_bytes = inputs.byte_count(store_bytes, "store_bytes")
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         if not 0.0 <= min_reuse_fraction:
@@ -93,8 +95,8 @@ class Session:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = model.device
-        self.namespace = model_namespace(model, model_identity)
-        self.salt = _check_salt(salt)
+        self.namespace = model_namespace(model, inputs.identity(model_identity))
+        self.salt = inputs.salt(salt)
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
@@ -180,14 +182,15 @@ class Session:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def resolve(self, ctx: Context, *, adapter: str | None = None, repair: str | Repair | None = None,
+    def resolve(self, ctx: Context | str, *, adapter: str | None = None, repair: str | Repair | None = None,
                 salt: str | None = None) -> tuple[ResolvedPrompt, Activation | None]:
         """``ctx``'s prompt for a call with ``adapter`` (None: base), and what that call
         switches on."""
+        ctx = as_context(ctx, "this call")
         info = None if adapter is None else self.adapters.get(adapter)
         prompt = self.resolver.resolve(
             ctx, repair=self.repair if repair is None else Repair.parse(repair),
-            salt=self.salt if salt is None else _check_salt(salt),
+            salt=self.salt if salt is None else inputs.salt(salt),
             adapter_namespace=None if info is None else info.namespace,
             invocation=None if info is None else info.invocation_ids,
             invocation_in_prompt=info is not None and info.alora_start == "in_prompt")
@@ -258,13 +261,13 @@ class Session:
 
     # -- the session's own calls --------------------------------------------------------
 
-    def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]:
+    def token_ids(self, ctx: Context | str, *, adapter: str | None = None) -> list[int]:
         """The exact prompt ids of ``ctx`` (with an aLoRA ``adapter``: its invocation
         appended), the same with and without reuse."""
         with self._lock:
             return list(self.resolve(ctx, adapter=adapter)[0].token_ids)
 
-    def generate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+    def generate(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                  adapter: str | None = None, repair: str | None = None, salt: str | None = None,
                  output_scores: bool = False, output_logits: bool = False, streamer: BaseStreamer | None = None,
                  cancel: threading.Event | None = None, **generate_kwargs) -> Result:
@@ -289,15 +292,19 @@ class Session:
                           stats=self.stats(call, len(new_ids), out.first_token_at, generated=out),
                           scores=first_row(out.scores), logits=first_row(out.logits))
 
-    def stream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
+    def stream(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                adapter: str | None = None, repair: str | None = None, salt: str | None = None,
                cancel: threading.Event | None = None, **generate_kwargs) -> Iterator[str]:
         """Like ``generate``, yielding text pieces as they are decoded. Leaving the loop
         early (or closing the iterator) stops the generation within a decode step, as does
         setting ``cancel`` (which leaving the loop sets)."""
-        opts = self.options(max_new_tokens, **generate_kwargs)
+        opts = self.options(max_new_tokens, **generate_kwargs)  # bad arguments raise here, at the call
+        return self._streamed(as_context(ctx, "stream"), opts, reuse=reuse, adapter=adapter, repair=repair,
+                              salt=salt, cancel=cancel if cancel is not None else threading.Event())
+
+    def _streamed(self, ctx: Context, opts: CallOptions, *, reuse: bool, adapter: str | None,
+                  repair: str | None, salt: str | None, cancel: threading.Event) -> Iterator[str]:
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = cancel if cancel is not None else threading.Event()
         failure: list[BaseException] = []
 
         def run() -> None:
@@ -319,7 +326,7 @@ class Session:
         if failure:
             raise failure[0]
 
-    def next_token_logits(self, ctx: Context, *, reuse: bool = True, adapter: str | None = None,
+    def next_token_logits(self, ctx: Context | str, *, reuse: bool = True, adapter: str | None = None,
                           repair: str | None = None, salt: str | None = None) -> torch.Tensor:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
@@ -355,12 +362,6 @@ class Session:
 def first_row(steps: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
     """Row 0 of each ``[B, V]`` step tensor (None when the call did not ask for them)."""
     return None if steps is None else tuple(step[0] for step in steps)
-
-
-def _check_salt(salt: str | None) -> str | None:
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise ValueError(f"a salt is a non-empty str (or None), got {salt!r}")
-    return salt
 
 
 def _weight_sample(model, per_tensor: int = 64) -> bytes:

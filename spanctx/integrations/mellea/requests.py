@@ -26,6 +26,7 @@ from mellea.backends import ModelOption
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ...core.options import RESERVED_KWARGS
+from ...hf import cacheless_output
 from ...session.results import Result
 
 __all__ = ["GenerateRequest", "default_max_new_tokens", "hf_output"]
@@ -90,9 +91,11 @@ class GenerateRequest:
 def hf_output(prompt_ids, result: Result, device: torch.device) -> GenerateDecoderOnlyOutput:
     """``result`` as ``model.generate(..., return_dict_in_generate=True)`` returns it:
     ``sequences`` ``[1, S + N]`` (prompt and new tokens), ``scores`` / ``logits`` as
-    ``N`` tensors ``[1, V]`` when the call kept them."""
+    ``N`` tensors ``[1, V]`` when the call kept them. No cache (the KV is in spanctx's
+    store), and Mellea's post-processing, which reads and clears the cache under its
+    pre-5.24 name, logs no rename warning (``spanctx.hf.cacheless_output``)."""
     sequences = torch.tensor([list(prompt_ids) + list(result.token_ids)], dtype=torch.long, device=device)
-    return GenerateDecoderOnlyOutput(
+    return cacheless_output(
         sequences=sequences,
         scores=None if result.scores is None else tuple(s[None] for s in result.scores),
         logits=None if result.logits is None else tuple(s[None] for s in result.logits),
