@@ -18,6 +18,7 @@ from transformers.generation.streamers import BaseStreamer
 from . import batch, checks, scoring, states, structured
 from . import tools as tools_mod
 from .adapters import AdapterInfo
+from .cache.tiers import Tier, TierStack
 from .index import EvictionPolicy, lru
 from .options import seeded
 from .placement import Repair
@@ -60,16 +61,23 @@ class Runtime(Session):
     CUDA device (no device map, no quantized weights), eager elsewhere.
     ``compile``: the static executor runs the model through ``torch.compile`` (fused
     kernels; each new shape compiles once, 25-50 s on an 8B model).
+
+    ``tiers``: lower tiers of the store, fastest first: URLs (``"pinned"``, ``"cpu"``,
+    ``"disk:///path"``, ``"redis://host:port/0"``) or ``Tier`` objects, or a ``TierStack``.
+    Spans are written through to them, fetched from them on a miss when that is expected
+    to beat recomputing, and shared by every process that opens the same disk or server
+    (``docs/tiers.md``; ``rt.tiers.flush()`` waits for pending writes).
     """
 
     def __init__(self, model, tokenizer, store_bytes: int | None = None, *, store: KVStore | None = None,
                  policy: EvictionPolicy = lru, repair: str | Repair = "head:16",
                  generation_defaults: Mapping[str, object] | None = None, max_concurrency: int = 4,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
-                 model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
+                 model_identity: str | None = None, executor: str = "auto", compile: bool = False,
+                 tiers: TierStack | Sequence[Tier | str] | None = None) -> None:
         super().__init__(model, tokenizer, store_bytes, store=store, policy=policy, repair=repair,
                          generation_defaults=generation_defaults, min_reuse_fraction=min_reuse_fraction,
-                         salt=salt, model_identity=model_identity, executor=executor, compile=compile)
+                         salt=salt, model_identity=model_identity, executor=executor, compile=compile, tiers=tiers)
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.max_concurrency = max_concurrency
@@ -78,15 +86,17 @@ class Runtime(Session):
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
                         dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
                         quantization: str | None = None, max_gpu_memory: str | int | None = None,
-                        store_bytes: int | None = None, **model_kwargs) -> Runtime:
+                        store_bytes: int | None = None, tiers: Sequence[Tier | str] | None = None,
+                        model_identity: str | None = None, **model_kwargs) -> Runtime:
         """A runtime on a preset (random weights, see ``spanctx.PRESETS``), a local model
         folder, or a hub id. Device defaults to cuda, then mps, then cpu; the loading
-        options are documented in ``spanctx.loading``."""
+        options are documented in ``spanctx.loading``; ``tiers`` and ``model_identity`` are
+        the constructor's."""
         from .loading import load_model
 
         model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, device_map=device_map,
                                       quantization=quantization, max_gpu_memory=max_gpu_memory, **model_kwargs)
-        return cls(model, tokenizer, store_bytes)
+        return cls(model, tokenizer, store_bytes, tiers=tiers, model_identity=model_identity)
 
     # -- generation ----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .adapters import Activation, AdapterSet
+from .cache.tiers import Tier, TierStack, tier_stack
 from .chat import ChatRendering
 from .engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
 from .index import EvictionPolicy, lru
@@ -66,7 +67,8 @@ class Session:
                  policy: EvictionPolicy = lru, repair: str | Repair = "head:16",
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
-                 model_identity: str | None = None, executor: str = "auto", compile: bool = False) -> None:
+                 model_identity: str | None = None, executor: str = "auto", compile: bool = False,
+                 tiers: TierStack | Sequence[Tier | str] | None = None) -> None:
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
         if not 0.0 <= min_reuse_fraction:
@@ -79,6 +81,10 @@ class Session:
         # not ``store or ...``: an empty KVStore is falsy (it has __len__)
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
+        if tiers is not None:
+            if self.store.tiers is not None:
+                raise ValueError("this store already has tiers: pass tiers= to the runtime that made it only")
+            self.store.tiers = tier_stack(tiers)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.max_positions = _max_positions(model.config)
         self.repair = Repair.parse(repair)
@@ -88,6 +94,11 @@ class Session:
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
         self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
         merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
+
+    @property
+    def tiers(self) -> TierStack | None:
+        """The store's lower tiers (``tiers=``; ``spanctx.cache.tiers``), or None."""
+        return self.store.tiers
 
     @property
     def min_reuse_fraction(self) -> float:
@@ -210,7 +221,7 @@ class Session:
             new_tokens=new_tokens, started=call.started if started is None else started,
             first_token_at=first_token_at, end=end, parallel=call.assembly.parallel,
             executor=generated.executor if generated else "eager",
-            executor_fallback=generated.fallback if generated else None)
+            executor_fallback=generated.fallback if generated else None, tiers=call.assembly.tiers)
 
     def check_length(self, num_tokens: int) -> None:
         """Refuse a call that would run past the model's positions."""

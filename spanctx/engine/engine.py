@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import kv as kvops
+from ..cache.tiers import TierCallStats
 from ..options import CallOptions
 from ..placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
 from ..plan import Plan, plan_prompt, plan_shared
@@ -59,6 +60,7 @@ class Assembly:
     pieces: list[kvops.KVSlice] | None
     plan: Plan | PlacementPlan | None  # None without reuse
     parallel: ParallelStats | None = None
+    tiers: TierCallStats | None = None  # what the lower tiers gave (None: the store has none)
     _cache: object | None = None
 
     @property
@@ -182,8 +184,9 @@ class Engine:
         keys = [s.key for s in prompt.segments]
         if prompt.groups and repair.kind != "none":  # only repaired groups are ever stored
             keys += [g.key for g in prompt.groups]
+        fetched, tiers = self._from_tiers(prompt, keys)
         with self.store.locked(keys):
-            found = self._lookup(keys)
+            found = self._lookup(keys, fetched)
             is_stored = lambda key: found.get(key) is not None  # noqa: E731
             if prompt.groups:
                 plan = plan_placement(prompt.segments, prompt.groups, is_stored, self.key_mover.movable, repair)
@@ -191,18 +194,68 @@ class Engine:
                 plan = plan_prompt(prompt.segments, is_stored, self.min_reuse_fraction)
             pieces = self.interpreter.assemble(plan, prompt, found, input_ids)
         stats = parallel_stats(plan, self.key_mover.reason) if prompt.groups else None
-        return Assembly(prompt, input_ids, pieces, plan, stats)
+        return Assembly(prompt, input_ids, pieces, plan, stats, tiers)
 
     def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly:
         """The KV of ALL of the first ``shared`` spans of ``prompt`` (a row of a batch that
         shares them), through the store when ``reuse`` (else computed and not stored)."""
         input_ids = self.input_ids(prompt)
         keys = [seg.key for seg in prompt.segments[:shared]]
+        fetched, tiers = self._from_tiers(prompt, keys) if reuse else ({}, None)
         with self.store.locked(keys if reuse else []):
-            found = self._lookup(keys) if reuse else {}
+            found = self._lookup(keys, fetched) if reuse else {}
             plan = plan_shared(prompt.segments, shared, lambda key: found.get(key) is not None)
             pieces = self.interpreter.assemble(plan, prompt, found, input_ids, store=reuse)
-        return Assembly(prompt, input_ids, pieces, plan)
+        return Assembly(prompt, input_ids, pieces, plan, tiers=tiers)
+
+    def _from_tiers(self, prompt: ResolvedPrompt, keys: Sequence[bytes]
+                    ) -> tuple[dict[bytes, SpanKV], TierCallStats | None]:
+        """The spans of ``keys`` that tier 0 lacks and a lower tier gives (worth fetching,
+        ``cache.tiers.stack``), promoted into tier 0 by the interpreter; and what was done."""
+        if self.store.tiers is None:
+            return {}, None
+        tokens = {seg.key: seg.num_tokens for seg in prompt.segments}
+        for group in prompt.groups:
+            tokens[group.key] = sum(seg.num_tokens for seg in prompt.segments[group.first:group.stop])
+        wanted = {key: tokens[key] for key in dict.fromkeys(keys) if key not in self.store}
+        if not wanted:
+            return {}, TierCallStats()
+        fetched, stats = self.store.tiers.fetch(wanted, device=self.device, layout=self.layout,
+                                                bytes_per_token=self.kv_bytes_per_token,
+                                                prefill_seconds=self.prefill_seconds)
+        self.interpreter.promote(fetched)
+        return fetched, stats
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's KV on this model (keys and values of every layer)."""
+        return sum(2 * heads * dim * getattr(torch, dtype.removeprefix("torch.")).itemsize
+                   for heads, dim, dtype in self.layout)
+
+    def prefill_seconds(self, num_tokens: int) -> float:
+        """The expected cost of computing ``num_tokens`` prompt tokens (``prefill_rate``)."""
+        return num_tokens / self.prefill_rate
+
+    @functools.cached_property
+    def prefill_rate(self) -> float:
+        """Prompt tokens per second of this model, measured once on first use: forwards
+        from position 0 of 16, 32, ... tokens until one takes at least 50 ms (or 4096
+        tokens). Short prompts run faster per token than long ones on a GPU, so this
+        errs towards computing, never towards a slow fetch."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 4096
+        n = 16
+        while True:
+            ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            started = time.perf_counter()
+            self.executor.forward(ids, kvops.empty_cache())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - started
+            if seconds >= 0.05 or 2 * n > min(4096, limit):
+                return n / seconds
+            n *= 2
 
     # -- final calls --------------------------------------------------------------------
 
@@ -332,8 +385,10 @@ class Engine:
         ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         return kvops.layout(self._forward_at(ids, torch.zeros(1, dtype=torch.long, device=self.device)))
 
-    def _lookup(self, keys: Sequence[bytes]) -> dict[bytes, SpanKV | None]:
-        found = {key: self.store.lookup(key) for key in dict.fromkeys(keys)}
+    def _lookup(self, keys: Sequence[bytes], fetched: Mapping[bytes, SpanKV]) -> dict[bytes, SpanKV | None]:
+        """The stored KV of ``keys`` (None: missing); ``fetched`` (from the lower tiers) fills
+        in where tier 0 could not keep them."""
+        found = {key: self.store.lookup(key) or fetched.get(key) for key in dict.fromkeys(keys)}
         for kv in found.values():
             if kv is not None and kvops.layout(kv) != self.layout:
                 raise KVLayoutMismatch(

@@ -1,0 +1,1 @@
+"""Span KV storage: the in-process store and its lower tiers (``tiers/``)."""
