@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     demo.add_argument("--notes", type=int, default=24, help="size of the shared document (x ~190 tokens)")
     demo.add_argument("--max-new-tokens", type=int, default=16)
+    demo.add_argument("--tier", action="append", default=None, metavar="URL",
+                      help="a lower span tier, fastest first (repeatable): pinned, cpu, disk:///path, "
+                           "redis://host:port/0 (docs/tiers.md)")
 
     from .bench import cli as bench_cli
 
@@ -40,7 +43,7 @@ def _demo(args) -> int:
     from .runtime import Runtime
 
     name = args.model or DEFAULT_PRESET
-    rt = Runtime.from_pretrained(name, device=args.device, dtype=DTYPES.get(args.dtype))
+    rt = Runtime.from_pretrained(name, device=args.device, dtype=DTYPES.get(args.dtype), tiers=args.tier)
     if name in PRESETS and PRESETS[name].weights is not None:
         print(f"model: preset {name!r} ({PRESETS[name].description}, 6M parameters):\n"
               "       expect broken text outside retrieval prompts.")
@@ -63,6 +66,8 @@ def _demo(args) -> int:
     print(f"store: {stats.entries} spans, {stats.bytes_used / 2**20:.1f} MiB of "
           f"{stats.bytes_budget / 2**20:.0f} MiB, {stats.hits} hits, {stats.misses} misses, "
           f"{stats.evictions} evictions")
+    if rt.tiers is not None and rt.tiers.flush(timeout=60):
+        print(f"tiers: {rt.tiers.totals.hits} spans fetched, {rt.tiers.totals.written} written")
     return 0 if same else 1
 
 

@@ -178,3 +178,13 @@ def test_cost_decides_between_fetching_and_recomputing():
     found, stats = stack.fetch(wanted, prefill_seconds=lambda n: 0.0, **args)  # computing is free
     assert stats.recomputed == 3 and not found
     assert all("recomputed" in d and "recompute" in d for d in stats.decisions)
+
+
+def test_the_demo_takes_tiers(tmp_path, capsys):
+    from spanctx.cli import main
+
+    for _ in range(2):
+        assert main(["demo", "--notes", "1", "--max-new-tokens", "2", "--tier", f"disk://{tmp_path}"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    tiers = [line for line in out if line.startswith("tiers:")]
+    assert tiers[0].startswith("tiers: 0 spans fetched") and not tiers[1].startswith("tiers: 0 spans fetched")
