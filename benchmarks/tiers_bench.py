@@ -183,7 +183,7 @@ def main() -> int:
             writer.flush()
             for policy in (False, True):
                 rt = runtime(TierStack([tier], cost_aware=policy))
-                rt.engine.prefill_rate  # noqa: B018 (the policy's one probe, paid once per runtime: not timed)
+                rt.engine.prefill_cost  # noqa: B018 (the policy's one probe, paid once per runtime: not timed)
 
                 def before(rt=rt, tier=tier):
                     rt.store.clear()

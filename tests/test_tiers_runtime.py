@@ -188,3 +188,30 @@ def test_the_demo_takes_tiers(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     tiers = [line for line in out if line.startswith("tiers:")]
     assert tiers[0].startswith("tiers: 0 spans fetched") and not tiers[1].startswith("tiers: 0 spans fetched")
+
+
+def test_the_prefill_cost_is_marginal(monkeypatch):
+    """A forward costs a fixed 45 ms plus 20 us per token (an 8B model run eagerly on a
+    GPU): the probe must find the 20 us, not 45 ms / 16 tokens (a fake clock)."""
+    import spanctx.engine.engine as engine_module
+
+    rt = tiny_runtime("llama")
+    clock = [0.0]
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: clock[0])
+
+    def forward(ids, cache, **kwargs):
+        clock[0] += 0.045 + 20e-6 * ids.shape[1]
+
+    monkeypatch.setattr(rt.engine.executor, "forward", forward)
+    assert rt.engine.prefill_cost == pytest.approx(20e-6, rel=1e-6)
+    assert rt.engine.prefill_seconds(8192) == pytest.approx(8192 * 20e-6, rel=1e-6)
+
+
+def test_reads_set_a_tier_rate_before_writes():
+    tier = MemoryTier(64 << 20)
+    stack = TierStack([tier])
+    assert stack.rate(tier) is None
+    stack._measured(tier, 1 << 20, 1.0, read=False)
+    assert stack.rate(tier) == pytest.approx(2**20)
+    stack._measured(tier, 1 << 20, 0.001, read=True)
+    assert stack.rate(tier) == pytest.approx(2**20 / 0.001)

@@ -233,18 +233,21 @@ class Engine:
                    for heads, dim, dtype in self.layout)
 
     def prefill_seconds(self, num_tokens: int) -> float:
-        """The expected cost of computing ``num_tokens`` prompt tokens (``prefill_rate``)."""
-        return num_tokens / self.prefill_rate
+        """The expected extra cost of computing ``num_tokens`` more prompt tokens."""
+        return num_tokens * self.prefill_cost
 
     @functools.cached_property
-    def prefill_rate(self) -> float:
-        """Prompt tokens per second of this model, measured once on first use: forwards
-        from position 0 of 16, 32, ... tokens until one takes at least 50 ms (or 4096
-        tokens). Short prompts run faster per token than long ones on a GPU, so this
-        errs towards computing, never towards a slow fetch."""
+    def prefill_cost(self) -> float:
+        """Seconds per prompt token at the margin, measured once on first use: the extra
+        time of a forward from position 0 over ``n`` tokens against one over 16, ``n``
+        doubling from 32 until that forward takes twice as long and at least 50 ms (or
+        reaches 4096 tokens). The fixed cost of a forward (launches: ~45 ms for an 8B
+        model run eagerly) is paid by the call whatever it computes, so it is left out.
+        Long spans cost more per token than the probe (attention grows with length), so
+        the estimate errs towards computing, never towards a slow fetch."""
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 4096
-        n = 16
-        while True:
+
+        def seconds(n: int) -> float:
             ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -252,9 +255,14 @@ class Engine:
             self.executor.forward(ids, kvops.empty_cache())
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - started
-            if seconds >= 0.05 or 2 * n > min(4096, limit):
-                return n / seconds
+            return time.perf_counter() - started
+
+        base = min(seconds(16), seconds(16))
+        n = 32
+        while True:
+            took = seconds(n)
+            if (took >= max(2 * base, 0.05)) or 2 * n > min(4096, limit):
+                return max(took - base, 1e-9) / (n - 16)
             n *= 2
 
     # -- final calls --------------------------------------------------------------------

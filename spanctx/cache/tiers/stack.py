@@ -62,7 +62,7 @@ class TierTotals:
     written: int
     written_bytes: int
     write_skipped: int
-    rates: dict[str, float]
+    rates: dict[str, float]  # measured bytes/s per tier URL (reads; writes where none)
 
 
 class TierStack:
@@ -79,7 +79,8 @@ class TierStack:
         self.write = write
         self.cost_aware = cost_aware
         self.max_pending = max_pending
-        self._rates: dict[str, float] = {}
+        # per tier URL, reads and writes apart: decayed sums [bytes, seconds] of transfers
+        self._transfers: dict[tuple[str, bool], list[float]] = {}
         self._counts = dict(hits=0, misses=0, recomputed=0, failed=0, fetched_bytes=0, written=0, written_bytes=0,
                             write_skipped=0)
         self._lock = threading.Lock()
@@ -118,7 +119,7 @@ class TierStack:
                     decisions.append(f"{key.hex()[:8]} unreadable in {tier.url} (dropped)")
                     continue
                 seconds = time.perf_counter() - started
-                self._measured(tier, kv.nbytes, seconds)
+                self._measured(tier, kv.nbytes, seconds, read=True)
                 found[key] = kv
                 n["hits"] += 1
                 n["bytes"] += kv.nbytes
@@ -138,7 +139,7 @@ class TierStack:
         """Whether reading ``nbytes`` from ``tier`` is expected to beat computing ``tokens``."""
         if not self.cost_aware:
             return True, "cost-aware fetching is off"
-        rate = self._rates.get(tier.url)
+        rate = self.rate(tier)
         if rate is None:
             return True, f"first read of {tier.url} (measures its rate)"
         fetch, compute = nbytes / rate, prefill_seconds(tokens)
@@ -161,14 +162,22 @@ class TierStack:
                 torch.cuda.synchronize(device)
         return kv
 
-    def _measured(self, tier: Tier, nbytes: int, seconds: float) -> None:
-        """Fold one transfer into ``tier``'s rate (an average weighted to recent ones)."""
-        if nbytes < (1 << 16) or seconds <= 0:  # too small to say anything about bandwidth
+    def _measured(self, tier: Tier, nbytes: int, seconds: float, *, read: bool) -> None:
+        """Fold one transfer into ``tier``'s sums (halved at each transfer, so that recent
+        ones weigh most; large transfers weigh more than small, latency-bound ones)."""
+        if seconds <= 0:
             return
-        rate = nbytes / seconds
         with self._lock:
-            old = self._rates.get(tier.url)
-            self._rates[tier.url] = rate if old is None else 0.5 * old + 0.5 * rate
+            sums = self._transfers.setdefault((tier.url, read), [0.0, 0.0])
+            sums[0] = sums[0] / 2 + nbytes
+            sums[1] = sums[1] / 2 + seconds
+
+    def rate(self, tier: Tier) -> float | None:
+        """``tier``'s measured bytes per second: of reads (device copy and checks
+        included), else of writes, else None (nothing measured yet)."""
+        with self._lock:
+            sums = self._transfers.get((tier.url, True)) or self._transfers.get((tier.url, False))
+            return None if sums is None else sums[0] / sums[1]
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -211,7 +220,7 @@ class TierStack:
                         host = SpanKV(tuple(t.cpu() for t in kv.keys), tuple(t.cpu() for t in kv.values))
                     started = time.perf_counter()
                     if tier.put(key, host):
-                        self._measured(tier, host.nbytes, time.perf_counter() - started)
+                        self._measured(tier, host.nbytes, time.perf_counter() - started, read=False)
                         with self._lock:
                             self._counts["written"] += 1
                             self._counts["written_bytes"] += host.nbytes
@@ -234,7 +243,9 @@ class TierStack:
     @property
     def totals(self) -> TierTotals:
         with self._lock:
-            return TierTotals(rates=dict(self._rates), **self._counts)
+            rates = {url: b / s for (url, read), (b, s) in self._transfers.items()
+                     if read or (url, True) not in self._transfers}
+            return TierTotals(rates=rates, **self._counts)
 
 
 def _flush_at_exit(ref: weakref.ref) -> None:
