@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="a lower span tier, fastest first (repeatable): pinned, cpu, disk:///path, "
                            "redis://host:port/0 (docs/tiers.md)")
 
-    from .bench import cli as bench_cli
+    from .bench import command as bench_cli
 
     bench = sub.add_parser("bench", help="benchmark matrix: spanctx vs full-prefill generation")
     bench_cli.add_arguments(bench)

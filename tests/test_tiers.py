@@ -14,7 +14,7 @@ from strategies import TIER_KEYS, tier_ops
 
 from spanctx.cache.tiers import DiskTier, MemoryTier, open_tier, tier_stack
 from spanctx.cache.tiers.codec import FORMAT
-from spanctx.store import SpanKV
+from spanctx.cache.store import SpanKV
 
 
 def make_kv(layers: int = 2, tokens: int = 3, seed: int = 0, dtype=torch.float32) -> SpanKV:

@@ -22,24 +22,45 @@ import attrs
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .. import kv as kvops
+from ..cache import kv as kvops
+from ..cache.rope import KeyMover, key_mover
+from ..cache.store import KVStore, SpanKV
 from ..cache.tiers import TierCallStats
-from ..options import CallOptions
-from ..placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
-from ..plan import Plan, plan_prompt, plan_shared
-from ..prompt import ResolvedPrompt
-from ..results import ParallelStats
-from ..rope import KeyMover, key_mover
-from ..store import KVStore, SpanKV
-from .executor import EagerExecutor
+from ..core.options import CallOptions
+from ..core.placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
+from ..core.plan import Plan, plan_prompt, plan_shared
+from ..core.prompt import ResolvedPrompt
+from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
 
-__all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "StopWhenSet", "parallel_stats",
+__all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "ParallelStats", "StopWhenSet",
+           "parallel_stats",
            "with_stopping_criterion"]
 
 
 EXECUTORS = ("auto", "eager", "static")
 STATIC_TOKENS = 16384  # default slots of the static executor's buffers (prompt + new tokens)
+
+
+@attrs.frozen
+class ParallelStats:
+    """What one call did with its parallel groups (token counts are prompt tokens).
+
+    moved_tokens: reused with their keys rotated to a new position.
+    fallback_tokens: computed at their place because keys cannot move on this model
+        (``fallback_reason`` says why); counted in ``computed_tokens`` too.
+    recomputed_tokens: run again, in place and through all layers, by ``repair``.
+    checked_tokens: run through the first layers by ``blend`` to choose which tokens to
+        recompute (``spanctx.placement.BLEND_CHECK_LAYER``).
+    """
+
+    repair: str
+    groups: int
+    moved_tokens: int
+    fallback_tokens: int
+    fallback_reason: str | None
+    recomputed_tokens: int
+    checked_tokens: int
 
 
 class KVLayoutMismatch(RuntimeError):
@@ -238,32 +259,10 @@ class Engine:
 
     @functools.cached_property
     def prefill_cost(self) -> float:
-        """Seconds per prompt token at the margin, measured once on first use: the extra
-        time of a forward from position 0 over ``n`` tokens against one over 16, ``n``
-        doubling from 32 until that forward takes twice as long and at least 50 ms (or
-        reaches 4096 tokens). The fixed cost of a forward (launches: ~45 ms for an 8B
-        model run eagerly) is paid by the call whatever it computes, so it is left out.
-        Long spans cost more per token than the probe (attention grows with length), so
-        the estimate errs towards computing, never towards a slow fetch."""
+        """Seconds per prompt token at the margin, measured once on first use
+        (``executor.marginal_prefill_cost``)."""
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 4096
-
-        def seconds(n: int) -> float:
-            ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            started = time.perf_counter()
-            self.executor.forward(ids, kvops.empty_cache())
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            return time.perf_counter() - started
-
-        base = min(seconds(16), seconds(16))
-        n = 32
-        while True:
-            took = seconds(n)
-            if (took >= max(2 * base, 0.05)) or 2 * n > min(4096, limit):
-                return max(took - base, 1e-9) / (n - 16)
-            n *= 2
+        return marginal_prefill_cost(self.executor, self.device, min(4096, limit))
 
     # -- final calls --------------------------------------------------------------------
 

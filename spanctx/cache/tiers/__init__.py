@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import torch
 
-from ...store import default_budget_bytes
+from ..store import default_budget_bytes
 from .base import Tier, parse_bytes
 from .disk import DiskTier
 from .memory import MemoryTier

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from ...store import SpanKV
+from ..store import SpanKV
 
 __all__ = ["Tier", "parse_bytes"]
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import xxhash
 
-from ...store import SpanKV
+from ..store import SpanKV
 
 __all__ = ["FORMAT", "BadValue", "decode", "encode", "from_tensors", "header", "tensors"]
 

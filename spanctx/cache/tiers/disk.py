@@ -17,7 +17,7 @@ from pathlib import Path
 import safetensors
 from safetensors.torch import save_file
 
-from ...store import SpanKV
+from ..store import SpanKV
 from .codec import FORMAT, BadValue, from_tensors, header, tensors
 
 __all__ = ["DiskTier"]

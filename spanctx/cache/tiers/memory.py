@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 import torch
 
-from ...store import SpanKV
+from ..store import SpanKV
 
 __all__ = ["MemoryTier"]
 

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
-from ...store import SpanKV
+from ..store import SpanKV
 from .codec import FORMAT, BadValue, decode, encode, validate
 
 __all__ = ["RemoteTier"]

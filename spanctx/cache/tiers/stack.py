@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 import torch
 
-from ...kv import layout as kv_layout
-from ...store import SpanKV
+from ..kv import layout as kv_layout
+from ..store import SpanKV
 from .base import Tier
 
 __all__ = ["TierCallStats", "TierStack", "TierTotals"]
