@@ -71,7 +71,8 @@ def test_spans_survive_a_restart(kind, request, tmp_path):
     model, tok = tiny_model("llama")
     import spanctx
 
-    rt = spanctx.Runtime(model, tok, store_bytes=64 << 20, tiers=[url], model_identity="tiny-llama@seed0")
+    rt = spanctx.Runtime(model, tok, store_bytes=64 << 20, model_identity="tiny-llama@seed0",
+                         tiers=TierStack([open_tier(url)], cost_aware=False))  # hits whatever the timings
     result = rt.generate(Context().append(DOC).append("first question"), 2)
     assert result.stats.tiers.hits == 3 and result.stats.computed_tokens == 1
 
@@ -79,10 +80,11 @@ def test_spans_survive_a_restart(kind, request, tmp_path):
 def test_two_processes_share_spans_through_redis(server):
     open_tier(server.url)._client.flushdb()
     script = ("import json, sys, torch, spanctx; from spanctx import Context\n"
+              "from spanctx.cache.tiers import TierStack, open_tier\n"
               "torch.set_num_threads(1)\n"
               "model, tok = spanctx.load_preset('tiny-llama', device='cpu', dtype=torch.float32)\n"
-              f"rt = spanctx.Runtime(model, tok, store_bytes=64 << 20, tiers=[{server.url!r}], "
-              "model_identity='tiny-llama@seed0')\n"
+              f"stack = TierStack([open_tier({server.url!r})], cost_aware=False)  # hits whatever the timings\n"
+              "rt = spanctx.Runtime(model, tok, store_bytes=64 << 20, tiers=stack, model_identity='tiny-llama@seed0')\n"
               f"r = rt.generate(Context().append({DOC!r}).append(sys.argv[1]), 4)\n"
               "rt.tiers.flush()\n"
               "print(json.dumps({'computed': r.stats.computed_tokens, 'prompt': r.stats.prompt_tokens, "

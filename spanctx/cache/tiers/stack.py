@@ -164,8 +164,9 @@ class TierStack:
 
     def _measured(self, tier: Tier, nbytes: int, seconds: float, *, read: bool) -> None:
         """Fold one transfer into ``tier``'s sums (halved at each transfer, so that recent
-        ones weigh most; large transfers weigh more than small, latency-bound ones)."""
-        if seconds <= 0:
+        ones weigh most; large transfers weigh more than small ones; those under 64 KiB,
+        latency-bound, are left out)."""
+        if nbytes < (1 << 16) or seconds <= 0:  # latency, not bandwidth: says nothing of large spans
             return
         with self._lock:
             sums = self._transfers.setdefault((tier.url, read), [0.0, 0.0])
