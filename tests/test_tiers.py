@@ -5,6 +5,7 @@ and are dropped; full tiers refuse or evict, never answer wrong KV."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from redis_helpers import redis_server
 from strategies import TIER_KEYS, tier_ops
 
-from spanctx.cache.tiers import DiskTier, MemoryTier, open_tier, tier_stack
+from spanctx.cache.tiers import DiskTier, MemoryTier, TierStack, open_tier, tier_stack
 from spanctx.cache.tiers.codec import FORMAT
 from spanctx.cache.store import SpanKV
 
@@ -161,3 +162,29 @@ def test_urls():
         open_tier("cpu?timeout=3")
     with pytest.raises(TypeError, match="list of URLs"):
         tier_stack("cpu")
+
+
+def test_writes_beyond_the_pending_bound_are_skipped_and_counted():
+    class Stalled(MemoryTier):
+        """A tier whose writes wait until released."""
+
+        def __init__(self):
+            super().__init__(1 << 30)
+            import threading
+
+            self.release = threading.Event()
+
+        def put(self, key, kv):
+            self.release.wait(timeout=60)
+            return super().put(key, kv)
+
+    tier = Stalled()
+    stack = TierStack([tier], max_pending_bytes=2 * make_kv().nbytes)
+    for i, key in enumerate(TIER_KEYS):  # one is taken by the writer, two wait, one is skipped
+        stack.stored(key, make_kv(seed=i))
+        while i == 0 and stack._queue:  # wait until the writer holds the first one
+            time.sleep(0.001)
+    tier.release.set()
+    assert stack.flush(timeout=60)
+    assert stack.totals.write_skipped == 1 and stack.totals.written == 3
+    assert [tier.contains(k) for k in TIER_KEYS] == [True, True, True, False]

@@ -22,7 +22,7 @@ from .codec import FORMAT, BadValue, from_tensors, header, tensors
 
 __all__ = ["DiskTier"]
 
-_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError, safetensors.SafetensorError)
+_READ_ERRORS = (OSError, ValueError, TypeError, RuntimeError, KeyError, safetensors.SafetensorError)
 
 
 class DiskTier:

@@ -11,8 +11,10 @@ Writes (``write``): ``"through"`` (default) hands every span stored in tier 0 to
 tier, so other processes find it at once; ``"back"`` hands a span to the tiers only when
 tier 0 evicts it. Either way writes run on one background thread in order (``flush``
 waits for them; the process flushes at exit); stored tensors are never changed, so the
-thread reads them safely. A write that finds ``max_pending`` writes queued is skipped
-and counted. A span fetched from a lower tier is also written to the tiers above it.
+thread reads them safely. Queued spans stay alive (on the model's device) until written:
+a write that would queue more than ``max_pending_bytes`` is skipped and counted (one
+span is always taken when none waits). A span fetched from a lower tier is also written
+to the tiers above it.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class TierStack:
     every span a tier holds, whatever it costs."""
 
     def __init__(self, tiers: Sequence[Tier], *, write: str = "through", cost_aware: bool = True,
-                 max_pending: int = 64) -> None:
+                 max_pending_bytes: int = 4 << 30) -> None:
         if write not in WRITE_MODES:
             raise ValueError(f"write is one of {WRITE_MODES}, got {write!r}")
         if not tiers:
@@ -78,7 +80,7 @@ class TierStack:
         self.tiers = tuple(tiers)
         self.write = write
         self.cost_aware = cost_aware
-        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         # per tier URL, reads and writes apart: decayed sums [bytes, seconds] of transfers
         self._transfers: dict[tuple[str, bool], list[float]] = {}
         self._counts = dict(hits=0, misses=0, recomputed=0, failed=0, fetched_bytes=0, written=0, written_bytes=0,
@@ -87,6 +89,7 @@ class TierStack:
         self._queue: deque[tuple[bytes, SpanKV, tuple[Tier, ...]]] = deque()
         self._wake = threading.Condition(self._lock)
         self._writing = 0  # writes taken off the queue, not finished
+        self._pending_bytes = 0  # of the queued spans
         self._thread: threading.Thread | None = None
         atexit.register(_flush_at_exit, weakref.ref(self))
 
@@ -196,10 +199,11 @@ class TierStack:
         if not tiers:
             return
         with self._lock:
-            if len(self._queue) >= self.max_pending:
+            if self._queue and self._pending_bytes + kv.nbytes > self.max_pending_bytes:
                 self._counts["write_skipped"] += 1
                 return
             self._queue.append((key, kv, tiers))
+            self._pending_bytes += kv.nbytes
             if self._thread is None:
                 self._thread = threading.Thread(target=self._writer, name="spanctx-tier-writer", daemon=True)
                 self._thread.start()
@@ -211,6 +215,7 @@ class TierStack:
                 while not self._queue:
                     self._wake.wait()
                 key, kv, tiers = self._queue.popleft()
+                self._pending_bytes -= kv.nbytes
                 self._writing += 1
             try:
                 host = None
