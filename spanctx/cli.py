@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                            "are short)")
     demo.add_argument("--questions", type=int, default=5)
     demo.add_argument("--max-new-tokens", type=int, default=10)
+    demo.add_argument("--tier", action="append", default=None, metavar="URL",
+                      help="a lower span tier, fastest first (repeatable): pinned, cpu, disk:///path, "
+                           "redis://host:port/0 (docs/tiers.md)")
 
     bench = sub.add_parser("bench", help="benchmark matrix: spanctx vs full-prefill generation "
                                          "(needs matplotlib: pip install 'spanctx[plots]')")

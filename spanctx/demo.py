@@ -143,7 +143,7 @@ def main(args) -> int:
     """``spanctx demo`` (arguments in ``spanctx.cli``): 0 when every answer with reuse has
     the same tokens as without."""
     name = args.model or DEFAULT_MODEL
-    rt = Runtime.from_pretrained(name, device=args.device, dtype=args.dtype)
+    rt = Runtime.from_pretrained(name, device=args.device, dtype=args.dtype, tiers=args.tier)
     preset = PRESETS.get(name)
     if preset is not None and preset.weights is not None:
         print(f"model: preset {name!r} ({preset.description}; 6M parameters): it answers this task, "
@@ -178,4 +178,6 @@ def main(args) -> int:
     print(f"store: {stats.entries} spans, {stats.bytes_used / 2**20:.1f} MiB of "
           f"{stats.bytes_budget / 2**20:.0f} MiB, {stats.hits} hits, {stats.misses} misses, "
           f"{stats.evictions} evictions")
+    if rt.tiers is not None and rt.tiers.flush(timeout=60):
+        print(f"tiers: {rt.tiers.totals.hits} spans fetched, {rt.tiers.totals.written} written")
     return 0 if same else 1

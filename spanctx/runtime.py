@@ -7,8 +7,11 @@ integrations).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from .cache.tiers import Tier
 from .features import aio, batch, checks, scoring, states, structured, tools
 from .session.session import Session
 
@@ -46,6 +49,12 @@ class Runtime(Session):
     leaving a ``with Runtime(...)`` block) gives the static buffers' reservation back to
     the store; a collected runtime gives it back too. What is and is not isolated between
     tenants: docs/tenancy.md.
+
+    ``tiers``: lower tiers of the store, fastest first: URLs (``"pinned"``, ``"cpu"``,
+    ``"disk:///path"``, ``"redis://host:port/0"``) or ``Tier`` objects, or a ``TierStack``.
+    Spans are written through to them, fetched from them on a miss when that is expected
+    to beat recomputing, and shared by every process that opens the same disk or server
+    (``docs/tiers.md``; ``rt.tiers.flush()`` waits for pending writes).
     """
 
     # the features, as methods (each takes the session first)
@@ -69,24 +78,18 @@ class Runtime(Session):
                 f"executor={executor!r}, store={stats.entries} spans, {stats.bytes_used / 2**20:.1f} of "
                 f"{stats.bytes_budget / 2**20:.0f} MiB)")
 
-    def __repr__(self) -> str:
-        name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
-        executor = "static" if self.engine.static is not None else "eager"
-        stats = self.store.stats
-        return (f"Runtime(model={name!r}, device={self.device}, dtype={str(self.model.dtype).removeprefix('torch.')}, "
-                f"executor={executor!r}, store={stats.entries} spans, {stats.bytes_used / 2**20:.1f} of "
-                f"{stats.bytes_budget / 2**20:.0f} MiB)")
-
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, device: str | None = None,
                         dtype: torch.dtype | str | None = None, device_map: str | dict | None = None,
                         quantization: str | None = None, max_gpu_memory: str | int | None = None,
-                        store_bytes: int | None = None, **model_kwargs) -> Runtime:
+                        store_bytes: int | None = None, tiers: Sequence[Tier | str] | None = None,
+                        model_identity: str | None = None, **model_kwargs) -> Runtime:
         """A runtime on a preset (random weights, see ``spanctx.PRESETS``), a local model
         folder, or a hub id. Device defaults to cuda, then mps, then cpu; the loading
-        options are documented in ``spanctx.loading``."""
+        options are documented in ``spanctx.loading``; ``tiers`` and ``model_identity`` are
+        the constructor's."""
         from .loading import load_model
 
         model, tokenizer = load_model(name_or_path, device=device, dtype=dtype, device_map=device_map,
                                       quantization=quantization, max_gpu_memory=max_gpu_memory, **model_kwargs)
-        return cls(model, tokenizer, store_bytes)
+        return cls(model, tokenizer, store_bytes, tiers=tiers, model_identity=model_identity)

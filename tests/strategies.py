@@ -300,3 +300,16 @@ def element_edits() -> st.SearchStrategy[tuple[int, int, int]]:
     modulo its model's tensor and element counts."""
     mask = st.integers(-(1 << 31), (1 << 31) - 1).filter(bool)
     return st.tuples(st.integers(min_value=0), st.integers(min_value=0), mask)
+
+
+# -- tiers: operations on one tier (tests/test_tiers.py) ---------------------------------
+
+TIER_KEYS = [bytes([i]) * 16 for i in range(4)]
+
+
+@st.composite
+def tier_ops(draw, max_ops: int = 12):
+    """``(op, key index, (layers, tokens, seed))`` operations: put, get, contains, drop."""
+    op = st.sampled_from(["put", "get", "contains", "drop"])
+    shape = st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(0, 1 << 16))
+    return draw(st.lists(st.tuples(op, st.integers(0, len(TIER_KEYS) - 1), shape), min_size=1, max_size=max_ops))

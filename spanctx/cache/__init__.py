@@ -1,2 +1,3 @@
 """The KV cache layer: ``SpanKV`` tensors, the store and its index, key rotation (rope),
-KV operations and the weight fingerprint that namespaces keys."""
+KV operations, the weight fingerprint that namespaces keys, and the store's lower tiers
+(``tiers/``: host memory, disk, Redis)."""

@@ -12,6 +12,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import attrs
 import torch
@@ -35,10 +36,22 @@ class StoreStats:
     bytes_budget: int
 
 
-class KVStore:
-    """Span KV tensors under a byte budget, evicting unlocked entries by ``policy``."""
+class LowerTiers(Protocol):
+    """What the store tells the tiers below it (``spanctx.cache.tiers.TierStack``)."""
 
-    def __init__(self, budget_bytes: int, policy: EvictionPolicy = lru) -> None:
+    def stored(self, key: bytes, kv: SpanKV) -> None: ...
+
+    def evicted(self, key: bytes, kv: SpanKV) -> None: ...
+
+
+class KVStore:
+    """Span KV tensors under a byte budget, evicting unlocked entries by ``policy``.
+
+    ``tiers``: the lower tiers, told of every span stored (``put`` with ``write``) and
+    evicted; they decide what to keep (write-through or write-back)."""
+
+    def __init__(self, budget_bytes: int, policy: EvictionPolicy = lru, tiers: LowerTiers | None = None) -> None:
+        self.tiers = tiers
         self.index = SpanIndex(budget_bytes, policy)
         self._payloads: dict[bytes, SpanKV] = {}
         self._lock = threading.RLock()
@@ -77,9 +90,13 @@ class KVStore:
             self._hit_tokens += kv.num_tokens
             return kv
 
-    def put(self, key: bytes, kv: SpanKV) -> bool:
-        """Store ``kv`` under ``key``. Returns False when it cannot fit the budget."""
+    def put(self, key: bytes, kv: SpanKV, *, write: bool = True) -> bool:
+        """Store ``kv`` under ``key``. Returns False when it cannot fit the budget. A new
+        key goes to the lower tiers too (even when refused here), unless ``write`` is
+        False (a span that came from them)."""
         with self._lock:
+            if write and self.tiers is not None and key not in self._payloads:
+                self.tiers.stored(key, kv)
             admission = self.index.admit(key, kv.nbytes, kv.num_tokens)
             if not admission.admitted:
                 self._rejected += 1
@@ -129,7 +146,9 @@ class KVStore:
     def _forget(self, evicted: tuple[bytes, ...]) -> None:
         """Drop the payloads of keys the index evicted."""
         for key in evicted:
-            del self._payloads[key]
+            kv = self._payloads.pop(key)
+            if self.tiers is not None:
+                self.tiers.evicted(key, kv)
         self._evictions += len(evicted)
 
     @property

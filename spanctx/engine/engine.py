@@ -18,7 +18,7 @@ import gc
 import time
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
@@ -28,12 +28,13 @@ from ..cache import kv as kvops
 from ..cache.rope import KeyMover, key_mover
 from ..cache.span_kv import SpanKV
 from ..cache.store import KVStore
+from ..cache.tiers import TierCallStats
 from ..core.options import CallOptions
 from ..core.placement import PlaceGroup, PlacementPlan, ReuseGroup, plan_placement
 from ..core.plan import Plan, plan_prompt, plan_shared
 from ..core.prompt import ResolvedPrompt
 from ..hf import max_positions
-from .executor import EagerExecutor
+from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
 
 __all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "ParallelStats", "StopWhenSet",
@@ -84,6 +85,7 @@ class Assembly:
     pieces: list[kvops.KVSlice] | None
     plan: Plan | PlacementPlan | None  # None without reuse
     parallel: ParallelStats | None = None
+    tiers: TierCallStats | None = None  # what the lower tiers gave (None: the store has none)
     _cache: object | None = None
 
     @property
@@ -230,8 +232,9 @@ class Engine:
         keys = [s.key for s in prompt.segments]
         if prompt.groups and repair.kind != "none":  # only repaired groups are ever stored
             keys += [g.key for g in prompt.groups]
+        fetched, tiers = self._from_tiers(prompt, keys)
         with self.store.locked(keys):
-            found = self._lookup(keys)
+            found = self._lookup(keys, fetched)
             is_stored = lambda key: found.get(key) is not None  # noqa: E731
             if prompt.groups:
                 plan = plan_placement(prompt.segments, prompt.groups, is_stored, self.key_mover.movable, repair)
@@ -239,18 +242,54 @@ class Engine:
                 plan = plan_prompt(prompt.segments, is_stored, self.min_reuse_fraction)
             pieces = self.interpreter.assemble(plan, prompt, found, input_ids)
         stats = parallel_stats(plan, self.key_mover.reason) if prompt.groups else None
-        return Assembly(prompt, input_ids, pieces, plan, stats)
+        return Assembly(prompt, input_ids, pieces, plan, stats, tiers)
 
     def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly:
         """The KV of ALL of the first ``shared`` spans of ``prompt`` (a row of a batch that
         shares them), through the store when ``reuse`` (else computed and not stored)."""
         input_ids = self.input_ids(prompt)
         keys = [seg.key for seg in prompt.segments[:shared]]
+        fetched, tiers = self._from_tiers(prompt, keys) if reuse else ({}, None)
         with self.store.locked(keys if reuse else []):
-            found = self._lookup(keys) if reuse else {}
+            found = self._lookup(keys, fetched) if reuse else {}
             plan = plan_shared(prompt.segments, shared, lambda key: found.get(key) is not None)
             pieces = self.interpreter.assemble(plan, prompt, found, input_ids, store=reuse)
-        return Assembly(prompt, input_ids, pieces, plan)
+        return Assembly(prompt, input_ids, pieces, plan, tiers=tiers)
+
+    def _from_tiers(self, prompt: ResolvedPrompt, keys: Sequence[bytes]
+                    ) -> tuple[dict[bytes, SpanKV], TierCallStats | None]:
+        """The spans of ``keys`` that tier 0 lacks and a lower tier gives (worth fetching,
+        ``cache.tiers.stack``), promoted into tier 0 by the interpreter; and what was done."""
+        if self.store.tiers is None:
+            return {}, None
+        tokens = {seg.key: seg.num_tokens for seg in prompt.segments}
+        for group in prompt.groups:
+            tokens[group.key] = sum(seg.num_tokens for seg in prompt.segments[group.first:group.stop])
+        wanted = {key: tokens[key] for key in dict.fromkeys(keys) if key not in self.store}
+        if not wanted:
+            return {}, TierCallStats()
+        fetched, stats = self.store.tiers.fetch(wanted, device=self.device, layout=self.layout,
+                                                bytes_per_token=self.kv_bytes_per_token,
+                                                prefill_seconds=self.prefill_seconds)
+        self.interpreter.promote(fetched)
+        return fetched, stats
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's KV on this model (keys and values of every layer)."""
+        return sum(2 * heads * dim * getattr(torch, dtype.removeprefix("torch.")).itemsize
+                   for heads, dim, dtype in self.layout)
+
+    def prefill_seconds(self, num_tokens: int) -> float:
+        """The expected extra cost of computing ``num_tokens`` more prompt tokens."""
+        return num_tokens * self.prefill_cost
+
+    @functools.cached_property
+    def prefill_cost(self) -> float:
+        """Seconds per prompt token at the margin, measured once on first use
+        (``executor.marginal_prefill_cost``)."""
+        limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 4096
+        return marginal_prefill_cost(self.executor, self.device, min(4096, limit))
 
     # -- final calls --------------------------------------------------------------------
 
@@ -393,8 +432,10 @@ class Engine:
         ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         return kvops.layout(self._forward_at(ids, torch.zeros(1, dtype=torch.long, device=self.device)))
 
-    def _lookup(self, keys: Sequence[bytes]) -> dict[bytes, SpanKV | None]:
-        found = {key: self.store.lookup(key) for key in dict.fromkeys(keys)}
+    def _lookup(self, keys: Sequence[bytes], fetched: Mapping[bytes, SpanKV]) -> dict[bytes, SpanKV | None]:
+        """The stored KV of ``keys`` (None: missing); ``fetched`` (from the lower tiers) fills
+        in where tier 0 could not keep them."""
+        found = {key: self.store.lookup(key) or fetched.get(key) for key in dict.fromkeys(keys)}
         for kv in found.values():
             if kv is not None and kvops.layout(kv) != self.layout:
                 raise KVLayoutMismatch(

@@ -18,6 +18,7 @@ eager executor and the call's stats name the executor that ran it.
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Protocol
 
 import attrs
@@ -27,7 +28,7 @@ from ..cache import kv as kvops
 from ..hf import cache_kwargs
 from .masks import MASKABLE_ATTENTION, mask_argument
 
-__all__ = ["Capabilities", "EagerExecutor", "Executor"]
+__all__ = ["Capabilities", "EagerExecutor", "Executor", "marginal_prefill_cost"]
 
 
 @attrs.frozen
@@ -94,3 +95,30 @@ class EagerExecutor:
         key_positions = torch.cat([torch.arange(cache_len, device=positions.device), positions])
         return mask_argument(self.model.config.get_text_config(), allowed, positions, key_positions,
                              self.model.dtype)
+
+
+def marginal_prefill_cost(executor: Executor, device: torch.device, max_tokens: int = 4096) -> float:
+    """Seconds per prompt token at the margin: the extra time of a forward from position
+    0 over ``n`` tokens against one over 16, ``n`` doubling from 32 until that forward
+    takes twice as long and at least 50 ms (or reaches ``max_tokens``). The fixed cost of
+    a forward (launches: ~45 ms for an 8B model run eagerly) is paid by a call whatever it
+    computes, so it is left out. Long spans cost more per token than this (attention
+    grows with length): the estimate errs towards computing them."""
+
+    def seconds(n: int) -> float:
+        ids = torch.zeros((1, n), dtype=torch.long, device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        executor.forward(ids, kvops.empty_cache())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    base = min(seconds(16), seconds(16))
+    n = 32
+    while True:
+        took = seconds(n)
+        if took >= max(2 * base, 0.05) or 2 * n > max_tokens:
+            return max(took - base, 1e-9) / (n - 16)
+        n *= 2

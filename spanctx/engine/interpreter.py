@@ -74,6 +74,11 @@ class Interpreter:
                 pieces = self._place_group(step, prompt, input_ids, found, pieces, store)
         return pieces
 
+    def promote(self, fetched: Mapping[bytes, SpanKV]) -> None:
+        """Store spans that came from a lower tier (not written back to the tiers)."""
+        for key, kv in fetched.items():
+            self.store.put(key, kv, write=False)
+
     def store_spans(self, prompt: ResolvedPrompt, cache, segments: Sequence[int], *, row: int = 0,
                     offset: int = 0) -> None:
         """Store spans ``segments`` of ``prompt`` from batch row ``row`` of ``cache``, where

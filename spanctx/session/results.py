@@ -7,6 +7,7 @@ import time
 import attrs
 import torch
 
+from ..cache.tiers import TierCallStats
 from ..engine.engine import ParallelStats
 from .logprobs import TokenLogprob, token_logprobs
 
@@ -29,11 +30,13 @@ class GenerationStats:
     parallel: ParallelStats | None = None  # details, for prompts with parallel groups
     executor: str = "eager"  # which executor ran the final call and the decode loop
     executor_fallback: str | None = None  # why the static executor, set up, did not run it
+    tiers: TierCallStats | None = None  # lower-tier hits, misses, bytes and why (None: no tiers)
 
     @classmethod
     def measured(cls, *, prompt_tokens: int, cached_tokens: int, new_tokens: int, started: float,
                  first_token_at: float | None, end: float | None = None, parallel: ParallelStats | None = None,
-                 executor: str = "eager", executor_fallback: str | None = None) -> GenerationStats:
+                 executor: str = "eager", executor_fallback: str | None = None,
+                 tiers: TierCallStats | None = None) -> GenerationStats:
         """The stats of a call that started at ``started`` (``time.perf_counter``) and ends
         now (or at ``end``); with no first token (a logits call) TTFT is the whole call."""
         end = time.perf_counter() if end is None else end
@@ -41,7 +44,7 @@ class GenerationStats:
                    computed_tokens=prompt_tokens - cached_tokens, new_tokens=new_tokens,
                    ttft_s=(first_token_at or end) - started, total_s=end - started,
                    recomputed_tokens=parallel.recomputed_tokens if parallel else 0, parallel=parallel,
-                   executor=executor, executor_fallback=executor_fallback)
+                   executor=executor, executor_fallback=executor_fallback, tiers=tiers)
 
 
 @attrs.frozen

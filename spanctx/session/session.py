@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -28,6 +28,7 @@ from transformers.generation.streamers import BaseStreamer
 from ..cache.fingerprint import model_namespace
 from ..cache.index import EvictionPolicy, lru
 from ..cache.store import KVStore, default_budget_bytes
+from ..cache.tiers import Tier, TierStack, tier_stack
 from ..core import inputs
 from ..core.chat import ChatRendering
 from ..core.options import CallOptions, merge_options
@@ -83,7 +84,8 @@ class Session:
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None, executor: str = "auto", compile: bool = False,
-                 max_concurrency: int = 4) -> None:
+                 max_concurrency: int = 4,
+                 tiers: TierStack | Sequence[Tier | str] | None = None) -> None:
         store_bytes = inputs.byte_count(store_bytes, "store_bytes")
         if store is not None and store_bytes is not None:
             raise ValueError("pass store_bytes or store, not both")
@@ -102,6 +104,10 @@ class Session:
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         if model_identity is not None:  # without one, the namespace reads every weight already
             self.store.claim(self.namespace, _weight_sample(model), model_identity)
+        if tiers is not None:
+            if self.store.tiers is not None:
+                raise ValueError("this store already has tiers: pass tiers= to the runtime that made it only")
+            self.store.tiers = tier_stack(tiers)
         self.vocab_size: int = model.config.get_text_config().vocab_size
         self.resolver = PromptResolver(tokenizer, self.namespace, self.vocab_size)
         self.max_positions = max_positions(model.config)
@@ -113,6 +119,11 @@ class Session:
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
         self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
         merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
+
+    @property
+    def tiers(self) -> TierStack | None:
+        """The store's lower tiers (``tiers=``; ``spanctx.cache.tiers``), or None."""
+        return self.store.tiers
 
     @property
     def min_reuse_fraction(self) -> float:
@@ -250,7 +261,8 @@ class Session:
             new_tokens=new_tokens, started=call.started if started is None else started,
             first_token_at=first_token_at, end=end, parallel=call.assembly.parallel if prepared else None,
             executor=generated.executor if generated else "eager",
-            executor_fallback=generated.fallback if generated else None)
+            executor_fallback=generated.fallback if generated else None,
+            tiers=call.assembly.tiers if prepared else None)
 
     def check_length(self, num_tokens: int) -> None:
         """Refuse a call that would run past the model's positions."""
