@@ -7,7 +7,7 @@ import json
 import attrs
 import jsonschema
 import pytest
-from conftest import tiny_model, tiny_runtime
+from conftest import tiny_model
 from hypothesis import given, settings
 from strategies import TOOL_FUNCTIONS, add, get_weather, noisy_replies, tagged_replies
 

@@ -1,15 +1,8 @@
 """The execution engine: the only code that runs the model and writes the store."""
 
-from .engine import (
-           Assembly,
-           Engine,
-           FirstTokenClock,
-           Generated,
-           KVLayoutMismatch,
-           StopWhenSet,
-           with_stopping_criterion,
-)
+from .engine import Assembly, Engine, Generated, KVLayoutMismatch
 from .executor import Capabilities, EagerExecutor, Executor
+from .stopping import FirstTokenClock, StopWhenSet, with_stopping_criterion
 
 __all__ = ["Assembly", "Capabilities", "EagerExecutor", "Engine", "Executor", "FirstTokenClock", "Generated",
            "KVLayoutMismatch", "StopWhenSet",

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import functools
 import gc
-import time
 import weakref
 from array import array
 from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..cache import kv as kvops
 from ..cache.rope import KeyMover, key_mover
@@ -30,41 +28,20 @@ from ..cache.span_kv import SpanKV
 from ..cache.store import KVStore
 from ..cache.tiers import TierCallStats
 from ..core.options import CallOptions
-from ..core.placement import PlaceGroup, PlacementPlan, ReuseGroup, plan_placement
+from ..core.placement import PlacementPlan, plan_placement
 from ..core.plan import Plan, plan_prompt, plan_shared
 from ..core.prompt import ResolvedPrompt
 from ..hf import max_positions
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
+from .parallel_stats import ParallelStats, parallel_stats
+from .stopping import FirstTokenClock, with_stopping_criterion
 
-__all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "ParallelStats", "StopWhenSet",
-           "parallel_stats",
-           "with_stopping_criterion"]
+__all__ = ["EXECUTORS", "Assembly", "Engine", "Generated", "KVLayoutMismatch", "ParallelStats", "parallel_stats"]
 
 
 EXECUTORS = ("auto", "eager", "static")
 STATIC_TOKENS = 16384  # default slots of the static executor's buffers (prompt + new tokens)
-
-
-@attrs.frozen
-class ParallelStats:
-    """What one call did with its parallel groups (token counts are prompt tokens).
-
-    moved_tokens: reused with their keys rotated to a new position.
-    fallback_tokens: computed at their place because keys cannot move on this model
-        (``fallback_reason`` says why); counted in ``computed_tokens`` too.
-    recomputed_tokens: run again, in place and through all layers, by ``repair``.
-    checked_tokens: run through the first layers by ``blend`` to choose which tokens to
-        recompute (``spanctx.core.placement.BLEND_CHECK_LAYER``).
-    """
-
-    repair: str
-    groups: int
-    moved_tokens: int
-    fallback_tokens: int
-    fallback_reason: str | None
-    recomputed_tokens: int
-    checked_tokens: int
 
 
 class KVLayoutMismatch(RuntimeError):
@@ -125,39 +102,6 @@ class Generated:
     logits: tuple[torch.Tensor, ...] | None = None
     executor: str = "eager"
     fallback: str | None = None
-
-
-class FirstTokenClock(StoppingCriteria):
-    """Stops nothing; records when ``generate`` has its first new token on the host."""
-
-    def __init__(self) -> None:
-        self.first_token_at: float | None = None
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        # input_ids: [B, S]
-        if self.first_token_at is None:
-            if input_ids.is_cuda:
-                torch.cuda.synchronize(input_ids.device)
-            self.first_token_at = time.perf_counter()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-class StopWhenSet(StoppingCriteria):
-    """Stops every row of a generation once ``event`` is set (a closed stream, a
-    cancelled task): within one decode step."""
-
-    def __init__(self, event) -> None:
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        # input_ids: [B, S]
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def with_stopping_criterion(kwargs: dict, criterion: StoppingCriteria) -> dict:
-    """HF ``generate`` ``kwargs`` with ``criterion`` after their own stopping criteria."""
-    own = kwargs.get("stopping_criteria") or []
-    return {**kwargs, "stopping_criteria": StoppingCriteriaList([*own, criterion])}
 
 
 class Engine:
@@ -443,16 +387,3 @@ class Engine:
                     f"({len(kv.keys)} layers, {kvops.layout(kv)[0]} vs {self.layout[0]}): "
                     "was the store filled by another model under a colliding key?")
         return found
-
-
-def parallel_stats(plan: PlacementPlan, reason: str | None) -> ParallelStats:
-    """What ``plan`` does with its groups; ``reason``: why keys cannot move, if they cannot."""
-    return ParallelStats(
-        repair=str(plan.repair),
-        groups=sum(1 for s in plan.steps if isinstance(s, (PlaceGroup, ReuseGroup))),
-        moved_tokens=plan.moved_tokens,
-        fallback_tokens=plan.fallback_tokens,
-        fallback_reason=reason if plan.fallback_tokens else None,
-        recomputed_tokens=plan.recomputed_tokens,
-        checked_tokens=plan.checked_tokens,
-    )

@@ -8,7 +8,7 @@ import attrs
 import torch
 
 from ..cache.tiers import TierCallStats
-from ..engine.engine import ParallelStats
+from ..engine.parallel_stats import ParallelStats
 from .logprobs import TokenLogprob, token_logprobs
 
 __all__ = ["GenerationStats", "Result"]
