@@ -186,7 +186,7 @@ def test_the_demo_takes_tiers(tmp_path, capsys):
     from spanctx.cli import main
 
     for _ in range(2):
-        assert main(["demo", "--docs", "1", "--questions", "2", "--max-new-tokens", "2",
+        assert main(["demo", "--docs", "2", "--questions", "2", "--max-new-tokens", "2",
                      "--tier", f"disk://{tmp_path}"]) == 0
     out = capsys.readouterr().out.splitlines()
     tiers = [line for line in out if line.startswith("tiers:")]
