@@ -28,9 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmark matrix: spanctx vs full-prefill generation")
     bench_cli.add_arguments(bench)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible server over span reuse (pip install 'spanctx[serve]')")
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:  # loads only for this command
+        from .serve import cli as serve_cli
+
+        serve_cli.add_arguments(serve)
+
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "serve":
+        return serve_cli.run(args)
     return bench_cli.run(args)
 
 

@@ -1,0 +1,110 @@
+"""What the HTTP layer talks to: a ``Backend`` turns a parsed request into an async stream of
+events (text deltas, then one ``Done``). ``LocalBackend`` runs them on this process's
+scheduler; ``ray_app.RayBackend`` sends them to a Ray Serve replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from .protocol import ApiError, GenRequest
+from .scheduler import Done, Job, Scheduler
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+    from ..spans import Context
+
+
+class Backend(Protocol):
+    def generate(self, request: GenRequest) -> AsyncIterator[str | Done]:
+        """Text deltas then one ``Done``; raises ``ApiError`` before the first event when
+        the request is refused (bad options, queue full). Closing it early cancels."""
+
+    async def check(self, ctx: Context, requirements: Sequence[str], adapter: str | None) -> list[dict]: ...
+
+    async def health(self) -> dict: ...
+
+    def gauges(self) -> dict[str, float]: ...
+
+
+class LocalBackend:
+    """The model in this process, behind a ``Scheduler``."""
+
+    def __init__(self, rt: Runtime, *, max_batch: int = 8, max_queue: int = 64) -> None:
+        self.rt = rt
+        self.scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue)
+
+    async def generate(self, request: GenRequest) -> AsyncIterator[str | Done]:
+        try:
+            opts = self.rt.options(request.max_new_tokens, **request.generate_kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ApiError(400, str(exc)) from None
+        async for event in self._events(Job(_noop, request=request, opts=opts)):
+            yield event
+
+    async def check(self, ctx: Context, requirements: Sequence[str], adapter: str | None) -> list[dict]:
+        def run(rt: Runtime) -> list[dict]:
+            return [{"requirement": v.requirement, "passed": v.passed, "probability": v.probability,
+                     "prompt_tokens": v.stats.prompt_tokens, "cached_tokens": v.stats.cached_tokens}
+                    for v in rt.check(ctx, requirements, adapter=adapter)]
+
+        async for event in self._events(Job(_noop, call=run)):
+            if isinstance(event, Done):
+                raise_for(event)
+                return event.value
+        raise AssertionError("a call job ends with Done")
+
+    async def _events(self, job: Job) -> AsyncIterator[str | Done]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(event) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:  # the loop has closed: nobody is listening
+                job.cancel()
+
+        job.sink = sink
+        self.scheduler.submit(job)
+        done = False
+        try:
+            while not done:
+                event = await queue.get()
+                done = isinstance(event, Done)
+                yield event
+        finally:
+            if not done:
+                self.scheduler.cancel(job)
+
+    async def health(self) -> dict:
+        s = self.scheduler
+        return {"status": "ok", "running": s.running, "waiting": s.waiting, "max_queue": s.max_queue,
+                "max_batch": s.max_batch, **{k: int(v) for k, v in s.counts.items()},
+                "store": attrs.asdict(self.rt.store.stats)}
+
+    def gauges(self) -> dict[str, float]:
+        s = self.scheduler
+        out = {"queue_waiting": s.waiting, "running_rows": s.running,
+               **{f"scheduler_{k}": v for k, v in s.counts.items()}}
+        out.update({f"store_{k}": v for k, v in attrs.asdict(self.rt.store.stats).items()
+                    if isinstance(v, (int, float))})
+        return out
+
+
+def raise_for(done: Done) -> None:
+    """Raise a ``Done`` that carries an error as the ``ApiError`` the client gets."""
+    if done.error is None:
+        return
+    if isinstance(done.error, ApiError):
+        raise done.error
+    status = 400 if isinstance(done.error, (ValueError, TypeError, KeyError)) else 500
+    raise ApiError(status, f"{type(done.error).__name__}: {done.error}",
+                   type="invalid_request_error" if status == 400 else "server_error")
+
+
+def _noop(event) -> None:
+    pass
