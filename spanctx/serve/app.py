@@ -11,10 +11,13 @@ fault). A client that disconnects cancels its request (``scheduler`` policy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,7 +29,7 @@ from .metrics import Metrics
 from .protocol import ApiError, GenRequest, chat_request, completion_request, context_from_json, span_request
 from .scheduler import Done
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "serving"]
 
 
 def create_app(backend: Backend, model_name: str) -> FastAPI:
@@ -224,3 +227,27 @@ class _Span(_Completion):
     def whole(rid: str, model: str, text: str, done: Done) -> dict:
         return {"id": rid, "object": "spanctx.generation", "model": model, "text": text,
                 "finish_reason": done.finish_reason, "usage": _usage(done), **(done.value or {})}
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread (``port=0``: a free one); yields its base URL
+    and stops the server on exit. For tests, benchmarks and notebooks."""
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="spanctx-uvicorn", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
