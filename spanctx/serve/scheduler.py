@@ -263,8 +263,9 @@ class Row:
             self._flush()
             return
         safe = len(self.text) - self.hold
-        while safe > self.sent and self.text[safe - 1] == "\ufffd":  # a partial character
-            safe -= 1
+        for _ in range(3):  # a character cut short decodes as U+FFFD (at most 3 bytes of a 4-byte one)
+            if safe > self.sent and self.text[safe - 1] == "\ufffd":
+                safe -= 1
         self._send(safe)
 
     def _flush(self) -> None:
