@@ -34,7 +34,7 @@ class Backend(Protocol):
 class LocalBackend:
     """The model in this process, behind a ``Scheduler``."""
 
-    def __init__(self, rt: Runtime, *, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64) -> None:
         self.rt = rt
         self.scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue)
 

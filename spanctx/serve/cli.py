@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a shared tier store, e.g. redis://127.0.0.1:6379 (repeatable)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="load a PEFT adapter (LoRA or aLoRA) under NAME (repeatable)")
-    parser.add_argument("--max-batch", type=int, default=8, help="most requests in one batched call")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="most requests in one batched call (default 8; 1 on the static executor, see docs)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (per replica)")
     parser.add_argument("--replicas", type=int, default=0,
                         help="N > 0: N replicas on Ray Serve with span-affinity routing (pip install 'spanctx[ray]')")

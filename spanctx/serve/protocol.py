@@ -248,11 +248,3 @@ def _span_json(span: Span):
         return {"template": content.as_kwargs()}
     raise TypeError(f"cannot write span content {type(content).__name__} as JSON")
 
-
-def route_key(nodes: Sequence, salt: str | None, depth: int = 1) -> str:
-    """A routing key of a request: a hash of its first ``depth`` nodes and its salt (JSON),
-    stable across processes. Requests whose context starts alike get the same key."""
-    import hashlib
-
-    head = json.dumps([nodes[:depth], salt], sort_keys=True, default=str)
-    return hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
