@@ -15,7 +15,7 @@ from spanctx.spans import Span
 from spanctx.presets import byte_tokenizer
 from spanctx.serve.protocol import ApiError, chat_request, completion_request, context_from_json, context_to_json
 from spanctx.serve.routing import affinity_ranks, route_key
-from spanctx.serve.scheduler import Done, Job, Row
+from spanctx.serve.scheduler import Job, Row
 
 texts = st.text(min_size=1, max_size=8)
 ids = st.lists(st.integers(0, 300), min_size=1, max_size=4)
@@ -108,7 +108,7 @@ def rows_of(text_ids: list[int], stop=(), limit=100) -> tuple[list, Row, Job]:
     from spanctx.options import merge_options
 
     events = []
-    job = Job(events.append, request=GenRequest(Context().append("x"), limit, {}, tuple(stop)),
+    job = Job(events.append, request=GenRequest(Context().append("x"), limit, {}, tuple(stop), stream=True),
               opts=merge_options({}, {"max_new_tokens": limit}))
     row = Row(job, byte_tokenizer(), frozenset({257}))
     for token in text_ids:
@@ -120,7 +120,9 @@ def test_a_row_cuts_at_stop_strings_and_holds_back_their_start():
     tok = byte_tokenizer()
     events, row, job = rows_of(tok("hello world, bye", add_special_tokens=False)["input_ids"], stop=["world"])
     assert "".join(events) == "hello " and row.reason == "stop" and job.stopped.is_set()
-    assert row.done(10, 0) == Done("stop", 10, 0, len(row.ids))
+    done = row.done(10, 0)
+    assert (done.finish_reason, done.prompt_tokens, done.completion_tokens) == ("stop", 10, len(row.ids))
+    assert done.ttft_s is not None and done.ttft_s >= 0
 
 
 def test_a_row_holds_a_partial_character_and_stops_at_eos_and_limit():
@@ -142,3 +144,17 @@ def test_a_cancelled_row_takes_no_more_tokens():
     row.add(65)
     assert events == [] and row.done(1, 0).finish_reason == "cancelled"
     assert isinstance(job.stopped, threading.Event)
+
+
+def test_a_whole_reply_is_sent_once_at_the_end():
+    from spanctx.options import merge_options
+    from spanctx.serve.protocol import GenRequest
+
+    events = []
+    job = Job(events.append, request=GenRequest(Context().append("x"), 3, {}), opts=merge_options({}, {}))
+    row = Row(job, byte_tokenizer(), frozenset({257}))
+    row.add(65)
+    row.add(66)
+    assert events == []
+    row.add(257)
+    assert events == ["AB"]

@@ -76,7 +76,7 @@ def create_app(backend: Backend, model_name: str) -> FastAPI:
                                          media_type="text/event-stream")
             pieces, done = await _collect(request, first, events)
             raise_for(done)
-            metrics.observe(endpoint, done, events.ttft, events.elapsed())
+            metrics.observe(endpoint, done, events.elapsed())
             return JSONResponse(shape.whole(_rid(endpoint), model_name, "".join(pieces), done))
 
         app.post(endpoint)(handler)
@@ -115,10 +115,10 @@ def create_app(backend: Backend, model_name: str) -> FastAPI:
 
 
 class _Timed:
-    """A backend's event stream, timing its first text delta."""
+    """A backend's event stream and when the request arrived."""
 
     def __init__(self, events: AsyncIterator) -> None:
-        self.events, self.started, self.ttft = events, time.perf_counter(), None
+        self.events, self.started = events, time.perf_counter()
 
     async def first(self):
         return await self.__anext__()
@@ -127,10 +127,7 @@ class _Timed:
         return self
 
     async def __anext__(self):
-        event = await self.events.__anext__()
-        if self.ttft is None and isinstance(event, str):
-            self.ttft = time.perf_counter() - self.started
-        return event
+        return await self.events.__anext__()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -167,7 +164,7 @@ async def _sse(endpoint: str, req: GenRequest, first, events: _Timed, shape, met
         while not isinstance(event, Done):
             yield _data(shape.chunk(rid, model, event))
             event = await events.__anext__()
-        metrics.observe(endpoint, event, events.ttft, events.elapsed())
+        metrics.observe(endpoint, event, events.elapsed())
         try:
             raise_for(event)
         except ApiError as exc:

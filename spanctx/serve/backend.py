@@ -6,6 +6,7 @@ scheduler; ``ray_app.RayBackend`` sends them to a Ray Serve replica.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -60,22 +61,33 @@ class LocalBackend:
 
     async def _events(self, job: Job) -> AsyncIterator[str | Done]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        pending: list = []
+        lock = threading.Lock()
+        ready = asyncio.Event()
 
-        def sink(event) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the loop has closed: nobody is listening
-                job.cancel()
+        def sink(event) -> None:  # worker thread: wake the loop only if it is not woken already
+            with lock:
+                wake = not pending
+                pending.append(event)
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(ready.set)
+                except RuntimeError:  # the loop has closed: nobody is listening
+                    job.cancel()
 
         job.sink = sink
         self.scheduler.submit(job)
         done = False
         try:
             while not done:
-                event = await queue.get()
-                done = isinstance(event, Done)
-                yield event
+                await ready.wait()
+                ready.clear()
+                with lock:
+                    events = pending[:]
+                    pending.clear()
+                for event in events:
+                    done = isinstance(event, Done)
+                    yield event
         finally:
             if not done:
                 self.scheduler.cancel(job)

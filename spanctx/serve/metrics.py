@@ -26,22 +26,23 @@ class Metrics:
         self.prompt_tokens = Counter("spanctx_prompt_tokens", "prompt tokens by where their KV came from",
                                      ["source"], registry=self.registry)
         self.generated = Counter("spanctx_generated_tokens", "tokens generated", registry=self.registry)
-        self.ttft = Histogram("spanctx_ttft_seconds", "request arrival to its first token (queue included)",
+        self.ttft = Histogram("spanctx_ttft_seconds", "submission to the scheduler to the first token (queue included)",
                               buckets=_LATENCY, registry=self.registry)
         self.per_token = Histogram("spanctx_time_per_output_token_seconds",
                                    "time per generated token after the first", buckets=_LATENCY,
                                    registry=self.registry)
         self.registry.register(_Gauges(gauges))
 
-    def observe(self, endpoint: str, done: Done, ttft: float | None, total: float) -> None:
+    def observe(self, endpoint: str, done: Done, total: float) -> None:
+        """Count a finished request; ``total``: its time in the server, arrival to end."""
         self.requests.labels(endpoint, done.finish_reason).inc()
         self.prompt_tokens.labels("cached").inc(done.cached_tokens)
         self.prompt_tokens.labels("computed").inc(done.prompt_tokens - done.cached_tokens)
         self.generated.inc(done.completion_tokens)
-        if ttft is not None:
-            self.ttft.observe(ttft)
+        if done.ttft_s is not None:
+            self.ttft.observe(done.ttft_s)
             if done.completion_tokens > 1:
-                self.per_token.observe((total - ttft) / (done.completion_tokens - 1))
+                self.per_token.observe(max(0.0, total - done.ttft_s) / (done.completion_tokens - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -74,6 +74,7 @@ class Done:
     completion_tokens: int = 0
     error: BaseException | None = None
     value: object = None  # what a call job returned
+    ttft_s: float | None = None  # submission to the first token
 
 
 Sink = Callable[[object], None]  # gets str deltas, then one Done; called from the worker thread
@@ -233,8 +234,9 @@ class Scheduler:
 
 
 class Row:
-    """A job's decoded tokens as text: emits deltas, cuts at stop strings, holds back what
-    could be the start of one (or a partial UTF-8 character) until it is sure."""
+    """A job's decoded tokens as text: emits deltas (a streamed job's as they come, another's
+    once at the end), cuts at stop strings, holds back what could be the start of one (or a
+    partial UTF-8 character) until it is sure."""
 
     def __init__(self, job: Job, tokenizer, eos: frozenset[int]) -> None:
         self.job, self.tokenizer, self.eos = job, tokenizer, eos
@@ -245,6 +247,7 @@ class Row:
         self.text = ""
         self.sent = 0
         self.reason: str | None = None
+        self.first_token_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -256,6 +259,8 @@ class Row:
         if self.job.stopped.is_set():  # cancelled: the token is not the client's any more
             self.reason = "cancelled"
             return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         if token in self.eos:
             self.reason = "stop"
             self._flush()
@@ -270,6 +275,8 @@ class Row:
             self.reason = "length"
         if self.finished:
             self._flush()
+            return
+        if not self.job.request.stream:  # a whole reply is sent once, at the end: no wake-up per token
             return
         safe = len(self.text) - self.hold
         for _ in range(3):  # a character cut short decodes as U+FFFD (at most 3 bytes of a 4-byte one)
@@ -292,7 +299,8 @@ class Row:
             if not self.finished:  # the call ended without our limit (e.g. the model's positions)
                 self._flush()
             reason = self.reason if self.reason not in (None, "cancelled") else "length"
-        return Done(reason, prompt_tokens, cached_tokens, len(self.ids))
+        ttft = None if self.first_token_at is None else self.first_token_at - self.job.enqueued
+        return Done(reason, prompt_tokens, cached_tokens, len(self.ids), ttft_s=ttft)
 
 
 class RowStreamer(BaseStreamer):
