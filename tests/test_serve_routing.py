@@ -152,9 +152,10 @@ def test_a_whole_reply_is_sent_once_at_the_end():
 
     events = []
     job = Job(events.append, request=GenRequest(Context().append("x"), 3, {}), opts=merge_options({}, {}))
-    row = Row(job, byte_tokenizer(), frozenset({257}))
-    row.add(65)
-    row.add(66)
+    tok = byte_tokenizer()
+    row = Row(job, tok, frozenset({257}))
+    for token in tok("AB", add_special_tokens=False)["input_ids"]:
+        row.add(token)
     assert events == []
     row.add(257)
     assert events == ["AB"]
