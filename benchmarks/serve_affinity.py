@@ -27,7 +27,7 @@ import httpx
 import ray
 from ray import serve
 
-from spanctx.serve.cli import RuntimeSpec
+from spanctx.serve.backend import RuntimeSpec
 from spanctx.serve.ray_app import build_app
 
 KV_BYTES_PER_TOKEN = 4 * 2 * 2 * 32 * 4  # tiny-llama: layers x (k, v) x kv heads x head dim x fp32

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spanctx import Context
-from spanctx.messages import Message
-from spanctx.spans import Span
+from spanctx.core.messages import Message
+from spanctx.core.spans import Span
 from spanctx.presets import byte_tokenizer
 from spanctx.serve.protocol import ApiError, chat_request, completion_request, context_from_json, context_to_json
 from spanctx.serve.routing import affinity_ranks, route_key
@@ -105,7 +105,7 @@ def test_affinity_ranks_prefer_one_replica_and_spill_when_it_is_loaded():
 
 def rows_of(text_ids: list[int], stop=(), limit=100) -> tuple[list, Row, Job]:
     from spanctx.serve.protocol import GenRequest
-    from spanctx.options import merge_options
+    from spanctx.core.options import merge_options
 
     events = []
     job = Job(events.append, request=GenRequest(Context().append("x"), limit, {}, tuple(stop), stream=True),
@@ -147,7 +147,7 @@ def test_a_cancelled_row_takes_no_more_tokens():
 
 
 def test_a_whole_reply_is_sent_once_at_the_end():
-    from spanctx.options import merge_options
+    from spanctx.core.options import merge_options
     from spanctx.serve.protocol import GenRequest
 
     events = []

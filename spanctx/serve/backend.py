@@ -1,6 +1,7 @@
 """What the HTTP layer talks to: a ``Backend`` turns a parsed request into an async stream of
 events (text deltas, then one ``Done``). ``LocalBackend`` runs them on this process's
-scheduler; ``ray_app.RayBackend`` sends them to a Ray Serve replica.
+scheduler; ``ray_app.RayBackend`` sends them to a Ray Serve replica. ``RuntimeSpec`` says
+how a server (or each replica) builds its runtime.
 """
 
 from __future__ import annotations
@@ -16,8 +17,37 @@ from .protocol import ApiError, GenRequest
 from .scheduler import Done, Job, Scheduler
 
 if TYPE_CHECKING:
+    from ..core.spans import Context
     from ..runtime import Runtime
-    from ..spans import Context
+
+
+@attrs.frozen
+class RuntimeSpec:
+    """How a server (or each Ray replica) builds its runtime. ``tiers``: tier URLs shared
+    by the replicas (``Runtime(..., tiers=...)``); ``adapters``: ``(name, path)`` pairs."""
+
+    model: str
+    device: str | None = None
+    dtype: str | None = None
+    store_bytes: int | None = None
+    tiers: tuple[str, ...] = ()
+    adapters: tuple[tuple[str, str], ...] = ()
+
+    def build(self):
+        from ..loading import load_model
+        from ..runtime import Runtime
+
+        model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype)
+        extra = {"tiers": list(self.tiers)} if self.tiers else {}
+        try:
+            rt = Runtime(model, tokenizer, self.store_bytes, **extra)
+        except TypeError as exc:
+            if self.tiers and "tiers" in str(exc):
+                raise SystemExit("--tier needs a spanctx with tiered span sharing (Runtime(tiers=...))") from None
+            raise
+        for name, path in self.adapters:
+            rt.add_adapter(name, path)
+        return rt
 
 
 class Backend(Protocol):

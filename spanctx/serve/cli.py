@@ -6,38 +6,7 @@ import argparse
 import importlib.util
 import sys
 
-import attrs
-
-__all__ = ["RuntimeSpec", "add_arguments", "run"]
-
-
-@attrs.frozen
-class RuntimeSpec:
-    """How a server (or each Ray replica) builds its runtime. ``tiers``: tier URLs shared
-    by the replicas (``Runtime(..., tiers=...)``); ``adapters``: ``(name, path)`` pairs."""
-
-    model: str
-    device: str | None = None
-    dtype: str | None = None
-    store_bytes: int | None = None
-    tiers: tuple[str, ...] = ()
-    adapters: tuple[tuple[str, str], ...] = ()
-
-    def build(self):
-        from ..loading import load_model
-        from ..runtime import Runtime
-
-        model, tokenizer = load_model(self.model, device=self.device, dtype=self.dtype)
-        extra = {"tiers": list(self.tiers)} if self.tiers else {}
-        try:
-            rt = Runtime(model, tokenizer, self.store_bytes, **extra)
-        except TypeError as exc:
-            if self.tiers and "tiers" in str(exc):
-                raise SystemExit("--tier needs a spanctx with tiered span sharing (Runtime(tiers=...))") from None
-            raise
-        for name, path in self.adapters:
-            rt.add_adapter(name, path)
-        return rt
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"--adapter takes NAME=PATH, got {item!r}", file=sys.stderr)
             return 2
         adapters.append((name, path))
+    from .backend import RuntimeSpec
+
     spec = RuntimeSpec(args.model, args.device, args.dtype, args.store_bytes, tuple(args.tier), tuple(adapters))
     name = args.served_model_name or args.model
     if args.replicas:

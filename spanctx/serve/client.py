@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import attrs
 
-from ..spans import Context
+from ..core.spans import Context
 from .protocol import context_to_json
 
 __all__ = ["Client", "Reply", "ServerError"]

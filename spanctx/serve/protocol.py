@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from ..messages import GenerationPrompt, Message, TemplateArgs, template_args
-from ..spans import Context, ParallelGroup, Span
+from ..core.messages import GenerationPrompt, Message, TemplateArgs, template_args
+from ..core.spans import Context, ParallelGroup, Span
 
 __all__ = ["ApiError", "GenRequest", "chat_request", "completion_request", "context_from_json",
            "context_to_json", "span_request"]

@@ -26,9 +26,8 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from ..spans import Context
-from .backend import LocalBackend, raise_for
-from .cli import RuntimeSpec
+from ..core.spans import Context
+from .backend import LocalBackend, RuntimeSpec, raise_for
 from .protocol import ApiError, GenRequest
 from .routing import affinity_ranks, route_key
 from .scheduler import Done

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from ..spans import Context
+from ..core.spans import Context
 from .protocol import context_to_json
 
 R = TypeVar("R")

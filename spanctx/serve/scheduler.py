@@ -45,8 +45,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..batch import plan_batch, shared_prefixes
-from ..options import CallOptions
+from ..features.batch import plan_batch, shared_prefixes
+from ..core.options import CallOptions
 from .protocol import ApiError, GenRequest
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from spanctx.serve.cli import RuntimeSpec  # noqa: E402
+from spanctx.serve.backend import RuntimeSpec  # noqa: E402
 from spanctx.serve.ray_app import build_app  # noqa: E402
 
 DOCS = [f"Document {name}: " + f"the {name} pump needs oil every week. " * 12 for name in ("red", "blue", "green")]
