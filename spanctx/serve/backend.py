@@ -132,8 +132,10 @@ class LocalBackend:
         s = self.scheduler
         out = {"queue_waiting": s.waiting, "running_rows": s.running,
                **{f"scheduler_{k}": v for k, v in s.counts.items()}}
-        out.update({f"store_{k}": v for k, v in attrs.asdict(self.rt.store.stats).items()
-                    if isinstance(v, (int, float))})
+        out.update(_numbers("store", attrs.asdict(self.rt.store.stats)))
+        tiers = getattr(self.rt.store, "tiers", None)  # a store with lower tiers (docs/tiers.md)
+        if tiers is not None:
+            out.update(_numbers("tier", attrs.asdict(tiers.totals())))
         return out
 
 
@@ -146,6 +148,10 @@ def raise_for(done: Done) -> None:
     status = 400 if isinstance(done.error, (ValueError, TypeError, KeyError)) else 500
     raise ApiError(status, f"{type(done.error).__name__}: {done.error}",
                    type="invalid_request_error" if status == 400 else "server_error")
+
+
+def _numbers(prefix: str, fields: dict) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in fields.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _noop(event) -> None:
