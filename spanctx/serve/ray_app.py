@@ -19,6 +19,7 @@ returns it), with that replica's store counters, so affinity can be checked.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import AsyncIterator, Sequence
 
 import attrs
@@ -163,11 +164,14 @@ def serve_forever(spec: RuntimeSpec, model_name: str, *, replicas: int, host: st
     import ray
 
     ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(spec, model_name, replicas=replicas, **options), name="spanctx", route_prefix="/")
-    print(f"spanctx serve: {model_name} on http://{host}:{port}/v1 ({replicas} replicas)")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM shuts down like Ctrl-C
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(spec, model_name, replicas=replicas, **options), name="spanctx", route_prefix="/")
+        print(f"spanctx serve: {model_name} on http://{host}:{port}/v1 ({replicas} replicas)", flush=True)
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
     finally:
         serve.shutdown()
         ray.shutdown()
