@@ -160,6 +160,28 @@ def test_waiting_requests_run_as_one_batch(server, client, direct):
         assert results[i].usage.completion_tokens == 3 + i
 
 
+def test_a_bad_row_does_not_fail_its_batch(server, client):
+    backend = server[1]
+    results: dict[int, object] = {}
+
+    def ask(i: int, max_tokens: int) -> None:
+        try:
+            results[i] = client.completions.create(model=MODEL, prompt=f"row {i}", max_tokens=max_tokens)
+        except openai.BadRequestError as exc:
+            results[i] = exc
+
+    blocked = Blocked(backend)
+    threads = [threading.Thread(target=ask, args=(i, 9000 if i == 1 else 3)) for i in range(3)]  # row 1: too long
+    for t in threads:
+        t.start()
+    blocked.wait_queued(3)
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[1], openai.BadRequestError) and "positions" in str(results[1])
+    assert results[0].usage.completion_tokens == 3 and results[2].usage.completion_tokens == 3
+
+
 def test_full_queue_answers_429(server):
     url, backend = server
     blocked = Blocked(backend)

@@ -206,21 +206,22 @@ class Scheduler:
         self.counts["batches"] += 1
         self.counts["rows"] += len(group)
         self.batch_sizes.append(len(group))
+        rows = [Row(job, self.rt.tokenizer, _eos_ids(self.rt)) for job in group if job.call is None]
         try:
             if group[0].call is not None:
                 value = group[0].call(self.rt)
                 self._finish(group[0], Done("stop", value=value))
                 return
-            rows = [Row(job, self.rt.tokenizer, _eos_ids(self.rt)) for job in group]
             usage = run_single(self.rt, group, rows) if len(group) == 1 else self.executor(self.rt, group, rows)
             for job, row, (prompt, cached) in zip(group, rows, usage):
                 self._finish(job, row.done(prompt, cached))
         except (ValueError, TypeError, KeyError) as exc:
-            if len(group) > 1:  # one bad row must not fail the others: run them one by one
-                for job in group:
+            if len(group) > 1 and not any(row.ids for row in rows):
+                for job in group:  # a bad request refused before decoding: the others run one by one
                     self._run([job])
                 return
-            self._finish(group[0], Done("error", error=exc))
+            for job in group:
+                self._finish(job, Done("error", error=exc))
         except Exception as exc:  # noqa: BLE001 - reported to the client as a 500
             for job in group:
                 self._finish(job, Done("error", error=exc))
