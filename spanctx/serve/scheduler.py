@@ -335,7 +335,7 @@ class RowsStopped(StoppingCriteria):
 def run_single(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tuple[int, int]]:
     """One job as one ``Runtime.generate`` (the static executor on a GPU). Returns
     ``[(prompt_tokens, cached_tokens)]``."""
-    (job,), (row,) = jobs, rows
+    (job,) = jobs
     r = job.request
     result = rt.generate(r.ctx, job.opts.max_new_tokens, adapter=r.adapter, repair=r.repair, salt=r.salt,
                          streamer=RowStreamer(rows), stopping_criteria=StoppingCriteriaList([RowsStopped(rows)]),
@@ -345,7 +345,7 @@ def run_single(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tu
 
 def run_rows(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tuple[int, int]]:
     """Compatible jobs as one left-padded batch over each row's stored spans (the session's
-    row calls; layout in ``spanctx.batch``), up to the longest row's ``max_tokens``.
+    row calls; layout in ``spanctx.features.batch``), up to the longest row's ``max_tokens``.
     Spans that several rows share and the store lacks are computed once, first."""
     contexts = [job.request.ctx for job in jobs]
     salts = [job.request.salt for job in jobs]
@@ -366,7 +366,8 @@ def run_rows(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tupl
 
 
 def _warm(rt: Runtime, prefix, salt: str | None) -> int:
-    """Compute and store the spans of ``prefix`` the store lacks; returns their tokens."""
+    """Compute and store the spans of ``prefix`` the store lacks; returns their tokens (as
+    ``generate_batch`` does before its batch, through the session's public methods)."""
     prompt, _ = rt.resolve(prefix, salt=salt)
     missing = sum(seg.num_tokens for seg in prompt.segments if seg.key not in rt.store)
     if missing:
