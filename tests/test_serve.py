@@ -182,6 +182,23 @@ def test_a_bad_row_does_not_fail_its_batch(server, client):
     assert results[0].usage.completion_tokens == 3 and results[2].usage.completion_tokens == 3
 
 
+def test_bounded_load_keeps_every_answer(server, client, direct):
+    """12 requests from 6 concurrent clients (half streamed), loopback: every answer is the
+    one the runtime gives alone, whatever batches the scheduler formed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> str:
+        kwargs = {"model": MODEL, "messages": chat(f"Load question {i}?"), "max_tokens": 4}
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs,
+                                                                                               stream=True))
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(one, range(12)))
+    assert answers == [direct.generate(Context.chat(chat(f"Load question {i}?")), 4).text for i in range(12)]
+
+
 def test_full_queue_answers_429(server):
     url, backend = server
     blocked = Blocked(backend)
