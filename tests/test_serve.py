@@ -183,8 +183,9 @@ def test_a_bad_row_does_not_fail_its_batch(server, client):
 
 
 def test_bounded_load_keeps_every_answer(server, client, direct):
-    """12 requests from 6 concurrent clients (half streamed), loopback: every answer is the
-    one the runtime gives alone, whatever batches the scheduler formed."""
+    """12 requests from 4 concurrent clients (half streamed; no more clients than the queue
+    holds), loopback: every answer is the one the runtime gives alone, whatever batches the
+    scheduler formed."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(i: int) -> str:
@@ -194,7 +195,7 @@ def test_bounded_load_keeps_every_answer(server, client, direct):
                                                                                                stream=True))
         return client.chat.completions.create(**kwargs).choices[0].message.content
 
-    with ThreadPoolExecutor(6) as pool:
+    with ThreadPoolExecutor(server[1].scheduler.max_queue) as pool:
         answers = list(pool.map(one, range(12)))
     assert answers == [direct.generate(Context.chat(chat(f"Load question {i}?")), 4).text for i in range(12)]
 
