@@ -47,7 +47,15 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_cli.add_arguments(bench)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible server over span reuse (pip install 'spanctx[serve]')")
+    if argv[:1] == ["serve"]:  # loads only for this command
+        from .serve import launch as serve_cli
+
+        serve_cli.add_arguments(serve)
+
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_cli.run(args)
     if args.command == "demo":
         from .demo import main as demo_main
 

@@ -1,0 +1,186 @@
+"""Concurrent chat sessions sharing a long system prompt: the scheduler vs the alternatives.
+
+In-process (no HTTP: the GPU box has no fastapi/uvicorn), the same workload four ways:
+
+- ``lone``: ONE session through the scheduler (a group of one: ``Runtime.generate``, the
+  static executor on a GPU);
+- ``scheduler``: S sessions at once through the scheduler (waiting turns run as one
+  batched call, eager rows);
+- ``lock``: S threads calling ``Runtime.generate`` directly (serialised by its lock);
+- ``hf_threads``: S threads calling HF ``model.generate`` on the full prompt (no reuse), as
+  an in-process server over plain transformers does.
+
+Each session runs ``--turns`` turns: a user message, a reply of exactly ``--new-tokens``
+tokens (min_new_tokens), the reply appended. TTFT is measured from a turn's submission to
+its first token (queueing included). Writes JSON to ``--out``; prints a table.
+
+    python benchmarks/serve_gpu.py --model llama-3.1-8b --out $OUT/serve_gpu.json
+    python benchmarks/serve_gpu.py --model tiny-llama --device cpu --system-tokens 256   # dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import queue
+import statistics
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import transformers
+from transformers.generation.streamers import BaseStreamer
+
+from spanctx import Context, Runtime
+from spanctx.presets import load_preset
+from spanctx.serve.protocol import GenRequest
+from spanctx.serve.scheduler import Done, Job, Scheduler
+
+
+class FirstToken(BaseStreamer):
+    """Records when the first new token reaches the host (the prompt's put is skipped)."""
+
+    def __init__(self) -> None:
+        self.puts, self.at = 0, None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.at is None:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def system_prompt(tokens: int) -> str:
+    line = "Rule {i}: answer with care, cite the manual, and keep replies short and exact. "
+    text, i = "", 0
+    while len(text) < tokens:  # byte tokenizer: one token per byte
+        text += line.format(i=i)
+        i += 1
+    return text[:tokens]
+
+
+def turn_context(system: str, tag: str, session: int, history: list[tuple[str, str]], turn: int) -> Context:
+    msgs = [{"role": "system", "content": system}]
+    for user, reply in history:
+        msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    msgs.append({"role": "user", "content": f"[{tag:>10}] Session {session}, turn {turn}: what does rule {7 * session + turn} say?"})
+    return Context.chat(msgs)
+
+
+def via_scheduler(scheduler: Scheduler, rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]:
+    events: queue.Queue = queue.Queue()
+    kwargs = {"min_new_tokens": new_tokens}
+    job = Job(events.put, request=GenRequest(ctx, new_tokens, kwargs), opts=rt.options(new_tokens, **kwargs))
+    start = time.perf_counter()
+    scheduler.submit(job)
+    pieces, first = [], None
+    while not isinstance(event := events.get(), Done):
+        first = first or time.perf_counter()
+        pieces.append(event)
+    if event.error:
+        raise event.error
+    return "".join(pieces), (first or time.perf_counter()) - start, event.completion_tokens
+
+
+def via_lock(rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]:
+    streamer, start = FirstToken(), time.perf_counter()
+    result = rt.generate(ctx, new_tokens, min_new_tokens=new_tokens, streamer=streamer)
+    return result.text, (streamer.at or time.perf_counter()) - start, len(result.token_ids)
+
+
+def via_hf(rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]:
+    ids = torch.tensor([rt.token_ids(ctx)], device=rt.device)
+    streamer, start = FirstToken(), time.perf_counter()
+    with torch.inference_mode():
+        out = rt.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
+                                pad_token_id=rt.pad_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return rt.tokenizer.decode(new, skip_special_tokens=True), (streamer.at or time.perf_counter()) - start, len(new)
+
+
+def run_sessions(ask, tag: str, sessions: int, turns: int, system: str, new_tokens: int) -> dict:
+    """``sessions`` threads of ``turns`` turns each; ``tag`` makes the user messages new (only
+    the system prompt is shared with other runs)."""
+    ttfts, tokens = [], [0]
+    lock = threading.Lock()
+
+    def session(s: int) -> None:
+        history = []
+        for t in range(turns):
+            ctx = turn_context(system, tag, s, history, t)
+            text, ttft, n = ask(ctx, new_tokens)
+            with lock:
+                ttfts.append(ttft)
+                tokens[0] += n
+            history.append((ctx.spans[-2].content.content, text))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(sessions) as pool:
+        list(pool.map(session, range(sessions)))
+    wall = time.perf_counter() - start
+    return {"sessions": sessions, "turns": turns, "tokens": tokens[0], "wall_s": wall,
+            "tokens_per_s": tokens[0] / wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
+            "ttft_p90_ms": 1000 * sorted(ttfts)[int(0.9 * (len(ttfts) - 1))], "turn_ttfts_ms": [1000 * t for t in ttfts]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-3.1-8b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument("--system-tokens", type=int, default=2048)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--modes", default="lone,scheduler,lock,hf_threads")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    model, tokenizer = load_preset(args.model, device=args.device)
+    rt = Runtime(model, tokenizer, store_bytes=8 << 30 if args.device == "cuda" else 1 << 30)
+    scheduler = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions)
+    system = system_prompt(args.system_tokens)
+    asks = {"lone": lambda c, n: via_scheduler(scheduler, rt, c, n),
+            "scheduler": lambda c, n: via_scheduler(scheduler, rt, c, n),
+            "lock": lambda c, n: via_lock(rt, c, n), "hf_threads": lambda c, n: via_hf(rt, c, n)}
+    # warm-up: the system prompt is stored, the static executor captures, batched rows run once
+    run_sessions(asks["scheduler"], "warm", args.sessions, 1, system, 4)
+    run_sessions(asks["lone"], "warm", 1, args.turns, system, args.new_tokens)
+    results, failures = {}, {}
+    for mode in args.modes.split(","):
+        sessions = 1 if mode == "lone" else args.sessions
+        batches = len(scheduler.batch_sizes)
+        try:
+            results[mode] = run_sessions(asks[mode], mode, sessions, args.turns, system, args.new_tokens)
+        except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' figures
+            traceback.print_exc()
+            failures[mode] = repr(exc)
+            continue
+        if mode in ("lone", "scheduler"):
+            results[mode]["batch_sizes"] = scheduler.batch_sizes[batches:]
+        print(f"{mode:>11}: {results[mode]['tokens_per_s']:8.1f} tok/s  TTFT p50 {results[mode]['ttft_p50_ms']:8.1f} ms"
+              f"  p90 {results[mode]['ttft_p90_ms']:8.1f} ms  ({results[mode]['tokens']} tokens, "
+              f"{results[mode]['wall_s']:.1f} s)", flush=True)
+    scheduler.close()
+    lone = results.get("lone")
+    if lone:
+        for mode, r in results.items():
+            r["vs_lone_throughput"] = r["tokens_per_s"] / lone["tokens_per_s"]
+            r["vs_lone_ttft_p50"] = r["ttft_p50_ms"] / lone["ttft_p50_ms"]
+            print(f"{mode:>11}: throughput {r['vs_lone_throughput']:.2f}x lone, TTFT p50 {r['vs_lone_ttft_p50']:.2f}x lone")
+    record = {"args": vars(args), "results": results, "failures": failures,
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

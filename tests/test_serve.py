@@ -1,0 +1,278 @@
+"""The server on a loopback port with a tiny model, driven by the official ``openai`` client,
+raw HTTP and ``spanctx.serve.launchent``. Answers are compared with direct ``Runtime`` calls
+on another runtime over the same weights (greedy, so equal tokens are expected)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+
+import pytest
+from adapter_helpers import INVOCATION, invocation_ids, make_adapter
+from conftest import tiny_model, tiny_runtime
+
+import spanctx
+from spanctx import Context
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from spanctx.serve.app import create_app, serving  # noqa: E402
+from spanctx.serve.local import LocalBackend  # noqa: E402
+from spanctx.serve.launchent import Client, ServerError  # noqa: E402
+from spanctx.serve.scheduler import Job  # noqa: E402
+
+SYSTEM = "You answer questions about the shared manual. " * 12
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(url, backend): a server over its own copy of the tiny Llama with an aLoRA ``judge``."""
+    model, tokenizer = tiny_model("llama")
+    rt = spanctx.Runtime(copy.deepcopy(model), tokenizer, store_bytes=64 << 20)
+    folder = make_adapter(model, tmp_path_factory.mktemp("judge") / "alora", invocation=invocation_ids(tokenizer))
+    rt.add_adapter("judge", folder, invocation=INVOCATION)
+    backend = LocalBackend(rt, max_batch=4, max_queue=4)
+    with serving(create_app(backend, MODEL)) as url:
+        yield url, backend
+    backend.scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def direct():
+    return tiny_runtime("llama")
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+class Blocked:
+    """Holds the scheduler's worker on an exclusive call until released."""
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self.scheduler, self.release = backend.scheduler, threading.Event()
+        started = threading.Event()
+        self.scheduler.submit(Job(lambda event: None, call=lambda rt: (started.set(), self.release.wait(60))))
+        assert started.wait(60)
+
+    def wait_queued(self, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while self.scheduler.waiting < n:
+            assert time.monotonic() < deadline, "requests did not reach the queue"
+            time.sleep(0.01)
+
+
+def test_chat_equals_runtime_and_repeat_is_cached(client, direct):
+    msgs = chat("What is in chapter one?")
+    first = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6)
+    expected = direct.generate(Context.chat(msgs), 6)
+    assert first.choices[0].message.content == expected.text
+    assert first.usage.prompt_tokens == expected.stats.prompt_tokens
+    assert first.usage.completion_tokens == 6 and first.choices[0].finish_reason == "length"
+    again = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6)
+    assert again.choices[0].message.content == expected.text
+    assert again.usage.prompt_tokens_details.cached_tokens > 0.9 * again.usage.prompt_tokens
+
+
+def test_streaming_chat(client):
+    msgs = chat("Stream chapter two.")
+    whole = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=7).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=7, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 7 and chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_completions_and_stop(client, direct):
+    prompt = "The manual says that"
+    expected = direct.generate(Context().append(prompt), 8).text
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8)
+    assert out.choices[0].text == expected
+    streamed = "".join(c.choices[0].text for c in client.completions.create(model=MODEL, prompt=prompt,
+                                                                               max_tokens=8, stream=True))
+    assert streamed == expected
+    stop = expected[3:5]  # a stop string the greedy answer reaches: the text is cut before it
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, stop=[stop])
+    assert cut.choices[0].text == expected[:expected.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_cache_salt_separates(server):
+    url = server[0]
+    body = {"model": MODEL, "messages": chat("Salted question?"), "max_tokens": 2}
+    usage = [httpx.post(url + "/v1/chat/completions", json={**body, "cache_salt": salt}, timeout=120)
+             .json()["usage"]["prompt_tokens_details"]["cached_tokens"] for salt in ("tenant-a", "tenant-b",
+                                                                                      "tenant-a")]
+    assert usage[0] == 0 and usage[1] == 0 and usage[2] > 0
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, 400, "frobnicate"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}, 400, None),  # past 8192 positions
+])
+def test_bad_requests_get_openai_errors(server, body, status, param):
+    response = httpx.post(server[0] + "/v1/chat/completions", json={"model": MODEL, **body}, timeout=120)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_bad_json_and_openai_client_errors(server, client):
+    response = httpx.post(server[0] + "/v1/completions", content=b"{not json", timeout=60)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="one choice per request"):
+        client.chat.completions.create(model=MODEL, messages=chat("n?"), n=3)
+
+
+def test_waiting_requests_run_as_one_batch(server, client, direct):
+    backend = server[1]
+    questions = [f"Batched question {i}?" for i in range(3)]
+    results: dict[int, object] = {}
+    blocked = Blocked(backend)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.chat.completions.create(
+        model=MODEL, messages=chat(questions[i]), max_tokens=3 + i))) for i in range(3)]
+    for t in threads:
+        t.start()
+    blocked.wait_queued(3)
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+    assert backend.scheduler.batch_sizes[-1] == 3  # one call for the three
+    for i, q in enumerate(questions):  # each row stops at its own limit, with its solo tokens
+        assert results[i].choices[0].message.content == direct.generate(Context.chat(chat(q)), 3 + i).text
+        assert results[i].usage.completion_tokens == 3 + i
+
+
+def test_a_bad_row_does_not_fail_its_batch(server, client):
+    backend = server[1]
+    results: dict[int, object] = {}
+
+    def ask(i: int, max_tokens: int) -> None:
+        try:
+            results[i] = client.completions.create(model=MODEL, prompt=f"row {i}", max_tokens=max_tokens)
+        except openai.BadRequestError as exc:
+            results[i] = exc
+
+    blocked = Blocked(backend)
+    threads = [threading.Thread(target=ask, args=(i, 9000 if i == 1 else 3)) for i in range(3)]  # row 1: too long
+    for t in threads:
+        t.start()
+    blocked.wait_queued(3)
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[1], openai.BadRequestError) and "positions" in str(results[1])
+    assert results[0].usage.completion_tokens == 3 and results[2].usage.completion_tokens == 3
+
+
+def test_bounded_load_keeps_every_answer(server, client, direct):
+    """12 requests from 4 concurrent clients (half streamed; no more clients than the queue
+    holds), loopback: every answer is the one the runtime gives alone, whatever batches the
+    scheduler formed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> str:
+        kwargs = {"model": MODEL, "messages": chat(f"Load question {i}?"), "max_tokens": 4}
+        if i % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs,
+                                                                                               stream=True))
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with ThreadPoolExecutor(server[1].scheduler.max_queue) as pool:
+        answers = list(pool.map(one, range(12)))
+    assert answers == [direct.generate(Context.chat(chat(f"Load question {i}?")), 4).text for i in range(12)]
+
+
+def test_full_queue_answers_429(server):
+    url, backend = server
+    blocked = Blocked(backend)
+    body = {"model": MODEL, "prompt": "queued", "max_tokens": 1}
+    threads = [threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": body,
+                                                                                            "timeout": 120})
+               for _ in range(backend.scheduler.max_queue)]
+    for t in threads:
+        t.start()
+    blocked.wait_queued(backend.scheduler.max_queue)
+    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "queue_full"
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    url, backend = server
+    scheduler = backend.scheduler
+    cancelled = scheduler.counts["cancelled"]
+    body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 60
+    while scheduler.counts["cancelled"] == cancelled or scheduler.running:
+        assert time.monotonic() < deadline, "the cancelled stream still holds the model"
+        time.sleep(0.02)
+    follow = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "next", "max_tokens": 2},
+                        timeout=120)
+    assert follow.status_code == 200
+
+
+def test_span_endpoint_with_parallel_group_and_client(server, direct):
+    system = Context.chat([{"role": "system", "content": "Answer from the notes."}], add_generation_prompt=False)
+    ctx = system.parallel("Note A: red.", "Note B: blue.").append("Which note is red? Answer:")
+    client = Client(server[0])
+    reply = client.generate(ctx, max_tokens=5, repair="head:4")
+    assert reply.text == direct.generate(ctx, 5, repair="head:4").text
+    again = client.generate(ctx, max_tokens=5, repair="head:4")
+    assert again.text == reply.text and again.cached_tokens > 0
+    assert "".join(client.stream(ctx, max_tokens=5, repair="head:4")) == reply.text
+    with pytest.raises(ServerError) as err:
+        client.generate(ctx, max_tokens=2, adapter="missing")
+    assert err.value.status == 400 and "missing" in err.value.error["message"]
+
+
+def test_check_endpoint_matches_runtime(server):
+    url, backend = server
+    ctx = Context.chat([{"role": "user", "content": "Summarise the manual."},
+                        {"role": "assistant", "content": "It covers pumps."}], add_generation_prompt=False)
+    requirements = ["Mentions pumps.", "Is polite."]
+    verdicts = Client(url).check(ctx, requirements, adapter="judge")
+    expected = backend.rt.check(ctx, requirements, adapter="judge")
+    assert [v["requirement"] for v in verdicts] == requirements
+    for got, want in zip(verdicts, expected):
+        assert got["passed"] == want.passed and got["probability"] == pytest.approx(want.probability, abs=1e-5)
+    response = httpx.post(url + "/v1/spanctx/check", json={"context": [{"bad": 1}], "requirements": ["x"]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "context[0]"
+
+
+def test_health_and_metrics(server, client):
+    url = server[0]
+    client.chat.completions.create(model=MODEL, messages=chat("metrics?"), max_tokens=3)
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ok" and health["store"]["hits"] > 0
+    text = httpx.get(url + "/metrics").text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['spanctx_prompt_tokens_total{source="cached"}'] > 0
+    assert samples["spanctx_store_hits"] == health["store"]["hits"]
+    assert samples["spanctx_ttft_seconds_count"] > 0 and samples["spanctx_generated_tokens_total"] > 0
+    assert json.loads(httpx.get(url + "/v1/models").text)["data"][0]["id"] == MODEL
