@@ -1,5 +1,5 @@
 """The server on a loopback port with a tiny model, driven by the official ``openai`` client,
-raw HTTP and ``spanctx.serve.launchent``. Answers are compared with direct ``Runtime`` calls
+raw HTTP and ``spanctx.serve.client``. Answers are compared with direct ``Runtime`` calls
 on another runtime over the same weights (greedy, so equal tokens are expected)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 
 from spanctx.serve.app import create_app, serving  # noqa: E402
 from spanctx.serve.local import LocalBackend  # noqa: E402
-from spanctx.serve.launchent import Client, ServerError  # noqa: E402
+from spanctx.serve.client import Client, ServerError  # noqa: E402
 from spanctx.serve.scheduler import Job  # noqa: E402
 
 SYSTEM = "You answer questions about the shared manual. " * 12

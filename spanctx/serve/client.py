@@ -1,7 +1,7 @@
 """A small client for the span API: build ``Context``s here, post them to a server.
 
     from spanctx import Context
-    from spanctx.serve.launchent import Client
+    from spanctx.serve.client import Client
 
     client = Client("http://127.0.0.1:8000")
     doc = Context().append(open("manual.txt").read())
