@@ -160,7 +160,7 @@ def test_waiting_requests_run_as_one_batch(server, client, direct):
         assert results[i].usage.completion_tokens == 3 + i
 
 
-def test_a_bad_row_does_not_fail_its_batch(server, client):
+def test_a_bad_row_does_not_fail_its_batch(server, client, direct):
     backend = server[1]
     results: dict[int, object] = {}
 
@@ -179,7 +179,10 @@ def test_a_bad_row_does_not_fail_its_batch(server, client):
     for t in threads:
         t.join(120)
     assert isinstance(results[1], openai.BadRequestError) and "positions" in str(results[1])
-    assert results[0].usage.completion_tokens == 3 and results[2].usage.completion_tokens == 3
+    for i in (0, 2):  # the good rows answer as the runtime does alone (a turn end may stop them early)
+        expected = direct.generate(Context().append(f"row {i}"), 3)
+        assert results[i].choices[0].text == expected.text
+        assert results[i].usage.completion_tokens <= expected.stats.new_tokens  # the server counts no turn end
 
 
 def test_bounded_load_keeps_every_answer(server, client, direct):

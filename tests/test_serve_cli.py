@@ -39,7 +39,9 @@ def test_spanctx_serve_answers_and_stops():
                 time.sleep(0.2)
         reply = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
                            timeout=60).json()
-        assert reply["usage"]["completion_tokens"] == 2 and reply["model"] == "tiny"
+        tokens, finish = reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"]
+        # random weights: the preset may end its turn before max_tokens, and then says so
+        assert reply["model"] == "tiny" and 1 <= tokens <= 2 and (tokens == 2 or finish == "stop")
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(60) == 0

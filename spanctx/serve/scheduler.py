@@ -359,8 +359,9 @@ def run_rows(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tupl
             warmed[row] += _warm(rt, prefix, salts[row])
         calls = [held.enter_context(rt.prepared(job.request.ctx, max_new_tokens=job.opts.max_new_tokens,
                                                 repair=job.request.repair, salt=job.request.salt)) for job in jobs]
-        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls])
-        rt.generate_rows(calls, layout.kept, layout.cached_width, opts)
+        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
+                            [c.assembly.keep_at_least for c in calls])
+        rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, rt.generate_kwargs(opts))
         return [(c.prompt.num_tokens, max(0, min(c.cached_tokens, kept) - w))
                 for c, kept, w in zip(calls, layout.kept, warmed)]
 
@@ -369,7 +370,8 @@ def _warm(rt: Runtime, prefix, salt: str | None) -> int:
     """Compute and store the spans of ``prefix`` the store lacks; returns their tokens (as
     ``generate_batch`` does before its batch, through the session's public methods)."""
     prompt, _ = rt.resolve(prefix, salt=salt)
-    missing = sum(seg.num_tokens for seg in prompt.segments if seg.key not in rt.store)
+    unstored = rt.unstored(prompt)
+    missing = sum(seg.num_tokens for seg in prompt.segments if seg.key in unstored)
     if missing:
         rt.next_token_logits(prefix, salt=salt)
     return missing
