@@ -19,6 +19,7 @@ from .reward import RewardModel
 from .rope import KeyMover, key_mover
 from .runtime import Runtime
 from .scoring import Ranked, Score
+from .seq2seq import Seq2SeqRuntime
 from .spans import Context, ParallelGroup, Span
 from .store import KVStore, SpanKV, StoreStats
 from .structured import JsonResult, StructuredOutputError
@@ -73,6 +74,7 @@ __all__ = [
     "Reuse",
     "RewardModel",
     "Runtime",
+    "Seq2SeqRuntime",
     "Score",
     "Span",
     "SpanIndex",
