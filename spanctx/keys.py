@@ -25,7 +25,6 @@ __all__ = [
     "parallel_key",
     "root_key",
     "salted_namespace",
-    "source_key",
     "span_key",
     "weights_fingerprint",
 ]
@@ -68,13 +67,6 @@ def parallel_key(anchor_key: bytes, token_ids: Sequence[int], namespace: bytes) 
     if len(anchor_key) != KEY_BYTES:
         raise ValueError(f"anchor key must be {KEY_BYTES} bytes, got {len(anchor_key)}")
     return _digest(b"parallel", anchor_key, _ids_bytes(token_ids), namespace)
-
-
-def source_key(token_ids: Sequence[int], namespace: bytes) -> bytes:
-    """Key of an encoder-decoder model's encoded source (its encoder output and the
-    decoder's cross-attention KV): the source's ids alone, the encoder being bidirectional.
-    Decoder spans over it chain after this key. Tagged apart from every other key."""
-    return _digest(b"source", _ids_bytes(token_ids), namespace)
 
 
 def group_key(parent_key: bytes, member_keys: Sequence[bytes], repair: str, namespace: bytes) -> bytes:

@@ -33,7 +33,7 @@ import torch
 
 from .engine.encoder_decoder import DecoderPrompt, Seq2SeqEngine, SourceKV
 from .index import EvictionPolicy, lru
-from .keys import model_namespace, salted_namespace, source_key, span_key
+from .keys import model_namespace, root_key, salted_namespace, span_key
 from .options import merge_options, seeded
 from .prompt import PromptResolver
 from .results import GenerationStats, Result
@@ -121,10 +121,13 @@ class Seq2SeqRuntime:
         namespace = salted_namespace(self.namespace, salt if salt is not None else self.salt)
         src = self.source_ids(source)
         groups = self._groups(ctx)
-        keys, key = [], source_key(src, namespace)
+        # the source's key: its ids after the root. No decoder-only span shares it (the
+        # namespace names the model class) and decoder spans chain after it, never the root.
+        keys, key = [], span_key(root_key(namespace), src, namespace)
+        source = key
         for group in groups:
             keys.append(key := span_key(key, group, namespace))
-        encoded, hit = self.engine.source(source_key(src, namespace), src, store=reuse)
+        encoded, hit = self.engine.source(source, src, store=reuse)
         return encoded, self.engine.decoder_prompt(encoded, keys, groups, store=reuse), len(src) if hit else 0
 
     # -- calls --------------------------------------------------------------------------
