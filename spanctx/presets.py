@@ -20,6 +20,7 @@ import attrs
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     BartConfig,
     Gemma2Config,
     Gemma3TextConfig,
@@ -34,6 +35,7 @@ from transformers import (
 )
 
 from .tokenizer import byte_tokenizer
+from .vision_presets import llava_15_7b_config, llava_processor, tiny_llava_config
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_VOCAB = len(byte_tokenizer())
@@ -128,6 +130,11 @@ PRESETS: dict[str, Preset] = {
             vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
             pad_token_id=258, eos_token_id=257, decoder_start_token_id=258), torch.float32,
             "T5-base shape (random weights; the byte tokenizer uses ids < 261 of its vocab)"),
+        # vision-language presets: load_preset returns their processor (spanctx/vision_presets.py)
+        Preset("tiny-llava", lambda: tiny_llava_config(_TINY), torch.float32,
+               "LLaVA: 2-layer CLIP tower on 28x28 images (16 image tokens), tiny Llama"),
+        Preset("llava-1.5-7b", llava_15_7b_config, torch.bfloat16,
+               "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 (576 image tokens), Llama-2-7B (random weights)"),
         Preset("tiny-trained", lambda: LlamaConfig.from_pretrained(WEIGHTS_DIR / "tiny-trained"), torch.float32,
                "Llama, 8 layers, hidden 256, GQA 8/2, TRAINED on English prose and synthetic retrieval",
                weights="tiny-trained"),
@@ -170,12 +177,16 @@ def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         if getattr(config, "is_encoder_decoder", False) and model_class is AutoModelForCausalLM:
             raise ValueError(f"preset {name!r} is an encoder-decoder model: "
                              f"use spanctx.Seq2SeqRuntime.from_pretrained({name!r})")
+        if getattr(config, "vision_config", None) is not None and model_class is AutoModelForCausalLM:
+            model_class = AutoModelForImageTextToText
         torch.manual_seed(seed)
         with torch.device(device):
             model = model_class.from_config(config, dtype=dtype or preset.dtype, **kwargs)
     model.eval()
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = config.pad_token_id
+        model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    if getattr(config, "vision_config", None) is not None:
+        return model, llava_processor(config)  # the processor: Runtime(model, processor) takes images
     return model, byte_tokenizer()
 
 

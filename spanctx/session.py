@@ -25,6 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from .adapters import Activation, AdapterSet
 from .chat import ChatRendering
 from .engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
+from .engine.vision import image_support
 from .index import EvictionPolicy, lru
 from .keys import model_namespace
 from .options import CallOptions, merge_options
@@ -72,7 +73,8 @@ class Session:
         if not 0.0 <= min_reuse_fraction:
             raise ValueError(f"min_reuse_fraction must be >= 0, got {min_reuse_fraction}")
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        processor = tokenizer if getattr(tokenizer, "image_processor", None) is not None else None
+        self.tokenizer = tokenizer = getattr(processor, "tokenizer", tokenizer)  # a processor's own tokenizer
         self.device = model.device
         self.namespace = model_namespace(model, model_identity)
         self.salt = _check_salt(salt)
@@ -80,6 +82,7 @@ class Session:
         self.store = store if store is not None else KVStore(
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
+        self.resolver.images = image_support(model, processor)  # None for a text model (engine/vision.py)
         self.max_positions = _max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()

@@ -16,13 +16,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
+from .core.media import Image
 from .messages import ChatItem, GenerationPrompt, Message, as_message, template_args
 
-SpanContent = str | tuple[int, ...] | ChatItem
+SpanContent = str | tuple[int, ...] | ChatItem | Image
 
 
-def _freeze_content(content: str | Sequence[int] | ChatItem) -> SpanContent:
-    if isinstance(content, ChatItem):
+def _freeze_content(content: str | Sequence[int] | ChatItem | Image) -> SpanContent:
+    if isinstance(content, (ChatItem, Image)):
         return content
     if isinstance(content, str):
         if content == "":
@@ -41,8 +42,9 @@ def _freeze_content(content: str | Sequence[int] | ChatItem) -> SpanContent:
 
 @attrs.frozen
 class Span:
-    """One piece of a prompt: text, tokenized on its own, token ids as given, or a chat
-    item rendered by the tokenizer's chat template."""
+    """One piece of a prompt: text, tokenized on its own, token ids as given, a chat
+    item rendered by the tokenizer's chat template, or an ``Image`` (its placeholder
+    tokens, expanded by the model's processor in the resolver)."""
 
     content: SpanContent = attrs.field(converter=_freeze_content)
 
@@ -53,6 +55,10 @@ class Span:
     @property
     def is_chat(self) -> bool:
         return isinstance(self.content, ChatItem)
+
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.content, Image)
 
 
 class _OnRootOrSelf:
@@ -95,7 +101,7 @@ class Context:
     parent: Context | None = None
     span: Span | ParallelGroup | None = None
 
-    def append(self, content: str | Sequence[int] | Span) -> Context:
+    def append(self, content: str | Sequence[int] | Image | Span) -> Context:
         """A new context: this one followed by ``content``. ``self`` is unchanged."""
         span = content if isinstance(content, Span) else Span(content)
         return Context(parent=self, span=span)
@@ -190,7 +196,7 @@ class Context:
 def _show(node: Span | ParallelGroup) -> str:
     if isinstance(node, ParallelGroup):
         return f"parallel({', '.join(_show(m) for m in node.members)}; anchor={node.anchor_depth})"
-    return repr(node.content) if node.is_text or node.is_chat else f"<{len(node.content)} ids>"
+    return repr(node.content) if node.is_text or node.is_chat or node.is_image else f"<{len(node.content)} ids>"
 
 
 def _append_messages(ctx: Context, messages: Iterable[Mapping | Message], *, system: str | None = None,
