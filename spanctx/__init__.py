@@ -1,6 +1,7 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
 from .adapters import AdapterError, AdapterInfo
+from .core.media import Image
 from .batch import BatchLayout, plan_batch
 from .chat import ChatRendering, ChatSplitWarning
 from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
@@ -56,6 +57,7 @@ __all__ = [
     "EntryInfo",
     "Fidelity",
     "GenerationStats",
+    "Image",
     "InvalidArguments",
     "JsonResult",
     "KVLayoutMismatch",
