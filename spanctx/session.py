@@ -83,6 +83,7 @@ class Session:
             default_budget_bytes(self.device) if store_bytes is None else store_bytes, policy)
         self.resolver = PromptResolver(tokenizer, self.namespace, model.config.get_text_config().vocab_size)
         self.resolver.images = image_support(model, processor)  # None for a text model (engine/vision.py)
+        self.resolver.chat.image_token = getattr(self.resolver.images, "image_token", None)
         self.max_positions = _max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()

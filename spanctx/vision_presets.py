@@ -16,10 +16,25 @@ from .tokenizer import byte_tokenizer
 IMAGE_TOKEN = "<image>"
 
 
+# the byte tokenizer's ChatML template after the BOS token (as Llama-based LLaVA templates
+# write it), with content given as a list of parts (an image part is written as the
+# image token, as LLaVA's own templates do)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def image_tokenizer():
-    """The byte tokenizer with ``<image>`` as one more special token (its last id)."""
+    """The byte tokenizer with ``<image>`` as one more special token (its last id) and a
+    chat template that takes image parts."""
     tokenizer = byte_tokenizer()
     tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

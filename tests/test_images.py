@@ -162,3 +162,31 @@ def test_refusals_name_the_reason():
         Image(b"not an image")
     with pytest.raises(FileNotFoundError):
         Image("/no/such/picture.png")
+
+
+def test_messages_with_image_parts_equal_the_processors_chat_template():
+    rt = runtime()
+    model, processor = _llava()
+    messages = [{"role": "system", "content": "You describe images."},
+                {"role": "user", "content": [{"type": "image", "image": picture(8)},
+                                             {"type": "text", "text": "What is this?"}]}]
+    ctx = spanctx.Context.chat(messages)
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    image_id = model.config.image_token_index
+    assert [image_id if t >= rt.resolver.vocab_size else t for t in rt.token_ids(ctx)] == inputs["input_ids"][0].tolist()
+    with torch.inference_mode():
+        expected = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0, -1]
+    torch.testing.assert_close(rt.next_token_logits(ctx), expected, atol=ATOL, rtol=0)
+    # the next turn reuses the whole first turn, image included
+    turn = ctx.message("assistant", "A picture.").message("user", "Which colours?", add_generation_prompt=True)
+    assert rt.generate(turn, max_new_tokens=1).stats.cached_tokens >= len(rt.token_ids(ctx))
+
+
+def test_audio_parts_and_images_on_text_models_are_refused():
+    with pytest.raises(NotImplementedError, match="audio parts are not supported"):
+        spanctx.Context.chat([{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}])
+    text_rt = spanctx.Runtime(*spanctx.load_preset("tiny-llama"), store_bytes=1 << 20)
+    ctx = spanctx.Context.chat([{"role": "user", "content": [{"type": "image", "image": picture(0)}]}])
+    with pytest.raises(ValueError, match="takes no images"):
+        text_rt.generate(ctx)

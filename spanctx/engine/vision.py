@@ -52,6 +52,7 @@ class ImagePlaceholders:
         self.config = model.config
         self.image_processor = processor.image_processor
         self.table = _table(model)
+        self.image_token: str = processor.image_token  # what a chat template writes for an image part
         processor_config = self.image_processor.to_dict()
         processor_config.pop("processor_class", None)
         self._processor_digest = json.dumps(processor_config, sort_keys=True, default=str).encode()
@@ -180,8 +181,9 @@ class _Entry:
 class _Refused:
     """Image support of a model that takes images in a way spanctx does not reuse."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, image_token: str | None) -> None:
         self.reason = reason
+        self.image_token = image_token  # so that chat image parts reach ``ids`` and its reason
 
     def ids(self, image: Image) -> tuple[int, ...]:
         raise ValueError(self.reason)
@@ -198,10 +200,10 @@ def image_support(model, processor) -> ImagePlaceholders | _Refused | None:
     if kind not in SUPPORTED:
         why = UNSUPPORTED.get(kind, "spanctx has not checked its image placeholders and positions")
         return _Refused(f"images on {type(model).__name__} are not supported: {why}. Supported: "
-                        f"{', '.join(SUPPORTED)} (see docs/multimodal.md)")
+                        f"{', '.join(SUPPORTED)} (see docs/multimodal.md)", getattr(processor, "image_token", None))
     if processor is None or getattr(processor, "image_processor", None) is None:
         return _Refused("image spans need the model's processor: pass AutoProcessor.from_pretrained(...) "
-                        "(not the bare tokenizer) as the runtime's tokenizer")
+                        "(not the bare tokenizer) as the runtime's tokenizer", "<image>")
     return ImagePlaceholders(model, processor)
 
 
