@@ -35,7 +35,6 @@ from transformers import (
 )
 
 from .tokenizer import byte_tokenizer
-from .vision_presets import llava_15_7b_config, llava_processor, tiny_llava_config
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_VOCAB = len(byte_tokenizer())
@@ -62,6 +61,13 @@ class Preset:
 
 def _tiny(config_cls, **extra) -> Callable[[], PretrainedConfig]:
     return lambda: config_cls(**{**_TINY, **extra})
+
+
+def _vision():
+    """``spanctx.vision_presets``, imported on first use (processors are slow to import)."""
+    from . import vision_presets
+
+    return vision_presets
 
 
 def _untied(config: PretrainedConfig) -> PretrainedConfig:
@@ -131,9 +137,9 @@ PRESETS: dict[str, Preset] = {
             pad_token_id=258, eos_token_id=257, decoder_start_token_id=258), torch.float32,
             "T5-base shape (random weights; the byte tokenizer uses ids < 261 of its vocab)"),
         # vision-language presets: load_preset returns their processor (spanctx/vision_presets.py)
-        Preset("tiny-llava", lambda: tiny_llava_config(_TINY), torch.float32,
+        Preset("tiny-llava", lambda: _vision().tiny_llava_config(_TINY), torch.float32,
                "LLaVA: 2-layer CLIP tower on 28x28 images (16 image tokens), tiny Llama"),
-        Preset("llava-1.5-7b", llava_15_7b_config, torch.bfloat16,
+        Preset("llava-1.5-7b", lambda: _vision().llava_15_7b_config(), torch.bfloat16,
                "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 (576 image tokens), Llama-2-7B (random weights)"),
         Preset("tiny-trained", lambda: LlamaConfig.from_pretrained(WEIGHTS_DIR / "tiny-trained"), torch.float32,
                "Llama, 8 layers, hidden 256, GQA 8/2, TRAINED on English prose and synthetic retrieval",
@@ -186,7 +192,7 @@ def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = config.get_text_config().pad_token_id
     if getattr(config, "vision_config", None) is not None:
-        return model, llava_processor(config)  # the processor: Runtime(model, processor) takes images
+        return model, _vision().llava_processor(config)  # the processor: Runtime(model, processor) takes images
     return model, byte_tokenizer()
 
 
