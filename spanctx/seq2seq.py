@@ -31,15 +31,17 @@ from typing import Literal
 
 import torch
 
+from .cache.fingerprint import model_namespace
+from .cache.index import EvictionPolicy, lru
+from .cache.store import KVStore, default_budget_bytes
+from .core.keys import root_key, salted_namespace, span_key
+from .core.options import merge_options
+from .core.prompt import PromptResolver
+from .core.spans import Context, Span
+from .engine.decoding import seeded
 from .engine.encoder_decoder import DecoderPrompt, Seq2SeqEngine, SourceKV
-from .index import EvictionPolicy, lru
-from .keys import model_namespace, root_key, salted_namespace, span_key
-from .options import merge_options, seeded
-from .prompt import PromptResolver
-from .results import GenerationStats, Result
-from .scoring import Candidate, Ranked, Score
-from .spans import Context, Span
-from .store import KVStore, default_budget_bytes
+from .features.scoring import Candidate, Ranked, Score
+from .session.results import GenerationStats, Result
 
 __all__ = ["Seq2SeqRuntime", "Source"]
 

@@ -26,8 +26,8 @@ from transformers import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..hf import cache_kwargs
-from ..kv import KVSlice, as_cache, assemble, cut, extract, repeat_batch
-from ..store import KVStore, SpanKV
+from ..cache.kv import KVSlice, as_cache, assemble, cut, extract, repeat_batch
+from ..cache.store import KVStore, SpanKV
 
 __all__ = ["Seq2SeqEngine", "SourceKV"]
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from .core.media import Image
+from .media import Image
 from .messages import ChatItem, GenerationPrompt, Message, as_message, template_args
 
 SpanContent = str | tuple[int, ...] | ChatItem | Image

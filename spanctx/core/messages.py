@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from .core.media import Image
+from .media import Image
 
 __all__ = ["ChatItem", "GenerationPrompt", "Message", "TemplateArgs", "as_message", "template_args"]
 
