@@ -180,26 +180,35 @@ def bench_image(spec: str, args, device: torch.device) -> dict:
             "cached_tokens": cached, "first_token_agrees_with_hf": agree}
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+COLUMNS = {  # part: (header, cell of a row) pairs
+    "seq2seq": [("preset", lambda r: r["preset"]), ("source tokens", lambda r: r["source_tokens"]),
+                ("candidates", lambda r: r["candidates"]),
+                *((name, lambda r, k=key: _ms(r["median_s"][k])) for name, key in (
+                    ("HF loop", "hf_loop"), ("HF batch", "hf_batch"), ("spanctx cold", "spanctx_cold"),
+                    ("spanctx warm", "spanctx_warm"))),
+                ("cold vs loop", lambda r: f"{r['speedup_vs_hf_loop']['spanctx_cold']:.1f}x"),
+                ("warm vs loop", lambda r: f"{r['speedup_vs_hf_loop']['spanctx_warm']:.1f}x"),
+                ("cold vs batch", lambda r: f"{r['speedup_vs_hf_batch']['spanctx_cold']:.1f}x"),
+                ("rankings agree", lambda r: r["rankings_agree"])],
+    "image": [("preset", lambda r: r["preset"]), ("prompt tokens", lambda r: r["prompt_tokens"]),
+              ("image tokens", lambda r: r["image_tokens"]),
+              *((name, lambda r, k=key: _ms(r["median_ttft_s"][k])) for name, key in (
+                  ("HF full prefill", "hf_full_prefill"), ("spanctx no reuse", "spanctx_no_reuse"),
+                  ("spanctx q1", "spanctx_reuse_q1"), ("spanctx q2-10", "spanctx_reuse_q2_10"))),
+              ("q2-10 speedup", lambda r: f"{r['speedup_q2_10_vs_hf']:.1f}x"),
+              ("ten questions total", lambda r: f"{r['speedup_ten_questions_total']:.1f}x"),
+              ("first tokens agree", lambda r: f"{sum(r['first_token_agrees_with_hf'])}/{r['questions']}")],
+}
+
+
 def table(part: str, rows: list[dict]) -> str:
-    if part == "seq2seq":
-        lines = ["| preset | source tokens | candidates | HF loop | HF batch | spanctx cold | spanctx warm | "
-                 "cold vs loop | warm vs loop | cold vs batch | rankings agree |", "|" + "---|" * 11]
-        for r in rows:
-            m = r["median_s"]
-            lines.append(f"| {r['preset']} | {r['source_tokens']} | {r['candidates']} | {m['hf_loop'] * 1e3:.1f} ms | "
-                         f"{m['hf_batch'] * 1e3:.1f} ms | {m['spanctx_cold'] * 1e3:.1f} ms | "
-                         f"{m['spanctx_warm'] * 1e3:.1f} ms | {r['speedup_vs_hf_loop']['spanctx_cold']:.1f}x | "
-                         f"{r['speedup_vs_hf_loop']['spanctx_warm']:.1f}x | "
-                         f"{r['speedup_vs_hf_batch']['spanctx_cold']:.1f}x | {r['rankings_agree']} |")
-        return "\n".join(lines)
-    lines = ["| preset | prompt tokens | image tokens | HF full prefill | spanctx no reuse | spanctx q1 | "
-             "spanctx q2-10 | q2-10 speedup | ten questions total | first tokens agree |", "|" + "---|" * 10]
-    for r in rows:
-        m = r["median_ttft_s"]
-        lines.append(f"| {r['preset']} | {r['prompt_tokens']} | {r['image_tokens']} | {m['hf_full_prefill'] * 1e3:.1f} ms | "
-                     f"{m['spanctx_no_reuse'] * 1e3:.1f} ms | {m['spanctx_reuse_q1'] * 1e3:.1f} ms | "
-                     f"{m['spanctx_reuse_q2_10'] * 1e3:.1f} ms | {r['speedup_q2_10_vs_hf']:.1f}x | "
-                     f"{r['speedup_ten_questions_total']:.1f}x | {sum(r['first_token_agrees_with_hf'])}/{r['questions']} |")
+    columns = COLUMNS[part]
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
