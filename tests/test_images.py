@@ -154,6 +154,8 @@ def test_refusals_name_the_reason():
     bare = spanctx.Runtime(model, processor.tokenizer, store_bytes=1 << 20)
     with pytest.raises(ValueError, match="AutoProcessor"):
         bare.generate(spanctx.Context().append(Image(picture(0))))
+    with pytest.raises(ValueError, match="executor='static' does not run image prompts"):
+        spanctx.Runtime(model, processor, store_bytes=1 << 20, executor="static")
     fake = types.SimpleNamespace(config=types.SimpleNamespace(vision_config=object(), model_type="qwen2_vl"))
     support = image_support(fake, processor)
     with pytest.raises(ValueError, match="M-RoPE"):
