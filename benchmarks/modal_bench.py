@@ -111,7 +111,7 @@ def bench_seq2seq(preset: str, args, device: torch.device) -> dict:
     order = {name: sorted(range(len(candidates)), key=lambda i: -scores[i]) for name, scores in results.items()}
     median = {name: statistics.median(t) for name, t in timings.items()}
     return {"preset": preset, "source_tokens": src.shape[1], "candidates": len(candidates),
-            "candidate_tokens": [len(r) - 1 for r in rows], "median_s": median,
+            "candidate_tokens": [len(r) - 1 for r in rows], "timings_s": timings, "median_s": median,
             "speedup_vs_hf_loop": {k: median["hf_loop"] / median[k] for k in ("spanctx_cold", "spanctx_warm")},
             "speedup_vs_hf_batch": {k: median["hf_batch"] / median[k] for k in ("spanctx_cold", "spanctx_warm")},
             "rankings_agree": all(o == order["hf_loop"] for o in order.values()),
