@@ -239,7 +239,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"modal-{args.part}{'-' + args.tag if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    text = f"{machine}, torch {torch.__version__}, transformers {transformers.__version__}\n\n{table(args.part, rows)}\n"
+    versions = f"{machine}, torch {torch.__version__}, transformers {transformers.__version__}"
+    text = f"{versions}\n\n{table(args.part, rows)}\n"
     (args.out / f"{stem}.md").write_text(text)
     print(text)
 

@@ -176,7 +176,8 @@ def test_messages_with_image_parts_equal_the_processors_chat_template():
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
     image_id = model.config.image_token_index
-    assert [image_id if t >= rt.resolver.vocab_size else t for t in rt.token_ids(ctx)] == inputs["input_ids"][0].tolist()
+    ids = [image_id if t >= rt.resolver.vocab_size else t for t in rt.token_ids(ctx)]
+    assert ids == inputs["input_ids"][0].tolist()
     with torch.inference_mode():
         expected = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0, -1]
     torch.testing.assert_close(rt.next_token_logits(ctx), expected, atol=ATOL, rtol=0)

@@ -47,7 +47,8 @@ class Image:
         return hash(self.raw_digest)
 
     def __repr__(self) -> str:
-        name = f"{os.fspath(self.source)!r}" if isinstance(self.source, (str, os.PathLike)) else type(self.source).__name__
+        is_path = isinstance(self.source, (str, os.PathLike))
+        name = repr(os.fspath(self.source)) if is_path else type(self.source).__name__
         return f"Image({name}, {self.raw_digest[:4].hex()})"
 
 

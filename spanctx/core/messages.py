@@ -33,7 +33,8 @@ def _check_role(_, __, role: str) -> None:
 def _check_content(_, __, content) -> None:
     if content is not None and not isinstance(content, str) and not (
             isinstance(content, tuple) and all(isinstance(p, (str, Image)) for p in content)):
-        raise TypeError(f"message content is a str, None or a tuple of parts (str, Image), got {type(content).__name__}")
+        raise TypeError(f"message content is a str, None or a tuple of parts (str, Image), "
+                        f"got {type(content).__name__}")
 
 
 def _parts(content):

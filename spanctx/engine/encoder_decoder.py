@@ -93,8 +93,9 @@ class Seq2SeqEngine:
         encoder_hidden = self.model.get_encoder()(input_ids=input_ids).last_hidden_state
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
         decoder = self.model.get_decoder()
-        decoder(input_ids=torch.tensor([[self.start_id]], device=input_ids.device), encoder_hidden_states=encoder_hidden,
-                encoder_attention_mask=torch.ones_like(input_ids), use_cache=True, **cache_kwargs(decoder, cache))
+        decoder(input_ids=torch.tensor([[self.start_id]], device=input_ids.device),
+                encoder_hidden_states=encoder_hidden, encoder_attention_mask=torch.ones_like(input_ids),
+                use_cache=True, **cache_kwargs(decoder, cache))
         cross = extract(cache.cross_attention_cache, 0, len(ids))
         source = SourceKV(cross.keys, cross.values, encoder_hidden=encoder_hidden)
         if store:
