@@ -137,10 +137,22 @@ def load_model(name_or_path: str, *, model_class=None, device: str | None = None
     if clash:
         raise ValueError(f"{clash} are set by spanctx's loading options; pass them through those instead")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if model_class is AutoModelForCausalLM and _takes_images(name_or_path):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        # a vision-language model: its processor stands for the tokenizer (spanctx.engine.vision)
+        model_class, tokenizer = AutoModelForImageTextToText, AutoProcessor.from_pretrained(name_or_path)
     model = model_class.from_pretrained(name_or_path, **options.kwargs, **model_kwargs)
     if options.move_to is not None:
         model.to(options.move_to)
     return model.eval(), tokenizer
+
+
+def _takes_images(name_or_path: str) -> bool:
+    """Whether the folder's (or hub id's) config is a vision-language model's."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(name_or_path), "vision_config", None) is not None
 
 
 def default_device() -> str:

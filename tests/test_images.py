@@ -193,3 +193,12 @@ def test_audio_parts_and_images_on_text_models_are_refused():
     ctx = spanctx.Context.chat([{"role": "user", "content": [{"type": "image", "image": picture(0)}]}])
     with pytest.raises(ValueError, match="takes no images"):
         text_rt.generate(ctx)
+
+
+def test_a_saved_vlm_folder_loads_with_its_processor(tmp_path):
+    model, processor = _llava()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    rt = spanctx.Runtime.from_pretrained(str(tmp_path), device="cpu", dtype="float32", store_bytes=1 << 24)
+    ctx = spanctx.Context().append("A ").append(Image(picture(9))).append(" b")
+    torch.testing.assert_close(rt.next_token_logits(ctx), runtime().next_token_logits(ctx), atol=ATOL, rtol=0)
