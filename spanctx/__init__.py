@@ -7,6 +7,7 @@ are in docs/architecture.md): ``spanctx.core.plan.plan_prompt``, ``spanctx.cache
 
 from .cache.store import KVStore
 from .core.chat import ChatSplitWarning
+from .core.media import Image
 from .core.messages import Message
 from .core.placement import Repair
 from .core.spans import Context, Span
@@ -20,6 +21,7 @@ from .loading import load_model
 from .presets import PRESETS, load_preset
 from .reward import RewardModel
 from .runtime import Runtime
+from .seq2seq import Seq2SeqRuntime
 from .session.adapters import AdapterError
 from .session.results import GenerationStats, Result
 from .version import __version__
@@ -33,6 +35,7 @@ __all__ = [
     "Context",
     "Fidelity",
     "GenerationStats",
+    "Image",
     "JsonResult",
     "KVLayoutMismatch",
     "KVStore",
@@ -43,6 +46,7 @@ __all__ = [
     "RewardModel",
     "Runtime",
     "Score",
+    "Seq2SeqRuntime",
     "Span",
     "StructuredOutputError",
     "Tool",

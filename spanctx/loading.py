@@ -145,6 +145,11 @@ def load_model(name_or_path: str, *, model_class=None, device: str | None = None
     try:
         with _progress_bars(sys.stderr.isatty()):
             tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            if model_class is AutoModelForCausalLM and _takes_images(name_or_path):
+                from transformers import AutoModelForImageTextToText, AutoProcessor
+
+                # a vision-language model: its processor stands for the tokenizer (spanctx.engine.vision)
+                model_class, tokenizer = AutoModelForImageTextToText, AutoProcessor.from_pretrained(name_or_path)
             model = model_class.from_pretrained(name_or_path, **options.kwargs, **model_kwargs)
     except SafetensorError as exc:
         raise OSError(f"cannot read the weights in {name_or_path!r} ({exc}): a weights file there is "
@@ -186,6 +191,13 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         yield
     finally:
         (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def _takes_images(name_or_path: str) -> bool:
+    """Whether the folder's (or hub id's) config is a vision-language model's."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(name_or_path), "vision_config", None) is not None
 
 
 def default_device() -> str:

@@ -20,6 +20,8 @@ import attrs
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    BartConfig,
     Gemma2Config,
     Gemma3TextConfig,
     GPT2Config,
@@ -29,6 +31,7 @@ from transformers import (
     Phi3Config,
     PretrainedConfig,
     Qwen2Config,
+    T5Config,
 )
 
 from .tokenizer import TURN_END, byte_tokenizer
@@ -58,6 +61,20 @@ class Preset:
 
 def _tiny(config_cls, **extra) -> Callable[[], PretrainedConfig]:
     return lambda: config_cls(**{**_TINY, **extra})
+
+
+def _vision():
+    """``spanctx.vision_presets``, imported on first use (processors are slow to import)."""
+    from . import vision_presets
+
+    return vision_presets
+
+
+def _untied(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with its own LM head (T5Config's constructor ignores the argument):
+    a tied random head keeps echoing the decoder's input token, a useless test model."""
+    config.tie_word_embeddings = False
+    return config
 
 
 PRESETS: dict[str, Preset] = {
@@ -104,6 +121,26 @@ PRESETS: dict[str, Preset] = {
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, rms_norm_eps=1e-6,
             bos_token_id=256, eos_token_id=257, pad_token_id=258),
             torch.bfloat16, "Qwen2.5-7B shape (random weights)"),
+        # encoder-decoder presets: run them with spanctx.Seq2SeqRuntime (spanctx/seq2seq.py)
+        Preset("tiny-t5", lambda: _untied(T5Config(
+            vocab_size=TINY_VOCAB, d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+            relative_attention_num_buckets=32, pad_token_id=258, eos_token_id=257, decoder_start_token_id=258)),
+            torch.float32, "T5 (v1.1-style, untied head) encoder-decoder, 2+2 layers, relative position bias"),
+        Preset("tiny-bart", lambda: BartConfig(
+            vocab_size=TINY_VOCAB, d_model=128, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, max_position_embeddings=1024,
+            bos_token_id=256, eos_token_id=257, pad_token_id=258, decoder_start_token_id=256,
+            forced_bos_token_id=None, forced_eos_token_id=None, tie_word_embeddings=False), torch.float32,
+            "BART encoder-decoder, 2+2 layers, learned absolute positions"),
+        Preset("t5-base", lambda: T5Config(
+            vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
+            pad_token_id=258, eos_token_id=257, decoder_start_token_id=258), torch.float32,
+            "T5-base shape (random weights; the byte tokenizer uses ids < 261 of its vocab)"),
+        # vision-language presets: load_preset returns their processor (spanctx/vision_presets.py)
+        Preset("tiny-llava", lambda: _vision().tiny_llava_config(_TINY), torch.float32,
+               "LLaVA: 2-layer CLIP tower on 28x28 images (16 image tokens), tiny Llama"),
+        Preset("llava-1.5-7b", lambda: _vision().llava_15_7b_config(), torch.bfloat16,
+               "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 (576 image tokens), Llama-2-7B (random weights)"),
         Preset("tiny-trained", lambda: LlamaConfig.from_pretrained(WEIGHTS_DIR / "tiny-trained"), torch.float32,
                "Llama, 8 layers, hidden 256, GQA 8/2, TRAINED on English prose and synthetic retrieval",
                weights="tiny-trained"),
@@ -144,15 +181,24 @@ def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         config = model.config
     else:
         config = preset_config(name, **overrides)
+        if getattr(config, "is_encoder_decoder", False) and model_class is AutoModelForCausalLM:
+            raise ValueError(f"preset {name!r} is an encoder-decoder model: "
+                             f"use spanctx.Seq2SeqRuntime.from_pretrained({name!r})")
+        if getattr(config, "vision_config", None) is not None and model_class is AutoModelForCausalLM:
+            model_class = AutoModelForImageTextToText
         torch.manual_seed(seed)
         with torch.device(device):
             model = model_class.from_config(config, dtype=dtype or preset.dtype, **kwargs)
     model.eval()
     model.config._name_or_path = name  # what repr(Runtime) shows; not part of the model's fingerprint
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.pad_token_id = config.pad_token_id
-        # stop where the chat template ends a turn, as at EOS: a chat reply ends there
-        model.generation_config.eos_token_id = [config.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_END)]
+        text = config.get_text_config()
+        model.generation_config.pad_token_id = text.pad_token_id
+        if not getattr(config, "is_encoder_decoder", False):
+            # stop where the chat template ends a turn, as at EOS: a chat reply ends there
+            model.generation_config.eos_token_id = [text.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_END)]
+    if getattr(config, "vision_config", None) is not None:
+        return model, _vision().llava_processor(config)  # the processor: Runtime(model, processor) takes images
     return model, tokenizer
 
 

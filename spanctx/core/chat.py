@@ -108,6 +108,7 @@ class ChatRenderer:
 
     def __init__(self, tokenizer, cache_size: int = 1 << 12) -> None:
         self.tokenizer = tokenizer
+        self.image_token: str | None = None  # the processor's, for a model that takes images
         self._render = functools.lru_cache(maxsize=cache_size)(self._render_uncached)
         self._rendering = functools.lru_cache(maxsize=cache_size)(self._rendering_uncached)
 
@@ -131,11 +132,17 @@ class ChatRenderer:
         ends: list[int | None] = []
         pos, k = 0, 0
         cut_pending = False  # the last message had no cut: its text goes with the next span
+        images = self._images(nodes, text)
 
         def emit(end: int) -> None:
             nonlocal pos
-            if end > pos:
-                out.append(Span(text[pos:end]))
+            if end > pos:  # each image token the template wrote becomes the next image's span
+                pieces = text[pos:end].split(self.image_token) if images else [text[pos:end]]
+                for i, piece in enumerate(pieces):
+                    if i:
+                        out.append(Span(next(images)))
+                    if piece:
+                        out.append(Span(piece))
             pos = end
 
         for node in nodes:
@@ -158,6 +165,22 @@ class ChatRenderer:
             ends.append(None if cut_pending else len(out))
         assert not cut_pending and pos == len(text), "the last chat span always ends the rendering"
         return tuple(out), tuple(ends)
+
+    def _images(self, nodes: Sequence[Span | ParallelGroup], text: str):
+        """An iterator over the images of the conversation's messages, in order, checked
+        against the image tokens the template wrote; None when there are none."""
+        images = [img for n in nodes if isinstance(n, Span) and isinstance(n.content, Message)
+                  for img in n.content.images]
+        if not images:
+            return None
+        if self.image_token is None:
+            raise ValueError("this model takes no images (a message with image parts needs a vision-language "
+                             "model and its processor; see docs/multimodal.md)")
+        written = text.count(self.image_token)
+        if written != len(images):
+            raise ValueError(f"the chat template wrote {written} image tokens {self.image_token!r} for "
+                             f"{len(images)} image parts: it must render each image part as one")
+        return iter(images)
 
     def _render_uncached(self, args: TemplateArgs | None, messages: tuple[Message, ...],
                          add_generation_prompt: bool) -> str:

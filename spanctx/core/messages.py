@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from . import inputs
+from .media import Image
 
 __all__ = ["ChatItem", "GenerationPrompt", "Message", "TemplateArgs", "as_message", "template_args"]
 
@@ -30,11 +31,44 @@ def _check_role(_, __, role: str) -> None:
         raise TypeError(f"a message role is a non-empty str, got {role!r}")
 
 
-def _check_content(_, __, content: str | None) -> None:
-    if content is not None and not isinstance(content, str):
-        raise TypeError(f"message content is a str or None (text only), got {type(content).__name__}")
-    if content is not None:
-        inputs.text(content, "message content")
+def _check_content(_, __, content) -> None:
+    if content is not None and not isinstance(content, str) and not (
+            isinstance(content, tuple) and all(isinstance(p, (str, Image)) for p in content)):
+        raise TypeError(f"message content is a str, None or a tuple of parts (str, Image), "
+                        f"got {type(content).__name__}")
+    for part in (content,) if isinstance(content, str) else content if isinstance(content, tuple) else ():
+        if isinstance(part, str):
+            inputs.text(part, "message content")
+
+
+def _parts(content):
+    """Message content as stored: a str, None, or (for content with images) a tuple of
+    ``str`` and ``Image`` parts. A list of OpenAI/HF parts ``{"type": "text", "text": ...}``
+    / ``{"type": "image", "image": path_or_pil_or_array}`` (or an ``Image``) is converted;
+    audio and video parts are refused (docs/multimodal.md)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, Mapping) or not isinstance(content, Sequence):
+        raise TypeError(f"message content is a str (text only) or a list of parts, got {type(content).__name__}")
+    parts: list[str | Image] = []
+    for part in content:
+        if isinstance(part, Image):
+            parts.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        if kind == "text":
+            parts.append(part["text"])
+        elif kind == "image" and isinstance(part.get("image"), Image):
+            parts.append(part["image"])
+        elif kind == "image" and part.get("image") is not None:
+            parts.append(Image(part["image"]))
+        elif kind in ("audio", "video", "input_audio", "video_url"):
+            raise NotImplementedError(f"{kind} parts are not supported: spanctx's media spans are images "
+                                      "(see docs/multimodal.md)")
+        else:
+            raise TypeError(f"message content is a str (text only) or a list of parts {{'type': 'text', 'text': ...}} "
+                            f"/ {{'type': 'image', 'image': path_or_pil_or_array}}, got the part {part!r}")
+    return tuple(parts) if any(isinstance(p, Image) for p in parts) else "".join(parts)
 
 
 @attrs.frozen
@@ -43,17 +77,24 @@ class Message(ChatItem):
     ``name``, ``tool_call_id``, ...) as JSON, so that a message is an immutable value."""
 
     role: str = attrs.field(validator=_check_role)
-    content: str | None = attrs.field(default=None, validator=_check_content)
+    content: str | tuple[str | Image, ...] | None = attrs.field(default=None, validator=_check_content)
     extra_json: str = ""
 
     @classmethod
     def of(cls, role: str, content: str | None = None, **extra) -> Message:
-        return cls(role, content, _dumps(extra, "message fields") if extra else "")
+        return cls(role, _parts(content), _dumps(extra, "message fields") if extra else "")
+
+    @property
+    def images(self) -> tuple[Image, ...]:
+        return tuple(p for p in self.content if isinstance(p, Image)) if isinstance(self.content, tuple) else ()
 
     def as_dict(self) -> dict:
         """The message as a chat template sees it (keys whose value is None are left out)."""
         out = {"role": self.role}
-        if self.content is not None:
+        if isinstance(self.content, tuple):  # the template renders each image part as the image token
+            out["content"] = [{"type": "image"} if isinstance(p, Image) else {"type": "text", "text": p}
+                              for p in self.content]
+        elif self.content is not None:
             out["content"] = self.content
         if self.extra_json:
             out.update(json.loads(self.extra_json))

@@ -86,7 +86,9 @@ class PromptResolver:
         self.vocab_size = vocab_size
         self.bos = _bos_prefix(tokenizer)
         self.chat = ChatRenderer(tokenizer)
-        self._span_ids = functools.lru_cache(maxsize=cache_size)(self._tokenize)
+        self._text_ids = functools.lru_cache(maxsize=cache_size)(self._tokenize)
+        # an ``ImagePlaceholders`` (``engine/vision.py``) when the model takes images
+        self.images = None
         self._key = functools.lru_cache(maxsize=cache_size)(span_key)
 
     def resolve(self, ctx: Context, *, repair: Repair = NO_REPAIR, salt: str | None = None,
@@ -115,6 +117,22 @@ class PromptResolver:
     def span_ids(self, span: Span) -> tuple[int, ...]:
         return self._span_ids(span)
 
+    def _span_ids(self, span: Span) -> tuple[int, ...]:
+        """A span's ids; an image's are its placeholder ids, fresh from the processor on
+        every resolve (never memoized: they stay valid only while it holds the pixels)."""
+        return self._image_support().ids(span.content) if span.is_image else self._text_ids(span)
+
+    def _key_ids(self, span: Span, ids: tuple[int, ...]) -> tuple[int, ...]:
+        """What a span's key digests: its ids; for an image, its content digest instead
+        (the processed pixels and the processor's config), so equal pixels share a key."""
+        return self._image_support().key_ids(span.content) if span.is_image else ids
+
+    def _image_support(self):
+        if self.images is None:
+            raise ValueError("this model takes no images (an Image span needs a vision-language model "
+                             "and its processor; see docs/multimodal.md)")
+        return self.images
+
     def _lay_out(self, nodes: Sequence[Span | ParallelGroup], namespace: bytes, repair: Repair) -> ResolvedPrompt:
         starts_with_chat = isinstance(nodes[0], Span) and nodes[0].is_chat
         ends: Sequence[int | None] = range(1, len(nodes) + 1)  # expanded node count after each node
@@ -136,14 +154,15 @@ class PromptResolver:
                 exact = len(node.members) == 1 and len(token_ids) == anchor_end
                 for member in node.members:
                     ids = self._member_ids(member)
-                    segments.append(PlanSegment(parallel_key(anchor_key, ids, namespace), len(ids)))
+                    segments.append(PlanSegment(parallel_key(anchor_key, self._key_ids(member, ids), namespace),
+                                                len(ids)))
                     token_ids += ids
                 mode = "none" if exact else str(repair)
                 key = group_key(key, [s.key for s in segments[first:]], mode, namespace)
                 groups.append(GroupLayout(key, first, len(segments), anchor_end))
             else:
                 ids = self._span_ids(node)
-                key = self._key(key, ids, namespace)
+                key = self._key(key, self._key_ids(node, ids), namespace)
                 segments.append(PlanSegment(key, len(ids)))
                 token_ids += ids
             after_node.append((key, len(token_ids)))

@@ -17,19 +17,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import attrs
 
 from . import inputs
+from .media import Image
 from .messages import ChatItem, GenerationPrompt, Message, as_message, template_args
 
-SpanContent = str | tuple[int, ...] | ChatItem
+SpanContent = str | tuple[int, ...] | ChatItem | Image
 
 
-def _freeze_content(content: str | Sequence[int] | ChatItem) -> SpanContent:
-    return content if isinstance(content, ChatItem) else inputs.span_content(content)
+def _freeze_content(content: str | Sequence[int] | ChatItem | Image) -> SpanContent:
+    return content if isinstance(content, (ChatItem, Image)) else inputs.span_content(content)
 
 
 @attrs.frozen
 class Span:
-    """One piece of a prompt: text, tokenized on its own, token ids as given, or a chat
-    item rendered by the tokenizer's chat template."""
+    """One piece of a prompt: text, tokenized on its own, token ids as given, a chat
+    item rendered by the tokenizer's chat template, or an ``Image`` (its placeholder
+    tokens, expanded by the model's processor in the resolver)."""
 
     content: SpanContent = attrs.field(converter=_freeze_content)
 
@@ -40,6 +42,10 @@ class Span:
     @property
     def is_chat(self) -> bool:
         return isinstance(self.content, ChatItem)
+
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.content, Image)
 
 
 def _check_parent(parent: object) -> None:
@@ -105,7 +111,7 @@ class Context:
     span: Span | ParallelGroup | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of((Span, ParallelGroup))))
 
-    def append(self, content: str | Sequence[int] | Span) -> Context:
+    def append(self, content: str | Sequence[int] | Image | Span) -> Context:
         """A new context: this one followed by ``content``. ``self`` is unchanged."""
         span = content if isinstance(content, Span) else Span(content)
         return Context(parent=self, span=span)
@@ -204,7 +210,7 @@ class Context:
 def _show(node: Span | ParallelGroup) -> str:
     if isinstance(node, ParallelGroup):
         return f"parallel({', '.join(_show(m) for m in node.members)}; anchor={node.anchor_depth})"
-    return repr(node.content) if node.is_text or node.is_chat else f"<{len(node.content)} ids>"
+    return repr(node.content) if node.is_text or node.is_chat or node.is_image else f"<{len(node.content)} ids>"
 
 
 def _append_messages(ctx: Context, messages: Iterable[Mapping | Message], *, system: str | None = None,

@@ -38,6 +38,7 @@ from ..core.spans import Context, Span, as_context
 from ..engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
 from ..engine.decoding import seeded
 from ..engine.interpreter import store_reads
+from ..engine.vision import image_support
 from ..hf import max_positions
 from .adapters import Activation, AdapterInfo, AdapterSet
 from .results import GenerationStats, Result
@@ -95,7 +96,8 @@ class Session:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.max_concurrency = max_concurrency
         self.model = model.eval()
-        self.tokenizer = tokenizer
+        processor = tokenizer if getattr(tokenizer, "image_processor", None) is not None else None
+        self.tokenizer = tokenizer = getattr(processor, "tokenizer", tokenizer)  # a processor's own tokenizer
         self.device = model.device
         self.namespace = model_namespace(model, inputs.identity(model_identity))
         self.salt = inputs.salt(salt)
@@ -110,10 +112,17 @@ class Session:
             self.store.tiers = tier_stack(tiers)
         self.vocab_size: int = model.config.get_text_config().vocab_size
         self.resolver = PromptResolver(tokenizer, self.namespace, self.vocab_size)
+        self.resolver.images = image_support(model, processor)  # None for a text model (engine/vision.py)
+        self.resolver.chat.image_token = getattr(self.resolver.images, "image_token", None)
         self.max_positions = max_positions(model.config)
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
         self._closed = False
+        if self.resolver.images is not None:  # image features enter through eager hooks (engine/vision.py)
+            if executor == "static":
+                raise ValueError("executor='static' does not run image prompts (their features enter at the input "
+                                 "embedding through hooks that captured graphs skip); use 'eager' or 'auto'")
+            executor = "eager"
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
                              compile=compile)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
