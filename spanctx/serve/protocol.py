@@ -13,8 +13,7 @@ expanded as ``Context.chat`` does). ``context_to_json`` writes the first six exa
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import attrs
 
