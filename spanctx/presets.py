@@ -63,11 +63,22 @@ def _tiny(config_cls, **extra) -> Callable[[], PretrainedConfig]:
     return lambda: config_cls(**{**_TINY, **extra})
 
 
-def _vision():
-    """``spanctx.vision_presets``, imported on first use (processors are slow to import)."""
-    from . import vision_presets
+def _tiny_llava_config(base):
+    from .vision_presets import tiny_llava_config  # on first use: processors are slow to import
 
-    return vision_presets
+    return tiny_llava_config(base)
+
+
+def _llava_15_7b_config():
+    from .vision_presets import llava_15_7b_config
+
+    return llava_15_7b_config()
+
+
+def _llava_processor(config):
+    from .vision_presets import llava_processor
+
+    return llava_processor(config)
 
 
 def _untied(config: PretrainedConfig) -> PretrainedConfig:
@@ -137,9 +148,9 @@ PRESETS: dict[str, Preset] = {
             pad_token_id=258, eos_token_id=257, decoder_start_token_id=258), torch.float32,
             "T5-base shape (random weights; the byte tokenizer uses ids < 261 of its vocab)"),
         # vision-language presets: load_preset returns their processor (spanctx/vision_presets.py)
-        Preset("tiny-llava", lambda: _vision().tiny_llava_config(_TINY), torch.float32,
+        Preset("tiny-llava", lambda: _tiny_llava_config(_TINY), torch.float32,
                "LLaVA: 2-layer CLIP tower on 28x28 images (16 image tokens), tiny Llama"),
-        Preset("llava-1.5-7b", lambda: _vision().llava_15_7b_config(), torch.bfloat16,
+        Preset("llava-1.5-7b", lambda: _llava_15_7b_config(), torch.bfloat16,
                "LLaVA-1.5-7B shape: CLIP ViT-L/14-336 (576 image tokens), Llama-2-7B (random weights)"),
         Preset("tiny-trained", lambda: LlamaConfig.from_pretrained(WEIGHTS_DIR / "tiny-trained"), torch.float32,
                "Llama, 8 layers, hidden 256, GQA 8/2, TRAINED on English prose and synthetic retrieval",
@@ -198,7 +209,7 @@ def load_preset(name: str, device: str | torch.device = "cpu", dtype: torch.dtyp
             # stop where the chat template ends a turn, as at EOS: a chat reply ends there
             model.generation_config.eos_token_id = [text.eos_token_id, tokenizer.convert_tokens_to_ids(TURN_END)]
     if getattr(config, "vision_config", None) is not None:
-        return model, _vision().llava_processor(config)  # the processor: Runtime(model, processor) takes images
+        return model, _llava_processor(config)  # the processor: Runtime(model, processor) takes images
     return model, tokenizer
 
 
