@@ -181,6 +181,7 @@ def main() -> int:
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--time-limit", type=float, default=360.0, help="stop training after this many seconds")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--init", help="continue from this tiny-trained folder (weights and training.json)")
     parser.add_argument("--heldout-worlds", type=int, default=None,
                         help="final evaluation on the first N held-out worlds of each K (default: all)")
     args = parser.parse_args()
@@ -189,14 +190,20 @@ def main() -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
-    log_lines: list[str] = []
+    log_lines: list[str] = []  # earlier phases' lines are prepended at the end
 
     def log(line: str) -> None:
         print(line, flush=True)
         log_lines.append(line)
 
     config = model_config()
-    model = LlamaForCausalLM(config).to(device)
+    if args.init:  # continue a run: its weights, a fresh optimizer and schedule, its record kept
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device)
+        earlier = json.loads((Path(args.init) / "training.json").read_text())
+        earlier_log = (Path(args.init) / "training-log.txt").read_text().splitlines()
+    else:
+        model = LlamaForCausalLM(config).to(device)
+        earlier, earlier_log = None, []
     params = sum(p.numel() for p in model.parameters())
     log(f"spanctx tiny-trained: {params / 1e6:.2f} M parameters, {config.num_hidden_layers} layers, hidden "
         f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
@@ -269,6 +276,16 @@ def main() -> int:
                "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "probe_evals": evals,
                "heldout_accuracy": accuracy, "heldout_natural_bits_per_byte": bpb,
                "weights_bytes": (weights_dir / "model.safetensors").stat().st_size}
+    keys = ("device", "settings", "steps", "tokens", "train_seconds", "final_loss", "probe_evals", "heldout_accuracy")
+    phases = earlier.get("phases", [earlier]) if earlier else []
+    summary["phases"] = [{k: ph[k] for k in keys} for ph in phases] + [{k: summary[k] for k in keys}]
+    for key in ("steps", "tokens", "train_seconds"):
+        summary[key] = sum(ph[key] for ph in summary["phases"])
+    if earlier:
+        log_lines[:0] = earlier_log + [f"-- continued from {args.init} --"]
+        summary["loss_curve"] = earlier["loss_curve"] + [
+            {**c, "step": c["step"] + earlier["steps"], "seconds": round(c["seconds"] + earlier["train_seconds"], 1)}
+            for c in curve]
     (weights_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     (weights_dir / "training-log.txt").write_text("\n".join(log_lines) + "\n")
     (weights_dir / "generation_config.json").unlink(missing_ok=True)

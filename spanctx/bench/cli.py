@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sizes.add_argument("--checks-context", type=int, default=checks.Config().context_tokens)
     sizes.add_argument("--adapter-rank", type=int, default=checks.Config().rank)
     sizes.add_argument("--fidelity-docs", type=_ints, default=fidelity.Config().docs,
-                       help="fidelity: documents per prompt (K), from the held-out set (2, 4, 8, 16)")
+                       help="fidelity: documents per prompt (K), from the held-out set (2, 4, 8, 16, 32)")
     sizes.add_argument("--fidelity-worlds", type=int, default=fidelity.Config().worlds,
                        help="fidelity: held-out worlds per K (4 prompts each; default all 16)")
 
