@@ -25,7 +25,7 @@ import torch
 import transformers
 
 from spanctx import load_preset
-from spanctx.keys import model_namespace
+from spanctx.cache.fingerprint import model_namespace
 
 
 def timed_ms(call, repeats: int) -> list[float]:

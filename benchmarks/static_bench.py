@@ -29,14 +29,14 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spanctx  # noqa: E402
-from spanctx import kv as kvops  # noqa: E402
 from spanctx.bench.floor import measure_floor  # noqa: E402
 from spanctx.bench.timing import now  # noqa: E402
+from spanctx.cache import kv as kvops  # noqa: E402
+from spanctx.cache.store import SpanKV  # noqa: E402
+from spanctx.core.options import merge_options  # noqa: E402
 from spanctx.engine.slots import split_attention  # noqa: E402
 from spanctx.engine.static import StaticExecutor  # noqa: E402
 from spanctx.hf import cache_kwargs  # noqa: E402
-from spanctx.options import merge_options  # noqa: E402
-from spanctx.store import SpanKV  # noqa: E402
 
 VARIANTS = {  # name: StaticExecutor kwargs, most important first
     "static graph split compiled": dict(attention="split", compile=True),

@@ -1,29 +1,23 @@
 """spanctx: prompts as trees of hashed spans; each span's KV is prefilled once."""
 
-from .adapters import AdapterError, AdapterInfo
-from .batch import BatchLayout, plan_batch
-from .chat import ChatRendering, ChatSplitWarning
-from .checks import Attempt, CheckConfig, CheckLoopResult, Verdict
+from .cache.index import EntryInfo, SpanIndex, lru
+from .cache.rope import KeyMover, key_mover
+from .cache.store import KVStore, SpanKV, StoreStats
+from .core.chat import ChatRendering, ChatSplitWarning
+from .core.messages import Message
+from .core.options import CallOptions, merge_options
+from .core.placement import PlacementPlan, Repair, plan_placement
+from .core.plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
+from .core.spans import Context, ParallelGroup, Span
 from .engine import KVLayoutMismatch
-from .fidelity import Fidelity, fidelity
-from .index import EntryInfo, SpanIndex, lru
-from .loading import load_model
-from .logprobs import TokenLogprob, token_logprobs
-from .messages import Message
-from .options import CallOptions, merge_options
-from .placement import PlacementPlan, Repair, plan_placement
-from .plan import Compute, Plan, PlanSegment, Reuse, plan_prompt
-from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
-from .results import GenerationStats, ParallelStats, Result
-from .reward import RewardModel
-from .rope import KeyMover, key_mover
-from .runtime import Runtime
-from .scoring import Ranked, Score
-from .spans import Context, ParallelGroup, Span
-from .store import KVStore, SpanKV, StoreStats
-from .structured import JsonResult, StructuredOutputError
-from .tokenizer import byte_tokenizer
-from .tools import (
+from .engine.engine import ParallelStats
+from .features.batch import BatchLayout, plan_batch
+from .features.checks import Attempt, CheckConfig, CheckLoopResult, Verdict
+from .features.fidelity import Fidelity, fidelity
+from .features.reward import RewardModel
+from .features.scoring import Ranked, Score
+from .features.structured import JsonResult, StructuredOutputError
+from .features.tools import (
     AssistantReply,
     InvalidArguments,
     MalformedToolCall,
@@ -36,6 +30,13 @@ from .tools import (
     UnknownTool,
     parse_tool_calls,
 )
+from .loading import load_model
+from .presets import DEFAULT_PRESET, PRESETS, load_preset, preset_config
+from .runtime import Runtime
+from .session.adapters import AdapterError, AdapterInfo
+from .session.logprobs import TokenLogprob, token_logprobs
+from .session.results import GenerationStats, Result
+from .tokenizer import byte_tokenizer
 
 __all__ = [
     "DEFAULT_PRESET",

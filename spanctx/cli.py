@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--notes", type=int, default=24, help="size of the shared document (x ~190 tokens)")
     demo.add_argument("--max-new-tokens", type=int, default=16)
 
-    from .bench import cli as bench_cli
+    from .bench import command as bench_cli
 
     bench = sub.add_parser("bench", help="benchmark matrix: spanctx vs full-prefill generation")
     bench_cli.add_arguments(bench)

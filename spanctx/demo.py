@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import attrs
 
-from .results import Result
+from .core.spans import Context
 from .runtime import Runtime
-from .spans import Context
+from .session.results import Result
 
 SYSTEM = "You are a careful assistant. Answer from the document only, in one short sentence.\n"
 DOCUMENT = (

@@ -15,19 +15,19 @@ import torch
 from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
-from . import batch, checks, scoring, states, structured
-from . import tools as tools_mod
-from .adapters import AdapterInfo
-from .index import EvictionPolicy, lru
-from .options import seeded
-from .placement import Repair
-from .results import Result
-from .scoring import Candidate, Ranked, Score
-from .session import PreparedCall, Session, first_row
-from .spans import Context
-from .store import KVStore
-from .structured import JsonResult
-from .tools import ToolRun, ToolTurn
+from .cache.index import EvictionPolicy, lru
+from .cache.store import KVStore
+from .core.placement import Repair
+from .core.spans import Context
+from .engine.decoding import seeded
+from .features import batch, checks, scoring, states, structured
+from .features import tools as tools_mod
+from .features.scoring import Candidate, Ranked, Score
+from .features.structured import JsonResult
+from .features.tools import ToolRun, ToolTurn
+from .session.adapters import AdapterInfo
+from .session.results import Result
+from .session.session import PreparedCall, Session, first_row
 
 __all__ = ["PreparedCall", "Runtime"]
 
@@ -166,14 +166,14 @@ class Runtime(Session):
     async def agenerate(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                         **generate_kwargs) -> Result:
         """``generate`` in a worker thread, at most ``max_concurrency`` requests at once."""
-        from .aio import agenerate
+        from .features.aio import agenerate
 
         return await agenerate(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
 
     def astream(self, ctx: Context, max_new_tokens: int | None = None, *, reuse: bool = True,
                 **generate_kwargs) -> AsyncIterator[str]:
         """``stream`` as an async iterator; leaving it early stops the generation."""
-        from .aio import astream
+        from .features.aio import astream
 
         return astream(self, ctx, max_new_tokens, reuse=reuse, **generate_kwargs)
 

@@ -8,8 +8,8 @@ import attrs
 from hypothesis import strategies as st
 
 import spanctx
-from spanctx.placement import GroupLayout, Repair
-from spanctx.plan import PlanSegment
+from spanctx.core.placement import GroupLayout, Repair
+from spanctx.core.plan import PlanSegment
 
 # -- core: span trees, planner inputs, store operations -----------------------------------
 

@@ -27,8 +27,9 @@ from peft import IA3Config, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import spanctx
-from spanctx.adapters import AdapterError
-from spanctx.keys import model_namespace, span_key
+from spanctx.cache.fingerprint import model_namespace
+from spanctx.core.keys import span_key
+from spanctx.session.adapters import AdapterError, AdapterSet
 
 ARCHS = ["llama", "qwen2"]
 ATOL = 1e-4
@@ -340,7 +341,7 @@ def test_a_failed_load_leaves_the_model_as_it_was(setup, monkeypatch, tmp_path):
         for name in loaded:
             rt.add_adapter(name, lora)
         with monkeypatch.context() as patch:
-            patch.setattr(spanctx.adapters.AdapterSet, "_fingerprint", broken)
+            patch.setattr(AdapterSet, "_fingerprint", broken)
             with pytest.raises(RuntimeError, match="disk on fire"):
                 rt.add_adapter("check", alora)
         assert list(rt.list_adapters()) == loaded

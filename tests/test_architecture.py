@@ -13,7 +13,7 @@ from conftest import tiny_runtime
 
 import spanctx
 from spanctx import Context
-from spanctx.store import KVStore
+from spanctx.cache.store import KVStore
 
 PACKAGE = Path(spanctx.__file__).parent
 ENGINE = PACKAGE / "engine"

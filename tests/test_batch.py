@@ -5,8 +5,8 @@ from conftest import tiny_runtime
 from hypothesis import given
 from hypothesis import strategies as st
 
-import spanctx
 from spanctx import Context, plan_batch
+from spanctx.features.batch import shared_prefixes
 
 SHARED = Context().append("A shared system prompt that crosses the window. ")
 
@@ -80,8 +80,8 @@ def test_shared_prefixes():
     x = Context().append("x")
     xy = x.append("y")
     rows = [xy.append("z1"), xy.append("z2"), x.append("w"), Context().append("v"), xy.append("z1")]
-    assert spanctx.batch.shared_prefixes(rows) == [(0, xy.append("z1")), (1, xy), (2, x)]
-    assert spanctx.batch.shared_prefixes([x, Context().append("v")]) == []
+    assert shared_prefixes(rows) == [(0, xy.append("z1")), (1, xy), (2, x)]
+    assert shared_prefixes([x, Context().append("v")]) == []
 
 
 def test_reuse_false_batch_equals_singles_and_leaves_the_store_alone():

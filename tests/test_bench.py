@@ -10,17 +10,14 @@ import torch
 from conftest import tiny_model
 
 import spanctx
-from spanctx.bench import baselines, cli, plots, report, results
-from spanctx.bench.adapters import (
-    INVOCATION_TEXT,
-    AnswerTokens,
-    check_probability,
-    make_adapter,
-    peft_loaded,
-)
+from spanctx.bench import baselines, plots, report
+from spanctx.bench import command as cli
+from spanctx.bench import records as results
 from spanctx.bench.floor import Floor
 from spanctx.bench.harness import make_harness
-from spanctx.bench.scenarios import chat, checks, cold, prefix, rag, run_scenario
+from spanctx.bench.random_adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
+from spanctx.bench.scenarios import chat, cold, prefix, rag, run_scenario
+from spanctx.bench.scenarios import requirement_checks as checks
 from spanctx.bench.timing import Outcome, Sample, percentile, summarize
 from spanctx.bench.workloads import TokenSource, draw_documents
 

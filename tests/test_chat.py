@@ -12,6 +12,7 @@ from strategies import chat_messages
 
 import spanctx
 from spanctx import ChatSplitWarning, Context
+from spanctx.core.messages import GenerationPrompt
 
 ATOL = 1e-4
 
@@ -201,7 +202,7 @@ def test_building_conversations():
     assert Context.chat([user]) == Context().chat([user])
     assert Context.message("user", "hi") == Context.chat([user], add_generation_prompt=False)
     with_prompt = Context.chat([user])
-    assert isinstance(with_prompt.span.content, spanctx.messages.GenerationPrompt)
+    assert isinstance(with_prompt.span.content, GenerationPrompt)
     # a message replaces the trailing generation prompt
     assert with_prompt.message("assistant", "yo").spans[:-1] == with_prompt.spans[:-1]
     assert with_prompt.message("assistant", "yo").span.content == spanctx.Message("assistant", "yo")

@@ -16,15 +16,9 @@ from adapter_helpers import (
 from conftest import tiny_model
 
 import spanctx
-from spanctx.adapters import Activation, AdapterError
-from spanctx.checks import (
-    DEFAULT_CHECK,
-    DEFAULT_FEEDBACK,
-    answer_token,
-    requirement_context,
-    shared_spans,
-)
-from spanctx.plan import Compute, PlanSegment, Reuse, plan_shared
+from spanctx.core.plan import Compute, PlanSegment, Reuse, plan_shared
+from spanctx.features.checks import DEFAULT_CHECK, DEFAULT_FEEDBACK, answer_token, requirement_context, shared_spans
+from spanctx.session.adapters import Activation, AdapterError
 
 
 def logits_and_stats(rt, ctx, adapter):

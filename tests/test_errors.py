@@ -5,8 +5,9 @@ import torch
 from conftest import tiny_model, tiny_runtime
 
 import spanctx
-from spanctx.keys import model_namespace, span_key
-from spanctx.store import SpanKV
+from spanctx.cache.fingerprint import model_namespace
+from spanctx.cache.store import SpanKV
+from spanctx.core.keys import span_key
 
 
 def test_empty_spans_are_refused():

@@ -11,7 +11,7 @@ from conftest import ARCHS, tiny_model
 
 import spanctx
 from spanctx import hf
-from spanctx import kv as kvops
+from spanctx.cache import kv as kvops
 
 PACKAGE = Path(spanctx.__file__).parent
 

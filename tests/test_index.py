@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from strategies import IndexProgram, index_programs
 
 from spanctx import EntryInfo, SpanIndex, lru
-from spanctx.index import Admission
+from spanctx.cache.index import Admission
 
 
 def largest_first(entry: EntryInfo) -> object:

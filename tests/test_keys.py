@@ -8,7 +8,7 @@ from conftest import tiny_model
 from hypothesis import given, settings
 from strategies import element_edits
 
-from spanctx.keys import FINGERPRINT_BLOCK, model_namespace, weights_fingerprint
+from spanctx.cache.fingerprint import FINGERPRINT_BLOCK, model_namespace, weights_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from strategies import PlacementCase, placement_cases
 
-from spanctx.placement import (
+from spanctx.core.placement import (
     BlendTokens,
     ComputeMember,
     GroupLayout,
@@ -18,7 +18,7 @@ from spanctx.placement import (
     ReuseGroup,
     plan_placement,
 )
-from spanctx.plan import Compute, PlanSegment, Reuse, plan_prompt
+from spanctx.core.plan import Compute, PlanSegment, Reuse, plan_prompt
 
 
 def _plan(case: PlacementCase):

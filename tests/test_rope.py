@@ -11,11 +11,11 @@ import torch
 from rope_models import MOVABLE_KINDS, ROPE_MODELS, rope_model
 from transformers import DynamicCache
 
-from spanctx import rope
+from spanctx.cache import rope
+from spanctx.cache.rope import rotate_keys
+from spanctx.cache.store import KVStore
 from spanctx.engine import Engine
 from spanctx.hf import cache_kwargs
-from spanctx.rope import rotate_keys
-from spanctx.store import KVStore
 
 
 def mover_of(model) -> rope.KeyMover:
@@ -88,7 +88,7 @@ def test_keys_that_cannot_move_are_refused_with_a_reason(kind):
     expected = {"dynamic": "dynamic", "absolute": "absolute"}[kind]
     assert expected in mover.reason
     assert mover.shift is not None
-    from spanctx.store import SpanKV
+    from spanctx.cache.store import SpanKV
 
     kv = SpanKV((torch.zeros(1, 1, 2, 4),), (torch.zeros(1, 1, 2, 4),))
     assert mover.shift(kv, 0) is kv

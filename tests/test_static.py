@@ -21,11 +21,11 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 import spanctx
+from spanctx.cache.kv import KVSlice, as_slices, empty_cache
+from spanctx.core.options import merge_options
 from spanctx.engine.static import StaticExecutor
 from spanctx.engine.static_layout import cache_bucket, suffix_bucket
 from spanctx.hf import cache_kwargs
-from spanctx.kv import KVSlice, as_slices, empty_cache
-from spanctx.options import merge_options
 
 ATOL = 1e-4
 DEVICE = torch.device(os.environ.get("SPANCTX_TEST_DEVICE", "cpu"))

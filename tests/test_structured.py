@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from strategies import bounded_json_schemas
 
 import spanctx
-from spanctx.structured import JsonFormat, StructuredOutputError
+from spanctx.features.structured import JsonFormat, StructuredOutputError
 
 pydantic = pytest.importorskip("pydantic")
 pytest.importorskip("llguidance")

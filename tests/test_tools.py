@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from strategies import TOOL_FUNCTIONS, add, get_weather, noisy_replies, tagged_replies
 
 import spanctx
-from spanctx.tools import (
+from spanctx.features.tools import (
     InvalidArguments,
     MalformedToolCall,
     Tool,

@@ -23,7 +23,8 @@ import spanctx
 from spanctx import Context
 from spanctx.bench import accuracy, baselines, retrieval
 from spanctx.bench.harness import make_harness
-from spanctx.bench.scenarios import fidelity, run_scenario
+from spanctx.bench.scenarios import parallel_fidelity as fidelity
+from spanctx.bench.scenarios import run_scenario
 from spanctx.presets import PRESETS
 
 K, WORLDS = 8, 8

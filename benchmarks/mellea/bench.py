@@ -44,7 +44,7 @@ from mellea.stdlib.context import ChatContext
 from mellea.stdlib.sampling import MultiTurnStrategy
 
 import spanctx
-from spanctx.bench.adapters import make_adapter
+from spanctx.bench.random_adapters import make_adapter
 from spanctx.integrations.mellea import LocalIntrinsicAdapter, SpanctxBackend
 
 INVOCATION = "<requirements>:"

@@ -28,7 +28,7 @@ from tokenizers import processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, GraniteConfig
 
 from spanctx import byte_tokenizer
-from spanctx.bench.adapters import make_adapter
+from spanctx.bench.random_adapters import make_adapter
 
 __all__ = ["GRANITE_STYLE_TEMPLATE", "INTRINSICS", "Intrinsic", "granite_style_tokenizer", "offline_hub",
            "tiny_granite"]

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import kv as kvops
+from ..cache import kv as kvops
+from ..cache.store import SpanKV
 from ..hf import cache_kwargs
-from ..store import SpanKV
 from .timing import FirstTokenClock, Outcome, now
 
 # Greedy decoding whatever the model's generation_config says.

@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 import torch
 
-from .. import Runtime
 from ..presets import PRESETS, load_preset
+from ..runtime import Runtime
 from .workloads import TokenSource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import accuracy
-from .results import CASE_KEYS
+from .records import CASE_KEYS
 
 # Scenario order in reports; the metric each one's speedup is read from.
 SCENARIO_ORDER = ("prefix", "rag", "chat", "checks", "cold", "fidelity")

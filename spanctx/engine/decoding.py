@@ -19,8 +19,9 @@ waits for them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -36,7 +37,7 @@ from transformers import (
     TypicalLogitsWarper,
 )
 
-from ..options import CallOptions
+from ..core.options import CallOptions
 
 __all__ = ["SUPPORTED_KWARGS", "HostMirror", "TokenChooser", "unsupported_options"]
 
@@ -174,3 +175,15 @@ class HostMirror:
         if self._event is not None:
             self._event.synchronize()
         return self._tokens.clone(), bool(self._running)
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the block on RNGs seeded with ``seed``, then restore the CPU RNG and, on CUDA,
+    the device's. No-op when ``seed`` is None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

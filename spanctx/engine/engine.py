@@ -22,23 +22,44 @@ import attrs
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .. import kv as kvops
-from ..options import CallOptions
-from ..placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
-from ..plan import Plan, plan_prompt, plan_shared
-from ..prompt import ResolvedPrompt
-from ..results import ParallelStats
-from ..rope import KeyMover, key_mover
-from ..store import KVStore, SpanKV
+from ..cache import kv as kvops
+from ..cache.rope import KeyMover, key_mover
+from ..cache.store import KVStore, SpanKV
+from ..core.options import CallOptions
+from ..core.placement import PlaceGroup, PlacementPlan, Repair, ReuseGroup, plan_placement
+from ..core.plan import Plan, plan_prompt, plan_shared
+from ..core.prompt import ResolvedPrompt
 from .executor import EagerExecutor
 from .interpreter import Interpreter
 
-__all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "StopWhenSet", "parallel_stats",
+__all__ = ["EXECUTORS", "Assembly", "Engine", "FirstTokenClock", "Generated", "KVLayoutMismatch", "ParallelStats", "StopWhenSet",
+           "parallel_stats",
            "with_stopping_criterion"]
 
 
 EXECUTORS = ("auto", "eager", "static")
 STATIC_TOKENS = 16384  # default slots of the static executor's buffers (prompt + new tokens)
+
+
+@attrs.frozen
+class ParallelStats:
+    """What one call did with its parallel groups (token counts are prompt tokens).
+
+    moved_tokens: reused with their keys rotated to a new position.
+    fallback_tokens: computed at their place because keys cannot move on this model
+        (``fallback_reason`` says why); counted in ``computed_tokens`` too.
+    recomputed_tokens: run again, in place and through all layers, by ``repair``.
+    checked_tokens: run through the first layers by ``blend`` to choose which tokens to
+        recompute (``spanctx.placement.BLEND_CHECK_LAYER``).
+    """
+
+    repair: str
+    groups: int
+    moved_tokens: int
+    fallback_tokens: int
+    fallback_reason: str | None
+    recomputed_tokens: int
+    checked_tokens: int
 
 
 class KVLayoutMismatch(RuntimeError):

@@ -23,7 +23,7 @@ from typing import Protocol
 import attrs
 import torch
 
-from .. import kv as kvops
+from ..cache import kv as kvops
 from ..hf import cache_kwargs
 from .masks import MASKABLE_ATTENTION, mask_argument
 

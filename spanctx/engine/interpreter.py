@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .. import kv as kvops
-from ..placement import BlendTokens, Place, PlaceGroup, PlacementPlan, ReuseGroup
-from ..plan import Compute, Plan, Reuse
-from ..prompt import ResolvedPrompt
-from ..rope import KeyMover
-from ..store import KVStore, SpanKV
+from ..cache import kv as kvops
+from ..cache.rope import KeyMover
+from ..cache.store import KVStore, SpanKV
+from ..core.placement import BlendTokens, Place, PlaceGroup, PlacementPlan, ReuseGroup
+from ..core.plan import Compute, Plan, Reuse
+from ..core.prompt import ResolvedPrompt
 from .executor import Executor
 from .repair import blend_select, compute_isolated, moved_together, recompute
 

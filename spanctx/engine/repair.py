@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import kv as kvops
-from ..placement import BLEND_CHECK_LAYER, BlendTokens
-from ..rope import KeyMover
-from ..store import SpanKV
+from ..cache import kv as kvops
+from ..cache.rope import KeyMover
+from ..cache.store import SpanKV
+from ..core.placement import BLEND_CHECK_LAYER, BlendTokens
 from .executor import Executor
 from .masks import in_place_allowed, isolated_allowed
 

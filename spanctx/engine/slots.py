@@ -41,7 +41,7 @@ import torch
 from transformers import AttentionInterface, Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..kv import KVSlice
+from ..cache.kv import KVSlice
 from .attention import split_attention
 
 __all__ = [

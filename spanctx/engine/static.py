@@ -45,12 +45,12 @@ import attrs
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from .. import kv as kvops
+from ..cache import kv as kvops
+from ..cache.store import SpanKV
+from ..core.options import CallOptions
 from ..hf import cache_kwargs
-from ..options import CallOptions, seeded
-from ..store import SpanKV
 from . import attention as kernels
-from .decoding import HostMirror, TokenChooser, unsupported_options
+from .decoding import HostMirror, TokenChooser, seeded, unsupported_options
 from .graphs import BuildStats, StepGraphs
 from .slots import (
     STEP_KWARG,

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import kv as kvops
+from ..cache import kv as kvops
 from ..hf import cache_kwargs
 
 __all__ = ["SLOT_GRANULE", "cache_bucket", "check_tail", "left_pads", "model_reason",

@@ -7,11 +7,11 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..harness import Harness
-from ..results import Row
-from . import chat, checks, cold, fidelity, prefix, rag
+from ..records import Row
+from . import chat, cold, parallel_fidelity, prefix, rag, requirement_checks
 from .common import select_methods
 
-SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat, checks, cold, fidelity)}
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (prefix, rag, chat, requirement_checks, cold, parallel_fidelity)}
 
 
 def run_scenario(h: Harness, name: str, config=None, methods: list[str] | None = None) -> list[Row]:

@@ -17,10 +17,10 @@ import functools
 
 import attrs
 
-from ...spans import Context
+from ...core.spans import Context
 from .. import baselines
 from ..harness import Harness
-from ..results import Row
+from ..records import Row
 from ..timing import Measured, timed
 from .common import greedy_match, spanctx_generate
 

@@ -9,10 +9,10 @@ Methods: ``full`` (HF ``generate`` from scratch) and ``spanctx``.
 
 from __future__ import annotations
 
-from ...spans import Context
+from ...core.spans import Context
 from .. import baselines
 from ..harness import Harness
-from ..results import Row
+from ..records import Row
 from .common import measure_methods, spanctx_generate
 from .prefix import Config  # the same sizes: a context + a question, new tokens
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from ...spans import Context
-from ..fidelity import match_fraction
-from ..results import Row
+from ...core.spans import Context
+from ..agreement import match_fraction
+from ..records import Row
 from ..timing import Measured, Outcome, run_repeats
 
 

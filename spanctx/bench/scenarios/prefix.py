@@ -16,10 +16,10 @@ import copy
 
 import attrs
 
-from ...spans import Context
+from ...core.spans import Context
 from .. import baselines
 from ..harness import Harness
-from ..results import Row
+from ..records import Row
 from ..timing import Outcome
 from .common import measure_methods, spanctx_generate
 

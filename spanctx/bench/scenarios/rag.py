@@ -27,11 +27,11 @@ from collections.abc import Callable, Sequence
 import attrs
 import torch
 
-from ...spans import Context
+from ...core.spans import Context
 from .. import baselines
-from ..fidelity import compare_logits
+from ..agreement import compare_logits
 from ..harness import Harness
-from ..results import Row
+from ..records import Row
 from ..timing import Measured, run_repeats
 from ..workloads import draw_documents
 from .common import greedy_match, spanctx_generate

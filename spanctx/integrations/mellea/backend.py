@@ -55,18 +55,18 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import AsyncTextIteratorStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ...results import GenerationStats
+from ...cache.store import KVStore
+from ...core.spans import Context
+from ...features.structured import GrammarMask, JsonFormat, eos_ids, json_matcher
 from ...runtime import Runtime
-from ...spans import Context
-from ...store import KVStore
-from ...structured import GrammarMask, JsonFormat, eos_ids, json_matcher
-from .options import GenerateRequest, hf_output
+from ...session.results import GenerationStats
 from .prompts import (
     PromptMemory,
     cached_block_values,
     conversation_context,
     refuse_multimodal,
 )
+from .requests import GenerateRequest, hf_output
 
 __all__ = ["SpanctxBackend", "TokenCounts"]
 

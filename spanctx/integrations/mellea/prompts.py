@@ -33,8 +33,8 @@ from mellea.core import (
 )
 from mellea.core import Context as MelleaContext
 
+from ...core.spans import Context
 from ...runtime import Runtime
-from ...spans import Context
 
 __all__ = ["PromptMemory", "cached_block_values", "conversation_context", "refuse_multimodal", "verbatim"]
 

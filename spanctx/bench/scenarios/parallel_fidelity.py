@@ -33,12 +33,12 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from ...core.spans import Context
 from ...hf import cache_kwargs
-from ...spans import Context
 from .. import baselines
-from ..fidelity import compare_logits
+from ..agreement import compare_logits
 from ..harness import Harness
-from ..results import Row
+from ..records import Row
 from ..retrieval import (
     ANSWER_LEAD,
     HELDOUT_PATH,

@@ -25,8 +25,8 @@ import torch
 from mellea.backends import ModelOption
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ...options import RESERVED_KWARGS
-from ...results import Result
+from ...core.options import RESERVED_KWARGS
+from ...session.results import Result
 
 __all__ = ["GenerateRequest", "default_max_new_tokens", "hf_output"]
 

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .spans import Context
+from ..core.spans import Context
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 Reduction = Literal["last", "mean"]
 

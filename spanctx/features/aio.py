@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 from transformers import StoppingCriteriaList
 
-from .engine import StopWhenSet
-from .results import Result
-from .spans import Context
+from ..core.spans import Context
+from ..engine import StopWhenSet
+from ..session.results import Result
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 _LIMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Runtime -> {event loop: Semaphore}
 _LIMITS_LOCK = threading.Lock()

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
+from ..core.spans import Context
+from ..session.results import Result
 from . import validation
-from .results import Result
-from .spans import Context
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 Style = Literal["tagged", "json"]
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"

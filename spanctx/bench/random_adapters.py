@@ -17,7 +17,7 @@ import attrs
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from ..checks import DEFAULT_CHECK
+from ..features.checks import DEFAULT_CHECK
 from ..hf import peft_wrapping
 from .baselines import GREEDY, pad_token_id
 from .timing import now

@@ -43,13 +43,13 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from .adapters import batch_activation
-from .prompt import ResolvedPrompt
-from .results import GenerationStats, Result
-from .spans import Context
+from ..core.prompt import ResolvedPrompt
+from ..core.spans import Context
+from ..session.adapters import batch_activation
+from ..session.results import GenerationStats, Result
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 DEFAULT_TEMPLATE = "\nRequirement: {requirement}\n"
 DEFAULT_FEEDBACK = "\nThe answer above does not meet these requirements:\n{failed}\nWrite a better answer.\n"

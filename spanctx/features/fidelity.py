@@ -12,8 +12,8 @@ from __future__ import annotations
 import attrs
 import torch
 
-from .placement import Repair
-from .spans import Context
+from ..core.placement import Repair
+from ..core.spans import Context
 
 
 @attrs.frozen

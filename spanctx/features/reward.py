@@ -20,9 +20,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from .runtime import Runtime
-from .spans import Context
-from .store import KVStore
+from ..cache.store import KVStore
+from ..core.spans import Context
+from ..runtime import Runtime
 
 
 class RewardModel:
@@ -42,8 +42,8 @@ class RewardModel:
         ``num_labels=1``); ``load_kwargs`` are ``spanctx.loading.load_model``'s options."""
         from transformers import AutoModelForSequenceClassification
 
-        from .loading import load_model
-        from .presets import PRESETS
+        from ..loading import load_model
+        from ..presets import PRESETS
 
         if name_or_path in PRESETS:
             load_kwargs.setdefault("num_labels", 1)

@@ -23,13 +23,11 @@ other kwarg passes through to Hugging Face ``generate`` as is.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import attrs
-import torch
 
-from .hf import CACHE_NAMES
+from ..hf import CACHE_NAMES
 
 SAMPLING_KWARGS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 DEFAULT_MAX_NEW_TOKENS = 32
@@ -98,15 +96,3 @@ def _sampling_decision(layer: Mapping[str, object]) -> bool | None:
     if any(layer.get(k) is not None for k in SAMPLING_KWARGS):
         return True
     return None
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Run the block on RNGs seeded with ``seed``, then restore the CPU RNG and, on CUDA,
-    the device's. No-op when ``seed`` is None."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield

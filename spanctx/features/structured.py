@@ -23,12 +23,12 @@ import attrs
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..session.results import GenerationStats
 from . import validation
-from .results import GenerationStats
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .spans import Context
+    from ..core.spans import Context
+    from ..runtime import Runtime
 
 #: llguidance JSON options: compact output; a schema's own "x-guidance" overrides them.
 JSON_DEFAULTS = {"whitespace_flexible": False}

@@ -16,16 +16,20 @@ from ..presets import DEFAULT_PRESET
 from . import report
 from .floor import measure_floor
 from .harness import DTYPES, load_model, make_harness
-from .results import new_results, results_stem, write_json
+from .records import new_results, results_stem, write_json
 from .scenarios import (
     SCENARIOS,
     chat,
-    checks,
     cold,
-    fidelity,
     prefix,
     rag,
     run_scenario,
+)
+from .scenarios import (
+    parallel_fidelity as fidelity,
+)
+from .scenarios import (
+    requirement_checks as checks,
 )
 
 

@@ -42,10 +42,10 @@ import attrs
 import torch
 import xxhash
 
-from .hf import cache_argument, peft_wrapping
-from .keys import adapter_namespace
-from .prompt import PromptResolver, ResolvedPrompt
-from .spans import Span
+from ..core.keys import adapter_namespace
+from ..core.prompt import PromptResolver, ResolvedPrompt
+from ..core.spans import Span
+from ..hf import cache_argument, peft_wrapping
 
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -7,30 +7,10 @@ import time
 import attrs
 import torch
 
+from ..engine.engine import ParallelStats
 from .logprobs import TokenLogprob, token_logprobs
 
-__all__ = ["GenerationStats", "ParallelStats", "Result"]
-
-
-@attrs.frozen
-class ParallelStats:
-    """What one call did with its parallel groups (token counts are prompt tokens).
-
-    moved_tokens: reused with their keys rotated to a new position.
-    fallback_tokens: computed at their place because keys cannot move on this model
-        (``fallback_reason`` says why); counted in ``computed_tokens`` too.
-    recomputed_tokens: run again, in place and through all layers, by ``repair``.
-    checked_tokens: run through the first layers by ``blend`` to choose which tokens to
-        recompute (``spanctx.placement.BLEND_CHECK_LAYER``).
-    """
-
-    repair: str
-    groups: int
-    moved_tokens: int
-    fallback_tokens: int
-    fallback_reason: str | None
-    recomputed_tokens: int
-    checked_tokens: int
+__all__ = ["GenerationStats", "Result"]
 
 
 @attrs.frozen

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Literal
 import attrs
 import torch
 
-from .spans import Context, Span
+from ..core.spans import Context, Span
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 Candidate = str | Sequence[int] | Span
 

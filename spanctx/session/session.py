@@ -22,17 +22,17 @@ import attrs
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..cache.fingerprint import model_namespace
+from ..cache.index import EvictionPolicy, lru
+from ..cache.store import KVStore, default_budget_bytes
+from ..core.chat import ChatRendering
+from ..core.options import CallOptions, merge_options
+from ..core.placement import Repair
+from ..core.prompt import PromptResolver, ResolvedPrompt
+from ..core.spans import Context
+from ..engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
 from .adapters import Activation, AdapterSet
-from .chat import ChatRendering
-from .engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
-from .index import EvictionPolicy, lru
-from .keys import model_namespace
-from .options import CallOptions, merge_options
-from .placement import Repair
-from .prompt import PromptResolver, ResolvedPrompt
 from .results import GenerationStats
-from .spans import Context
-from .store import KVStore, default_budget_bytes
 
 __all__ = ["PreparedCall", "Session"]
 

@@ -35,13 +35,14 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
-from .engine.interpreter import store_reads
-from .options import CallOptions, seeded
-from .results import Result
-from .spans import Context
+from ..core.options import CallOptions
+from ..core.spans import Context
+from ..engine.decoding import seeded
+from ..engine.interpreter import store_reads
+from ..session.results import Result
 
 if TYPE_CHECKING:
-    from .runtime import PreparedCall, Runtime
+    from ..runtime import PreparedCall, Runtime
 
 # generate options that would need per-row stop positions, which a padded batch hides
 _UNSUPPORTED = ("stop_strings", "stopping_criteria")

@@ -28,17 +28,11 @@ from collections.abc import Sequence
 
 import attrs
 
-from ...checks import DEFAULT_CHECK
-from ...spans import Context
-from ..adapters import (
-    INVOCATION_TEXT,
-    AnswerTokens,
-    check_probability,
-    make_adapter,
-    peft_loaded,
-)
+from ...core.spans import Context
+from ...features.checks import DEFAULT_CHECK
 from ..harness import Harness
-from ..results import Row
+from ..random_adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
+from ..records import Row
 from ..timing import Measured, Outcome, now, run_repeats
 from ..workloads import requirements
 
