@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_runtime
 
 from spanctx import Context
-from spanctx.placement import BlendTokens, GroupLayout, RecomputeTokens, Repair, plan_placement
-from spanctx.plan import PlanSegment
+from spanctx.core.placement import BlendTokens, GroupLayout, RecomputeTokens, Repair, plan_placement
+from spanctx.core.plan import PlanSegment
 
 SYSTEM = "You are terse. "
 DOCS = ("Doc A: the sky is blue. ", "Doc B: grass is green! ", "Doc C: snow is white? ")
