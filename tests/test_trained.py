@@ -1,14 +1,15 @@
 """The trained preset: it loads offline with its training record, reads held-out
 retrieval prompts (values and some paraphrases never seen in training), and parallel
-spans with the default repair keep part of those answers; the fidelity scenario's rows,
+spans with the default repair keep most of those answers at small K while naive
+concatenation (Mellea's KV smashing) loses more; the fidelity scenario's rows,
 pooled table, goal lines and plot.
 
 The prompts are a fixed slice of the frozen held-out set: the 16 single-document
 questions of the first ``WORLDS`` worlds with K = ``K`` documents (shuffled orders). The
 thresholds come from a measured run of this slice (CPU, fp32, torch 2.14 / transformers
 5.24; docs/fidelity.md), with one prompt of slack for numeric differences between
-versions: full prefill answered FULL_MEASURED, parallel spans with ``head:16``
-PARALLEL_MEASURED, naive concatenation NAIVE_MEASURED.
+versions: full prefill answered 13, parallel spans with ``head:16`` 13, naive
+concatenation 7. (At K = 16 the loss is larger: docs/fidelity.md.)
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from spanctx.presets import PRESETS
 
 K, WORLDS = 4, 8
 REPAIR = "head:16"  # the runtime's default repair
-FULL_AT_LEAST = 0  # of 16 (measured: FULL_MEASURED)
-PARALLEL_AT_LEAST = 0  # of 16 (measured: PARALLEL_MEASURED)
-NAIVE_AT_MOST = 16  # of 16 (measured: NAIVE_MEASURED)
+FULL_AT_LEAST = 12  # of 16 (measured: 13)
+PARALLEL_SHARE = 0.9  # of full's correct answers (measured: 13 of 13)
+NAIVE_AT_MOST = 8  # of 16 (measured: 7)
 
 
 @functools.cache
@@ -97,12 +98,14 @@ def test_full_prefill_answers_the_held_out_prompts():
     assert sum(answers()["full"]) >= FULL_AT_LEAST
 
 
-def test_parallel_spans_with_the_default_repair_keep_part_of_the_answers():
-    assert sum(answers()["parallel"]) >= PARALLEL_AT_LEAST
+def test_parallel_spans_with_the_default_repair_keep_most_answers_at_small_k():
+    got = answers()
+    assert sum(got["parallel"]) >= PARALLEL_SHARE * sum(got["full"])
 
 
-def test_naive_concatenation_answers_at_most_its_measured_share():
-    assert sum(answers()["naive"]) <= NAIVE_AT_MOST
+def test_naive_concatenation_answers_fewer():
+    got = answers()
+    assert sum(got["naive"]) <= NAIVE_AT_MOST < sum(got["full"])
 
 
 def test_the_fidelity_scenario_rows_pooled_table_goal_and_plot():
@@ -132,7 +135,9 @@ def test_the_fidelity_scenario_rows_pooled_table_goal_and_plot():
     res = {"model": "tiny-trained", "device": "cpu", "rows": rows}
     pooled = {(p.method, p.kind): p for p in accuracy.pooled(res)}
     assert pooled[("full", "single")].kept == (1.0 if pooled[("full", "single")].accuracy else None)
-    assert len(accuracy.goal_lines(res)) == 5 and len(accuracy.markdown_lines(res)) == 2 + 2 * 6
+    full_right = all(pooled[("full", kind)].accuracy for kind in ("single", "two"))  # else no share to keep
+    assert len(accuracy.goal_lines(res)) == (5 if full_right else 0)
+    assert len(accuracy.markdown_lines(res)) == 2 + 2 * 6
     assert accuracy.plot_accuracy(res) is not None
     assert accuracy.curves(methods) == {
         "parallel head:*": ["parallel:none", "parallel:head:4"],
