@@ -39,6 +39,10 @@ def cell(rows: list[dict], k: int, kind: str, method: str) -> dict | None:
     return next((r for r in rows if (r["docs"], r["question"], r["method"]) == (k, kind, method)), None)
 
 
+def pct(share: float | None) -> str:
+    return "–" if share is None else f"{share:.0%}"
+
+
 def goal_table(rows: list[dict]) -> list[str]:
     methods = list(dict.fromkeys(r["method"] for r in rows if r["docs"] == GOAL_K))
     lines = [f"| method (K = {GOAL_K}) | single: exact match | kept | two: exact match | kept | recomputed "
@@ -56,8 +60,8 @@ def goal_table(rows: list[dict]) -> list[str]:
             and recomputed <= GOAL_RECOMPUTED
         n = {kind: got[kind]["repeats"] for kind in KINDS}
         lines.append(f"| `{m}` | {got['single']['accuracy']:.3f} ({round(got['single']['accuracy'] * n['single'])}"
-                     f"/{n['single']}) | {kept['single']:.0%} | {got['two']['accuracy']:.3f} "
-                     f"({round(got['two']['accuracy'] * n['two'])}/{n['two']}) | {kept['two']:.0%} | "
+                     f"/{n['single']}) | {pct(kept['single'])} | {got['two']['accuracy']:.3f} "
+                     f"({round(got['two']['accuracy'] * n['two'])}/{n['two']}) | {pct(kept['two'])} | "
                      f"{recomputed:.1%} | {checked:.0%} | {'–' if m == 'full' else 'yes' if met else 'no'} |")
     return lines
 
