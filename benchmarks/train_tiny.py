@@ -1,20 +1,24 @@
 """Train the ``tiny-trained`` preset: a small Llama (RoPE, GQA) on byte tokens.
 
-    python benchmarks/train_tiny.py --out DIR [--steps N] [--seed S]     (CUDA; ~6 min on an H100)
+    python benchmarks/train_tiny.py --out DIR [--steps N] [--seed S]     (CUDA; ~6 min on an H200)
 
 Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
 - natural English: CPython's ``pydoc_data.topics`` (the language reference's topics as
   plain text, shipped with every CPython; Python Software Foundation License 2.0),
   every tenth topic held out;
-- synthetic RAG episodes: a system line, K = 1..16 documents of two to four facts about
-  people (code, city, pet) and some filler prose, then several ``Q: ...\\nA: ...`` pairs,
-  half of them two-document questions. Answer tokens weigh ``ANSWER_WEIGHT`` in the loss.
+- synthetic RAG episodes of the training split (``retrieval``: fresh letter-string values
+  that never occur in the held-out set, the seen paraphrases only): a system line,
+  K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
+  then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
+  questions. Answer tokens weigh ``ANSWER_WEIGHT`` in the loss.
 
 Each row of a batch packs episodes (each after a BOS token) and ends with natural text;
 ``NATURAL_ROWS`` of the rows are natural text only. Writes to ``DIR``: the model in
 bfloat16 safetensors with its config, ``training-log.txt`` and ``training.json`` (settings,
 versions, device, loss curve, held-out accuracy by K and question kind: teacher-forced
-exact match of the frozen held-out prompts, which equals greedy exact match).
+exact match of the frozen held-out prompts, which equals greedy exact match). The
+learning rate follows a cosine over ``--steps`` or ``--time-limit``, whichever runs out
+first, so a slower device still ends its schedule.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ from spanctx.tokenizer import byte_tokenizer  # noqa: E402
 
 ANSWER_WEIGHT = 4.0
 NATURAL_ROWS = 0.15
-MAX_DOCS = 16
+MAX_DOCS = 32
+DOC_BYTES = 150  # a little over the mean document of a training world, for packing
 
 
 def model_config() -> LlamaConfig:
     tok = byte_tokenizer()
     return LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
+                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=8192,
                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                        tie_word_embeddings=False)
@@ -87,14 +92,14 @@ class Rows(IterableDataset):
             weights.extend([weight] * len(part))
 
         if rng.random() >= NATURAL_ROWS:
-            while total - len(ids) > 400:
-                # the first episode of a row has any K; later ones a K that fits (~110 bytes a document)
-                fits = MAX_DOCS if not ids else max(1, min(MAX_DOCS, (total - len(ids) - 300) // 110))
+            while total - len(ids) > 600:
+                # the first episode of a row has any K; later ones a K that fits
+                fits = MAX_DOCS if not ids else max(1, min(MAX_DOCS, (total - len(ids) - 500) // DOC_BYTES))
                 add([self.bos])
                 world = retrieval.make_world(rng, rng.randint(1, fits), self.filler)
                 add(self.encode(rng.choice(retrieval.SYSTEM_LINES) + "".join(world.documents)))
-                for _ in range(rng.randint(4, 12)):
-                    q = retrieval.ask(rng, world, "two" if rng.random() < 0.5 else "single")
+                for _ in range(rng.randint(6, 16)):
+                    q = retrieval.ask(rng, world, "two" if rng.random() < 0.5 else "single")  # training split
                     q = q or retrieval.ask(rng, world, "single")
                     add(self.encode(retrieval.question_text(q.text)))
                     add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
@@ -104,10 +109,12 @@ class Rows(IterableDataset):
         return torch.tensor(ids[:total], dtype=torch.long), torch.tensor(weights[:total], dtype=torch.float32)
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+def lr_at(step: int, steps: int, peak: float, warmup: int, time_progress: float = 0.0) -> float:
+    """Linear warm-up, then a cosine to a tenth of ``peak`` over the larger of the step
+    progress and ``time_progress`` (elapsed over the time limit)."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
+    progress = max((step - warmup) / max(steps - warmup, 1), time_progress)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
@@ -135,6 +142,9 @@ def heldout_accuracy(model, device, prompts=None, batch: int = 32) -> dict:
             ok = bool((predicted[j, len(s) - n - 1:len(s) - 1] == torch.tensor(s[len(s) - n:])).all())
             correct.setdefault(f"K={p.k}/{p.kind}", []).append(ok)
             correct.setdefault(p.kind, []).append(ok)
+            correct.setdefault(f"{p.kind}/{p.paraphrase}", []).append(ok)
+            if p.k <= 16:
+                correct.setdefault(f"K<=16/{p.kind}", []).append(ok)
             correct.setdefault("all", []).append(ok)
     return {key: {"correct": sum(v), "prompts": len(v), "accuracy": sum(v) / len(v)} for key, v in correct.items()}
 
@@ -160,31 +170,40 @@ def device_name(device: torch.device) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--seq-len", type=int, default=6144)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--time-limit", type=float, default=360.0, help="stop training after this many seconds")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--init", help="continue from this tiny-trained folder (weights and training.json)")
+    parser.add_argument("--heldout-worlds", type=int, default=None,
+                        help="final evaluation on the first N held-out worlds of each K (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
-    log_lines: list[str] = []
+    log_lines: list[str] = []  # earlier phases' lines are prepended at the end
 
     def log(line: str) -> None:
         print(line, flush=True)
         log_lines.append(line)
 
     config = model_config()
-    model = LlamaForCausalLM(config).to(device)
+    if args.init:  # continue a run: its weights, a fresh optimizer and schedule, its record kept
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32).to(device)
+        earlier = json.loads((Path(args.init) / "training.json").read_text())
+        earlier_log = (Path(args.init) / "training-log.txt").read_text().splitlines()
+    else:
+        model = LlamaForCausalLM(config).to(device)
+        earlier, earlier_log = None, []
     params = sum(p.numel() for p in model.parameters())
     log(f"spanctx tiny-trained: {params / 1e6:.2f} M parameters, {config.num_hidden_layers} layers, hidden "
         f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
@@ -210,7 +229,8 @@ def main() -> int:
         if step >= args.steps or time.perf_counter() - started > args.time_limit:
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup,
+                                (time.perf_counter() - started) / args.time_limit)
         ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = forward(input_ids=ids[:, :-1]).logits
@@ -233,7 +253,8 @@ def main() -> int:
             model.eval()
             acc = heldout_accuracy(model, device, probe)
             model.train()
-            evals.append({"step": step, "single": acc["single"]["accuracy"], "two": acc["two"]["accuracy"]})
+            evals.append({"step": step, "seconds": round(time.perf_counter() - started, 1),
+                          "single": acc["single"]["accuracy"], "two": acc["two"]["accuracy"]})
             log(f"  held-out probe ({len(probe)} prompts): single {acc['single']['accuracy']:.3f}, "
                 f"two {acc['two']['accuracy']:.3f}")
     train_seconds = time.perf_counter() - started
@@ -243,7 +264,7 @@ def main() -> int:
     weights_dir = out / "tiny-trained"
     model.to(torch.bfloat16).save_pretrained(weights_dir, safe_serialization=True)
     shipped = LlamaForCausalLM.from_pretrained(weights_dir, dtype=torch.float32).to(device).eval()
-    accuracy = heldout_accuracy(shipped, device)
+    accuracy = heldout_accuracy(shipped, device, retrieval.load_heldout().select(worlds=args.heldout_worlds))
     bpb = natural_bits_per_byte(shipped, device)
     for key, v in sorted(accuracy.items()):
         log(f"held-out {key:14s} {v['correct']:4d}/{v['prompts']:<4d} = {v['accuracy']:.3f}")
@@ -255,6 +276,16 @@ def main() -> int:
                "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "probe_evals": evals,
                "heldout_accuracy": accuracy, "heldout_natural_bits_per_byte": bpb,
                "weights_bytes": (weights_dir / "model.safetensors").stat().st_size}
+    keys = ("device", "settings", "steps", "tokens", "train_seconds", "final_loss", "probe_evals", "heldout_accuracy")
+    phases = earlier.get("phases", [earlier]) if earlier else []
+    summary["phases"] = [{k: ph[k] for k in keys} for ph in phases] + [{k: summary[k] for k in keys}]
+    for key in ("steps", "tokens", "train_seconds"):
+        summary[key] = sum(ph[key] for ph in summary["phases"])
+    if earlier:
+        log_lines[:0] = earlier_log + [f"-- continued from {args.init} --"]
+        summary["loss_curve"] = earlier["loss_curve"] + [
+            {**c, "step": c["step"] + earlier["steps"], "seconds": round(c["seconds"] + earlier["train_seconds"], 1)}
+            for c in curve]
     (weights_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     (weights_dir / "training-log.txt").write_text("\n".join(log_lines) + "\n")
     (weights_dir / "generation_config.json").unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""The synthetic retrieval task and its frozen held-out prompts (pure Python, no model)."""
+"""The synthetic retrieval task and its frozen held-out prompts (pure Python, no model):
+one answer per question, values and paraphrases of the held-out set never in training."""
 
 from __future__ import annotations
 
@@ -11,38 +12,66 @@ import pytest
 from spanctx.bench import retrieval
 
 HELDOUT = retrieval.load_heldout()
+FILLER = "Filler prose goes here."
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile(re.escape(template).replace(r"\{name\}", r"\S+").replace(r"\{value\}", r"\S+") + "$")
+
+
+UNSEEN_FACTS = [_pattern(t[-1]) for t in retrieval.FACTS.values()]
+UNSEEN_QUESTIONS = [_pattern(t[-1]) for kind in retrieval.QUESTIONS.values() for t in kind.values()]
 
 
 def _facts(documents) -> list[str]:
-    return [s for d in documents for s in re.split(r"(?<=\.) ", d.strip())]
+    return [s for d in documents for s in re.split(r"(?<=\.) ", d.strip()) if s != FILLER]
 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_every_question_has_exactly_one_answer_in_its_documents(seed):
     rng = random.Random(seed)
-    world = retrieval.make_world(rng, rng.randint(2, 16), ["Filler prose goes here."])
-    names = [p.name for p in world.people]
-    cities = [p.city for p in world.people]
-    assert len(set(names)) == len(names) and len({p.code for p in world.people}) == len(names)
-    assert not any(a != b and b.startswith(a) for a in cities for b in cities)
-    facts = _facts(world.documents)
-    assert len([f for f in facts if f != "Filler prose goes here."]) == 3 * len(names)
+    k = rng.randint(1, 32)
+    world = retrieval.make_world(rng, k, [FILLER], split=("train", "heldout")[seed % 2])
+    assert len(world.documents) == k and len(world.people) == retrieval.people_for(k)
+    values = [p.value(a) for p in world.people for a in ("code", "city", "pet")] + [p.name for p in world.people]
+    assert not any(a != b and b.startswith(a) for a in values for b in values)
+    assert all(p.manager != p.name and p.manager in {q.name for q in world.people} for p in world.people)
+    assert len(_facts(world.documents)) == 4 * len(world.people)
     for kind in ("single", "two"):
         q = retrieval.ask(rng, world, kind)
         if q is None:
             continue
         assert len(q.documents) == (1 if kind == "single" else 2) and len(set(q.documents)) == len(q.documents)
-        for value in q.answer.split(", "):
-            assert any(value in world.documents[d] for d in q.documents)
-    assert all(2 <= sum(f != "Filler prose goes here." for f in _facts([d])) <= 4 for d in world.documents)
+        for value, doc in zip(q.answer.split(", "), q.documents):
+            assert value in world.documents[doc]
+
+
+def test_training_worlds_use_only_training_values_and_seen_paraphrases():
+    rng = random.Random(0)
+    for _ in range(30):
+        world = retrieval.make_world(rng, rng.randint(1, 32), [FILLER])
+        assert {retrieval.split_of(p.value(a)) for p in world.people for a in retrieval.ATTRIBUTES} == {"train"}
+        assert not any(p.match(f) for f in _facts(world.documents) for p in UNSEEN_FACTS) and not world.unseen
+        for kind in ("single", "two"):
+            q = retrieval.ask(rng, world, kind)
+            assert q is None or not any(p.match(q.text) for p in UNSEEN_QUESTIONS)
+
+
+def test_the_held_out_set_reads_values_never_trained_on_and_unseen_paraphrases():
+    answers = [v for p in HELDOUT.prompts for v in p.answer.split(", ")]
+    assert {retrieval.split_of(v) for v in answers} == {"heldout"}
+    assert len(set(answers)) > 0.8 * len(answers)  # fresh values, not a small pool
+    unseen = [p for p in HELDOUT.prompts if any(q.match(p.question) for q in UNSEEN_QUESTIONS)]
+    assert unseen and all(p.paraphrase == "unseen" for p in unseen)
+    assert any(q.match(f) for d in HELDOUT.documents for f in _facts(d) for q in UNSEEN_FACTS)
+    assert Counter(p.paraphrase for p in HELDOUT.prompts)["seen"] > len(HELDOUT.prompts) / 2
 
 
 def test_the_held_out_set_covers_every_k_and_kind():
     counts = Counter((p.k, p.kind) for p in HELDOUT.prompts)
-    assert {k for k, _ in counts} == {2, 4, 8, 16}
-    assert all(counts[(k, "single")] == 32 for k in (2, 4, 8, 16))
-    assert all(counts[(k, "two")] >= 24 for k in (2, 4, 8, 16))
-    assert max(len(HELDOUT.text(p)) for p in HELDOUT.prompts) <= 2048  # contexts up to ~2K byte tokens
+    assert set(counts) == {(k, kind) for k in (2, 4, 8, 16, 32) for kind in ("single", "two")}
+    assert all(n == 32 for n in counts.values())
+    assert max(len(HELDOUT.text(p)) for p in HELDOUT.prompts) <= 6144  # within the training rows
     assert len(HELDOUT.select([16], worlds=2)) == 8 and {p.k for p in HELDOUT.select([16], worlds=2)} == {16}
 
 
@@ -50,18 +79,18 @@ def test_held_out_answers_sit_in_the_documents_the_question_needs():
     for p in HELDOUT.prompts:
         docs = HELDOUT.docs(p)
         assert sorted(p.order) == list(range(p.k))
-        text = "".join(docs)
         if p.kind == "single":
-            assert p.answer in text
-        else:
-            name, value = p.answer.split(", ")
-            bridge = re.search(r"(works in|with code) (\w+)", p.question)[2]
-            near_bridge = [d for d in docs if bridge in d and name in d]
-            near_value = [d for d in docs if value in d and name in d]
-            assert near_bridge and near_value and not set(near_bridge) & set(near_value)
+            assert p.answer in "".join(docs)
+            continue
+        manager, value = p.answer.split(", ")
+        (name,) = re.findall(r"[A-Z][a-z]+", p.question)[1:]  # the one capitalised word after the first
+        links = {t.format(name=name, value=manager) for t in retrieval.FACTS["manager"]}
+        link = [i for i, d in enumerate(docs) if links & set(_facts([d]))]
+        fact = [i for i, d in enumerate(docs) for f in _facts([d]) if manager in f and value in f]
+        assert len(link) == len(fact) == 1 and link != fact
 
 
 def test_answers_are_read_off_the_first_generated_line():
     assert retrieval.answer_text("4821") == " 4821\n"
-    assert retrieval.answer_of(" Mira, 4821\nQ: next") == "Mira, 4821"
+    assert retrieval.answer_of(" Tovo, Oslo\nQ: next") == "Tovo, Oslo"
     assert retrieval.question_text("Where does Mira work?") == "Q: Where does Mira work?\nA:"

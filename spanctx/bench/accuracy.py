@@ -103,8 +103,9 @@ def curves(methods: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for anchor in ("parallel", "parallel-root"):
         none = f"{anchor}:none"
-        for family in ("head", "blend"):
-            members = [m for m in methods if m.startswith(f"{anchor}:{family}:")]
+        for family in ("head", "blend", "head+blend"):
+            members = [m for m in methods if m.startswith(f"{anchor}:{family.split('+')[0]}:")
+                       and ("+blend:" in m) == (family == "head+blend")]
             if members:
                 out[f"{anchor} {family}:*"] = ([none] if none in methods else []) + members
         if none in methods and not any(none in c for c in out.values()):

@@ -1,31 +1,37 @@
 """Synthetic RAG retrieval in plain English: the task the ``tiny-trained`` preset learned
-and the prompts the ``fidelity`` scenario scores.
+and the prompts the ``fidelity`` scenario scores. The task is built so that a model can
+only answer by reading (copying from) its documents:
 
-A *world* is a few people, each with a four-digit code, a city they work in and a pet.
-Their facts ("The code of Mira is 4821.", "Mira works in Oslo.", "Mira has a pet owl.")
-are shuffled and dealt into K documents of two to four facts each, plus at most one
-sentence of filler text. A prompt is a system line, the K documents in some order, then
-``Q: <question>\\nA:``; the answer follows as `` <answer>\\n``:
+- **open vocabulary**: every name, city and pet is a fresh pronounceable letter string
+  ("Tovarin", "Plessburg", "mokka"), drawn from pools of hundreds of thousands, and codes
+  are four-digit numbers. A value belongs to the training or the held-out *split* by a hash
+  (``split_of``): training worlds use only training values, held-out worlds only held-out
+  ones, so no held-out answer was ever seen in training;
+- **paraphrases**: each fact and each question has five or six templates; the last one of
+  each is never used in training (``FACTS``, ``QUESTIONS``);
+- **filler**: every document carries zero to two prose sentences of natural English;
+- **chain-of-lookup**: a two-document question asks about someone's manager ("Where does
+  the manager of Mira work?") where the manager fact and the manager's fact sit in
+  different documents; the answer names the bridge first (``Tovo, Oslo``), so both hops
+  are forward copies ("manager of Mira" -> ``Tovo``, "Tovo works in" -> ``Oslo``).
 
-- single-document questions: "What is the code of Mira?" (``4821``), "Where does Mira
-  work?" (``Oslo``), "What pet does Mira have?" (``owl``);
-- two-document questions: "What is the code of the person who works in Oslo?" and "Where
-  does the person with code 4821 work?", asked only where the two facts sit in different
-  documents. Their answer names the bridge person first (``Mira, 4821``): both lookups
-  are copies from a document, which a model of a few million parameters can learn.
-
-Codes, cities and names are unique within a world and no name or city is a prefix of
-another, so every question has exactly one answer. Everything is drawn from a
+A *world* is K documents over ``people_for(K)`` people, each with a code, a city, a pet and
+a manager (another person of the world); their facts are shuffled and dealt round-robin
+into the K documents. A prompt is a system line, the K documents in some order, then
+``Q: <question>\\nA:``; the answer follows as `` <answer>\\n``. Within a world no value is
+a prefix of another, so every question has exactly one answer. Everything is drawn from a
 ``random.Random``; the held-out prompts are frozen in ``data/retrieval-heldout.json``
-(``write_heldout``), so they do not change with the Python version whose docs supply
-the filler text.
+(``write_heldout``), so they do not change with the Python version whose docs supply the
+filler text.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,11 +39,14 @@ import attrs
 
 __all__ = [
     "ANSWER_LEAD",
+    "ATTRIBUTES",
+    "FACTS",
     "HELDOUT_PATH",
+    "QUESTIONS",
     "SYSTEM_LINES",
     "HeldOut",
-    "Prompt",
     "Person",
+    "Prompt",
     "Question",
     "World",
     "answer_of",
@@ -47,35 +56,90 @@ __all__ = [
     "load_heldout",
     "make_world",
     "natural_text",
+    "people_for",
     "question_text",
+    "split_of",
     "write_heldout",
 ]
 
 HELDOUT_PATH = Path(__file__).parent / "data" / "retrieval-heldout.json"
 ANSWER_LEAD = " "  # what every answer starts with, after the prompt's "A:"
+SPLITS = ("train", "heldout")
 SYSTEM_LINES = (
     "Answer the question from the documents.\n",
     "Read the documents, then answer the question.\n",
     "You answer questions using only these notes.\n",
     "Use the documents below to answer.\n",
 )
-CITIES = ("Oslo", "Lima", "Paris", "Cairo", "Quito", "Dakar", "Perth", "Turin", "Delhi", "Seoul", "Tokyo",
-          "Rome", "Bern", "Riga", "Kyiv", "Baku", "Doha", "Accra", "Lagos", "Hanoi", "Manila", "Osaka", "Porto",
-          "Lyon", "Malmo", "Graz", "Split", "Sofia", "Minsk", "Tunis", "Rabat", "Dubai", "Muscat", "Kabul",
-          "Dhaka", "Lhasa", "Busan", "Taipei", "Sydney", "Hobart", "Darwin", "Austin", "Boston", "Denver",
-          "Dallas", "Miami", "Quebec", "Havana", "Bogota", "Caracas", "Recife", "Natal", "Cusco", "Leeds",
-          "York", "Bath", "Cork", "Ghent", "Bruges", "Aachen", "Bonn", "Basel", "Zurich", "Vienna", "Prague")
-PETS = ("owl", "cat", "dog", "goat", "horse", "parrot", "rabbit", "turtle", "snake", "hamster", "ferret",
-        "lizard", "duck", "goose", "pony", "frog", "mouse", "canary", "gecko", "crab")
-CONSONANTS = "bdfghjklmnprstvz"
-VOWELS = "aeiou"
-ATTRIBUTES = ("code", "city", "pet")
-FACT = {"code": "The code of {name} is {value}.", "city": "{name} works in {value}.",
-        "pet": "{name} has a pet {value}."}
-SINGLE = {"code": "What is the code of {name}?", "city": "Where does {name} work?",
-          "pet": "What pet does {name} have?"}
-TWO = {"code": "What is the code of the person who works in {city}?",
-       "city": "Where does the person with code {code} work?"}
+ATTRIBUTES = ("code", "city", "pet", "manager")
+# per attribute, fact templates: the last one is held out of training
+FACTS = {
+    "code": ("The code of {name} is {value}.", "{name}'s code is {value}.", "{name} has the code {value}.",
+             "The code for {name} is {value}.", "{name} uses the code {value}.", "Code of {name}: {value}."),
+    "city": ("{name} works in {value}.", "{name} has an office in {value}.", "The office of {name} is in {value}.",
+             "{name} works in the city of {value}.", "The city where {name} works is {value}.",
+             "{name} is working in {value}."),
+    "pet": ("{name} has a pet {value}.", "{name} keeps a pet called {value}.", "The pet of {name} is a {value}.",
+            "{name} has a {value} as a pet.", "The pet that {name} keeps is a {value}.", "{name} owns a pet {value}."),
+    "manager": ("The manager of {name} is {value}.", "{name} reports to {value}.", "{name}'s manager is {value}.",
+                "The boss of {name} is {value}.", "{name} works under {value}.", "{name} is managed by {value}."),
+}
+# per attribute, single-document questions (about {name}) and two-document ones (about
+# {name}'s manager); the last of each is held out of training
+QUESTIONS = {
+    "single": {
+        "code": ("What is the code of {name}?", "What code does {name} have?", "Which code belongs to {name}?",
+                 "What is {name}'s code?", "Give the code of {name}.", "Tell me the code of {name}."),
+        "city": ("Where does {name} work?", "In which city does {name} work?", "What city does {name} work in?",
+                 "Where is the office of {name}?", "Which city does {name} work in?", "Which city is {name} working in?"),
+        "pet": ("What pet does {name} have?", "Which pet does {name} keep?", "What is the pet of {name}?",
+                "What is {name}'s pet?", "Which pet belongs to {name}?", "Name the pet of {name}."),
+        "manager": ("Who is the manager of {name}?", "Who manages {name}?", "To whom does {name} report?",
+                    "Who is the boss of {name}?", "Whom does {name} work under?", "Who is {name}'s manager?"),
+    },
+    "two": {
+        "code": ("What is the code of the manager of {name}?", "What code does the manager of {name} have?",
+                 "What is the code of the boss of {name}?", "Give the code of the manager of {name}.",
+                 "Tell me the code of {name}'s manager."),
+        "city": ("Where does the manager of {name} work?", "In which city does the manager of {name} work?",
+                 "Where does the boss of {name} work?", "What city does the manager of {name} work in?",
+                 "Which city is {name}'s manager working in?"),
+        "pet": ("What pet does the manager of {name} have?", "Which pet does the manager of {name} keep?",
+                "What pet does the boss of {name} have?", "What is the pet of the manager of {name}?",
+                "Name the pet of {name}'s manager."),
+    },
+}
+_ONSETS = ("b", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
+           "kl", "pl", "st", "tr", "sh", "ch", "th")
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou", "ee")
+_CODAS = ("", "", "", "n", "r", "l", "s", "m", "k", "t")
+_CITY_ENDINGS = ("", "", "", "burg", "ton", "ville", "ford", "stad", "polis", "mouth", "holm", "ia")
+
+
+def split_of(value: str) -> str:
+    """``"heldout"`` for about a fifth of all values (by a CRC32 of the lower-cased
+    value), else ``"train"``: the two splits never share a value."""
+    return SPLITS[zlib.crc32(value.lower().encode()) % 5 == 0]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
+
+
+def _value(rng: random.Random, attribute: str, split: str) -> str:
+    """A fresh value of ``attribute`` in ``split``: a code, a name (2-3 syllables), a city
+    (2 syllables and an ending) or a pet (lower case, 2 syllables)."""
+    while True:
+        if attribute == "code":
+            value = str(rng.randrange(1000, 10000))
+        elif attribute == "city":
+            value = (_word(rng, 2) + rng.choice(_CITY_ENDINGS)).capitalize()
+        elif attribute == "pet":
+            value = _word(rng, 2)
+        else:
+            value = _word(rng, rng.choice((2, 2, 3))).capitalize()
+        if 3 <= len(value) <= 12 and split_of(value) == split:
+            return value
 
 
 @attrs.frozen
@@ -84,6 +148,7 @@ class Person:
     code: str
     city: str
     pet: str
+    manager: str
 
     def value(self, attribute: str) -> str:
         return getattr(self, attribute)
@@ -92,88 +157,103 @@ class Person:
 @attrs.frozen
 class World:
     """People and the K documents that hold their facts; ``where[(name, attribute)]`` is
-    the index of the document holding that fact."""
+    the index of the document holding that fact and ``unseen`` the facts written with a
+    template held out of training."""
 
     people: tuple[Person, ...]
     documents: tuple[str, ...]
     where: dict[tuple[str, str], int] = attrs.field(eq=False)
+    unseen: frozenset[tuple[str, str]] = frozenset()
+
+    def person(self, name: str) -> Person:
+        return next(p for p in self.people if p.name == name)
 
 
 @attrs.frozen
 class Question:
-    """``kind``: ``"single"`` or ``"two"`` (documents needed); ``documents``: which ones."""
+    """``kind``: ``"single"`` or ``"two"`` (documents needed); ``documents``: which ones;
+    ``unseen``: the question's template, or a fact it needs, was held out of training."""
 
     text: str
     answer: str
     kind: str
     documents: tuple[int, ...]
+    unseen: bool = False
 
 
-def _names(rng: random.Random, count: int) -> list[str]:
-    """``count`` distinct four-letter names (consonant-vowel twice, capitalised): all of
-    one length, so none is a prefix of another."""
-    names: set[str] = set()
-    while len(names) < count:
-        letters = [rng.choice(CONSONANTS), rng.choice(VOWELS), rng.choice(CONSONANTS), rng.choice(VOWELS)]
-        names.add("".join(letters).capitalize())
-    return sorted(names, key=lambda _: rng.random())
+def people_for(k: int) -> int:
+    """People in a world of ``k`` documents: about two facts (of four per person) a document."""
+    return max(2, math.ceil(k / 2) + 1)
 
 
-def _prefix_free(words: Sequence[str]) -> list[str]:
-    return [w for w in words if not any(o != w and o.startswith(w) for o in words)]
+def _templates(templates: Sequence[str], split: str) -> Sequence[str]:
+    return templates[:-1] if split == "train" else templates
 
 
-_CITIES = _prefix_free(CITIES)
+def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "train") -> World:
+    """K documents over ``people_for(k)`` people, values and templates of ``split``.
 
-
-def make_world(rng: random.Random, k: int, filler: Sequence[str], filler_rate: float = 0.5) -> World:
-    """K documents over K people (three facts each, so about three facts a document).
-
-    Facts are dealt round-robin after a shuffle, so every document gets two to four of
-    them; each document gets one ``filler`` sentence at a random place with probability
-    ``filler_rate``."""
-    if not 1 <= k <= len(_CITIES):
-        raise ValueError(f"k must be in 1..{len(_CITIES)}, got {k}")
-    names = _names(rng, k)
-    cities = rng.sample(_CITIES, k)
-    codes = rng.sample(range(1000, 10000), k)
-    people = tuple(Person(n, str(c), city, rng.choice(PETS)) for n, c, city in zip(names, codes, cities))
+    Facts are shuffled and dealt round-robin, so document sizes differ by at most one
+    fact; each document gets 0, 1, 1 or 2 ``filler`` sentences at random places."""
+    if not 1 <= k <= 64:
+        raise ValueError(f"k must be in 1..64, got {k}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    n = people_for(k)
+    values: dict[str, list[str]] = {}
+    taken: list[str] = []
+    for attribute in ("code", "city", "pet", "name"):
+        values[attribute] = []
+        while len(values[attribute]) < n:
+            v = _value(rng, "manager" if attribute == "name" else attribute, split)
+            if not any(v.startswith(o) or o.startswith(v) for o in taken):
+                taken.append(v)
+                values[attribute].append(v)
+    names = values["name"]
+    managers = [rng.choice([m for m in names if m != name]) for name in names]
+    people = tuple(Person(*row) for row in zip(names, values["code"], values["city"], values["pet"], managers))
     facts = [(p, a) for p in people for a in ATTRIBUTES]
     rng.shuffle(facts)
-    sizes = [3] * k
-    for _ in range(k // 2):  # move a fact from one document to another: sizes 2..4, same total
-        i, j = rng.randrange(k), rng.randrange(k)
-        if i != j and sizes[i] > 2 and sizes[j] < 4:
-            sizes[i] -= 1
-            sizes[j] += 1
-    documents, where, start = [], {}, 0
-    for d, size in enumerate(sizes):
-        sentences = []
-        for person, attribute in facts[start:start + size]:
-            sentences.append(FACT[attribute].format(name=person.name, value=person.value(attribute)))
-            where[(person.name, attribute)] = d
-        start += size
-        if filler and rng.random() < filler_rate:
-            sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(filler))
-        documents.append(" ".join(sentences) + "\n")
-    return World(people, tuple(documents), where)
+    sentences: list[list[str]] = [[] for _ in range(k)]
+    where, unseen = {}, set()
+    for i, (person, attribute) in enumerate(facts):
+        choices = _templates(FACTS[attribute], split)
+        t = rng.randrange(len(choices))
+        sentences[i % k].append(choices[t].format(name=person.name, value=person.value(attribute)))
+        where[(person.name, attribute)] = i % k
+        if t == len(FACTS[attribute]) - 1:
+            unseen.add((person.name, attribute))
+    documents = []
+    for doc in sentences:
+        rng.shuffle(doc)
+        for _ in range(rng.choice((0, 1, 1, 2)) if filler else 0):
+            doc.insert(rng.randrange(len(doc) + 1), rng.choice(filler))
+        documents.append(" ".join(doc) + "\n")
+    return World(people, tuple(documents), where, frozenset(unseen))
 
 
-def ask(rng: random.Random, world: World, kind: str) -> Question | None:
-    """A random question of ``kind`` about ``world`` (None: no two-document question exists)."""
+def ask(rng: random.Random, world: World, kind: str, split: str = "train") -> Question | None:
+    """A random question of ``kind`` about ``world``, its template from ``split``'s.
+    Two-document questions are asked only where the manager fact and the manager's fact
+    sit in different documents (None: no such person)."""
+    if kind not in QUESTIONS:
+        raise ValueError(f"kind must be 'single' or 'two', got {kind!r}")
     if kind == "single":
         person, attribute = rng.choice(world.people), rng.choice(ATTRIBUTES)
-        return Question(SINGLE[attribute].format(name=person.name), person.value(attribute), kind,
-                        (world.where[(person.name, attribute)],))
-    if kind != "two":
-        raise ValueError(f"kind must be 'single' or 'two', got {kind!r}")
-    split = [p for p in world.people if world.where[(p.name, "code")] != world.where[(p.name, "city")]]
-    if not split:
-        return None
-    person, asked = rng.choice(split), rng.choice(("code", "city"))
-    text = TWO[asked].format(city=person.city, code=person.code)
-    docs = (world.where[(person.name, "city" if asked == "code" else "code")], world.where[(person.name, asked)])
-    return Question(text, f"{person.name}, {person.value(asked)}", kind, docs)
+        needs = [(person.name, attribute)]
+        answer = person.value(attribute)
+    else:
+        pairs = [(p, a) for p in world.people for a in QUESTIONS["two"]
+                 if world.where[(p.name, "manager")] != world.where[(p.manager, a)]]
+        if not pairs:
+            return None
+        person, attribute = rng.choice(pairs)
+        needs = [(person.name, "manager"), (person.manager, attribute)]
+        answer = f"{person.manager}, {world.person(person.manager).value(attribute)}"
+    choices = _templates(QUESTIONS[kind][attribute], split)
+    t = rng.randrange(len(choices))
+    unseen = t == len(QUESTIONS[kind][attribute]) - 1 or any(n in world.unseen for n in needs)
+    return Question(choices[t].format(name=person.name), answer, kind, tuple(world.where[n] for n in needs), unseen)
 
 
 def question_text(question: str) -> str:
@@ -217,7 +297,9 @@ def filler_sentences(texts: dict[str, str], min_chars: int = 24, max_chars: int 
 
 @attrs.frozen
 class Prompt:
-    """One held-out request: the world's documents in ``order``, then the question."""
+    """One held-out request: the world's documents in ``order``, then the question.
+    ``paraphrase``: ``"unseen"`` when its question template or a fact it needs was
+    written with a template held out of training, else ``"seen"``."""
 
     world: int
     k: int
@@ -225,6 +307,7 @@ class Prompt:
     question: str
     answer: str
     kind: str
+    paraphrase: str = "seen"
 
 
 @attrs.frozen(eq=False)
@@ -253,26 +336,27 @@ class HeldOut:
         return tuple(p for p in self.prompts if (ks is None or p.k in ks) and p.world in keep)
 
 
-def write_heldout(path: str | Path = HELDOUT_PATH, seed: int = 20261126, ks: Sequence[int] = (2, 4, 8, 16),
+def write_heldout(path: str | Path = HELDOUT_PATH, seed: int = 20261203, ks: Sequence[int] = (2, 4, 8, 16, 32),
                   worlds: int = 16, per_kind: int = 2) -> Path:
-    """Draw the held-out set (filler from the held-out topics) and write it as JSON: per
-    K, ``worlds`` worlds, each asked ``per_kind`` single and two-document questions, each
-    question with its own shuffled document order."""
+    """Draw the held-out set (held-out values, all templates, filler from the held-out
+    topics) and write it as JSON: per K, ``worlds`` worlds, each asked ``per_kind``
+    single and two-document questions, each with its own shuffled document order."""
     rng = random.Random(seed)
     filler = filler_sentences(natural_text(held_out=True))
     documents, prompts = [], []
     for k in ks:
         for _ in range(worlds):
-            world = make_world(rng, k, filler)
+            world = make_world(rng, k, filler, split="heldout")
             index = len(documents)
             documents.append(list(world.documents))
             for kind in ("single", "two"):
                 for _ in range(per_kind):
-                    q = ask(rng, world, kind)
+                    q = ask(rng, world, kind, split="heldout")
                     if q is not None:
                         order = rng.sample(range(k), k)
                         prompts.append({"world": index, "k": k, "order": order, "question": q.text,
-                                        "answer": q.answer, "kind": q.kind})
+                                        "answer": q.answer, "kind": q.kind,
+                                        "paraphrase": "unseen" if q.unseen else "seen"})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"seed": seed, "system": SYSTEM_LINES[0], "documents": documents,
@@ -282,6 +366,6 @@ def write_heldout(path: str | Path = HELDOUT_PATH, seed: int = 20261126, ks: Seq
 
 def load_heldout(path: str | Path = HELDOUT_PATH) -> HeldOut:
     data = json.loads(Path(path).read_text())
-    prompts = tuple(Prompt(p["world"], p["k"], tuple(p["order"]), p["question"], p["answer"], p["kind"])
-                    for p in data["prompts"])
+    prompts = tuple(Prompt(p["world"], p["k"], tuple(p["order"]), p["question"], p["answer"], p["kind"],
+                           p.get("paraphrase", "seen")) for p in data["prompts"])
     return HeldOut(data["system"], tuple(tuple(d) for d in data["documents"]), prompts)

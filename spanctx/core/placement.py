@@ -19,6 +19,8 @@ Rules (on top of ``plan.py``'s for dependent spans):
   what a sequential prefill computes. Repair touches only the other members:
   ``none``; ``head:k`` their first ``k`` tokens; ``blend:r`` the fraction ``r`` of their
   tokens whose KV deviates most at layer ``BLEND_CHECK_LAYER`` (chosen at execution);
+  ``head:k+blend:r`` their first ``k`` tokens and the fraction ``r`` of the rest chosen as
+  ``blend`` chooses (EPIC's heads and CacheBlend's selection together);
   ``full`` all of them (the result equals a sequential prefill).
 - A repaired group's KV is stored under the group key (which names its members, their
   order, the repair and the prompt before it), unless it ends the prompt; a later prompt
@@ -39,12 +41,13 @@ import attrs
 from .plan import Compute, PlanSegment, span_starts
 
 BLEND_CHECK_LAYER = 1  # layer 0's KV does not depend on context: deviations show from layer 1 on
-REPAIR_KINDS = ("none", "head", "blend", "full")
+REPAIR_KINDS = ("none", "head", "blend", "head+blend", "full")
 
 
 @attrs.frozen
 class Repair:
-    """A repair mode: ``none``, ``head:k``, ``blend:r`` or ``full`` (see the module rules)."""
+    """A repair mode: ``none``, ``head:k``, ``blend:r``, ``head:k+blend:r`` or ``full``
+    (see the module rules)."""
 
     kind: str
     k: int = 0
@@ -53,27 +56,30 @@ class Repair:
     def __attrs_post_init__(self) -> None:
         if self.kind not in REPAIR_KINDS:
             raise ValueError(f"repair kind must be one of {REPAIR_KINDS}, got {self.kind!r}")
-        if self.kind == "head" and self.k < 1:
+        if self.kind in ("head", "head+blend") and self.k < 1:
             raise ValueError(f"repair head:k needs k >= 1, got {self.k}")
-        if self.kind == "blend" and not 0.0 < self.fraction <= 1.0:
+        if self.kind in ("blend", "head+blend") and not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"repair blend:r needs 0 < r <= 1, got {self.fraction}")
 
     @classmethod
     def parse(cls, spec: str | Repair) -> Repair:
-        """``"none"``, ``"head:32"``, ``"blend:0.15"``, ``"full"`` (or a ``Repair``)."""
+        """``"none"``, ``"head:32"``, ``"blend:0.15"``, ``"head:8+blend:0.05"``, ``"full"``
+        (or a ``Repair``)."""
         if isinstance(spec, Repair):
             return spec
-        match = re.fullmatch(r"(none|full)|head:(\d+)|blend:([0-9.eE+-]+)", str(spec).strip())
+        match = re.fullmatch(r"(none|full)|head:(\d+)|(?:head:(\d+)\+)?blend:([0-9.eE+-]+)", str(spec).strip())
         if match is None:
-            raise ValueError(f"repair must be 'none', 'head:K', 'blend:R' or 'full', got {spec!r}")
+            raise ValueError(f"repair must be 'none', 'head:K', 'blend:R', 'head:K+blend:R' or 'full', got {spec!r}")
         if match[1]:
             return cls(match[1])
         if match[2]:
             return cls("head", k=int(match[2]))
         try:
-            fraction = float(match[3])
+            fraction = float(match[4])
         except ValueError:
             raise ValueError(f"bad blend fraction in {spec!r}") from None
+        if match[3]:
+            return cls("head+blend", k=int(match[3]), fraction=fraction)
         return cls("blend", fraction=fraction)
 
     def __str__(self) -> str:
@@ -84,6 +90,8 @@ class Repair:
             return f"head:{self.k}"
         if self.kind == "blend":
             return f"blend:{self.fraction!r}"
+        if self.kind == "head+blend":
+            return f"head:{self.k}+blend:{self.fraction!r}"
         return self.kind
 
 
@@ -144,10 +152,12 @@ class RecomputeTokens:
 @attrs.frozen
 class BlendTokens:
     """Recompute, in place, the ``count`` tokens of ``candidates`` whose KV deviates most
-    from a full-context recompute at layer ``BLEND_CHECK_LAYER``."""
+    from a full-context recompute at layer ``BLEND_CHECK_LAYER``, and the ``forced``
+    tokens (not candidates) in any case."""
 
     candidates: tuple[int, ...]
     count: int
+    forced: tuple[int, ...] = ()
 
 
 @attrs.frozen
@@ -217,7 +227,7 @@ class PlacementPlan:
             if isinstance(step.repair, RecomputeTokens):
                 total += len(step.repair.slots)
             elif isinstance(step.repair, BlendTokens):
-                total += step.repair.count
+                total += step.repair.count + len(step.repair.forced)
         return total
 
     @property
@@ -311,6 +321,12 @@ def _plan_group(index: int, group: GroupLayout, segments: Sequence[PlanSegment],
 
 
 def _repair_tokens(repair: Repair, candidates: list[range]) -> RecomputeTokens | BlendTokens | None:
+    if repair.kind == "head+blend":
+        forced = tuple(t for r in candidates for t in r[: repair.k])
+        rest = tuple(t for r in candidates for t in r[repair.k:])
+        if not rest:
+            return RecomputeTokens(forced) if forced else None
+        return BlendTokens(rest, math.ceil(round(repair.fraction * len(rest), 9)), forced)
     if repair.kind == "head":
         slots = tuple(t for r in candidates for t in r[: repair.k])
     elif repair.kind in ("full", "blend"):
@@ -337,5 +353,7 @@ def _clip_last(step: Step, end: int) -> list[Step]:
         fix = RecomputeTokens(slots) if slots else None
     elif isinstance(fix, BlendTokens):
         kept = tuple(t for t in fix.candidates if t < end)
-        fix = BlendTokens(kept, min(fix.count, len(kept))) if kept else None
+        forced = tuple(t for t in fix.forced if t < end)
+        fix = BlendTokens(kept, min(fix.count, len(kept)), forced) if kept else (
+            RecomputeTokens(forced) if forced else None)
     return [attrs.evolve(step, place=place, repair=fix, store=False)]

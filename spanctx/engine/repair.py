@@ -48,7 +48,7 @@ def blend_select(executor: Executor, num_layers: int, cache, input_ids: torch.Te
     the cache before the group would; keeps that KV of layers ``0..c`` for all
     candidates (it is what ``full`` computes there); returns the ``blend.count``
     candidates whose layer-``c`` KV moved most (squared L2 of the key and value changes,
-    summed over heads), which the caller then recomputes through all layers.
+    summed over heads), with ``blend.forced``: the caller recomputes them through all layers.
     """
     cache_len = kvops.cache_length(cache)
     check_layer = min(BLEND_CHECK_LAYER, num_layers - 1)
@@ -60,7 +60,7 @@ def blend_select(executor: Executor, num_layers: int, cache, input_ids: torch.Te
                  + (v[:, :, cache_len:] - v[:, :, candidates]).float().pow(2).sum(dim=(0, 1, 3)))  # [Q]
     kvops.move_tail_into(cache, cache_len, candidates)
     chosen = candidates[deviation.topk(blend.count).indices]
-    return tuple(sorted(chosen.tolist()))
+    return tuple(sorted(chosen.tolist() + list(blend.forced)))
 
 
 def moved_together(mover: KeyMover, members: list[kvops.KVSlice], deltas: list[int]) -> SpanKV:

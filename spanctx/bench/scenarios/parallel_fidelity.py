@@ -1,7 +1,8 @@
 """``fidelity``: right answers with parallel documents, on a model trained for retrieval.
 
-The held-out prompts of ``retrieval`` (system line, K documents in a shuffled order, a
-single- or two-document question; ``data/retrieval-heldout.json``) are answered by
+The held-out prompts of ``retrieval`` (system line, K = 2..32 documents in a shuffled
+order, a single-document or a two-document (manager chain) question, values and some
+paraphrases never seen in training; ``data/retrieval-heldout.json``) are answered by
 greedy decoding up to the first newline. Every method sees the same prompt ids. Per
 (K, question kind, method) a row gives the exact-match ``accuracy``; the
 ``answer_agreement`` with full prefill's answer; ``top1_agreement`` and ``kl`` of the
@@ -13,8 +14,9 @@ Methods:
 - ``full``: HF ``generate`` of the whole prompt (the reference).
 - ``naive-concat``: Mellea's KV smashing: the system line (with BOS) and every document
   prefilled alone from position 0, the caches concatenated, the question after them.
-- ``parallel:<repair>``: ``Context().append(system).parallel(*docs)`` with repair
-  ``none``, ``head:k`` (k = 4, 8, 16, 32) or ``blend:r`` (r = 0.05, 0.15, 0.3).
+- ``parallel:<repair>``: ``Context().append(system).parallel(*docs)`` (the system line is
+  the members' shared prefix, as in APE) with repair ``none``, ``head:k`` (EPIC; k = 4, 8,
+  16, 32), ``blend:r`` (CacheBlend; r = 0.05, 0.15, 0.3) or both, ``head:k+blend:r``.
 - ``parallel-root:<repair>``: the same group anchored at the root
   (``anchor="root"``: documents computed after BOS only, position-independent),
   with ``none`` or ``head:k``.
@@ -51,17 +53,18 @@ from ..timing import FirstTokenClock, Measured, Outcome, now, timed
 NAME = "fidelity"
 HEADS = (4, 8, 16, 32)
 BLENDS = (0.05, 0.15, 0.3)
-ROOT_HEADS = (4, 16, 32)
+HEAD_BLENDS = ("head:4+blend:0.1", "head:8+blend:0.05")
+ROOT_HEADS = (16,)
 METHODS = ("full", "naive-concat", "parallel:none", *(f"parallel:head:{k}" for k in HEADS),
-           *(f"parallel:blend:{r:g}" for r in BLENDS), "parallel-root:none",
-           *(f"parallel-root:head:{k}" for k in ROOT_HEADS))
+           *(f"parallel:blend:{r:g}" for r in BLENDS), *(f"parallel:{m}" for m in HEAD_BLENDS),
+           "parallel-root:none", *(f"parallel-root:head:{k}" for k in ROOT_HEADS))
 
 
 @attrs.frozen
 class Config:
-    docs: tuple[int, ...] = (2, 4, 8, 16)
+    docs: tuple[int, ...] = (2, 4, 8, 16, 32)
     worlds: int | None = None  # per K, the first N worlds of the held-out set (None: all 16)
-    max_new_tokens: int = 24  # longer than any answer + newline
+    max_new_tokens: int = 28  # longer than any answer (two names of at most 12 letters, ", ") + newline
     heldout: str = str(HELDOUT_PATH)
 
 
