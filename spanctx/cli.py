@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="documents in the shared context (~100 tokens each; fewer if the model's positions "
                            "are short)")
     demo.add_argument("--questions", type=int, default=5)
-    demo.add_argument("--max-new-tokens", type=int, default=10)
+    demo.add_argument("--max-new-tokens", type=int, default=16,
+                      help="tokens per answer (bytes, on the byte-tokenizer presets)")
     demo.add_argument("--tier", action="append", default=None, metavar="URL",
                       help="a lower span tier, fastest first (repeatable): pinned, cpu, disk:///path, "
                            "redis://host:port/0 (docs/tiers.md)")

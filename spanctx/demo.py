@@ -64,15 +64,22 @@ class DemoRow:
         return self.full.stats.ttft_s / max(self.reused.stats.ttft_s, 1e-9)
 
 
-FACTS = ((re.compile(r"The code of (\w+) is (\d+)\."), retrieval.SINGLE["code"]),
-         (re.compile(r"(\w+) works in (\w+)\."), retrieval.SINGLE["city"]),
-         (re.compile(r"(\w+) has a pet (\w+)\."), retrieval.SINGLE["pet"]))
+def _fact_pattern(template: str) -> re.Pattern:
+    """A regex of one fact template of ``retrieval.FACTS``: groups name and value."""
+    escaped = re.escape(template).replace(r"\{name\}", r"(?P<name>\w+)").replace(r"\{value\}", r"(?P<value>\w+)")
+    return re.compile(escaped)
+
+
+# per attribute: every fact wording the documents may use, and the question asked (the
+# first, trained wording); cities, pets and managers first: the model copies those best
+FACTS = tuple((tuple(_fact_pattern(t) for t in retrieval.FACTS[attribute]), retrieval.QUESTIONS["single"][attribute][0])
+              for attribute in ("city", "pet", "manager", "code"))
 
 
 def workload(num_docs: int, num_questions: int) -> Workload:
     """The documents of a frozen held-out world (``bench/data/retrieval-heldout.json``:
     people, codes, cities and filler the model never trained on) with the most documents,
-    at most ``num_docs`` (held-out worlds have 2, 4, 8 or 16), and ``num_questions``
+    at most ``num_docs`` (held-out worlds have 2 to 32), and ``num_questions``
     single-document questions about its facts, the same every run."""
     heldout = retrieval.load_heldout()
     sizes = sorted({p.k for p in heldout.prompts})
@@ -81,8 +88,9 @@ def workload(num_docs: int, num_questions: int) -> Workload:
         raise ValueError(f"the demo's worlds have {sizes} documents; --docs must be at least {sizes[0]}")
     documents = heldout.documents[next(p.world for p in heldout.prompts if p.k == k)]
     text = "".join(documents)
-    by_kind = [[Question(question.format(name=m[1]), m[2]) for m in pattern.finditer(text)]
-               for pattern, question in FACTS]
+    by_kind = [[Question(question.format(name=m["name"]), m["value"])
+                for pattern in patterns for m in pattern.finditer(text)]
+               for patterns, question in FACTS]
     mixed = [q for group in zip(*by_kind) for q in group]  # code, city, pet, code, ...
     shared = Context().append(heldout.system).append(text)
     return Workload(shared, tuple(mixed[:num_questions]), k)
@@ -103,7 +111,7 @@ def fitted_workload(rt: Runtime, num_docs: int, num_questions: int, max_new_toke
         k = w.num_docs - 1
 
 
-def run_demo(rt: Runtime, w: Workload, max_new_tokens: int = 10) -> list[DemoRow]:
+def run_demo(rt: Runtime, w: Workload, max_new_tokens: int = 16) -> list[DemoRow]:
     """Ask every question after the shared context, first as a full prefill, then with
     reuse. The first reused question is a miss (it computes and stores the documents);
     the others reuse them and compute only their question."""
