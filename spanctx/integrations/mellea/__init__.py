@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("spanctx.integrations.mellea needs Mellea's Hugging Face backend: "
                       "pip install 'spanctx[mellea]'") from exc
 
-from .local import SpanctxBackend, TokenCounts
+from .backend import SpanctxBackend, TokenCounts
 from .intrinsics import LocalIntrinsicAdapter
 
 __all__ = ["LocalIntrinsicAdapter", "SpanctxBackend", "TokenCounts"]
