@@ -225,13 +225,3 @@ def test_a_truncated_weights_file_names_its_folder(tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(OSError, match=f"cannot read the weights in '{folder}'.*truncated or damaged"):
         spanctx.load_model(str(folder), device="cpu")
-
-
-def test_stop_strings_work_without_passing_a_tokenizer():
-    """HF ``generate`` needs the tokenizer for ``stop_strings``; the runtime passes its own."""
-    rt = spanctx.Runtime.from_pretrained("tiny-trained", device="cpu", store_bytes=16 << 20)
-    ctx = (spanctx.Context().append("Answer the question from the documents.\n")
-           .append("The code of Mira is 4821. Mira works in Oslo.\n").append("Q: Where does Mira work?\nA:"))
-    full = rt.generate(ctx, 12)
-    stopped = rt.generate(ctx, 12, stop_strings=["\n"])
-    assert full.text.startswith(" Oslo\n") and stopped.text == " Oslo\n"
