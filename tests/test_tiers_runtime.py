@@ -151,9 +151,10 @@ def test_corrupted_values_are_misses_and_outputs_stay_exact(tmp_path):
 
 def test_tenants_with_different_salts_share_nothing(tmp_path):
     url = f"disk://{tmp_path}"
-    tiny_runtime("llama", tiers=[url], salt="tenant-a").generate(CTX, 2)
+    a = tiny_runtime("llama", tiers=[url], salt="tenant-a")
+    a.generate(CTX, 2)
+    assert a.tiers.flush(timeout=60)  # tenant a's spans are on disk before tenant b looks
     b = tiny_runtime("llama", tiers=[url], salt="tenant-b")
-    b.tiers.flush(timeout=60)
     result = b.generate(CTX, 2)
     assert result.stats.tiers.hits == 0 and result.stats.cached_tokens == 0
     again = tiny_runtime("llama", tiers=[url], salt="tenant-a").generate(CTX, 2)
