@@ -141,19 +141,25 @@ def test_bad_json_and_openai_client_errors(server, client):
         client.chat.completions.create(model=MODEL, messages=chat("n?"), n=3)
 
 
+def run_queued_together(backend, requests) -> None:
+    """Send ``requests`` (callables, each making one request) from threads while the model
+    is held busy, so that all of them wait in the queue, then let the scheduler take them."""
+    blocked = Blocked(backend)
+    threads = [threading.Thread(target=request) for request in requests]
+    for t in threads:
+        t.start()
+    blocked.wait_queued(len(requests))
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+
+
 def test_waiting_requests_run_as_one_batch(server, client, direct):
     backend = server[1]
     questions = [f"Batched question {i}?" for i in range(3)]
     results: dict[int, object] = {}
-    blocked = Blocked(backend)
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, client.chat.completions.create(
-        model=MODEL, messages=chat(questions[i]), max_tokens=3 + i))) for i in range(3)]
-    for t in threads:
-        t.start()
-    blocked.wait_queued(3)
-    blocked.release.set()
-    for t in threads:
-        t.join(120)
+    run_queued_together(backend, [lambda i=i: results.__setitem__(i, client.chat.completions.create(
+        model=MODEL, messages=chat(questions[i]), max_tokens=3 + i)) for i in range(3)])
     assert backend.scheduler.batch_sizes[-1] == 3  # one call for the three
     for i, q in enumerate(questions):  # each row stops at its own limit, with its solo tokens
         assert results[i].choices[0].message.content == direct.generate(Context.chat(chat(q)), 3 + i).text
@@ -170,14 +176,7 @@ def test_a_bad_row_does_not_fail_its_batch(server, client, direct):
         except openai.BadRequestError as exc:
             results[i] = exc
 
-    blocked = Blocked(backend)
-    threads = [threading.Thread(target=ask, args=(i, 9000 if i == 1 else 3)) for i in range(3)]  # row 1: too long
-    for t in threads:
-        t.start()
-    blocked.wait_queued(3)
-    blocked.release.set()
-    for t in threads:
-        t.join(120)
+    run_queued_together(backend, [lambda i=i: ask(i, 9000 if i == 1 else 3) for i in range(3)])  # row 1: too long
     assert isinstance(results[1], openai.BadRequestError) and "positions" in str(results[1])
     for i in (0, 2):  # the good rows answer as the runtime does alone (a turn end may stop them early)
         expected = direct.generate(Context().append(f"row {i}"), 3)

@@ -49,6 +49,7 @@ from ..session.results import Result
 
 if TYPE_CHECKING:
     from ..session.api import SessionAPI
+    from ..session.session import PreparedCall
 
 # generate options that would need per-row stop positions, which a padded batch hides
 _UNSUPPORTED = ("stop_strings", "stopping_criteria")
@@ -135,26 +136,53 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
     # the runtime is held before the seed is set: no other call can draw from the RNG between
     with rt.holding(opts.seed), contextlib.ExitStack() as held:
         started = time.perf_counter()
-        warmed: list[set[bytes]] = [set() for _ in contexts]  # span keys computed for each row beforehand
-        if reuse:
-            for row, prefix in shared_prefixes(contexts):
-                warmed[row] |= _warm(rt, prefix, salt, repair)
-        calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=opts.max_new_tokens, salt=salt,
-                                                repair=repair))
-                 for ctx in contexts]
-        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
-                            [c.assembly.keep_at_least for c in calls])
-        kwargs = rt.generate_kwargs(opts)
-        out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs)
-        eos = _eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id))
+        n = len(contexts)
+        rows = decode_rows(rt, contexts, opts, held, reuse=reuse, salts=[salt] * n, repairs=[repair] * n,
+                           max_new_tokens=[opts.max_new_tokens] * n)
         end = time.perf_counter()
         results = []
-        for row, call in enumerate(calls):
-            new_ids = _until_eos(out.sequences[row, layout.width:].tolist(), eos)
-            cached = call.reused_before(layout.kept[row], warmed[row]) if reuse else 0
-            stats = rt.stats(call, len(new_ids), out.first_token_at, cached_tokens=cached, started=started, end=end)
+        for row, call in enumerate(rows.calls):
+            new_ids = _until_eos(rows.out.sequences[row, rows.layout.width:].tolist(), rows.eos)
+            stats = rt.stats(call, len(new_ids), rows.out.first_token_at, cached_tokens=rows.cached[row],
+                             started=started, end=end)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
+
+
+@attrs.frozen
+class DecodedRows:
+    """A decoded batch: the prepared rows, their layout, the decoder's output, each row's
+    reused tokens (spans computed for it just before the batch excluded), the stop ids."""
+
+    calls: list[PreparedCall]
+    layout: BatchLayout
+    out: object  # the engine's Generated: sequences [B, W + N], first_token_at
+    cached: list[int]
+    eos: frozenset[int]
+
+
+def decode_rows(rt: SessionAPI, contexts: Sequence[Context], opts, held: contextlib.ExitStack, *,
+                reuse: bool = True, salts: Sequence[str | None], repairs: Sequence[str | None],
+                max_new_tokens: Sequence[int]) -> DecodedRows:
+    """The batch's steps, for ``generate_batch`` and any caller that batches rows itself (the
+    server's scheduler): store the shared prefixes the store lacks, prepare every row (held
+    open on ``held``), lay them out (``plan_batch``), decode them in one left-padded call.
+    Row ``i`` resolves with ``salts[i]`` and ``repairs[i]`` and is checked against the
+    model's positions with ``max_new_tokens[i]`` (the batch decodes ``opts.max_new_tokens``;
+    callers stop shorter rows themselves). Call it holding the session."""
+    warmed: list[set[bytes]] = [set() for _ in contexts]  # span keys computed for each row beforehand
+    if reuse:
+        for row, prefix in shared_prefixes(contexts):
+            warmed[row] |= _warm(rt, prefix, salts[row], repairs[row])
+    calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=limit, salt=salt, repair=repair))
+             for ctx, salt, repair, limit in zip(contexts, salts, repairs, max_new_tokens)]
+    layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
+                        [c.assembly.keep_at_least for c in calls])
+    kwargs = rt.generate_kwargs(opts)
+    out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs)
+    cached = [c.reused_before(kept, w) if reuse else 0 for c, kept, w in zip(calls, layout.kept, warmed)]
+    return DecodedRows(calls, layout, out, cached,
+                       _eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))
 
 
 def _warm(rt: SessionAPI, prefix: Context, salt: str | None, repair: str | None) -> set[bytes]:

@@ -45,7 +45,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..features.batch import plan_batch, shared_prefixes
+from ..features.batch import decode_rows
 from ..core.options import CallOptions
 from .protocol import ApiError, GenRequest
 
@@ -353,28 +353,10 @@ def run_rows(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tupl
     opts = attrs.evolve(opts, max_new_tokens=max(j.opts.max_new_tokens for j in jobs), generate_kwargs={
         **opts.generate_kwargs, "streamer": RowStreamer(rows),
         "stopping_criteria": StoppingCriteriaList([RowsStopped(rows)])})
-    with rt.holding(), contextlib.ExitStack() as held:
-        warmed = [0] * len(jobs)
-        for row, prefix in shared_prefixes(contexts):  # rows of another salt compute it in the batch
-            warmed[row] += _warm(rt, prefix, salts[row])
-        calls = [held.enter_context(rt.prepared(job.request.ctx, max_new_tokens=job.opts.max_new_tokens,
-                                                repair=job.request.repair, salt=job.request.salt)) for job in jobs]
-        layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
-                            [c.assembly.keep_at_least for c in calls])
-        rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, rt.generate_kwargs(opts))
-        return [(c.prompt.num_tokens, max(0, min(c.cached_tokens, kept) - w))
-                for c, kept, w in zip(calls, layout.kept, warmed)]
-
-
-def _warm(rt: Runtime, prefix, salt: str | None) -> int:
-    """Compute and store the spans of ``prefix`` the store lacks; returns their tokens (as
-    ``generate_batch`` does before its batch, through the session's public methods)."""
-    prompt, _ = rt.resolve(prefix, salt=salt)
-    unstored = rt.unstored(prompt)
-    missing = sum(seg.num_tokens for seg in prompt.segments if seg.key in unstored)
-    if missing:
-        rt.next_token_logits(prefix, salt=salt)
-    return missing
+    with rt.holding(), contextlib.ExitStack() as held:  # rows of another salt compute a shared prefix alone
+        decoded = decode_rows(rt, contexts, opts, held, salts=salts, repairs=[job.request.repair for job in jobs],
+                              max_new_tokens=[job.opts.max_new_tokens for job in jobs])
+        return [(c.prompt.num_tokens, cached) for c, cached in zip(decoded.calls, decoded.cached)]
 
 
 def _eos_ids(rt: Runtime) -> frozenset[int]:
