@@ -182,7 +182,7 @@ def decode_rows(rt: SessionAPI, contexts: Sequence[Context], opts, held: context
     out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs)
     cached = [c.reused_before(kept, w) if reuse else 0 for c, kept, w in zip(calls, layout.kept, warmed)]
     return DecodedRows(calls, layout, out, cached,
-                       _eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))
+                       eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))
 
 
 def _warm(rt: SessionAPI, prefix: Context, salt: str | None, repair: str | None) -> set[bytes]:
@@ -194,7 +194,8 @@ def _warm(rt: SessionAPI, prefix: Context, salt: str | None, repair: str | None)
     return missing
 
 
-def _eos_ids(eos: int | Sequence[int] | torch.Tensor | None) -> frozenset[int]:
+def eos_ids(eos: int | Sequence[int] | torch.Tensor | None) -> frozenset[int]:
+    """The stop ids of a generation config's ``eos_token_id`` (an int, ids, a tensor or None)."""
     if eos is None:
         return frozenset()
     if isinstance(eos, torch.Tensor):

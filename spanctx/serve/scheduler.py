@@ -45,7 +45,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from ..features.batch import decode_rows
+from ..features.batch import decode_rows, eos_ids
 from ..core.options import CallOptions
 from .protocol import ApiError, GenRequest
 
@@ -206,7 +206,8 @@ class Scheduler:
         self.counts["batches"] += 1
         self.counts["rows"] += len(group)
         self.batch_sizes.append(len(group))
-        rows = [Row(job, self.rt.tokenizer, _eos_ids(self.rt)) for job in group if job.call is None]
+        eos = eos_ids(self.rt.generation_config.eos_token_id)
+        rows = [Row(job, self.rt.tokenizer, eos) for job in group if job.call is None]
         try:
             if group[0].call is not None:
                 value = group[0].call(self.rt)
@@ -357,10 +358,3 @@ def run_rows(rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tupl
         decoded = decode_rows(rt, contexts, opts, held, salts=salts, repairs=[job.request.repair for job in jobs],
                               max_new_tokens=[job.opts.max_new_tokens for job in jobs])
         return [(c.prompt.num_tokens, cached) for c, cached in zip(decoded.calls, decoded.cached)]
-
-
-def _eos_ids(rt: Runtime) -> frozenset[int]:
-    eos = rt.model.generation_config.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset([eos] if isinstance(eos, int) else list(eos))
