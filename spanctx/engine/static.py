@@ -11,7 +11,8 @@ buffers (one copy; slices still in place from the previous call are not copied a
 one step runs the prompt's tail ``[tail_start, S)``, padded to its suffix bucket
 (``static_layout.suffix_bucket``; tails over ``GRAPH_TOKENS`` run unpadded, without a
 graph); then one step per generated token, chosen as HF ``generate`` would
-(``spanctx.engine.decoding``). Every step attends over the first ``cache_bucket`` slots, fixed
+(``spanctx.engine.decoding``). Every step attends over the first ``cache_bucket`` slots (a rung
+of ``static_warmup``'s ladder; ``warm_up`` builds them all at start-up), fixed
 per call to cover prompt, new tokens and padding. A graph is keyed by ``Bucket`` (rows,
 step tokens, attention slots, logits kept, adapter state): its capture (and with
 ``compile=True`` a ``torch.compile`` of each new shape) is paid once and reported in
@@ -67,9 +68,9 @@ from .slots import (
     step_masks,
 )
 from .static_layout import (
+    GRAPH_TOKENS,
     SLOT_GRANULE,
     attention_mode,
-    cache_bucket,
     check_tail,
     left_pads,
     model_reason,
@@ -78,10 +79,10 @@ from .static_layout import (
     suffix_bucket,
 )
 from .static_lora import AdapterState, AdapterSteps
+from .static_warmup import OVERHANG, Sizing, ladder_for, rung
 
-__all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "cache_bucket", "suffix_bucket"]
+__all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "StaticExecutor", "suffix_bucket"]
 
-GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are arithmetic-bound anyway)
 # a step's masks are tail x slots: a 15K cold prompt's are ~1 GB in fp32, and on CPU it ran
 # 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
 MAX_MASK_BYTES = 512 << 20
@@ -139,7 +140,7 @@ class _Call:
     builds_before: BuildStats
 
 
-class StaticExecutor:
+class StaticExecutor(Sizing):
     """Runs a request's final call and its decode loop on fixed-address KV buffers.
 
     ``max_tokens`` slots per row (prompt + new tokens) and ``max_batch`` rows are
@@ -166,8 +167,9 @@ class StaticExecutor:
         text = model.config.get_text_config()
         layout, self.dtype = probe_layout(model)
         self.max_tokens = -(-max_tokens // SLOT_GRANULE) * SLOT_GRANULE
-        self.buffers = KVBuffers(layout, max_batch=max_batch, max_tokens=self.max_tokens, dtype=self.dtype,
-                                 device=self.device)
+        self.buffers = KVBuffers(layout, max_batch=max_batch, max_tokens=self.max_tokens + OVERHANG,
+                                 dtype=self.dtype, device=self.device)
+        self.ladder = ladder_for(model, self.buffers)  # attention lengths (spanctx.engine.static_warmup)
         window = getattr(text, "sliding_window", None)
         self.windows = (None,) if window is None else (None, window)
         self.kv_heads = layout[0][0]
@@ -349,8 +351,8 @@ class StaticExecutor:
     def _buckets(self, tail_start: int, prompt: int, slots_needed: int) -> tuple[int, int]:
         """The tail step's padded tokens and every step's attention slots."""
         tail = prompt - tail_start  # a long tail is arithmetic-bound: no graph, no padding
-        tail_bucket = min(suffix_bucket(tail), self.max_tokens - tail_start) if tail <= GRAPH_TOKENS else tail
-        return tail_bucket, min(cache_bucket(max(slots_needed, tail_start + tail_bucket)), self.max_tokens)
+        tail_bucket = suffix_bucket(tail) if tail <= GRAPH_TOKENS else tail  # the buffers' OVERHANG holds it
+        return tail_bucket, rung(self.ladder, max(slots_needed, tail_start + tail_bucket))
 
     def _run_tail(self, call: _Call, input_ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits ``[B, keep, V]`` of the tail's last ``keep`` tokens (a graph's buffer)."""

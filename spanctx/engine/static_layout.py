@@ -1,7 +1,7 @@
 """The shape of a static call: buckets, rows and padding, and the model's KV layout.
 
-Pure helpers of ``spanctx.static``: how many step tokens and attention slots a call's
-bucket has, where each left-padded row starts, which prefix slices each row gets, and
+Pure helpers of ``spanctx.static``: how many step tokens a call's bucket has (its
+attention slots: ``spanctx.engine.static_warmup``), where each left-padded row starts, which prefix slices each row gets, and
 what the model's cache looks like (read off a one-token forward).
 """
 
@@ -15,10 +15,11 @@ from ..cache import kv as kvops
 from ..hf import cache_kwargs
 from . import attention as kernels
 
-__all__ = ["ATTENTION_MODES", "SLOT_GRANULE", "attention_mode", "cache_bucket", "check_tail", "left_pads", "model_reason",
-           "probe_layout", "rows_of", "suffix_bucket"]
+__all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "SLOT_GRANULE", "attention_mode", "check_tail", "left_pads",
+           "model_reason", "probe_layout", "rows_of", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
+GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are arithmetic-bound anyway)
 HOST_ROPE = {"dynamic": "dynamic NTK", "longrope": "longrope"}  # rope types that read lengths on the host
 
 
@@ -26,13 +27,6 @@ def suffix_bucket(tokens: int) -> int:
     """Padded length of a step of ``tokens`` new tokens: 1 for decode, else the next power
     of two, at least 16."""
     return 1 if tokens == 1 else max(16, 1 << (tokens - 1).bit_length())
-
-
-def cache_bucket(slots: int, granule: int = SLOT_GRANULE) -> int:
-    """Attention length covering ``slots``: rounded up to a sixteenth of the largest power
-    of two not above it (at most ~6% padding), and to a multiple of ``granule``."""
-    step = max(granule, (1 << (max(slots, 1).bit_length() - 1)) // 16)
-    return -(-slots // step) * step
 
 
 def probe_layout(model) -> tuple[list[tuple[int, int]], torch.dtype]:

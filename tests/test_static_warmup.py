@@ -1,0 +1,117 @@
+"""The static executor's ladder of attention lengths, its warm-up and its growth, in fp32.
+
+On CPU graphs are off: a "build" is a bucket's first run (what a GPU captures), counted
+in ``build_stats`` the same way, so "nothing built after warm-up" is checked exactly.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from test_static import ATOL, full_logits, hf_generate, ids_of, model_of, options, prefix_of
+
+from spanctx.engine.static import StaticExecutor
+from spanctx.engine.static_layout import SLOT_GRANULE
+from spanctx.engine.static_warmup import OVERHANG, ladder, rung
+
+STEP_8B = 0.25 * 15.0e9 / 131072  # ATTENTION_RATE x the 8B shape's weights read per step / KV bytes per slot
+
+
+@given(top=st.integers(1, 600).map(lambda n: n * SLOT_GRANULE), step=st.floats(0, 1e6), padding=st.floats(0.01, 1),
+       slots=st.integers(1, 600 * SLOT_GRANULE))
+def test_the_ladder_bounds_padding_by_the_cost_model(top, step, padding, slots):
+    lengths = ladder(top, step, padding)
+    assert list(lengths) == sorted(set(lengths)) and lengths[-1] == top
+    assert all(length % SLOT_GRANULE == 0 for length in lengths)
+    if slots <= top:
+        length = rung(lengths, slots)
+        assert length >= slots and length == min(x for x in lengths if x >= slots)
+        # a step over the rung costs at most `padding` more than over `slots` (+ one granule of rounding)
+        assert length - slots <= padding * (step + slots) + SLOT_GRANULE
+    else:
+        with pytest.raises(ValueError, match="exceed"):
+            rung(lengths, slots)
+
+
+def test_the_8b_shape_gets_a_few_rungs():
+    assert len(ladder(16384 + OVERHANG, STEP_8B)) == 5 and len(ladder(131072 + OVERHANG, STEP_8B)) < 20
+    assert ladder(16384 + OVERHANG, STEP_8B)[0] == 3072  # a tenth of STEP_8B, in granules
+
+
+def single_row_calls(max_tokens: int):
+    """(prompt, tail_start, new tokens) of single-row calls over every rung, with short and
+    long tails, ending at the buffers' last slot too."""
+    for prompt in (3, 40, 255, 257, 300, 511, 600, 767, max_tokens - 1):
+        for tail in (1, 2, 17, 200, 257, 512):
+            if tail < prompt:
+                yield prompt, prompt - tail, min(3, max_tokens - prompt)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_after_warm_up_single_row_calls_build_nothing_and_match(arch):
+    model = model_of(arch)
+    cold, warm = StaticExecutor(model, max_tokens=768), StaticExecutor(model, max_tokens=768)
+    stats = warm.warm_up()
+    assert stats.lengths == warm.ladder and stats.builds == warm.build_stats.builds > 0
+    assert stats.calls <= len(warm.ladder) * 6 and stats.seconds >= stats.build_seconds >= 0
+    assert warm.warm_up().builds == 0  # a second warm-up finds everything built
+    built = warm.build_stats
+    for prompt, tail_start, new in single_row_calls(warm.max_tokens):
+        ids = ids_of(prompt, seed=prompt + tail_start)
+        prefix = prefix_of(model, ids, tail_start) if tail_start else []
+        out = warm.forward(prefix, ids, tail_start)
+        torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
+        got = warm.generate(prefix, ids, tail_start, options=options(max_new_tokens=new))
+        want = cold.generate(prefix, ids, tail_start, options=options(max_new_tokens=new))
+        assert got.sequences.tolist() == want.sequences.tolist()
+        assert (out.stats.builds, got.stats.builds) == (0, 0), (prompt, tail_start, new)
+    assert warm.build_stats == built
+    assert cold.build_stats.builds > 0  # the same calls did build on the executor without warm-up
+
+
+def test_a_bucket_the_warm_up_left_out_is_built_by_its_call():
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=256)
+    ex.warm_up()
+    ids = ids_of(60, seed=3)
+    out = ex.forward(prefix_of(model, ids, 40), ids, 40, logits_to_keep=3)  # keeps 3 logits: not warmed
+    assert out.stats.builds == 1
+    torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 3), atol=ATOL, rtol=0)
+
+
+def test_warm_up_covers_the_batches_asked_for():
+    model = model_of("qwen2")
+    ex = StaticExecutor(model, max_tokens=256, max_batch=2)
+    ex.warm_up(batches=(1, 2))
+    ids = torch.cat([ids_of(50, seed=4), ids_of(50, seed=5)])
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    rows = [prefix_of(model, ids[:1], 30), prefix_of(model, ids[1:, 7:], 23)]
+    before = ex.build_stats
+    got = ex.generate(rows, ids, 30, options=options(max_new_tokens=4), attention_mask=mask)
+    assert got.stats.builds == 0 and ex.build_stats == before
+    assert got.sequences[0].tolist() == hf_generate(model, ids[:1], max_new_tokens=4, do_sample=False)[0].tolist()
+
+
+def test_grow_reallocates_and_counts_its_bytes():
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=256, max_batch=2)
+    small = ex.memory_bytes
+    ex.warm_up()
+    ids = ids_of(700, seed=6)
+    assert "buffers hold 256" in ex.unsupported(batch=1, num_tokens=704)
+    predicted = ex.grow_bytes(700)
+    assert ex.grow(700) == predicted == ex.memory_bytes > small
+    assert ex.max_tokens == 768 and ex.ladder[-1] == 768 + OVERHANG == ex.buffers.max_tokens
+    assert ex.build_stats.builds == 0  # graphs of the old buffers are gone
+    assert ex.grow(300) == predicted and ex.grow_bytes(300) == predicted  # holds that many already: no-op
+    inputs = (ex._ids, ex._pos, ex._slots, ex._keep, ex._row_start, ex._adapters.starts, ex._adapters.adapt)
+    assert ex.memory_bytes == ex.buffers.nbytes + sum(t.numel() * t.element_size() for t in inputs)
+    assert ex.unsupported(batch=2, num_tokens=704) is None
+    out = ex.forward(prefix_of(model, ids, 650), ids, 650)
+    torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
+    ex.warm_up()
+    before = ex.build_stats
+    got = ex.generate(prefix_of(model, ids, 690), ids, 690, options=options(max_new_tokens=4))
+    assert got.stats.builds == 0 and ex.build_stats == before
+    assert got.sequences.tolist() == hf_generate(model, ids, max_new_tokens=4, do_sample=False).tolist()
