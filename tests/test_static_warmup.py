@@ -115,3 +115,25 @@ def test_grow_reallocates_and_counts_its_bytes():
     got = ex.generate(prefix_of(model, ids, 690), ids, 690, options=options(max_new_tokens=4))
     assert got.stats.builds == 0 and ex.build_stats == before
     assert got.sequences.tolist() == hf_generate(model, ids, max_new_tokens=4, do_sample=False).tolist()
+
+
+def test_warm_up_builds_every_bucket_some_single_row_call_reaches():
+    """Every (prompt, tail, new tokens) up to max_tokens, by the executor's own bucket rule,
+    on a ladder with wide rungs (so that rungs are reached through the padded tails' overhang)."""
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=768)
+    ex.ladder = (256, 512, ex.buffers.max_tokens)
+    ex.warm_up()
+    built = {(key.tokens, key.length) for key in ex._steps._built}
+    needed = set()
+    for prompt in range(1, ex.max_tokens + 1):
+        for tail_start in range(max(0, prompt - 512), prompt):
+            tokens, length = ex._buckets(tail_start, prompt, prompt)  # forward
+            needed.add((tokens, length))
+            if prompt < ex.max_tokens:  # generate: 1 new token (no decode step), then 2 or more
+                for new_from in (1, 2):
+                    low = ex._buckets(tail_start, prompt, prompt + new_from)[1]
+                    high = ex._buckets(tail_start, prompt, ex.max_tokens)[1]
+                    reached = {rung for rung in ex.ladder if low <= rung <= high}
+                    needed |= {(tokens, rung) for rung in reached} if new_from == 1 else {(1, r) for r in reached}
+    assert needed <= built

@@ -108,7 +108,7 @@ def rung(lengths: Sequence[int], slots: int) -> int:
 class WarmUpStats:
     """What one ``warm_up`` ran and built."""
 
-    calls: int  # calls run (each builds up to one tail bucket and one decode bucket)
+    calls: int  # two-token generations run (each builds up to one tail bucket and one decode bucket)
     builds: int  # buckets built (captured on CUDA; prepared, without graphs)
     seconds: float  # wall time of the warm-up
     build_seconds: float  # of which building (capturing, compiling)
@@ -128,32 +128,29 @@ class Sizing:
         before, started = self.build_stats, time.perf_counter()
         layers = [(k.shape[1], k.shape[-1]) for k in self.buffers.keys]
         junk = [torch.zeros(1, h, 1, d, dtype=self.dtype, device=self.device) for h, d in layers]
-        for batch, prefix, tail, new in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
-                                             disable=not (sys.stderr.isatty() if bar is None else bar)):
-            kv = SpanKV(*([t.expand(-1, -1, prefix, -1) for t in junk] for _ in "kv"))
+        greedy_two = merge_options({}, {"max_new_tokens": 2})  # the second token runs a decode step
+        for batch, prefix, tail in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
+                                        disable=not (sys.stderr.isatty() if bar is None else bar)):
+            kv = SpanKV(*([t.expand(-1, -1, prefix, -1) for t in junk] for _ in "kv"))  # no copy of zeros
             ids = torch.zeros(batch, prefix + tail, dtype=torch.long, device=self.device)
-            pieces = [kvops.KVSlice(kv, 0, prefix)] if prefix else []
-            if new:
-                self.generate(pieces, ids, prefix, options=merge_options({}, {"max_new_tokens": new}))
-            else:
-                self.forward(pieces, ids, prefix)
+            self.generate([kvops.KVSlice(kv, 0, prefix)] if prefix else [], ids, prefix, options=greedy_two)
         built = self.build_stats.since(before)
         return WarmUpStats(len(calls), built.builds, time.perf_counter() - started, built.seconds, self.ladder)
 
-    def _warm_calls(self) -> list[tuple[int, int, int]]:
-        """``(prefix, tail, new tokens)`` of one call per (rung, padded tail) that some call
-        can reach: its shortest tail at the rung's end (two new tokens where they fit,
-        then a decode step runs too; else a forward)."""
+    def _warm_calls(self) -> list[tuple[int, int]]:
+        """``(prefix, tail)`` of one two-token generation per (rung, padded tail) that some
+        call reaches: the shortest tail padded to that bucket, ending at the rung's end or as
+        late as ``max_tokens`` allows (a rung reached only through padding). It runs the
+        tail bucket on the rung, then a decode step on it (``tests/test_static_warmup.py``
+        checks the set against every single-row call's buckets)."""
         calls, lower = [], 0
         for length in self.ladder:
             for bucket in TAILS:
                 tail = shortest_tail(bucket)
-                for new in (2, 0):
-                    prefix = max(0, min(length - bucket, self.max_tokens - tail - new))
-                    fits = prefix + tail + new <= self.max_tokens
-                    if fits and lower < max(prefix + tail + new, prefix + bucket) <= length:
-                        calls.append((prefix, tail, new))
-                        break
+                prefix = max(0, min(length - bucket, self.max_tokens - tail - 2))
+                # its slots: prefix + bucket (tail + 2 <= bucket for every padded tail)
+                if prefix + tail + 2 <= self.max_tokens and lower < prefix + bucket <= length:
+                    calls.append((prefix, tail))
             lower = length
         return calls
 
