@@ -70,7 +70,8 @@ class Row:
     """One prompt of a static call: its ids ``[S]`` on the device and the stored KV of its
     first ``start`` tokens (slices laid one after the other). ``alora_offset``: with an
     aLoRA switched on, how many of the prompt's last tokens it adapts (PEFT's
-    ``alora_offsets``; None: none); the prefix must end before them."""
+    ``alora_offsets``; None: none). Tail tokens among them run with the adapter; the
+    prefix is taken as given (a stored invocation span holds adapted KV)."""
 
     input_ids: torch.Tensor
     prefix: Sequence[kvops.KVSlice] = ()
@@ -86,9 +87,9 @@ class Row:
         covered = sum(p.num_tokens for p in self.prefix)
         if covered != self.start:
             raise ValueError(f"the prefix covers {covered} tokens, the row starts its tail at {self.start}")
-        if self.alora_offset is not None and not 0 < self.alora_offset <= prompt - self.start:
-            raise ValueError(f"an aLoRA offset of {self.alora_offset} puts the invocation before the tail start "
-                             f"{self.start} (the reused prefix must be base KV) or outside the prompt")
+        if self.alora_offset is not None and not 0 < self.alora_offset <= prompt:
+            raise ValueError(f"an aLoRA offset of {self.alora_offset} puts the invocation outside the {prompt}-token "
+                             "prompt")
 
     @property
     def num_tokens(self) -> int:
