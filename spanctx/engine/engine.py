@@ -339,20 +339,6 @@ class Engine:
             out = self.static.generate(rows, options=opts)
             self._store_rows(calls, out.kv, out.packing)
             return Generated(out.sequences, clock.first_token_at, executor="static")
-        return Generated(self._generate_rows_eagerly(calls, kept, cached_width, kwargs), clock.first_token_at,
-                         fallback=fallback)
-
-    def _generate_rows_eagerly(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
-                               kwargs: dict) -> torch.Tensor:
-        width = max(c.prompt.num_tokens for c in calls)
-        pad_id = kwargs["pad_token_id"]
-        if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token: pass pad_token_id=...")
-        input_ids = torch.full((len(calls), width), pad_id, dtype=torch.long, device=self.device)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, call in enumerate(calls):
-            input_ids[row, width - call.prompt.num_tokens:] = call.input_ids[0]
-            attention_mask[row, width - call.prompt.num_tokens:] = 1
         reuse = all(c.cache is not None for c in calls)
         for row, (call, keep) in enumerate(zip(calls, kept)):
             if reuse and keep < call.keep_at_least:
@@ -361,12 +347,13 @@ class Engine:
             if reuse and keep > call.tail_start:
                 self.executor.forward(call.input_ids[:, call.tail_start:keep], call.cache)
         cache = kvops.stack_left_padded([c.cache for c in calls], kept, cached_width) if reuse else None
-        out = self.executor.generate(input_ids, attention_mask, cache, kwargs)
+        sequences = self.executor.generate_left_padded([c.input_ids[0] for c in calls], cache, kwargs)
         if reuse:
+            width = max(c.prompt.num_tokens for c in calls)
             for row, call in enumerate(calls):
                 self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments, row=row,
                                              offset=width - call.prompt.num_tokens)
-        return out
+        return Generated(sequences, clock.first_token_at, fallback=fallback)
 
     def forward_rows(self, context: Sequence[kvops.KVSlice], prompts: Sequence[ResolvedPrompt], start: int, *,
                      every_position: bool = False, store_from: int | None = None,
@@ -387,7 +374,8 @@ class Engine:
             logits = out.logits.float() if every_position else out.logits[:, -1].float()
             cache, slots = kvops.as_cache(out.kv), out.packing
         else:
-            logits, cache = self._forward_rows_eagerly(context, prompts, start, every_position)
+            logits, cache = self.executor.forward_rows(context, [p.token_ids[start:] for p in prompts], start,
+                                                       every_position=every_position)
             slots = None
         if store_from is not None:
             for row, prompt in enumerate(prompts):
@@ -399,23 +387,6 @@ class Engine:
                     self.interpreter.store_spans(prompt, cache, missing,
                                                  offset=slots.bases[row] - slots.shared_tokens)
         return logits
-
-    def _forward_rows_eagerly(self, context: Sequence[kvops.KVSlice], prompts: Sequence[ResolvedPrompt],
-                              start: int, every_position: bool):
-        """One right-padded batch after ``context`` repeated per row. No mask is needed:
-        attention is causal and every row's tokens sit in the same slots, so a row's tokens
-        never see the padding after them."""
-        tails = [p.token_ids[start:] for p in prompts]
-        width = max(len(tail) for tail in tails)
-        # padding: id 0, after a row's last token, so none of the row's tokens attends to it
-        ids = torch.tensor([list(tail) + [0] * (width - len(tail)) for tail in tails], device=self.device)
-        cache = kvops.repeat_batch(kvops.assemble(context), len(tails), start)
-        if every_position:
-            return self.executor.forward(ids, cache, logits_to_keep=0).logits.float(), cache  # [B, W, V]
-        last = torch.tensor([len(tail) - 1 for tail in tails], device=self.device)  # [B]
-        keep = torch.unique(last)  # [K] sorted columns whose logits are read
-        out = self.executor.forward(ids, cache, logits_to_keep=keep)  # logits: [B, K, V]
-        return out.logits[torch.arange(len(tails), device=self.device), torch.searchsorted(keep, last)].float(), cache
 
     # -- probes and checks --------------------------------------------------------------
 

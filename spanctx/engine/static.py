@@ -57,10 +57,32 @@ from ..hf import cache_kwargs
 from . import attention as kernels
 from .decoding import HostMirror, TokenChooser, seeded, unsupported_options
 from .graphs import BuildStats, StepGraphs
-from .slots import OWNER_FREE, OWNER_SHARED, STEP_KWARG, KVBuffers, SlotCache, StepAttention, attention_switched, \
-    own_attention, step_masks
-from .static_layout import SLOT_GRANULE, Packing, Row, attention_mode, cache_bucket, model_reason, pack, \
-    probe_layout, suffix_bucket
+from .slots import (
+    OWNER_FREE,
+    OWNER_SHARED,
+    STEP_KWARG,
+    KVBuffers,
+    SlotCache,
+    StepAttention,
+    attention_switched,
+    own_attention,
+    step_masks,
+)
+from .static_layout import (
+    SLOT_GRANULE,
+    Bucket,
+    ExecStats,
+    ForwardOutput,
+    GenerateOutput,
+    Packing,
+    Row,
+    attention_mode,
+    cache_bucket,
+    model_reason,
+    pack,
+    probe_layout,
+    suffix_bucket,
+)
 from .static_lora import AdapterState, AdapterSteps
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "Row", "StaticExecutor", "cache_bucket", "suffix_bucket"]
@@ -70,60 +92,6 @@ GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are ar
 # 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
 MAX_MASK_BYTES = 512 << 20
 MAX_ROWS = 64  # rows of one call
-
-
-@attrs.frozen
-class Bucket:
-    """The key of one captured step."""
-
-    tokens: int  # step tokens (padded)
-    length: int  # attention slots
-    keep: int  # logits rows returned
-    adapters: AdapterState | None  # what the LoRA layers run (None: the base model)
-
-
-@attrs.frozen
-class ExecStats:
-    """What one call of the static executor ran and paid."""
-
-    path: str  # "graph": replayed CUDA graphs; "eager": plain forwards on the buffers
-    compiled: bool  # the model ran through torch.compile
-    attention: str  # "split" or "hf" (see spanctx.slots)
-    rows: int  # prompts packed into the call
-    shared_tokens: int  # prefix tokens laid once for every row
-    suffix_bucket: int  # the tail step's padded length
-    cache_bucket: int  # attention slots of every step
-    copied_tokens: int  # prefix tokens copied into the buffers (0: already in place)
-    steps: int  # model steps run (the tail, then one per generated token after the first)
-    builds: int  # buckets captured (or compiled) by this call
-    build_s: float  # seconds this call spent capturing and compiling
-
-
-@attrs.frozen(eq=False)
-class ForwardOutput:
-    """``logits`` ``[R, keep, V]`` of each row's last ``keep`` tokens (a copy; with
-    ``keep=0`` ``[R, T, V]``: row ``r``'s tail tokens first, zeros after); ``kv`` the buffer
-    row's keys and values (views, valid until the next call) with ``packing`` saying where
-    each row's tokens are."""
-
-    logits: torch.Tensor
-    kv: SpanKV
-    packing: Packing
-    stats: ExecStats
-
-
-@attrs.frozen(eq=False)
-class GenerateOutput:
-    """``sequences`` ``[R, W + N]``: the prompts left-padded to the longest ``W``, then
-    ``N <= max_new_tokens`` new tokens per row; with ``output_scores`` / ``output_logits``
-    each step's ``[R, V]``; ``kv`` and ``packing`` as in ``ForwardOutput``."""
-
-    sequences: torch.Tensor
-    scores: tuple[torch.Tensor, ...] | None
-    logits: tuple[torch.Tensor, ...] | None
-    kv: SpanKV
-    packing: Packing
-    stats: ExecStats
 
 
 @attrs.frozen(eq=False)

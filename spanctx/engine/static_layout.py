@@ -1,8 +1,9 @@
 """The shape of a static call: buckets, rows and padding, and the model's KV layout.
 
-Pure helpers of ``spanctx.static``: how many step tokens and attention slots a call's
-bucket has, how the rows of a call are packed into the one buffer row (``pack``), and
-what the model's cache looks like (read off a one-token forward).
+Pure helpers and values of ``static``: how many step tokens and attention slots a call's
+bucket has, how the rows of a call are packed into the one buffer row (``pack``), what a
+call returns (``ForwardOutput``, ``GenerateOutput``, ``ExecStats``), and what the model's
+cache looks like (read off a one-token forward).
 
 Packing. A call's rows share one row of KV buffers. The leading stored slices that every
 row has (the same tensors, the same tokens: a context checked against N requirements,
@@ -21,10 +22,12 @@ import attrs
 import torch
 
 from ..cache import kv as kvops
+from ..cache.span_kv import SpanKV
 from ..hf import cache_kwargs
 from . import attention as kernels
+from .static_lora import AdapterState
 
-__all__ = ["ATTENTION_MODES", "SLOT_GRANULE", "Packing", "Row", "attention_mode", "cache_bucket", "model_reason",
+__all__ = ["ATTENTION_MODES", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput", "GenerateOutput", "Packing", "Row", "attention_mode", "cache_bucket", "model_reason",
            "pack", "probe_layout", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
@@ -147,6 +150,60 @@ def pack(rows: Sequence[Row]) -> Packing:
         slot += row.num_tokens - shared_tokens
     return Packing(tuple(shared), shared_tokens, tuple(bases), tuple(r.num_tokens for r in rows),
                    tuple(r.start for r in rows))
+
+
+@attrs.frozen
+class Bucket:
+    """The key of one captured step."""
+
+    tokens: int  # step tokens (padded)
+    length: int  # attention slots
+    keep: int  # logits rows returned
+    adapters: AdapterState | None  # what the LoRA layers run (None: the base model)
+
+
+@attrs.frozen
+class ExecStats:
+    """What one call of the static executor ran and paid."""
+
+    path: str  # "graph": replayed CUDA graphs; "eager": plain forwards on the buffers
+    compiled: bool  # the model ran through torch.compile
+    attention: str  # "split" or "hf" (see spanctx.slots)
+    rows: int  # prompts packed into the call
+    shared_tokens: int  # prefix tokens laid once for every row
+    suffix_bucket: int  # the tail step's padded length
+    cache_bucket: int  # attention slots of every step
+    copied_tokens: int  # prefix tokens copied into the buffers (0: already in place)
+    steps: int  # model steps run (the tail, then one per generated token after the first)
+    builds: int  # buckets captured (or compiled) by this call
+    build_s: float  # seconds this call spent capturing and compiling
+
+
+@attrs.frozen(eq=False)
+class ForwardOutput:
+    """``logits`` ``[R, keep, V]`` of each row's last ``keep`` tokens (a copy; with
+    ``keep=0`` ``[R, T, V]``: row ``r``'s tail tokens first, zeros after); ``kv`` the buffer
+    row's keys and values (views, valid until the next call) with ``packing`` saying where
+    each row's tokens are."""
+
+    logits: torch.Tensor
+    kv: SpanKV
+    packing: Packing
+    stats: ExecStats
+
+
+@attrs.frozen(eq=False)
+class GenerateOutput:
+    """``sequences`` ``[R, W + N]``: the prompts left-padded to the longest ``W``, then
+    ``N <= max_new_tokens`` new tokens per row; with ``output_scores`` / ``output_logits``
+    each step's ``[R, V]``; ``kv`` and ``packing`` as in ``ForwardOutput``."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None
+    logits: tuple[torch.Tensor, ...] | None
+    kv: SpanKV
+    packing: Packing
+    stats: ExecStats
 
 
 ATTENTION_MODES = ("auto", "split", "hf")
