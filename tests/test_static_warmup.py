@@ -8,10 +8,21 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_static import ATOL, full_logits, hf_generate, ids_of, model_of, options, prefix_of
+from test_static import (
+    ATOL,
+    full_logits,
+    hf_generate,
+    ids_of,
+    model_of,
+    one,
+    options,
+    prefix_of,
+)
 
+from spanctx.cache.kv import KVSlice
+from spanctx.cache.span_kv import SpanKV
 from spanctx.engine.static import StaticExecutor
-from spanctx.engine.static_layout import SLOT_GRANULE
+from spanctx.engine.static_layout import SLOT_GRANULE, Row, pack
 from spanctx.engine.static_warmup import OVERHANG, ladder, rung
 
 STEP_8B = 0.25 * 15.0e9 / 131072  # ATTENTION_RATE x the 8B shape's weights read per step / KV bytes per slot
@@ -59,10 +70,10 @@ def test_after_warm_up_single_row_calls_build_nothing_and_match(arch):
     for prompt, tail_start, new in single_row_calls(warm.max_tokens):
         ids = ids_of(prompt, seed=prompt + tail_start)
         prefix = prefix_of(model, ids, tail_start) if tail_start else []
-        out = warm.forward(prefix, ids, tail_start)
+        out = warm.forward(one(prefix, ids, tail_start))
         torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
-        got = warm.generate(prefix, ids, tail_start, options=options(max_new_tokens=new))
-        want = cold.generate(prefix, ids, tail_start, options=options(max_new_tokens=new))
+        got = warm.generate(one(prefix, ids, tail_start), options=options(max_new_tokens=new))
+        want = cold.generate(one(prefix, ids, tail_start), options=options(max_new_tokens=new))
         assert got.sequences.tolist() == want.sequences.tolist()
         assert (out.stats.builds, got.stats.builds) == (0, 0), (prompt, tail_start, new)
     assert warm.build_stats == built
@@ -74,45 +85,29 @@ def test_a_bucket_the_warm_up_left_out_is_built_by_its_call():
     ex = StaticExecutor(model, max_tokens=256)
     ex.warm_up()
     ids = ids_of(60, seed=3)
-    out = ex.forward(prefix_of(model, ids, 40), ids, 40, logits_to_keep=3)  # keeps 3 logits: not warmed
+    out = ex.forward(one(prefix_of(model, ids, 40), ids, 40), logits_to_keep=3)  # keeps 3 logits: not warmed
     assert out.stats.builds == 1
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 3), atol=ATOL, rtol=0)
 
 
-def test_warm_up_covers_the_batches_asked_for():
-    model = model_of("qwen2")
-    ex = StaticExecutor(model, max_tokens=256, max_batch=2)
-    ex.warm_up(batches=(1, 2))
-    ids = torch.cat([ids_of(50, seed=4), ids_of(50, seed=5)])
-    mask = torch.ones_like(ids)
-    mask[1, :7] = 0  # left padding
-    rows = [prefix_of(model, ids[:1], 30), prefix_of(model, ids[1:, 7:], 23)]
-    before = ex.build_stats
-    got = ex.generate(rows, ids, 30, options=options(max_new_tokens=4), attention_mask=mask)
-    assert got.stats.builds == 0 and ex.build_stats == before
-    assert got.sequences[0].tolist() == hf_generate(model, ids[:1], max_new_tokens=4, do_sample=False)[0].tolist()
-
-
 def test_grow_reallocates_and_counts_its_bytes():
     model = model_of("llama")
-    ex = StaticExecutor(model, max_tokens=256, max_batch=2)
+    ex = StaticExecutor(model, max_tokens=256)
     small = ex.memory_bytes
     ex.warm_up()
     ids = ids_of(700, seed=6)
-    assert "buffers hold 256" in ex.unsupported(batch=1, num_tokens=704)
+    assert "buffers hold 256" in ex.refuses(one(prefix_of(model, ids, 650), ids, 650), new_tokens=4)
     predicted = ex.grow_bytes(700)
     assert ex.grow(700) == predicted == ex.memory_bytes > small
     assert ex.max_tokens == 768 and ex.ladder[-1] == 768 + OVERHANG == ex.buffers.max_tokens
     assert ex.build_stats.builds == 0  # graphs of the old buffers are gone
     assert ex.grow(300) == predicted and ex.grow_bytes(300) == predicted  # holds that many already: no-op
-    inputs = (ex._ids, ex._pos, ex._slots, ex._keep, ex._row_start, ex._adapters.starts, ex._adapters.adapt)
-    assert ex.memory_bytes == ex.buffers.nbytes + sum(t.numel() * t.element_size() for t in inputs)
-    assert ex.unsupported(batch=2, num_tokens=704) is None
-    out = ex.forward(prefix_of(model, ids, 650), ids, 650)
+    assert ex.refuses(one(prefix_of(model, ids, 650), ids, 650), new_tokens=4) is None
+    out = ex.forward(one(prefix_of(model, ids, 650), ids, 650))
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
     ex.warm_up()
     before = ex.build_stats
-    got = ex.generate(prefix_of(model, ids, 690), ids, 690, options=options(max_new_tokens=4))
+    got = ex.generate(one(prefix_of(model, ids, 690), ids, 690), options=options(max_new_tokens=4))
     assert got.stats.builds == 0 and ex.build_stats == before
     assert got.sequences.tolist() == hf_generate(model, ids, max_new_tokens=4, do_sample=False).tolist()
 
@@ -125,15 +120,18 @@ def test_warm_up_builds_every_bucket_some_single_row_call_reaches():
     ex.ladder = (256, 512, ex.buffers.max_tokens)
     ex.warm_up()
     built = {(key.tokens, key.length) for key in ex._steps._built}
+    kv = SpanKV(*([k[:, :, :1].expand(1, -1, ex.max_tokens, -1) for k in ex.buffers.keys] for _ in "kv"))
+    ids = torch.zeros(ex.max_tokens, dtype=torch.long)
     needed = set()
     for prompt in range(1, ex.max_tokens + 1):
         for tail_start in range(max(0, prompt - 512), prompt):
-            tokens, length = ex._buckets(tail_start, prompt, prompt)  # forward
+            packing = pack([Row(ids[:prompt], [KVSlice(kv, 0, tail_start)] if tail_start else [], tail_start)])
+            tokens, length = ex._buckets(packing, 0)  # forward
             needed.add((tokens, length))
             if prompt < ex.max_tokens:  # generate: 1 new token (no decode step), then 2 or more
                 for new_from in (1, 2):
-                    low = ex._buckets(tail_start, prompt, prompt + new_from)[1]
-                    high = ex._buckets(tail_start, prompt, ex.max_tokens)[1]
+                    low = ex._buckets(packing, new_from)[1]
+                    high = ex._buckets(packing, ex.max_tokens - prompt)[1]
                     reached = {rung for rung in ex.ladder if low <= rung <= high}
                     needed |= {(tokens, rung) for rung in reached} if new_from == 1 else {(1, r) for r in reached}
     assert needed <= built

@@ -23,14 +23,13 @@ The old lengths (a sixteenth of a power of two, 256-slot granules below 4K) padd
 (<= 6%) but needed a new capture every 256-512 slots of a growing chat.
 
 Warm-up builds each bucket by running a call that needs it through the executor's own
-``forward`` and ``generate`` (junk prompt, junk prefix KV of the right length, two new
-tokens), so it builds exactly the buckets requests build, by the same code: per rung,
+``generate`` (a junk prompt, junk prefix KV of the right length, two new tokens), so it builds exactly the buckets requests build, by the same code: per rung,
 every padded tail (``suffix_bucket``: 16, 32, ..., 512 tokens) and the decode step
 (1 token; a 1-token tail is the same bucket), logits of the last token only, for the
 adapter state switched on at the time. A padded tail may run past the call's slots (by
 up to 255: ``suffix_bucket(257) = 512``), so the buffers hold ``OVERHANG`` slots more
 than ``max_tokens`` and the top rung is the buffers' size: no call needs a length off
-the ladder. Buckets a warm-up does not build (other batch sizes than asked,
+the ladder. Buckets a warm-up does not build (several rows packed together,
 ``logits_to_keep > 1``, another adapter state) are built by the call that needs them,
 and its ``ExecStats.builds`` says so.
 """
@@ -49,7 +48,7 @@ from tqdm import tqdm
 from ..cache import kv as kvops
 from ..cache.span_kv import SpanKV
 from ..core.options import merge_options
-from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, suffix_bucket
+from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, suffix_bucket
 
 __all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "ladder", "ladder_for", "rung"]
 
@@ -85,14 +84,13 @@ def ladder(top: int, step: float, padding: float = PADDING) -> tuple[int, ...]:
 
 def ladder_for(model: torch.nn.Module, buffers) -> tuple[int, ...]:
     """The ladder of ``buffers`` (``spanctx.slots.KVBuffers``) for ``model``: ``step`` is
-    ``ATTENTION_RATE`` times the bytes of weights a step reads over one slot's KV bytes of
-    one row. The input embedding table is gathered, not read, unless the output layer
+    ``ATTENTION_RATE`` times the bytes of weights a step reads over one slot's KV bytes. The input embedding table is gathered, not read, unless the output layer
     shares it."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     table, head = model.get_input_embeddings(), model.get_output_embeddings()
     if table is not None and (head is None or head.weight is not table.weight):
         weights -= table.weight.numel() * table.weight.element_size()
-    slot_bytes = buffers.nbytes / (buffers.max_batch * buffers.max_tokens)
+    slot_bytes = buffers.nbytes / buffers.max_tokens
     return ladder(buffers.max_tokens, ATTENTION_RATE * weights / slot_bytes)
 
 
@@ -119,21 +117,22 @@ class Sizing:
     """The static executor's start-up and growth, mixed into ``StaticExecutor``: it uses
     the executor's calls, its buffers and step inputs, and its constructor."""
 
-    def warm_up(self, *, batches: Sequence[int] = (1,), bar: bool | None = None) -> WarmUpStats:
-        """Build now every bucket that calls of ``batches`` rows (keeping the last token's
-        logits, with the adapters switched on now) can need up to ``max_tokens`` slots,
-        so that such calls build nothing later. ``bar``: a progress bar (None: when stderr
+    def warm_up(self, *, bar: bool | None = None) -> WarmUpStats:
+        """Build now every bucket that a one-row call (keeping the last token's logits,
+        with the adapters switched on now) can need up to ``max_tokens`` slots, so that
+        such calls build nothing later. ``bar``: a progress bar (None: when stderr
         is a terminal). The calls leave junk KV in the rows (forgotten as placed)."""
-        calls = [(batch, *call) for batch in batches for call in self._warm_calls()]
+        calls = self._warm_calls()
         before, started = self.build_stats, time.perf_counter()
         layers = [(k.shape[1], k.shape[-1]) for k in self.buffers.keys]
         junk = [torch.zeros(1, h, 1, d, dtype=self.dtype, device=self.device) for h, d in layers]
         greedy_two = merge_options({}, {"max_new_tokens": 2})  # the second token runs a decode step
-        for batch, prefix, tail in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
-                                        disable=not (sys.stderr.isatty() if bar is None else bar)):
+        for prefix, tail in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
+                                 disable=not (sys.stderr.isatty() if bar is None else bar)):
             kv = SpanKV(*([t.expand(-1, -1, prefix, -1) for t in junk] for _ in "kv"))  # no copy of zeros
-            ids = torch.zeros(batch, prefix + tail, dtype=torch.long, device=self.device)
-            self.generate([kvops.KVSlice(kv, 0, prefix)] if prefix else [], ids, prefix, options=greedy_two)
+            ids = torch.zeros(prefix + tail, dtype=torch.long, device=self.device)
+            pieces = [kvops.KVSlice(kv, 0, prefix)] if prefix else []
+            self.generate([Row(ids, pieces, prefix)], options=greedy_two)
         built = self.build_stats.since(before)
         return WarmUpStats(len(calls), built.builds, time.perf_counter() - started, built.seconds, self.ladder)
 
@@ -157,7 +156,8 @@ class Sizing:
     def grow_bytes(self, max_tokens: int) -> int:
         """``memory_bytes`` after ``grow(max_tokens)`` (to reserve them before growing)."""
         added = max(0, granules(max_tokens) - self.max_tokens)
-        sized = (self._ids, self._pos, self._slots, self._keep, self._adapters.adapt)  # [..., max_tokens]
+        sized = (self._ids, self._pos, self._slots, self._who, self._keep, self._owners, self._slot_pos,
+                 self._adapters.adapt)  # [..., max_tokens or the buffers' slots]: grow as those
         per_slot = self.buffers.nbytes // self.buffers.max_tokens + sum(t.nbytes // t.shape[-1] for t in sized)
         return self.memory_bytes + added * per_slot
 
@@ -168,8 +168,8 @@ class Sizing:
         Returns the new ``memory_bytes``."""
         if max_tokens > self.max_tokens:
             with self._lock:
-                kept = dict(max_batch=self.buffers.max_batch, graphs=self.graphs, compile=self.compiled,
-                            attention=self.attention, chunks=self._chunks)
+                kept = {"graphs": self.graphs, "compile": self.compiled, "attention": self.attention,
+                        "chunks": self._chunks}
                 mask_bytes, self._steps, self._caches, self.buffers = self.max_mask_bytes, None, {}, None
                 self.__init__(self.model, max_tokens=max_tokens, **kept)
                 self.max_mask_bytes = mask_bytes
