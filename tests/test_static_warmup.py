@@ -135,3 +135,11 @@ def test_warm_up_builds_every_bucket_some_single_row_call_reaches():
                     reached = {rung for rung in ex.ladder if low <= rung <= high}
                     needed |= {(tokens, rung) for rung in reached} if new_from == 1 else {(1, r) for r in reached}
     assert needed <= built
+
+
+def test_warm_up_shows_a_bar_only_when_asked(capsys):
+    ex = StaticExecutor(model_of("llama"), max_tokens=256)
+    ex.warm_up(bar=False)
+    assert "capturing step graphs" not in capsys.readouterr().err
+    ex.warm_up(bar=True)
+    assert "capturing step graphs" in capsys.readouterr().err
