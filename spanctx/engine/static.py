@@ -87,7 +87,10 @@ from .static_lora import AdapterState, AdapterSteps
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "Row", "StaticExecutor", "cache_bucket", "suffix_bucket"]
 
-GRAPH_TOKENS = 512  # longer tails run unpadded and without a graph (they are arithmetic-bound anyway)
+# longer tails run unpadded and without a graph (arithmetic-bound: 2K tokens are ~32 TFLOP on
+# an 8B model, ~50 ms on an H200, against ~45 ms of eager launches); the packed rows of 16
+# checks (~85 tokens each) fit under it
+GRAPH_TOKENS = 2048
 # a step's masks are tail x slots: a 15K cold prompt's are ~1 GB in fp32, and on CPU it ran
 # 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
 MAX_MASK_BYTES = 512 << 20
