@@ -356,13 +356,12 @@ class StaticExecutor:
         """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at
         ``positions[r]`` (decode step ``step``: the slots after the prompts, one per row)."""
         rows = tokens.shape[0]
-        first = call.packing.decode_slot + step * rows
         self._ids[:rows].copy_(tokens)
         self._pos[:rows].copy_(positions)
-        if step == 0:  # the same every step but the slots
-            self._who[:rows].copy_(torch.arange(rows), non_blocking=True)
-            self._keep[:rows].copy_(torch.arange(rows), non_blocking=True)
-        self._slots[:rows].copy_(torch.arange(first, first + rows), non_blocking=True)
+        if step == 0:  # the same every step but the slots; device-side, so the host never waits
+            torch.arange(rows, out=self._who[:rows])
+            torch.arange(rows, out=self._keep[:rows])
+        torch.add(self._who[:rows], call.packing.decode_slot + step * rows, out=self._slots[:rows])
         return self._run(Bucket(rows, call.length, rows, call.adapters))
 
     def _run(self, bucket: Bucket) -> torch.Tensor:
