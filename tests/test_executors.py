@@ -46,16 +46,59 @@ def test_static_streams_and_samples_like_eager():
             == eager.generate(ctx, 10, do_sample=True, seed=3).token_ids)
 
 
-def test_what_runs_eagerly_and_why(tmp_path_factory):
+def test_scores_and_adapter_calls_run_on_the_static_executor(tmp_path_factory):
+    arch, alora, lora = adapter_pair("llama", tmp_path_factory, "executors", (1, 2))
+    eager, static = fresh_runtime(arch, executor="eager"), fresh_runtime(arch, executor="static")
+    ctx = Context().append(SYSTEM).append("Why?")
+    want, got = (rt.generate(ctx, 4, output_scores=True, output_logits=True) for rt in (eager, static))
+    assert (got.stats.executor, got.stats.executor_fallback) == ("static", None)
+    assert got.token_ids == want.token_ids
+    for name in ("scores", "logits"):
+        for a, b in zip(getattr(got, name), getattr(want, name)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    for rt in (eager, static):
+        rt.add_adapter("check", alora, invocation=INVOCATION)
+        rt.add_adapter("style", lora)
+    for adapter in ("check", "style"):
+        want, got = (rt.generate(ctx, 5, adapter=adapter) for rt in (eager, static))
+        assert got.stats.executor == "static" and got.token_ids == want.token_ids
+        torch.testing.assert_close(static.next_token_logits(ctx, adapter=adapter),
+                                   eager.next_token_logits(ctx, adapter=adapter), atol=1e-4, rtol=0)
+    # the aLoRA call reused the base spans the first generation stored: its invocation only ran
+    assert static.generate(ctx, 2, adapter="check").stats.cached_tokens > 0
+
+
+def test_checks_scores_and_batches_run_on_the_static_executor(tmp_path_factory):
+    arch, alora, _ = adapter_pair("llama", tmp_path_factory, "executors-rows", (3, 4))
+    eager, static = fresh_runtime(arch, executor="eager"), fresh_runtime(arch, executor="static")
+    for rt in (eager, static):
+        rt.add_adapter("check", alora, invocation=INVOCATION)
+    ctx = Context().append(SYSTEM).append("The answer is forty-two.")
+    requirements = ["It is a number.", "It is short.", "It is polite and kind."]
+    for reuse in (True, False):
+        built = static.engine.static.build_stats.builds
+        want = eager.check(ctx, requirements, adapter="check", reuse=reuse)
+        got = static.check(ctx, requirements, adapter="check", reuse=reuse)
+        assert static.engine.static.build_stats.builds > built or reuse is False  # its steps ran there
+        for a, b in zip(got, want):
+            assert a.passed == b.passed and abs(a.probability - b.probability) < 1e-4
+    candidates = [" yes", " no thanks", " maybe later, friend"]
+    for a, b in zip(static.score(ctx, candidates), eager.score(ctx, candidates)):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs)) < 1e-4
+    contexts = [ctx.append("Say more."), ctx.append("And then?"), Context().append("Another one entirely.")]
+    for reuse in (True, False):
+        want = eager.generate_batch(contexts, 6, reuse=reuse)
+        got = static.generate_batch(contexts, 6, reuse=reuse)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+        assert [r.token_ids for r in got] == [static.generate(c, 6).token_ids for c in contexts]
+
+
+def test_what_runs_eagerly_and_why():
     _, static = runtimes()
     ctx = Context().append(SYSTEM).append("Why?")
-    scored = static.generate(ctx, 4, output_scores=True)
-    assert scored.stats.executor == "eager" and "scores" in scored.stats.executor_fallback
-    arch, alora, _ = adapter_pair("llama", tmp_path_factory, "executors", (1, 2))
-    rt = fresh_runtime(arch, executor="static")
-    rt.add_adapter("check", alora, invocation=INVOCATION)
-    adapted = rt.generate(ctx, 4, adapter="check")
-    assert adapted.stats.executor == "eager" and "adapter" in adapted.stats.executor_fallback
+    stopped = static.generate(ctx, 4, stop_strings=["."])
+    assert stopped.stats.executor == "eager" and "stop_strings" in stopped.stats.executor_fallback
     with pytest.raises(ValueError, match="executor is one of"):
         spanctx.Runtime(*tiny_model("llama"), store_bytes=1 << 20, executor="fast")
 

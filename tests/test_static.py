@@ -23,7 +23,7 @@ from transformers.generation.streamers import BaseStreamer
 import spanctx
 from spanctx.cache.kv import KVSlice, as_slices, empty_cache
 from spanctx.core.options import merge_options
-from spanctx.engine.static import StaticExecutor
+from spanctx.engine.static import Row, StaticExecutor
 from spanctx.engine.static_layout import cache_bucket, suffix_bucket
 from spanctx.hf import cache_kwargs
 
@@ -69,6 +69,12 @@ def hf_generate(model, ids: torch.Tensor, **kwargs) -> torch.Tensor:
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
 
 
+def one(prefix, ids: torch.Tensor, start: int, offset=None) -> list[Row]:
+    """The rows of ``ids [B, S]``, each after ``prefix`` (a row's aLoRA ``offset``: a list per row)."""
+    offsets = offset if offset is not None else [None] * ids.shape[0]
+    return [Row(row, prefix, start, o) for row, o in zip(ids, offsets)]
+
+
 def options(**kwargs):
     return merge_options({}, kwargs)
 
@@ -82,9 +88,9 @@ def test_logits_and_greedy_tokens_match_full_prefill(arch, attention):
     ex = StaticExecutor(model, max_tokens=128, attention=attention)
     ids = ids_of(40, seed=1)  # crosses the sliding windows of 16
     prefix = prefix_of(model, ids, 29, cuts=(11,))
-    out = ex.forward(prefix, ids, 29, logits_to_keep=3)
+    out = ex.forward(one(prefix, ids, 29), logits_to_keep=3)
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 3), atol=ATOL, rtol=0)
-    generated = ex.generate(prefix, ids, 29, options=options(max_new_tokens=6))
+    generated = ex.generate(one(prefix, ids, 29), options=options(max_new_tokens=6))
     assert generated.sequences.tolist() == hf_generate(model, ids, max_new_tokens=6, do_sample=False).tolist()
     assert generated.stats.attention == attention
     assert generated.stats.path == ("graph" if DEVICE.type == "cuda" else "eager")
@@ -94,9 +100,9 @@ def test_prompt_kv_is_the_prompts_cache():
     model = model_of("llama")
     ids = ids_of(30)
     ex = StaticExecutor(model, max_tokens=64)
-    out = ex.forward(prefix_of(model, ids, 20), ids, 20)
+    out = ex.forward(one(prefix_of(model, ids, 20), ids, 20))
     full = prefix_of(model, ids, 30)[0].kv
-    for got, want in zip((*out.prompt_kv.keys, *out.prompt_kv.values), (*full.keys, *full.values)):
+    for got, want in zip((*out.kv.keys, *out.kv.values), (*full.keys, *full.values)):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
@@ -105,12 +111,12 @@ def test_buckets_are_built_once_and_reused():
     ex = StaticExecutor(model, max_tokens=512)
     ids = ids_of(60)
     prefix = prefix_of(model, ids, 40)
-    first = ex.generate(prefix, ids, 40, options=options(max_new_tokens=3))  # tail of 20: bucket 32
+    first = ex.generate(one(prefix, ids, 40), options=options(max_new_tokens=3))  # tail of 20: bucket 32
     assert (first.stats.suffix_bucket, first.stats.builds) == (32, 2)  # the tail's bucket and the decode's
-    again = ex.generate(prefix_of(model, ids, 35), ids, 35, options=options(max_new_tokens=3))  # tail of 25
+    again = ex.generate(one(prefix_of(model, ids, 35), ids, 35), options=options(max_new_tokens=3))  # tail of 25
     assert (again.stats.suffix_bucket, again.stats.cache_bucket) == (32, first.stats.cache_bucket)
     assert again.stats.builds == 0
-    longer = ex.generate(prefix, ids, 40, options=options(max_new_tokens=300))  # another cache bucket
+    longer = ex.generate(one(prefix, ids, 40), options=options(max_new_tokens=300))  # another cache bucket
     assert longer.stats.cache_bucket > first.stats.cache_bucket and longer.stats.builds == 2
     assert ex.build_stats.builds == 4
 
@@ -119,7 +125,7 @@ def test_a_long_tail_runs_unpadded():
     model = model_of("llama")
     ex = StaticExecutor(model, max_tokens=1024)
     ids = ids_of(600, seed=8)
-    out = ex.forward(prefix_of(model, ids, 10), ids, 10)
+    out = ex.forward(one(prefix_of(model, ids, 10), ids, 10))
     assert out.stats.suffix_bucket == 590
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
 
@@ -137,14 +143,14 @@ def test_a_prefix_already_in_place_is_not_copied_again_and_a_new_one_is():
     ex = StaticExecutor(model, max_tokens=128)
     ids, other = ids_of(30, seed=1), ids_of(30, seed=2)
     prefix = prefix_of(model, ids, 20, cuts=(8,))
-    assert ex.forward(prefix, ids, 20).stats.copied_tokens == 20
-    assert ex.forward(prefix, ids, 20).stats.copied_tokens == 0
-    assert ex.forward(prefix[:1], ids, 8).stats.copied_tokens == 0  # the first slice is still in place
-    out = ex.forward(prefix_of(model, other, 20, cuts=(8,)), other, 20)  # same slots, other tensors
+    assert ex.forward(one(prefix, ids, 20)).stats.copied_tokens == 20
+    assert ex.forward(one(prefix, ids, 20)).stats.copied_tokens == 0
+    assert ex.forward(one(prefix[:1], ids, 8)).stats.copied_tokens == 0  # the first slice is still in place
+    out = ex.forward(one(prefix_of(model, other, 20, cuts=(8,)), other, 20))  # same slots, other tensors
     assert out.stats.copied_tokens == 20
     torch.testing.assert_close(out.logits.float(), full_logits(model, other, 1), atol=ATOL, rtol=0)
     # the tail of the last call overwrote slots 20.., so the first prompt's KV must come back
-    out = ex.forward(prefix, ids, 20)
+    out = ex.forward(one(prefix, ids, 20))
     assert out.stats.copied_tokens == 20
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
 
@@ -154,7 +160,7 @@ def test_sampling_with_a_seed_is_reproducible_and_matches_hf():
     ex = StaticExecutor(model, max_tokens=128)
     ids = ids_of(30)
     prefix = prefix_of(model, ids, 20)
-    sampled = [ex.generate(prefix, ids, 20, options=options(max_new_tokens=8, seed=seed, temperature=0.7,
+    sampled = [ex.generate(one(prefix, ids, 20), options=options(max_new_tokens=8, seed=seed, temperature=0.7,
                                                             top_p=0.9)).sequences for seed in (5, 5, 6)]
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
     torch.manual_seed(5)
@@ -188,11 +194,11 @@ def test_processors_criteria_and_eos_follow_hf_generate():
     greedy = hf_generate(model, ids, max_new_tokens=8, do_sample=False)[0, 30:].tolist()
     kwargs = dict(repetition_penalty=1.3, logits_processor=LogitsProcessorList([_Ban(greedy[0])]),
                   stopping_criteria=StoppingCriteriaList([_StopAfter(36)]))
-    got = ex.generate(prefix, ids, 20, options=options(max_new_tokens=8, **kwargs)).sequences
+    got = ex.generate(one(prefix, ids, 20), options=options(max_new_tokens=8, **kwargs)).sequences
     assert got.tolist() == hf_generate(model, ids, max_new_tokens=8, do_sample=False, **kwargs).tolist()
     assert got.shape[1] == 36 and got[0, 30] != greedy[0]
     eos = greedy[2]  # the third greedy token ends the answer
-    got = ex.generate(prefix, ids, 20, options=options(max_new_tokens=8, eos_token_id=eos)).sequences
+    got = ex.generate(one(prefix, ids, 20), options=options(max_new_tokens=8, eos_token_id=eos)).sequences
     assert got.tolist() == hf_generate(model, ids, max_new_tokens=8, do_sample=False, eos_token_id=eos).tolist()
     assert got[0, -1] == eos and got.shape[1] <= 33
 
@@ -213,47 +219,75 @@ def test_the_streamer_gets_the_prompt_then_each_token():
     ex = StaticExecutor(model, max_tokens=128)
     ids = ids_of(30)
     streamer = _Recorder()
-    out = ex.generate(prefix_of(model, ids, 20), ids, 20, options=options(max_new_tokens=5), streamer=streamer)
+    out = ex.generate(one(prefix_of(model, ids, 20), ids, 20), options=options(max_new_tokens=5), streamer=streamer)
     assert streamer.puts[0] == ids.tolist() and streamer.ended == 1
     assert [p[0] for p in streamer.puts[1:]] == out.sequences[0, 30:].tolist()
 
 
 @pytest.mark.parametrize("attention", ["hf", "split"])
-def test_a_left_padded_batch_equals_each_row_alone(attention):
-    model = model_of("mistral")  # a sliding window: padding must not shift it
-    ex = StaticExecutor(model, max_tokens=128, max_batch=2, attention=attention)
+def test_packed_rows_with_their_own_prefixes_equal_each_row_alone(attention):
+    model = model_of("mistral")  # a sliding window: it follows positions, not slots
+    ex = StaticExecutor(model, max_tokens=256, attention=attention)
     short, long = ids_of(24, seed=3), ids_of(34, seed=4)
-    ids = torch.cat([torch.cat([on_device([[0] * 10]), short], 1), long])
-    mask = torch.ones_like(ids)
-    mask[0, :10] = 0
-    # the batch's tail starts at slot 26: row 0 reuses its first 16 tokens, row 1 its first 26
-    prefix = [prefix_of(model, short, 16), prefix_of(model, long, 26, cuts=(13,))]
-    out = ex.generate(prefix, ids, 26, options=options(max_new_tokens=5), attention_mask=mask)
+    rows = [Row(short[0], prefix_of(model, short, 16), 16), Row(long[0], prefix_of(model, long, 26, cuts=(13,)), 26)]
+    out = ex.generate(rows, options=options(max_new_tokens=5))
+    assert out.packing.shared_tokens == 0 and out.stats.rows == 2
     for row, alone in enumerate((short, long)):
         want = hf_generate(model, alone, max_new_tokens=5, do_sample=False)[0, alone.shape[1]:]
         assert out.sequences[row, 34:].tolist() == want.tolist()
-    logits = ex.forward(prefix, ids, 26, attention_mask=mask).logits
+    assert out.sequences[0, :10].tolist() == [model.generation_config.pad_token_id or 0] * 10  # left padding
+    logits = ex.forward(rows).logits
     for row, alone in enumerate((short, long)):
         torch.testing.assert_close(logits[row].float(), full_logits(model, alone, 1)[0], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("arch", PLAIN)
+def test_rows_sharing_a_prefix_lay_it_once_and_equal_each_row_alone(arch):
+    model = model_of(arch)
+    ex = StaticExecutor(model, max_tokens=256, attention="split")
+    context = ids_of(30, seed=11)
+    shared = prefix_of(model, context, 30, cuts=(12,))
+    tails = [ids_of(n, seed=20 + n) for n in (3, 9, 5)]
+    prompts = [torch.cat([context, tail], dim=1) for tail in tails]
+    rows = [Row(p[0], shared, 30) for p in prompts]
+    out = ex.forward(rows, logits_to_keep=0)  # every tail token, row r's first
+    assert out.packing.shared_tokens == 30 and out.logits.shape[:2] == (3, 9)
+    for r, p in enumerate(prompts):
+        n = tails[r].shape[1]
+        torch.testing.assert_close(out.logits[r, :n].float(), full_logits(model, p, n)[0], atol=ATOL, rtol=0)
+        assert not out.logits[r, n:].any()
+    generated = ex.generate(rows, options=options(max_new_tokens=4))
+    width = max(p.shape[1] for p in prompts)
+    for r, p in enumerate(prompts):
+        want = hf_generate(model, p, max_new_tokens=4, do_sample=False)[0, p.shape[1]:]
+        assert generated.sequences[r, width:].tolist() == want.tolist()
+    # the rows' tails are where the packing says: a row's KV is its prompt's
+    full = prefix_of(model, prompts[1], prompts[1].shape[1])[0].kv
+    base = generated.packing.bases[1] - 30
+    torch.testing.assert_close(generated.kv.keys[0][0, :, base + 30:base + 39], full.keys[0][0, :, 30:39],
+                               atol=ATOL, rtol=0)
+
+
 def test_what_it_refuses_and_why():
     model = model_of("llama")
-    ex = StaticExecutor(model, max_tokens=100, max_batch=2)
+    ex = StaticExecutor(model, max_tokens=100)
     assert ex.max_tokens == 256  # rounded up to whole attention buckets
-    assert ex.unsupported(batch=2, num_tokens=256, options=options()) is None
-    assert "max_batch" in ex.unsupported(batch=3, num_tokens=10)
-    assert "slots" in ex.unsupported(batch=1, num_tokens=257)
-    assert "custom attention masks" in ex.unsupported(batch=1, num_tokens=10, custom_mask=True)
-    assert "no_repeat_ngram_size" in ex.unsupported(batch=1, num_tokens=10, options=options(no_repeat_ngram_size=2))
-    assert "stop_strings" in ex.unsupported(batch=1, num_tokens=10, options=options(stop_strings=["x"]))
     ids = ids_of(30)
-    with pytest.raises(ValueError, match="max_batch"):
-        ex.forward([], ids_of(30, rows=3), 0)
+    assert ex.refuses(one([], ids, 0), new_tokens=200, options=options()) is None
+    assert "slots" in ex.refuses(one([], ids, 0), new_tokens=240)
+    assert "slots" in ex.refuses(one([], ids_of(30, rows=3), 0), new_tokens=60)  # 3 x 30 + 3 x 60 > 256
+    assert "rows" in ex.refuses(one([], ids_of(3, rows=65), 0))
+    assert "custom attention masks" in ex.refuses(one([], ids, 0), custom_mask=True)
+    assert "no_repeat_ngram_size" in ex.refuses(one([], ids, 0), options=options(no_repeat_ngram_size=2))
+    assert "stop_strings" in ex.refuses(one([], ids, 0), options=options(stop_strings=["x"]))
+    with pytest.raises(ValueError, match="slots"):
+        ex.generate(one([], ids, 0), options=options(max_new_tokens=240))
     with pytest.raises(ValueError, match="covers 10 tokens"):
-        ex.forward(prefix_of(model, ids, 10), ids, 20)
+        one(prefix_of(model, ids, 10), ids, 20)
     with pytest.raises(ValueError, match="at least one"):
-        ex.forward(prefix_of(model, ids, 30), ids, 30)
+        one(prefix_of(model, ids, 30), ids, 30)
+    with pytest.raises(ValueError, match="a streamer takes one row"):
+        ex.generate(one([], ids_of(5, rows=2), 0), options=options(max_new_tokens=2), streamer=_Recorder())
     if DEVICE.type == "cpu":
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA model"):
             StaticExecutor(model, max_tokens=64, graphs=True)
@@ -268,7 +302,7 @@ def test_a_generation_config_that_switches_on_other_processors_is_refused():
     ex = StaticExecutor(model, max_tokens=64)
     model.generation_config.no_repeat_ngram_size = 2
     try:
-        assert "no_repeat_ngram_size" in ex.unsupported(batch=1, num_tokens=10, options=options())
+        assert "no_repeat_ngram_size" in ex.refuses(one([], ids_of(5), 0), options=options())
     finally:
         model.generation_config.no_repeat_ngram_size = None
 
@@ -278,7 +312,7 @@ def test_the_model_is_left_as_it_was():
     implementation, ids = model.config._attn_implementation, ids_of(20)
     before = full_logits(model, ids, 20)
     ex = StaticExecutor(model, max_tokens=64)
-    ex.generate(prefix_of(model, ids, 10), ids, 10, options=options(max_new_tokens=2))
+    ex.generate(one(prefix_of(model, ids, 10), ids, 10), options=options(max_new_tokens=2))
     assert model.config._attn_implementation == implementation
     assert torch.equal(full_logits(model, ids, 20), before)
 
@@ -304,37 +338,39 @@ def test_alora_rows_match_peft_full_prefill(tmp_path, attention):
     start, prompt = 25, ids.shape[1]
     prefix = prefix_of(model_of("llama"), ids, 20)  # base KV: it ends before the invocation
     ex = StaticExecutor(model, max_tokens=128, attention=attention)
-    out = ex.forward(prefix, ids, 20, alora_offsets=[prompt - start], logits_to_keep=3)
+    out = ex.forward(one(prefix, ids, 20, offset=[prompt - start]), logits_to_keep=3)
     with torch.inference_mode():
         want = peft_model(input_ids=ids).logits[:, -3:].float()  # PEFT finds the invocation itself
         base = model_of("llama")(input_ids=ids).logits[:, -3:].float()
     torch.testing.assert_close(out.logits.float(), want, atol=ATOL, rtol=0)
     assert (want - base).abs().max() > 1e-2  # the adapter matters here
-    generated = ex.generate(prefix, ids, 20, alora_offsets=[prompt - start], options=options(max_new_tokens=5))
+    generated = ex.generate(one(prefix, ids, 20, offset=[prompt - start]), options=options(max_new_tokens=5))
     assert generated.sequences.tolist() == hf_generate(peft_model, ids, max_new_tokens=5, do_sample=False).tolist()
     # no offsets: no row is adapted (PEFT's rule), and that is another graph key
-    plain = ex.forward(prefix, ids, 20, logits_to_keep=3)
+    plain = ex.forward(one(prefix, ids, 20), logits_to_keep=3)
     torch.testing.assert_close(plain.logits.float(), base, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="before tail_start"):
-        ex.forward(prefix, ids, 20, alora_offsets=[prompt - 10])
+    with pytest.raises(ValueError, match="outside the"):
+        ex.forward(one(prefix, ids, 20, offset=[prompt + 1]))
 
 
-def test_alora_in_a_left_padded_batch(tmp_path):
+def test_alora_rows_sharing_a_base_prefix(tmp_path):
     peft_model, inv = adapted(tmp_path, invocation=True)
-    model, tail = peft_model.get_base_model(), on_device([inv + [40, 41, 42]])
-    short = torch.cat([ids_of(20, seed=8), tail], dim=1)
-    long = torch.cat([ids_of(25, seed=9), tail], dim=1)
-    ids = torch.cat([torch.cat([on_device([[0] * 5]), short], 1), long])
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    base = model_of("llama")
-    prefix = [prefix_of(base, short, 15), prefix_of(base, long, 20)]  # both end at slot 20, before slot 25
-    ex = StaticExecutor(model, max_tokens=128, max_batch=2)
-    out = ex.generate(prefix, ids, 20, attention_mask=mask, alora_offsets=[tail.shape[1]] * 2,
-                      options=options(max_new_tokens=4))
-    for row, alone in enumerate((short, long)):
-        want = hf_generate(peft_model, alone, max_new_tokens=4, do_sample=False)[0, alone.shape[1]:]
-        assert out.sequences[row, ids.shape[1]:].tolist() == want.tolist()
+    model, base = peft_model.get_base_model(), model_of("llama")
+    context = ids_of(20, seed=8)
+    shared = prefix_of(base, context, 20)  # base KV: it ends before every row's invocation
+    prompts = [torch.cat([context, ids_of(n, seed=n), on_device([inv + [40, 41]])], dim=1) for n in (2, 6)]
+    offsets = [len(inv) + 2] * 2
+    ex = StaticExecutor(model, max_tokens=128)
+    rows = [Row(p[0], shared, 20, o) for p, o in zip(prompts, offsets)]
+    out = ex.forward(rows)
+    generated = ex.generate(rows, options=options(max_new_tokens=4))
+    width = max(p.shape[1] for p in prompts)
+    for r, p in enumerate(prompts):
+        with torch.inference_mode():
+            want = peft_model(input_ids=p).logits[:, -1].float()
+        torch.testing.assert_close(out.logits[r].float(), want, atol=ATOL, rtol=0)
+        tokens = hf_generate(peft_model, p, max_new_tokens=4, do_sample=False)[0, p.shape[1]:]
+        assert generated.sequences[r, width:].tolist() == tokens.tolist()
 
 
 def test_a_plain_lora_runs_and_the_adapter_state_keys_the_buckets(tmp_path):
@@ -342,16 +378,16 @@ def test_a_plain_lora_runs_and_the_adapter_state_keys_the_buckets(tmp_path):
     model = peft_model.get_base_model()
     ids = ids_of(30, seed=7)
     ex = StaticExecutor(model, max_tokens=128)
-    on = ex.forward([], ids, 0)  # nothing reused: a LoRA changes every token's KV
+    on = ex.forward(one([], ids, 0))  # nothing reused: a LoRA changes every token's KV
     with torch.inference_mode():
         torch.testing.assert_close(on.logits.float(), peft_model(input_ids=ids).logits[:, -1:].float(),
                                    atol=ATOL, rtol=0)
     with peft_model.disable_adapter():
-        off = ex.forward([], ids, 0)
+        off = ex.forward(one([], ids, 0))
     assert off.stats.builds == 1  # the same shapes, another adapter state: another bucket
     torch.testing.assert_close(off.logits.float(), full_logits(model_of("llama"), ids, 1), atol=ATOL, rtol=0)
     with pytest.raises(ValueError, match="no aLoRA adapter"):
-        ex.forward([], ids, 0, alora_offsets=[3])
+        ex.forward(one([], ids, 0, offset=[3]))
 
 
 def test_a_dropped_executor_is_freed_at_once():
@@ -361,7 +397,7 @@ def test_a_dropped_executor_is_freed_at_once():
 
     model, ids = model_of("llama"), ids_of(20)
     ex = StaticExecutor(model, max_tokens=64)
-    ex.generate([], ids, 0, options=options(max_new_tokens=2))
+    ex.generate(one([], ids, 0), options=options(max_new_tokens=2))
     collecting = gc.isenabled()
     gc.disable()
     try:

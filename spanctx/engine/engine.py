@@ -6,8 +6,10 @@ One call:
 1. ``assemble``: lock the prompt's keys in the store, look them up, plan (``plan.py`` or
    ``placement.py``), run the plan's steps: a fresh cache of the prompt up to its tail.
 2. a final call over that cache: ``forward_tail`` (logits or hidden states of the tail),
-   ``generate`` (decoding), ``generate_rows`` (a left-padded batch of assemblies),
-   ``forward_rows`` (rows of tokens after one shared cache: checks, scores);
+   ``generate`` (decoding), ``generate_rows`` (a batch of assemblies), ``forward_rows``
+   (rows of tokens after one shared context: checks, scores). The static executor
+   (``static.py``: fixed buffers, CUDA graphs) runs each when it can; its ``refuses``
+   says why not, and the eager executor runs the call;
 3. the spans the final call computed are stored.
 """
 
@@ -34,6 +36,7 @@ from ..core.prompt import ResolvedPrompt
 from ..hf import max_positions
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
+from .static_layout import Row
 from .parallel_stats import ParallelStats, parallel_stats
 from .stopping import FirstTokenClock, with_stopping_criterion
 
@@ -236,16 +239,50 @@ class Engine:
         return marginal_prefill_cost(self.executor, self.device, min(4096, limit))
 
     # -- final calls --------------------------------------------------------------------
+    # Each final call offers its rows to the static executor first (``StaticExecutor.refuses``
+    # says why not, and the result carries the reason), else runs them on the eager one.
 
-    def forward_tail(self, call: Assembly, *, logits_to_keep: int | None = 1, hidden: bool = False):
+    def _on_static(self, rows: Sequence[Row], **needs) -> tuple[bool, str | None]:
+        """Whether the static executor runs a call of ``rows`` (``needs``: its
+        ``refuses`` arguments), and why not (None when it does or is not set up)."""
+        if self.static is None:
+            return False, None
+        reason = self.static.refuses(rows, **needs)
+        return reason is None, reason
+
+    @staticmethod
+    def _row(call: Assembly, alora_start: int | None = None) -> Row:
+        return Row(call.input_ids[0], tuple(call.pieces or ()), call.tail_start,
+                   None if alora_start is None else call.prompt.num_tokens - alora_start)
+
+    def _store_rows(self, calls: Sequence[Assembly], kv: SpanKV, packing) -> None:
+        """Store each reusing call's tail spans from the static buffers' ``kv``."""
+        cache = kvops.as_cache(kv)
+        for r, call in enumerate(calls):
+            if call.plan is not None:
+                self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments,
+                                             offset=packing.bases[r] - packing.shared_tokens)
+
+    def forward_tail(self, call: Assembly, *, logits_to_keep: int | None = 1, hidden: bool = False,
+                     alora_start: int | None = None, kv: bool = False):
         """Run the prompt tokens ``call``'s cache does not cover; store the spans this
-        computed. Returns ``(output, cache)``, the cache now holding the whole prompt."""
+        computed. Returns ``(output, pieces)``: the output has ``logits`` (of the last
+        ``logits_to_keep`` tokens; all with None) or, with ``hidden``, the backbone's
+        states; ``pieces`` (with ``kv``, else None) the whole prompt's KV as slices that
+        stay valid. ``alora_start``: the prompt index of an aLoRA's invocation."""
+        if not hidden and logits_to_keep and logits_to_keep <= call.prompt.num_tokens - call.tail_start:
+            static, _ = self._on_static([self._row(call, alora_start)])
+            if static:
+                out = self.static.forward([self._row(call, alora_start)], logits_to_keep=logits_to_keep)
+                self._store_rows([call], out.kv, out.packing)
+                pieces = [kvops.KVSlice.whole(kvops.extract(kvops.as_cache(out.kv), 0, call.prompt.num_tokens))] if kv else None
+                return out, pieces
         cache = call.cache if call.cache is not None else kvops.empty_cache()
         out = self.executor.forward(call.input_ids[:, call.tail_start:], cache, logits_to_keep=logits_to_keep,
                                     hidden=hidden)
         if call.plan is not None:
             self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments)
-        return out, cache
+        return out, [kvops.KVSlice.whole(kvops.as_slices(cache))] if kv else None
 
     def forward_whole(self, prompt: ResolvedPrompt, *, hidden: bool, store: bool):
         """Run the whole of ``prompt`` from position 0 as one causal forward. With ``store``
@@ -258,63 +295,50 @@ class Engine:
             self.interpreter.store_spans(prompt, cache, missing)
         return out
 
-    def generate(self, call: Assembly, opts: CallOptions, kwargs: dict, *, adapter_on: bool = False) -> Generated:
+    def generate(self, call: Assembly, opts: CallOptions, kwargs: dict, *,
+                 alora_start: int | None = None) -> Generated:
         """Decode after ``call``'s prompt with ``opts`` (as HF ``generate`` ``kwargs``);
-        store the tail's spans. The static executor runs it when it was set up and can
-        (``adapter_on``: an adapter is switched on, which it leaves to the eager one)."""
-        fallback = self._static_refusal(call, opts, kwargs, adapter_on)
-        if self.static is not None and fallback is None:
-            return self._generate_static(call, opts, kwargs)
+        store the tail's spans. ``alora_start``: the prompt index of an aLoRA's invocation."""
+        row = self._row(call, alora_start)
+        static, fallback = self._on_static([row], new_tokens=opts.max_new_tokens, options=opts)
         clock = FirstTokenClock()
-        kwargs = {**with_stopping_criterion(kwargs, clock), "return_dict_in_generate": True}
-        out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache, kwargs)
+        kwargs = with_stopping_criterion(kwargs, clock)
+        if static:
+            opts = attrs.evolve(opts, generate_kwargs={**opts.generate_kwargs,
+                                                       "stopping_criteria": kwargs["stopping_criteria"]})
+            out = self.static.generate([row], options=opts, streamer=kwargs.get("streamer"),
+                                       output_scores=bool(kwargs.get("output_scores")),
+                                       output_logits=bool(kwargs.get("output_logits")))
+            self._store_rows([call], out.kv, out.packing)
+            return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static")
+        out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache,
+                                     {**kwargs, "return_dict_in_generate": True})
         if call.plan is not None:
             self.interpreter.store_spans(call.prompt, call.cache, call.plan.tail.segments)
         return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, fallback=fallback)
 
-    def _static_refusal(self, call: Assembly, opts: CallOptions, kwargs: dict, adapter_on: bool) -> str | None:
-        """Why the static executor does not run this call (None: it does, or is not set up)."""
-        if self.static is None:
-            return None
-        if adapter_on:
-            return "adapter calls run on the eager executor"
-        if self.static.busy_here:
-            return "a call made from a callback of a running static generation runs on the eager executor"
-        if kwargs.get("output_scores") or kwargs.get("output_logits"):
-            return "per-token scores and logits are kept by the eager executor"
-        return self.static.unsupported(batch=1, num_tokens=call.prompt.num_tokens + opts.max_new_tokens,
-                                       options=opts, tail=(call.tail_start, call.prompt.num_tokens))
-
-    def _generate_static(self, call: Assembly, opts: CallOptions, kwargs: dict) -> Generated:
-        """The static executor's decode: the prefix slices are copied into its buffers once."""
-        clock = FirstTokenClock()
-        criteria = with_stopping_criterion(kwargs, clock)["stopping_criteria"]
-        opts = attrs.evolve(opts, generate_kwargs={**opts.generate_kwargs, "stopping_criteria": criteria})
-        out = self.static.generate(call.pieces or [], call.input_ids, call.tail_start, options=opts,
-                                   streamer=kwargs.get("streamer"))
-        if call.plan is not None:
-            self.interpreter.store_spans(call.prompt, kvops.as_cache(out.prompt_kv), call.plan.tail.segments)
-        return Generated(out.sequences, clock.first_token_at, executor="static")
-
     def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
-                      kwargs: dict) -> Generated:
-        """Decode after every call's prompt in one left-padded batch (``batch.plan_batch``:
-        row ``i`` keeps the first ``kept[i]`` tokens of its cache, the batch cache is
-        ``cached_width`` slots); store each row's tail spans. Sequences: ``[B, W + N]``.
+                      kwargs: dict, opts: CallOptions) -> Generated:
+        """Decode after every call's prompt in one batch; store each row's tail spans.
+        Sequences: ``[B, W + N]``, the prompts left-padded to the longest ``W``.
 
+        The static executor packs the rows (the slices they share laid once). The eager
+        one runs a left-padded HF batch (``batch.plan_batch``): row ``i`` keeps the first
+        ``kept[i]`` tokens of its cache, the batch cache is ``cached_width`` slots.
         ``kept[i]`` is at least the call's ``keep_at_least`` (refused otherwise: the batch
         would recompute a parallel group causally and store what follows from it). Where
         it exceeds the call's cache, the missing tokens (its tail's first ones) are run
         first, causally, as the final call would run them."""
-        width = max(c.prompt.num_tokens for c in calls)
-        pad_id = kwargs["pad_token_id"]
-        if pad_id is None:
-            raise ValueError("the tokenizer has neither a pad nor an EOS token: pass pad_token_id=...")
-        input_ids = torch.full((len(calls), width), pad_id, dtype=torch.long, device=self.device)
-        attention_mask = torch.zeros_like(input_ids)
-        for row, call in enumerate(calls):
-            input_ids[row, width - call.prompt.num_tokens:] = call.input_ids[0]
-            attention_mask[row, width - call.prompt.num_tokens:] = 1
+        rows = [self._row(call) for call in calls]
+        static, fallback = self._on_static(rows, new_tokens=opts.max_new_tokens, options=opts)
+        clock = FirstTokenClock()
+        kwargs = with_stopping_criterion(kwargs, clock)
+        if static:
+            opts = attrs.evolve(opts, generate_kwargs={**opts.generate_kwargs,
+                                                       "stopping_criteria": kwargs["stopping_criteria"]})
+            out = self.static.generate(rows, options=opts)
+            self._store_rows(calls, out.kv, out.packing)
+            return Generated(out.sequences, clock.first_token_at, executor="static")
         reuse = all(c.cache is not None for c in calls)
         for row, (call, keep) in enumerate(zip(calls, kept)):
             if reuse and keep < call.keep_at_least:
@@ -323,44 +347,45 @@ class Engine:
             if reuse and keep > call.tail_start:
                 self.executor.forward(call.input_ids[:, call.tail_start:keep], call.cache)
         cache = kvops.stack_left_padded([c.cache for c in calls], kept, cached_width) if reuse else None
-        clock = FirstTokenClock()
-        kwargs = with_stopping_criterion(kwargs, clock)
-        out = self.executor.generate(input_ids, attention_mask, cache, kwargs)
+        sequences = self.executor.generate_left_padded([c.input_ids[0] for c in calls], cache, kwargs)
         if reuse:
+            width = max(c.prompt.num_tokens for c in calls)
             for row, call in enumerate(calls):
                 self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments, row=row,
                                              offset=width - call.prompt.num_tokens)
-        return Generated(out, clock.first_token_at)
+        return Generated(sequences, clock.first_token_at, fallback=fallback)
 
-    def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *, every_position: bool = False,
-                     store_from: int | None = None) -> torch.Tensor:
-        """Run the tokens from ``start`` on of every prompt as one right-padded batch after
-        the first ``start`` slots of ``context`` (the KV of their common tokens). No mask
-        is needed: attention is causal and every row's tokens sit in the same slots, so a
-        row's tokens never see the padding after them.
+    def forward_rows(self, context: Sequence[kvops.KVSlice], prompts: Sequence[ResolvedPrompt], start: int, *,
+                     every_position: bool = False, store_from: int | None = None,
+                     alora_starts: Sequence[int] | None = None) -> torch.Tensor:
+        """Run the tokens from ``start`` on of every prompt after ``context``, the KV of
+        their common first ``start`` tokens (slices laid one after the other).
 
         Returns float32 logits: at each row's last token ``[B, V]``, or with
         ``every_position`` at every row position ``[B, W, V]`` (past a row's end: padding).
         ``store_from``: store each row's spans from that segment on that the store lacks.
+        ``alora_starts``: per row, the prompt index of an aLoRA's invocation.
         """
-        tails = [p.token_ids[start:] for p in prompts]
-        width = max(len(tail) for tail in tails)
-        # padding: id 0, after a row's last token, so none of the row's tokens attends to it
-        ids = torch.tensor([list(tail) + [0] * (width - len(tail)) for tail in tails], device=self.device)
-        cache = kvops.repeat_batch(context, len(tails), start)
-        if every_position:
-            out = self.executor.forward(ids, cache, logits_to_keep=0)
-            logits = out.logits.float()  # [B, W, V]
+        rows = [Row(self.input_ids(p)[0], tuple(context), start,
+                    None if alora_starts is None else p.num_tokens - alora_starts[i]) for i, p in enumerate(prompts)]
+        static, _ = self._on_static(rows)
+        if static:
+            out = self.static.forward(rows, logits_to_keep=0 if every_position else 1)
+            logits = out.logits.float() if every_position else out.logits[:, -1].float()
+            cache, slots = kvops.as_cache(out.kv), out.packing
         else:
-            last = torch.tensor([len(tail) - 1 for tail in tails], device=self.device)  # [B]
-            keep = torch.unique(last)  # [K] sorted columns whose logits are read
-            out = self.executor.forward(ids, cache, logits_to_keep=keep)  # logits: [B, K, V]
-            logits = out.logits[torch.arange(len(tails), device=self.device), torch.searchsorted(keep, last)].float()
+            logits, cache = self.executor.forward_rows(context, [p.token_ids[start:] for p in prompts], start,
+                                                       every_position=every_position)
+            slots = None
         if store_from is not None:
             for row, prompt in enumerate(prompts):
                 missing = [j for j in range(store_from, len(prompt.segments))
                            if prompt.segments[j].key not in self.store]
-                self.interpreter.store_spans(prompt, cache, missing, row=row)
+                if slots is None:
+                    self.interpreter.store_spans(prompt, cache, missing, row=row)
+                else:
+                    self.interpreter.store_spans(prompt, cache, missing,
+                                                 offset=slots.bases[row] - slots.shared_tokens)
         return logits
 
     # -- probes and checks --------------------------------------------------------------

@@ -1,6 +1,11 @@
 """Executors: the only code that runs the model.
 
-An ``Executor`` runs two kinds of model call over a KV cache (``kv.py``'s layout):
+Two executors share the engine's final calls (``engine.py``): the static one
+(``static.py``: fixed KV buffers, rows packed into them, CUDA graphs) takes a final call
+of ``Row``s whole, forward or decode, and says in ``refuses`` when it cannot; the eager
+one below runs everything else, and every plan step, with transformers' own caches.
+
+``EagerExecutor`` (the ``Executor`` protocol) runs over a KV cache (``kv.py``'s layout):
 
 - ``forward``: the tokens ``input_ids`` ``[B, T]`` after the cache, which they extend.
   By default at the positions that follow the cache, attending causally; with
@@ -9,16 +14,18 @@ An ``Executor`` runs two kinds of model call over a KV cache (``kv.py``'s layout
   their anchor, repair in place). Returns the output (logits of the last
   ``logits_to_keep`` tokens, or the backbone's hidden states with ``hidden``); with
   ``stop_after_layer=c`` only layers ``0..c`` run and nothing is returned.
-- ``generate``: HF ``generate`` over the whole prompt after a cache of its head.
+- ``generate``: HF ``generate`` over the whole prompt after a cache of its head;
+  ``generate_left_padded`` over rows of several lengths.
+- ``forward_rows``: rows of tokens after one shared context, as one right-padded batch.
 
-``capabilities`` say what an executor can run; the engine sends what one cannot to the
-eager executor and the call's stats name the executor that ran it.
+``capabilities`` say what it can run (custom masks need an SDPA or eager attention).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 import attrs
@@ -82,6 +89,40 @@ class EagerExecutor:
         if cache is not None:
             kwargs = {**kwargs, **cache_kwargs(self.model, cache)}
         return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def generate_left_padded(self, prompts: Sequence[torch.Tensor], cache, kwargs: dict) -> torch.Tensor:
+        """HF ``generate`` over ``prompts`` (``[S_i]`` each) left-padded with
+        ``kwargs["pad_token_id"]`` after ``cache`` (a left-padded batch cache, or None).
+        Returns the sequences ``[B, W + N]``."""
+        width = max(p.shape[0] for p in prompts)
+        pad_id = kwargs["pad_token_id"]
+        if pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token: pass pad_token_id=...")
+        input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=self.model.device)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - ids.shape[0]:] = ids
+            attention_mask[row, width - ids.shape[0]:] = 1
+        return self.generate(input_ids, attention_mask, cache, kwargs)
+
+    def forward_rows(self, context: Sequence[kvops.KVSlice], tails: Sequence[Sequence[int]], start: int, *,
+                     every_position: bool):
+        """Rows of tokens ``tails`` after ``context`` (the KV of their common first
+        ``start`` tokens, repeated per row) as one right-padded batch. No mask is needed:
+        attention is causal and every row's tokens sit in the same slots, so a row's tokens
+        never see the padding after them. Returns float32 logits (``[B, V]`` at each row's
+        last token, or ``[B, W, V]`` at every position) and the batch cache."""
+        width = max(len(tail) for tail in tails)
+        device = self.model.device
+        # padding: id 0, after a row's last token, so none of the row's tokens attends to it
+        ids = torch.tensor([list(tail) + [0] * (width - len(tail)) for tail in tails], device=device)
+        cache = kvops.repeat_batch(kvops.assemble(context), len(tails), start)
+        if every_position:
+            return self.forward(ids, cache, logits_to_keep=0).logits.float(), cache  # [B, W, V]
+        last = torch.tensor([len(tail) - 1 for tail in tails], device=device)  # [B]
+        keep = torch.unique(last)  # [K] sorted columns whose logits are read
+        out = self.forward(ids, cache, logits_to_keep=keep)  # logits: [B, K, V]
+        return out.logits[torch.arange(len(tails), device=device), torch.searchsorted(keep, last)].float(), cache
 
     def _mask(self, cache, positions: torch.Tensor, allowed: torch.Tensor):
         if not self.capabilities.custom_masks:

@@ -1,25 +1,25 @@
 """Fixed-address KV buffers, the HF cache that writes into them, and attention over them.
 
-Slots. Each layer's keys and values live in one buffer ``[max_batch, H_kv, max_tokens, D]``
-allocated once; a token's slot is its index along the sequence axis. Rows are aligned
-at the right like a left-padded HF batch: row ``b``'s prompt token ``i`` sits in slot
-``i`` of the padded prompt, its first real slot is ``row_start[b]``, and its RoPE
-position is ``slot - row_start[b]`` (so slot and position are one number for an
-unpadded row, as everywhere in spanctx).
+Slots. Each layer's keys and values live in one buffer ``[1, H_kv, max_tokens, D]``
+allocated once; a token's slot is its index along the sequence axis. The rows of a call
+are packed into it (``static_layout.pack``): slots shared by every row, then a segment per
+row. Each slot has an owner (``OWNER_SHARED``, a row, or ``OWNER_FREE``) and the RoPE
+position of the token it holds; a single row's slot is its position.
 
-One model call ("step") writes ``Tb`` new tokens at the slots ``slots[0..Tb)`` (shared
-by every row) and attends over the first ``Lb`` slots; ``Tb`` and ``Lb`` are the call's
-bucket, fixed per captured graph. Every piece of per-call state the step reads is a
-device tensor at a fixed address (ids, positions, slots, row starts), so a captured graph
-replays any call of its bucket.
+One model call ("step") writes ``Tb`` new tokens at the slots ``slots[0..Tb)``, each
+with its row (``who``) and position, and attends over the first ``Lb`` slots; ``Tb`` and
+``Lb`` are the call's bucket, fixed per captured graph. Every piece of per-call state the
+step reads is a device tensor at a fixed address (ids, positions, slots, owners), so a
+captured graph replays any call of its bucket.
 
-Masks. One additive mask ``[B, 1, M, Lb]`` per attention window of the model (``None``
-for full attention): a query in slot ``s`` of row ``b`` sees slot ``j`` iff ``row_start[b]
-<= j <= s`` (and ``j > s - window`` in a sliding layer, transformers' rule). Hidden
-entries hold the dtype's most negative value, as HF's own masks do. For the split
-attention the query rows are folded per KV head (``M = g * Tb`` for ``g`` query heads per
-KV head; row ``i * Tb + t`` is the group's ``i``-th query head at token ``t``); for HF's own
-attention functions they are not (``M = Tb``).
+Masks. One additive mask ``[1, 1, M, Lb]`` per attention window of the model (``None``
+for full attention): a step token of row ``r`` at position ``p`` sees slot ``j`` iff ``j``
+is shared or ``r``'s and holds a position ``<= p`` (and ``> p - window`` in a sliding
+layer, transformers' rule); a token always sees its own slot (padding tokens see at least
+that). Hidden entries hold the dtype's most negative value, as HF's own masks do. For the
+split attention the query rows are folded per KV head (``M = g * Tb`` for ``g`` query heads
+per KV head; row ``i * Tb + t`` is the group's ``i``-th query head at token ``t``); for HF's
+own attention functions they are not (``M = Tb``).
 
 Attention. ``slot_attention`` is registered with transformers as ``ATTENTION_NAME``;
 ``attention_switched`` points the model at it during a step's forward, on the calling
@@ -50,6 +50,8 @@ from .attention import split_attention
 
 __all__ = [
     "ATTENTION_NAME",
+    "OWNER_FREE",
+    "OWNER_SHARED",
     "KVBuffers",
     "SlotCache",
     "StepAttention",
@@ -61,6 +63,8 @@ __all__ = [
 
 ATTENTION_NAME = "spanctx_slots"
 STEP_KWARG = "spanctx_step"
+OWNER_SHARED = -1  # a slot every row sees
+OWNER_FREE = -2  # a slot no row sees (not written this call, or padding)
 
 
 @attrs.frozen(eq=False)
@@ -82,53 +86,54 @@ class Placed:
 
 
 class KVBuffers:
-    """Per-layer key and value buffers ``[max_batch, H_kv, max_tokens, D]``, allocated once.
+    """Per-layer key and value buffers ``[1, H_kv, max_tokens, D]``, allocated once.
 
-    ``layout``: per layer ``(H_kv, D)``. ``place`` copies stored slices straight into a
-    row. A row remembers which slices it holds where, so placing a slice again at the
-    same slots copies nothing; a write over a slot (``overwrite``) forgets what was there.
+    ``layout``: per layer ``(H_kv, D)``. ``place`` copies stored slices straight into the
+    buffers. The buffers remember which slices they hold where, so placing a slice again
+    at the same slots copies nothing; a write over a slot (``overwrite``) forgets what was
+    there.
     """
 
-    def __init__(self, layout: Sequence[tuple[int, int]], *, max_batch: int, max_tokens: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.max_batch, self.max_tokens = max_batch, max_tokens
-        self.keys = tuple(torch.zeros(max_batch, h, max_tokens, d, dtype=dtype, device=device) for h, d in layout)
+    def __init__(self, layout: Sequence[tuple[int, int]], *, max_tokens: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.max_tokens = max_tokens
+        self.keys = tuple(torch.zeros(1, h, max_tokens, d, dtype=dtype, device=device) for h, d in layout)
         self.values = tuple(torch.zeros_like(k) for k in self.keys)
-        self._resident: list[list[Placed]] = [[] for _ in range(max_batch)]
+        self._resident: list[Placed] = []
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def place(self, row: int, pieces: Sequence[KVSlice], end: int) -> int:
-        """Lay ``pieces`` one after the other in ``row`` so that they end at slot ``end``.
-        Returns how many tokens were copied (slices already in place are skipped)."""
+    def place(self, pieces: Sequence[KVSlice], slot: int) -> int:
+        """Lay ``pieces`` one after the other from ``slot`` on. Returns how many tokens were
+        copied (slices already in place are skipped)."""
         total = sum(p.num_tokens for p in pieces)
-        if total > end:
-            raise ValueError(f"a prefix of {total} tokens does not fit before slot {end}")
-        slot, copied = end - total, 0
+        if slot + total > self.max_tokens:
+            raise ValueError(f"a prefix of {total} tokens from slot {slot} does not fit in {self.max_tokens} slots")
+        copied = 0
         targets, sources = [], []
         for piece in pieces:
             here = Placed(weakref.ref(piece.kv), piece.start, piece.end, slot)
-            if not any(here.same(p) for p in self._resident[row]):
+            if not any(here.same(p) for p in self._resident):
                 for buffers, stored in ((self.keys, piece.kv.keys), (self.values, piece.kv.values)):
-                    targets += [b[row, :, slot:here.slot_end] for b in buffers]
+                    targets += [b[0, :, slot:here.slot_end] for b in buffers]
                     sources += [t[0, :, piece.start:piece.end] for t in stored]
-                self.overwrite(row, slot, here.slot_end)
-                self._resident[row].append(here)
+                self.overwrite(slot, here.slot_end)
+                self._resident.append(here)
                 copied += piece.num_tokens
             slot = here.slot_end
         if targets:
             torch._foreach_copy_(targets, sources)  # one launch for every layer's keys and values
         return copied
 
-    def overwrite(self, row: int, start: int, end: int) -> None:
-        """Slots ``[start, end)`` of ``row`` are (about to be) written: forget what they held."""
-        self._resident[row] = [p for p in self._resident[row] if p.slot_end <= start or p.slot >= end]
+    def overwrite(self, start: int, end: int) -> None:
+        """Slots ``[start, end)`` are (about to be) written: forget what they held."""
+        self._resident = [p for p in self._resident if p.slot_end <= start or p.slot >= end]
 
-    def views(self, batch: int, length: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        """Per layer, keys and values ``[batch, H_kv, length, D]``: views of the buffers."""
-        return (tuple(k[:batch, :, :length] for k in self.keys), tuple(v[:batch, :, :length] for v in self.values))
+    def views(self, length: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Per layer, keys and values ``[1, H_kv, length, D]``: views of the buffers."""
+        return tuple(k[:, :, :length] for k in self.keys), tuple(v[:, :, :length] for v in self.values)
 
 
 class SlotCache(Cache):
@@ -172,20 +177,27 @@ class StepAttention:
                                f"as {sorted(self.masks, key=str)}") from None
 
 
-def step_masks(slots: torch.Tensor, row_start: torch.Tensor, length: int, windows: Sequence[int | None], *,
-               fold: int, dtype: torch.dtype) -> dict[int | None, torch.Tensor]:
-    """Additive masks ``[B, 1, fold * Tb, length]`` per window, from ``slots [Tb]`` and
-    ``row_start [B]`` (device tensors: this runs inside a captured graph)."""
+def step_masks(slots: torch.Tensor, who: torch.Tensor, positions: torch.Tensor, owners: torch.Tensor,
+               slot_positions: torch.Tensor, length: int, windows: Sequence[int | None], *, fold: int,
+               dtype: torch.dtype) -> dict[int | None, torch.Tensor]:
+    """Additive masks ``[1, 1, fold * Tb, length]`` per window for step tokens at ``slots
+    [Tb]`` of rows ``who [Tb]`` at ``positions [Tb]``, over slots whose owners and positions
+    are ``owners`` / ``slot_positions`` (``[max_tokens]``; the step's own tokens are written
+    into them first). Device tensors only: this runs inside a captured graph."""
+    owners.index_copy_(0, slots, who)
+    slot_positions.index_copy_(0, slots, positions)
     j = torch.arange(length, device=slots.device)
-    query_slot = slots[None, :, None]  # [1, Tb, 1]
-    causal = (j >= row_start[:, None, None]) & (j <= query_slot)  # [B, Tb, Lb]
+    owner, key_position = owners[None, :length], slot_positions[None, :length]  # [1, Lb]
+    query_position = positions[:, None]  # [Tb, 1]
+    seen = ((owner == OWNER_SHARED) | (owner == who[:, None])) & (key_position <= query_position)
+    seen |= j[None, :] == slots[:, None]  # [Tb, Lb]
     lowest = torch.finfo(dtype).min
     out = {}
     for window in windows:
-        visible = causal if window is None else causal & (j > query_slot - window)
+        visible = seen if window is None else seen & (key_position > query_position - window)
         additive = torch.zeros(visible.shape, dtype=dtype, device=slots.device).masked_fill_(~visible, lowest)
-        B, T, L = additive.shape
-        out[window] = additive[:, None].expand(B, fold, T, L).reshape(B, 1, fold * T, L)
+        T, L = additive.shape
+        out[window] = additive[None, None].expand(1, fold, T, L).reshape(1, 1, fold * T, L)
     return out
 
 

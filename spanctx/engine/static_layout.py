@@ -1,22 +1,34 @@
 """The shape of a static call: buckets, rows and padding, and the model's KV layout.
 
-Pure helpers of ``spanctx.static``: how many step tokens and attention slots a call's
-bucket has, where each left-padded row starts, which prefix slices each row gets, and
-what the model's cache looks like (read off a one-token forward).
+Pure helpers and values of ``static``: how many step tokens and attention slots a call's
+bucket has, how the rows of a call are packed into the one buffer row (``pack``), what a
+call returns (``ForwardOutput``, ``GenerateOutput``, ``ExecStats``), and what the model's
+cache looks like (read off a one-token forward).
+
+Packing. A call's rows share one row of KV buffers. The leading stored slices that every
+row has (the same tensors, the same tokens: a context checked against N requirements,
+a batch over one document) are laid once at slots ``[0, P)``; after them each row gets a
+segment of its own for the rest of its prompt (its own stored slices, then its tail);
+new tokens follow every segment, one slot per row and step. Attention follows owners,
+not slot order (``slots.step_masks``): a token sees the shared slots and its own row's,
+at positions up to its own. A single row is the plain case: slot = position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import attrs
 import torch
 
 from ..cache import kv as kvops
+from ..cache.span_kv import SpanKV
 from ..hf import cache_kwargs
 from . import attention as kernels
+from .static_lora import AdapterState
 
-__all__ = ["ATTENTION_MODES", "SLOT_GRANULE", "attention_mode", "cache_bucket", "check_tail", "left_pads", "model_reason",
-           "probe_layout", "rows_of", "suffix_bucket"]
+__all__ = ["ATTENTION_MODES", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput", "GenerateOutput", "Packing", "Row", "attention_mode", "cache_bucket", "model_reason",
+           "pack", "probe_layout", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
 HOST_ROPE = {"dynamic": "dynamic NTK", "longrope": "longrope"}  # rope types that read lengths on the host
@@ -56,32 +68,142 @@ def model_reason(text, graphs: bool) -> str | None:
     return None
 
 
-def check_tail(tail_start: int, prompt: int) -> None:
-    if not 0 <= tail_start < prompt:
-        raise ValueError(f"tail_start must leave at least one of the {prompt} prompt tokens to run, got {tail_start}")
+@attrs.frozen(eq=False)
+class Row:
+    """One prompt of a static call: its ids ``[S]`` on the device and the stored KV of its
+    first ``start`` tokens (slices laid one after the other). ``alora_offset``: with an
+    aLoRA switched on, how many of the prompt's last tokens it adapts (PEFT's
+    ``alora_offsets``; None: none). Tail tokens among them run with the adapter; the
+    prefix is taken as given (a stored invocation span holds adapted KV)."""
+
+    input_ids: torch.Tensor
+    prefix: Sequence[kvops.KVSlice] = ()
+    start: int = 0
+    alora_offset: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        prompt = self.input_ids.shape[-1]
+        if self.input_ids.dim() != 1:
+            raise ValueError(f"a row's input_ids are [S], got {list(self.input_ids.shape)}")
+        if not 0 <= self.start < prompt:
+            raise ValueError(f"start must leave at least one of the {prompt} prompt tokens to run, got {self.start}")
+        covered = sum(p.num_tokens for p in self.prefix)
+        if covered != self.start:
+            raise ValueError(f"the prefix covers {covered} tokens, the row starts its tail at {self.start}")
+        if self.alora_offset is not None and not 0 < self.alora_offset <= prompt:
+            raise ValueError(f"an aLoRA offset of {self.alora_offset} puts the invocation outside the {prompt}-token "
+                             "prompt")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[-1]
 
 
-def left_pads(attention_mask: torch.Tensor | None, batch: int, prompt: int) -> list[int]:
-    """Per row, the number of leading pad slots (the mask must be 0s then 1s)."""
-    if attention_mask is None:
-        return [0] * batch
-    if tuple(attention_mask.shape) != (batch, prompt):
-        raise ValueError(f"attention_mask must be [{batch}, {prompt}], got {list(attention_mask.shape)}")
-    mask = attention_mask.to("cpu", torch.long)
-    pads = (prompt - mask.sum(dim=1)).tolist()
-    for row, pad in enumerate(pads):
-        if pad >= prompt or mask[row, :pad].any() or not mask[row, pad:].all():
-            raise ValueError(f"row {row} of attention_mask is not left padding (0s, then at least one 1)")
-    return pads
+@attrs.frozen
+class Packing:
+    """Where a call's rows sit in the buffer row (see the module docstring)."""
+
+    shared: tuple[kvops.KVSlice, ...]  # laid at [0, shared_tokens), seen by every row
+    shared_tokens: int
+    bases: tuple[int, ...]  # row r's position p >= shared_tokens is at slot bases[r] + p - shared_tokens
+    lengths: tuple[int, ...]  # prompt tokens per row
+    starts: tuple[int, ...]  # tail start per row
+
+    @property
+    def rows(self) -> int:
+        return len(self.bases)
+
+    @property
+    def decode_slot(self) -> int:
+        """The first slot after every row's prompt: new tokens go from here."""
+        return self.bases[-1] + self.lengths[-1] - self.shared_tokens
+
+    @property
+    def tail_tokens(self) -> int:
+        return sum(n - s for n, s in zip(self.lengths, self.starts))
+
+    def slot(self, row: int, position: int) -> int:
+        if position < self.shared_tokens:
+            return position
+        return self.bases[row] + position - self.shared_tokens
+
+    def slots_needed(self, new_tokens: int, padded_tail: int) -> int:
+        """Slots of a call decoding ``new_tokens`` per row whose tail step is padded to
+        ``padded_tail`` tokens (padding writes after the prompts, where decode writes)."""
+        return self.decode_slot + max(self.rows * new_tokens, padded_tail - self.tail_tokens)
 
 
-def rows_of(prefix, batch: int) -> list[Sequence[kvops.KVSlice]]:
-    """``prefix`` as one sequence of slices per row."""
-    if not prefix or isinstance(prefix[0], kvops.KVSlice):
-        return [prefix] * batch
-    if len(prefix) != batch:
-        raise ValueError(f"{len(prefix)} per-row prefixes for a batch of {batch}")
-    return list(prefix)
+def pack(rows: Sequence[Row]) -> Packing:
+    """The packing of ``rows``: their longest common run of leading slices is shared."""
+    if not rows:
+        raise ValueError("a call needs at least one row")
+    shared: list[kvops.KVSlice] = []
+    for pieces in zip(*(row.prefix for row in rows)):
+        first = pieces[0]
+        if any(p.kv is not first.kv or (p.start, p.end) != (first.start, first.end) for p in pieces[1:]):
+            break
+        shared.append(first)
+    shared_tokens = sum(p.num_tokens for p in shared)
+    bases, slot = [], shared_tokens
+    for row in rows:
+        bases.append(slot)
+        slot += row.num_tokens - shared_tokens
+    return Packing(tuple(shared), shared_tokens, tuple(bases), tuple(r.num_tokens for r in rows),
+                   tuple(r.start for r in rows))
+
+
+@attrs.frozen
+class Bucket:
+    """The key of one captured step."""
+
+    tokens: int  # step tokens (padded)
+    length: int  # attention slots
+    keep: int  # logits rows returned
+    adapters: AdapterState | None  # what the LoRA layers run (None: the base model)
+
+
+@attrs.frozen
+class ExecStats:
+    """What one call of the static executor ran and paid."""
+
+    path: str  # "graph": replayed CUDA graphs; "eager": plain forwards on the buffers
+    compiled: bool  # the model ran through torch.compile
+    attention: str  # "split" or "hf" (see spanctx.slots)
+    rows: int  # prompts packed into the call
+    shared_tokens: int  # prefix tokens laid once for every row
+    suffix_bucket: int  # the tail step's padded length
+    cache_bucket: int  # attention slots of every step
+    copied_tokens: int  # prefix tokens copied into the buffers (0: already in place)
+    steps: int  # model steps run (the tail, then one per generated token after the first)
+    builds: int  # buckets captured (or compiled) by this call
+    build_s: float  # seconds this call spent capturing and compiling
+
+
+@attrs.frozen(eq=False)
+class ForwardOutput:
+    """``logits`` ``[R, keep, V]`` of each row's last ``keep`` tokens (a copy; with
+    ``keep=0`` ``[R, T, V]``: row ``r``'s tail tokens first, zeros after); ``kv`` the buffer
+    row's keys and values (views, valid until the next call) with ``packing`` saying where
+    each row's tokens are."""
+
+    logits: torch.Tensor
+    kv: SpanKV
+    packing: Packing
+    stats: ExecStats
+
+
+@attrs.frozen(eq=False)
+class GenerateOutput:
+    """``sequences`` ``[R, W + N]``: the prompts left-padded to the longest ``W``, then
+    ``N <= max_new_tokens`` new tokens per row; with ``output_scores`` / ``output_logits``
+    each step's ``[R, V]``; ``kv`` and ``packing`` as in ``ForwardOutput``."""
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None
+    logits: tuple[torch.Tensor, ...] | None
+    kv: SpanKV
+    packing: Packing
+    stats: ExecStats
 
 
 ATTENTION_MODES = ("auto", "split", "hf")

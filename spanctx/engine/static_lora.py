@@ -9,8 +9,8 @@ active adapter, enabled); the executor reads that state at the start of each cal
   row mask on the host (``torch.tensor`` of the offsets, boolean indexing): a graph
   cannot capture it. So during the call the executor switches PEFT's path off on the
   enabled layers and adds the adapter itself in a forward hook, masked by a device
-  tensor: token ``t`` of row ``b`` is adapted iff its slot is at or after the row's
-  invocation start (``starts[b]``, set per call). Rows without an invocation never are.
+  tensor: a step token of row ``r`` is adapted iff its position is at or after the row's
+  invocation start (``starts[r]``, set per call). Rows without an invocation never are.
   Same arithmetic as PEFT's (``lora_B(lora_A(x)) * scaling`` added to the base output),
   computed for every token and multiplied by the mask.
 
@@ -45,11 +45,11 @@ class AdapterState:
 class AdapterSteps:
     """The adapter side of a static executor: state per call, the aLoRA row mask per step."""
 
-    def __init__(self, model: torch.nn.Module, *, max_batch: int, max_tokens: int) -> None:
+    def __init__(self, model: torch.nn.Module, *, max_rows: int, max_tokens: int) -> None:
         self.model = model
         device = model.device
-        self.starts = torch.full((max_batch,), NEVER, dtype=torch.long, device=device)  # slot per row
-        self.adapt = torch.zeros(max_batch, max_tokens, dtype=torch.bool, device=device)
+        self.starts = torch.full((max_rows,), NEVER, dtype=torch.long, device=device)  # position per row
+        self.adapt = torch.zeros(1, max_tokens, dtype=torch.bool, device=device)
         self._tokens = 0  # the running step's token count (checked by the hooks)
         self._is_lora: dict[type, bool] = {}  # module class -> is a PEFT LoRA layer
         # where PEFT can put a LoRA layer: in place of a leaf module (or of a LoRA layer);
@@ -87,7 +87,7 @@ class AdapterSteps:
     def engaged(self, state: AdapterState | None, layers: Sequence[torch.nn.Module],
                 starts: Sequence[int] | None) -> Iterator[None]:
         """Within the block, aLoRA layers run through the executor's masked hooks, with row
-        ``b``'s invocation at slot ``starts[b]`` (None: no row is adapted)."""
+        ``r``'s invocation at position ``starts[r]`` (None: no row is adapted)."""
         if starts is not None and (state is None or not state.alora):
             raise ValueError("alora_offsets were given, but no aLoRA adapter is switched on")
         if state is None or not state.alora:
@@ -108,10 +108,11 @@ class AdapterSteps:
             for layer in layers:
                 layer._disable_adapters = False
 
-    def write_mask(self, slots: torch.Tensor, batch: int) -> None:
-        """Inside a step: which of its tokens ``[B, Tb]`` run with the adapter."""
-        self._tokens = slots.shape[0]
-        self.adapt[:batch, :self._tokens].copy_(slots[None, :] >= self.starts[:batch, None])
+    def write_mask(self, positions: torch.Tensor, who: torch.Tensor) -> None:
+        """Inside a step: which of its tokens (positions and rows ``[Tb]``) run with the
+        adapter. Padding tokens (a negative row) take row 0's start: their output is junk."""
+        self._tokens = positions.shape[0]
+        self.adapt[0, :self._tokens].copy_(positions >= self.starts[who.clamp(min=0)])
 
     def _add_adapters(self, module, args, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # [B, T, in]

@@ -179,7 +179,7 @@ def decode_rows(rt: SessionAPI, contexts: Sequence[Context], opts, held: context
     layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
                         [c.assembly.keep_at_least for c in calls])
     kwargs = rt.generate_kwargs(opts)
-    out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs)
+    out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs, opts)
     cached = [c.reused_before(kept, w) if reuse else 0 for c, kept, w in zip(calls, layout.kept, warmed)]
     return DecodedRows(calls, layout, out, cached,
                        eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))

@@ -182,9 +182,11 @@ def check(rt: SessionAPI, ctx: Context | str, requirements: Sequence[str], *, ad
         verdicts = []
         for start in range(0, len(prompts), batch_size):
             rows = range(start, min(start + batch_size, len(prompts)))
-            with rt.activated(batch_activation([activations[i] for i in rows])):
-                logits = rt.engine.forward_rows(context.cache, [prompts[i] for i in rows], context.tail_start,
-                                         store_from=shared if reuse else None)  # [b, V]
+            activation = batch_activation([activations[i] for i in rows])
+            with rt.activated(activation):
+                logits = rt.engine.forward_rows(context.pieces or [], [prompts[i] for i in rows], context.tail_start,
+                                                store_from=shared if reuse else None,
+                                                alora_starts=activation and activation.alora_starts)  # [b, V]
             probabilities = torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
             end = time.perf_counter()
             for i, probability in zip(rows, probabilities):
@@ -205,7 +207,7 @@ def shared_spans(prompts: Sequence[ResolvedPrompt]) -> int:
 def _checked_alone(rt: SessionAPI, ctx: Context, requirement: str, config: CheckConfig, adapter: str | None,
                    reuse: bool, yes: int, no: int, salt: str | None) -> Verdict:
     with rt.prepared(ctx, reuse=reuse, adapter=adapter, salt=salt) as call:
-        out, _ = rt.engine.forward_tail(call.assembly)
+        out, _ = rt.engine.forward_tail(call.assembly, alora_start=call.alora_start)
         probability = torch.sigmoid(out.logits[0, -1, yes] - out.logits[0, -1, no]).item()
         return Verdict(requirement, probability > config.threshold, probability, rt.stats(call, 0, None))
 

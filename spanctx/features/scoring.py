@@ -80,7 +80,7 @@ def score(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *
         return []
     cand_ids = [rt.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
     with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids), salt=salt) as call:
-        out, cache = rt.engine.forward_tail(call.assembly, logits_to_keep=1)
+        out, context = rt.engine.forward_tail(call.assembly, logits_to_keep=1, kv=True)
         first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # [V]
         context_end = call.prompt.num_tokens
         scores = []
@@ -89,7 +89,7 @@ def score(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *
             # rows: each candidate but its last token, after the context; row position j
             # predicts the candidate's token j + 1
             rows = [rt.resolve(ctx.append(ids[:-1]), salt=salt)[0] for ids in batch if len(ids) > 1]
-            logprobs = (torch.log_softmax(rt.engine.forward_rows(cache, rows, context_end, every_position=True), -1).cpu()
+            logprobs = (torch.log_softmax(rt.engine.forward_rows(context, rows, context_end, every_position=True), -1).cpu()
                         if rows else None)  # [r, W, V]
             row = 0
             for ids in batch:

@@ -20,11 +20,9 @@ Policy (docs/serving.md says the same for users):
 - **Cancellation.** ``Job.cancel`` (the server calls it when a client disconnects) drops
   a waiting job from the queue, or ends a running row at the next decode step; the batch
   goes on for the other rows and the worker takes new jobs when the call ends.
-- **Batch size.** ``max_batch`` defaults to 8, and to 1 where the runtime runs the static
-  executor (a CUDA GPU): there one request at a time on fixed buffers with CUDA graphs
-  decodes faster than eager batched rows (H200, 8B shape: ~120 tokens/s for one static
-  stream, 19 for a batch of 2 eager rows, 82 for 6; benchmarks/results/serve/). A
-  batched static executor (issue 19) would make batching pay on GPUs too.
+- **Batch size.** ``max_batch`` defaults to 8. On a CUDA GPU the static executor packs a
+  batch's rows into its buffers (the spans they share laid once) and decodes them in
+  one captured step per token; elsewhere they run as a left-padded eager batch.
 - **What is not done.** Jobs are admitted only between calls (no step-level continuous
   batching: HF ``generate``'s loop is closed). A job arriving mid-batch waits for that
   batch to end. Step-level admission needs an executor that runs one decode step of a
@@ -120,8 +118,7 @@ class Scheduler:
 
     def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64,
                  executor: Executor | None = None) -> None:
-        if max_batch is None:
-            max_batch = 1 if rt.engine.static is not None else DEFAULT_MAX_BATCH
+        max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
         self.rt, self.max_batch, self.max_queue = rt, max_batch, max_queue

@@ -45,6 +45,7 @@ import xxhash
 from ..core.keys import adapter_namespace
 from ..core.prompt import PromptResolver, ResolvedPrompt
 from ..core.spans import Span
+from ..engine.slots import STEP_KWARG
 from ..hf import cache_argument, peft_wrapping
 from .adapter_files import WEIGHT_FILES, AdapterError, check_base_model, read_adapter_config
 
@@ -337,6 +338,8 @@ class AdapterSet:
         offsets: list[int] = []  # rewritten before each model call, read by its LoRA layers
 
         def before_model_call(module, args, kwargs):
+            if STEP_KWARG in kwargs:  # a static executor's step: it applies the aLoRA itself
+                return
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is None:
                 raise AdapterError("an aLoRA call needs input_ids (its invocation is found by token)")

@@ -66,6 +66,12 @@ class PreparedCall:
     def cached_tokens(self) -> int:
         return self.assembly.cached_tokens
 
+    @property
+    def alora_start(self) -> int | None:
+        """The prompt index of the call's aLoRA invocation (None: no aLoRA switched on)."""
+        starts = None if self.activation is None else self.activation.alora_starts
+        return None if starts is None else starts[0]
+
     def reused_before(self, end: int, excluding: set[bytes] = frozenset()) -> int:
         """How many prompt tokens in ``[0, end)`` this call read from the store, leaving
         out what it read under the keys ``excluding``."""
@@ -243,7 +249,7 @@ class Session:
         kwargs = self.generate_kwargs(opts, streamer=streamer, cancel=cancel)
         return self.engine.generate(call.assembly, opts, {**kwargs, "output_scores": output_scores,
                                                           "output_logits": output_logits},
-                                    adapter_on=call.activation is not None)
+                                    alora_start=call.alora_start)
 
     def generate_kwargs(self, opts: CallOptions, *, streamer=None, cancel: threading.Event | None = None) -> dict:
         """HF ``generate`` kwargs of a call with ``opts`` (a streamer only when streaming)."""
@@ -352,7 +358,8 @@ class Session:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
         with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair, salt=salt) as call:
-            out, _ = self.engine.forward_tail(call.assembly, logits_to_keep=1)
+            out, _ = self.engine.forward_tail(call.assembly, logits_to_keep=1,
+                                              alora_start=call.alora_start)
             return out.logits[0, -1].float()
 
     # -- adapters (adapters.py) ------------------------------------------------------------
