@@ -11,6 +11,10 @@
 #   batch  generate_batch of 8 rows over a shared 4K vs one row: fastpath_bench.py batch
 #   mellea the Mellea program (benchmarks/mellea/bench.py) vs stock LocalHFBackend, with Mellea
 #          from the wheels in .whl/ (carried) when the interpreter has none; skipped, saying so, without
+# Carried wheels (python 3.12, x86-64; 12 files, 7.2 MiB): mellea 0.8.0, llguidance 1.9.1, pydantic 2.14.4,
+# pydantic_core 2.50.5, annotated-types 0.8.0, typing-inspection 0.4.5, typing_extensions 4.16.0, requests 2.32.5,
+# urllib3 2.8.0, idna 3.20, certifi 2026.10.19.post1, charset_normalizer 3.5.3 (benchmarks/mellea/carried.py: the
+# image's packages win where it has them). Run from a checkout holding them in .whl/, with carry [".whl"].
 # OUTDIR gets fastpath.json, fastpath.md, fastpath.log and sections/*.json (8 files); the
 # table is rewritten after every section, so a run cut short keeps what finished.
 set -uo pipefail
