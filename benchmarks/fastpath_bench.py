@@ -130,13 +130,17 @@ def run_chat(args) -> None:
 
 def run_long(args) -> None:
     h, startup = load(args)
-    record = {**header(h, "long", startup, args.executor), "context_tokens": args.context, "question_tokens": args.question_tokens,
-              "new_tokens": args.new_tokens}
+    record = {**header(h, "long", startup, args.executor), "context_tokens": args.context,
+              "question_tokens": args.question_tokens, "new_tokens": args.new_tokens}
     context = h.source.block(args.context, "long-context")
     questions = [h.source.block(args.question_tokens, "long-question", i) for i in range(1 + args.repeats)]
     base = Context().append(context)
     started = now(h.device)
-    h.runtime.next_token_logits(base)  # the prefix into the store (untimed for the calls below)
+    try:  # the prefix into the store (untimed for the calls below)
+        h.runtime.next_token_logits(base)
+    except Exception as exc:
+        record["store_prefix_error"] = f"{type(exc).__name__}: {exc}"
+        print(f"long: storing the {args.context}-token prefix REFUSED: {record['store_prefix_error']}", flush=True)
     record["store_prefix_s"] = now(h.device) - started
     calls = []
     for i, question in enumerate(questions):
@@ -144,7 +148,7 @@ def run_long(args) -> None:
         try:
             sample = timed(lambda q=question: spanctx_generate(h.runtime, base.append(q), args.new_tokens), h.device)
             row = call_row(sample, call=i + 1)
-        except Exception as exc:  # noqa: BLE001 (a refusal is a result here: its reason and its time)
+        except Exception as exc:
             row = {"call": i + 1, "error": f"{type(exc).__name__}: {exc}", "total_ms": (now(h.device) - started) * 1e3}
             print(f"long call {i + 1}: REFUSED after {row['total_ms']:.1f} ms: {row['error']}", flush=True)
         else:
@@ -206,7 +210,7 @@ def run_batch(args) -> None:
                 rows, tokens = 1, [sample.outcome.new_ids]
             else:
                 held: list = []
-                sample = timed(lambda c=contexts: batch_generate(h, c, args.new_tokens, held), h.device)
+                sample = timed(lambda c=contexts, out=held: batch_generate(h, c, args.new_tokens, out), h.device)
                 rows, tokens = args.rows, [r.token_ids for r in held]
             if any(len(t) != args.new_tokens for t in tokens):
                 raise RuntimeError(f"{method}: rows generated {[len(t) for t in tokens]} tokens, "

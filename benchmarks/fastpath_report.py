@@ -92,7 +92,9 @@ def long_targets(long: dict) -> list[dict]:
         return []
     k = tokens(long["context_tokens"])
     median, first = long.get("median_ttft_ms"), long.get("first_ttft_ms")
-    errors = "; ".join(dict.fromkeys(c["error"] for c in calls if "error" in c))
+    errors = "; ".join(dict.fromkeys([*(c["error"] for c in calls if "error" in c),
+                                      *([f"storing the prefix: {long['store_prefix_error']}"]
+                                        if "store_prefix_error" in long else [])]))
     full = long.get("full_ttft_ms")
     measured = (f"{median:.2f} ms (first call {first:.2f} ms)" if median is not None and first is not None
                 else f"refused after {calls[0]['total_ms']:.1f} ms")
@@ -143,9 +145,9 @@ def _fmt(row: dict) -> list[str]:
 def markdown(record: dict) -> str:
     env = record["environment"]
     lines = [f"# Fast-path targets (issue 19), {env.get('date', '?')}", "",
-             f"{env.get('device', '?')}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
-             f"peft {env.get('peft')}; model {env.get('model')} ({env.get('dtype')}, {env.get('attn_implementation')}), "
-             f"executor `auto`. Every baseline measured in the same run.", ""]
+             (f"{env.get('device', '?')}; torch {env.get('torch')}, transformers {env.get('transformers')}, "
+              f"peft {env.get('peft')}; model {env.get('model')} ({env.get('dtype')}, "
+              f"{env.get('attn_implementation')}), executor `auto`. Every baseline measured in the same run."), ""]
     if record["smoke"]:
         lines += ["**SMOKE RUN (tiny preset on CPU): the targets are the GPU's; 'met?' means nothing here.**", ""]
     lines += ["| target | measured | baseline | ratio | met? | executor |", "|---|---|---|---|---|---|"]

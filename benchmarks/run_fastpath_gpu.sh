@@ -40,7 +40,7 @@ else
     BENCH=(--contexts 8192 --checks-context 4096 --checks 10 --rag-doc-tokens 512 --rag-pool 16
            --rag-system-tokens 128 --rag-fidelity-prompts 2 --repeats 5,rag=3,checks=3 --new-tokens 32,rag=16)
     CHAT=(); LONG=(); BATCH=(); MELLEA=(--report-tokens 8192 --repeats 1)
-    LIMITS=(bench=170 chat=75 long=75 batch=60 mellea=120); REPORT=()
+    LIMITS=(bench=160 chat=70 long=70 batch=60 mellea=120); REPORT=()
 fi
 declare -A LIMIT; for kv in "${LIMITS[@]}"; do LIMIT[${kv%=*}]=${kv#*=}; done
 

@@ -2,6 +2,7 @@
 what the runtime reports (no timing asserted: speed claims live in benchmarks/)."""
 
 import importlib.util
+import itertools
 import json
 import pathlib
 
@@ -37,7 +38,7 @@ def test_a_chat_pass_has_a_row_per_turn_and_reuses_the_earlier_turns(harness):
     assert all(r["new_tokens"] == 3 and r["executor"] == "eager" for r in rows)  # auto is eager on CPU
     assert rows[0]["cached_tokens"] == 0
     # each later turn reuses at least the previous turn's prompt (its reply block is new)
-    assert all(r["cached_tokens"] >= prev["prompt_tokens"] for prev, r in zip(rows, rows[1:]))
+    assert all(r["cached_tokens"] >= prev["prompt_tokens"] for prev, r in itertools.pairwise(rows))
     later = {r["turn"]: r["ttft_ms"] for r in rows[1:]}
     assert result["worst_ttft_ms"] == max(later.values()) == later[result["worst_turn"]]
     assert result["worst_over_median"] == pytest.approx(result["worst_ttft_ms"] / result["median_ttft_ms"])

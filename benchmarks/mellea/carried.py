@@ -25,7 +25,7 @@ else:
 
 if sys.argv[2:3] == ["--check"]:
     try:
-        import mellea.backends.huggingface  # noqa: F401
+        import mellea.backends.huggingface
     except ImportError as exc:
         print(f"mellea not importable: {type(exc).__name__}: {exc}")
         sys.exit(1)
