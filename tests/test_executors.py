@@ -80,6 +80,7 @@ def test_checks_scores_and_batches_run_on_the_static_executor(tmp_path_factory):
         want = eager.check(ctx, requirements, adapter="check", reuse=reuse)
         got = static.check(ctx, requirements, adapter="check", reuse=reuse)
         assert static.engine.static.build_stats.builds > built or reuse is False  # its steps ran there
+        assert {v.stats.executor for v in got} == {"static"} and {v.stats.executor for v in want} == {"eager"}
         for a, b in zip(got, want):
             assert a.passed == b.passed and abs(a.probability - b.probability) < 1e-4
     candidates = [" yes", " no thanks", " maybe later, friend"]
@@ -92,6 +93,7 @@ def test_checks_scores_and_batches_run_on_the_static_executor(tmp_path_factory):
         got = static.generate_batch(contexts, 6, reuse=reuse)
         assert [r.token_ids for r in got] == [r.token_ids for r in want]
         assert [r.token_ids for r in got] == [static.generate(c, 6).token_ids for c in contexts]
+        assert {r.stats.executor for r in got} == {"static"}
 
 
 def test_what_runs_eagerly_and_why():

@@ -22,7 +22,7 @@ from test_static import (
 from spanctx.cache.kv import KVSlice
 from spanctx.cache.span_kv import SpanKV
 from spanctx.engine.static import StaticExecutor
-from spanctx.engine.static_layout import SLOT_GRANULE, Row, pack
+from spanctx.engine.static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, pack
 from spanctx.engine.static_warmup import OVERHANG, ladder, rung
 
 STEP_8B = 0.25 * 15.0e9 / 131072  # ATTENTION_RATE x the 8B shape's weights read per step / KV bytes per slot
@@ -53,7 +53,7 @@ def single_row_calls(max_tokens: int):
     """(prompt, tail_start, new tokens) of single-row calls over every rung, with short and
     long tails, ending at the buffers' last slot too."""
     for prompt in (3, 40, 255, 257, 300, 511, 600, 767, max_tokens - 1):
-        for tail in (1, 2, 17, 200, 257, 512):
+        for tail in (1, 2, 17, 200, 257, 512, 700):
             if tail < prompt:
                 yield prompt, prompt - tail, min(3, max_tokens - prompt)
 
@@ -124,7 +124,7 @@ def test_warm_up_builds_every_bucket_some_single_row_call_reaches():
     ids = torch.zeros(ex.max_tokens, dtype=torch.long)
     needed = set()
     for prompt in range(1, ex.max_tokens + 1):
-        for tail_start in range(max(0, prompt - 512), prompt):
+        for tail_start in range(max(0, prompt - GRAPH_TOKENS), prompt):
             packing = pack([Row(ids[:prompt], [KVSlice(kv, 0, tail_start)] if tail_start else [], tail_start)])
             tokens, length = ex._buckets(packing, 0)  # forward
             needed.add((tokens, length))

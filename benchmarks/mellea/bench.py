@@ -173,6 +173,7 @@ def run_method(name: str, model, tokenizer, device, adapter: pathlib.Path, repor
     out = {"runs": runs, "median_seconds": statistics.median(r["seconds"] for r in runs)}
     if isinstance(backend, SpanctxBackend):
         out["store"] = {k: getattr(backend.runtime.store.stats, k) for k in ("hits", "misses", "hit_tokens")}
+        out["runtime"] = repr(backend.runtime)  # names the executor
     return out
 
 
@@ -186,8 +187,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--time-forwards", action="store_true",
                         help="also time prefill and decode forwards (synchronises around each: a breakdown)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma separated, of: " + ", ".join(METHODS))
     parser.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args()
+    methods = [m for m in METHODS if m in args.methods.split(",")]
 
     device = torch.device(args.device)
     # Mellea asserts that the model's vocabulary is the tokenizer's: the presets' byte
@@ -200,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mellea-bench-") as tmp:
         adapter = make_adapter(base, pathlib.Path(tmp) / "requirement-check", rank=args.rank,
                                invocation_ids=invocation, seed=1)
-        for name in METHODS:  # each on its own copy: PEFT changes the model in place
+        for name in methods:  # each on its own copy: PEFT changes the model in place
             model = copy.deepcopy(base)
             results[name] = run_method(name, model, tokenizer, device, adapter, reports, args.new_tokens,
                                        args.time_forwards)
@@ -219,7 +222,8 @@ def main() -> None:
         "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "peft", "mellea")}
         | {"python": platform.python_version()},
         "results": results,
-        "speedup": results["stock"]["median_seconds"] / results["spanctx"]["median_seconds"],
+        "speedup": (results["stock"]["median_seconds"] / results["spanctx"]["median_seconds"]
+                    if len(results) == 2 else None),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{record['date']}-mellea-{args.device}-{args.model}{'-forwards' if args.time_forwards else ''}"

@@ -177,14 +177,18 @@ def flush(results: dict, stem) -> list:
 
 
 def summary_table(results: dict) -> str:
-    """A short plain-text table of every row, with speedups vs full."""
-    lines = [f"{'scenario':8} {'case':>16} {'method':28} {'TTFT ms':>9} {'total ms':>9} {'speedup':>8}"]
+    """A short plain-text table of every row, with speedups vs full and the executor of
+    spanctx rows; then every row whose calls stepped off the static executor, and why."""
+    lines = [f"{'scenario':8} {'case':>16} {'method':28} {'TTFT ms':>9} {'total ms':>9} {'speedup':>8}  executor"]
     for row in results["rows"]:
         metric = report.SPEEDUP_METRIC.get(row["scenario"], "ttft_ms")
         s = report.speedup(results["rows"], row, metric)
         lines.append(f"{row['scenario']:8} {report.case_label(row):>16} {row['method']:28} "
-                     f"{row['ttft_ms']:9.2f} {row['total_ms']:9.2f} {'' if s is None else f'{s:7.2f}x':>8}")
+                     f"{row['ttft_ms']:9.2f} {row['total_ms']:9.2f} {'' if s is None else f'{s:7.2f}x':>8}  "
+                     f"{row.get('executor', '')}")
     lines.append(f"floor (weights read once): {results['floor_ms']:.2f} ms")
+    lines += [f"fallback: {row['scenario']} {report.case_label(row)} {row['method']}: {row['executor_fallback']}"
+              for row in results["rows"] if row.get("executor_fallback")]
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ Schema (keys always present unless marked optional)::
                optional: "docs" (rag and fidelity K), "turn" (chat), "checks" (checks count),
                "question" (fidelity: "single" or "two" documents),
                "greedy_match", "top1_agreement", "kl", "verdict_agreement",
+               spanctx rows: "executor", "executor_fallback" (distinct values over the timed calls),
                fidelity: "accuracy", "answer_agreement", "recomputed_fraction", "checked_fraction"}]}
 
 Times are milliseconds (median, and p90, over the timed repeats); ``peak_mem_mb`` is
@@ -74,16 +75,28 @@ class Row:
     answer_agreement: float | None = None
     recomputed_fraction: float | None = None
     checked_fraction: float | None = None
+    executor: str | None = None  # spanctx rows: the executor(s) that ran the timed calls
+    executor_fallback: str | None = None  # spanctx rows: why the static executor stepped aside, if it did
 
     @classmethod
     def measured(cls, scenario: str, method: str, context_tokens: int, new_tokens: int, measured: Measured,
                  **extra) -> Row:
         s = summarize(measured.samples)
+        outcomes = [sample.outcome for sample in measured.samples]
+        executors = distinct(o.executor for o in outcomes)
+        fallbacks = distinct(o.executor_fallback for o in outcomes)
         return cls(scenario, method, context_tokens, new_tokens, s.ttft_ms, s.ttft_p90_ms, s.total_ms,
-                   s.total_p90_ms, s.computed_tokens, s.cached_tokens, measured.peak_mem_mb, s.repeats, **extra)
+                   s.total_p90_ms, s.computed_tokens, s.cached_tokens, measured.peak_mem_mb, s.repeats,
+                   executor=executors, executor_fallback=fallbacks, **extra)
 
     def to_json(self) -> dict:
         return attrs.asdict(self, filter=_drop_none)
+
+
+def distinct(values) -> str | None:
+    """The distinct non-empty ``values`` in first-seen order, joined by "; " (None if none)."""
+    seen = list(dict.fromkeys(v for v in values if v))
+    return "; ".join(seen) or None
 
 
 def device_name(device: torch.device) -> str:

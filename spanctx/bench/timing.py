@@ -59,6 +59,8 @@ class Outcome:
     cached_tokens: int  # prompt tokens reused from a cache
     verdicts: tuple[bool, ...] = ()  # checks only: one verdict per requirement
     probabilities: tuple[float, ...] = ()  # checks only: P(yes) per requirement
+    executor: str | None = None  # spanctx only: the executor that ran the call (GenerationStats.executor)
+    executor_fallback: str | None = None  # spanctx only: why the static executor did not run it
 
 
 @attrs.frozen

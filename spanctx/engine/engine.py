@@ -30,17 +30,19 @@ from ..cache.span_kv import SpanKV
 from ..cache.store import KVStore
 from ..cache.tiers import TierCallStats
 from ..core.options import CallOptions
-from ..core.placement import PlacementPlan, plan_placement
-from ..core.plan import Plan, plan_prompt, plan_shared
+from ..core.placement import plan_placement
+from ..core.plan import plan_prompt, plan_shared
 from ..core.prompt import ResolvedPrompt
 from ..hf import max_positions
+from .calls import Assembly, Generated, RowLogits
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
-from .static_layout import Row
 from .parallel_stats import ParallelStats, parallel_stats
+from .static_layout import Row
 from .stopping import FirstTokenClock, with_stopping_criterion
 
-__all__ = ["EXECUTORS", "Assembly", "Engine", "Generated", "KVLayoutMismatch", "ParallelStats", "parallel_stats"]
+__all__ = ["EXECUTORS", "Assembly", "Engine", "Generated", "KVLayoutMismatch", "ParallelStats", "RowLogits",
+           "parallel_stats"]
 
 
 EXECUTORS = ("auto", "eager", "static")
@@ -49,62 +51,6 @@ STATIC_TOKENS = 16384  # default slots of the static executor's buffers (prompt 
 
 class KVLayoutMismatch(RuntimeError):
     """A stored span does not have this model's KV layout (another model's entry)."""
-
-
-@attrs.define(eq=False)
-class Assembly:
-    """A prompt with its KV assembled up to ``tail_start``; the final call runs the rest.
-
-    ``pieces``: the KV of ``[0, tail_start)`` as slices laid one after the other (None
-    without reuse); ``cache`` copies them into a fresh ``DynamicCache`` on first use (the
-    eager final call's; a static executor copies the pieces into its own buffers).
-    """
-
-    prompt: ResolvedPrompt
-    input_ids: torch.Tensor  # [1, S] the whole prompt
-    pieces: list[kvops.KVSlice] | None
-    plan: Plan | PlacementPlan | None  # None without reuse
-    parallel: ParallelStats | None = None
-    tiers: TierCallStats | None = None  # what the lower tiers gave (None: the store has none)
-    _cache: object | None = None
-
-    @property
-    def cache(self):
-        """A fresh ``DynamicCache`` of ``[0, tail_start)`` (None without reuse)."""
-        if self._cache is None and self.pieces is not None:
-            self._cache = kvops.assemble(self.pieces)
-        return self._cache
-
-    @property
-    def tail_start(self) -> int:
-        return self.plan.tail.start if self.plan else 0
-
-    @property
-    def cached_tokens(self) -> int:
-        return self.plan.cached_tokens if self.plan else 0
-
-    @property
-    def keep_at_least(self) -> int:
-        """The fewest of its cached tokens a final call may keep and recompute the rest
-        causally: the end of its last parallel group (a group's KV is not what a causal
-        forward computes, nor is what was stored after it), at most ``tail_start``."""
-        ranges = self.prompt.span_ranges()
-        group_end = max((ranges[g.stop - 1][1] for g in self.prompt.groups), default=0)
-        return min(group_end, self.tail_start) if self.plan is not None else 0
-
-
-@attrs.frozen(eq=False)
-class Generated:
-    """What a decode made: ``sequences`` ``[B, S + N]``, when its first new token was on
-    the host, per new token the ``[B, V]`` scores / logits it asked for (else None), the
-    executor that ran it and, when the static one was set up but not used, why."""
-
-    sequences: torch.Tensor
-    first_token_at: float | None
-    scores: tuple[torch.Tensor, ...] | None = None
-    logits: tuple[torch.Tensor, ...] | None = None
-    executor: str = "eager"
-    fallback: str | None = None
 
 
 class Engine:
@@ -357,18 +303,19 @@ class Engine:
 
     def forward_rows(self, context: Sequence[kvops.KVSlice], prompts: Sequence[ResolvedPrompt], start: int, *,
                      every_position: bool = False, store_from: int | None = None,
-                     alora_starts: Sequence[int] | None = None) -> torch.Tensor:
+                     alora_starts: Sequence[int] | None = None) -> RowLogits:
         """Run the tokens from ``start`` on of every prompt after ``context``, the KV of
         their common first ``start`` tokens (slices laid one after the other).
 
         Returns float32 logits: at each row's last token ``[B, V]``, or with
-        ``every_position`` at every row position ``[B, W, V]`` (past a row's end: padding).
+        ``every_position`` at every row position ``[B, W, V]`` (past a row's end: padding),
+        with the executor that ran them.
         ``store_from``: store each row's spans from that segment on that the store lacks.
         ``alora_starts``: per row, the prompt index of an aLoRA's invocation.
         """
         rows = [Row(self.input_ids(p)[0], tuple(context), start,
                     None if alora_starts is None else p.num_tokens - alora_starts[i]) for i, p in enumerate(prompts)]
-        static, _ = self._on_static(rows)
+        static, fallback = self._on_static(rows)
         if static:
             out = self.static.forward(rows, logits_to_keep=0 if every_position else 1)
             logits = out.logits.float() if every_position else out.logits[:, -1].float()
@@ -386,7 +333,7 @@ class Engine:
                 else:
                     self.interpreter.store_spans(prompt, cache, missing,
                                                  offset=slots.bases[row] - slots.shared_tokens)
-        return logits
+        return RowLogits(logits, "static" if static else "eager", fallback)
 
     # -- probes and checks --------------------------------------------------------------
 

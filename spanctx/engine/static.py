@@ -144,13 +144,12 @@ class StaticExecutor(Sizing):
         self._own_attention = own_attention(model)
         self._model_reason = model_reason(text, self.graphs)
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.graphs else 0
-        ints = dict(dtype=torch.long, device=self.device)
+        ints, slots = dict(dtype=torch.long, device=self.device), self.buffers.max_tokens  # a padded tail's too
         # the step's inputs, per step token: id, position, slot, row; and per slot its owner and position
-        self._ids, self._pos, self._slots, self._who, self._keep = (torch.zeros(self.max_tokens, **ints)
-                                                                    for _ in range(5))
-        self._owners = torch.full((self.buffers.max_tokens,), OWNER_FREE, **ints)
-        self._slot_pos = torch.zeros(self.buffers.max_tokens, **ints)
-        self._adapters = AdapterSteps(model, max_rows=MAX_ROWS, max_tokens=self.max_tokens)
+        self._ids, self._pos, self._slots, self._who, self._keep = (torch.zeros(slots, **ints) for _ in range(5))
+        self._owners = torch.full((slots,), OWNER_FREE, **ints)
+        self._slot_pos = torch.zeros(slots, **ints)
+        self._adapters = AdapterSteps(model, max_rows=MAX_ROWS, max_tokens=slots)
         self._forward = torch.compile(model) if compile else model
         self._lock = threading.Lock()
         self._owner: int | None = None  # the thread inside a call
@@ -355,13 +354,12 @@ class StaticExecutor(Sizing):
         """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at
         ``positions[r]`` (decode step ``step``: the slots after the prompts, one per row)."""
         rows = tokens.shape[0]
-        first = call.packing.decode_slot + step * rows
         self._ids[:rows].copy_(tokens)
         self._pos[:rows].copy_(positions)
-        if step == 0:  # the same every step but the slots
-            self._who[:rows].copy_(torch.arange(rows), non_blocking=True)
-            self._keep[:rows].copy_(torch.arange(rows), non_blocking=True)
-        self._slots[:rows].copy_(torch.arange(first, first + rows), non_blocking=True)
+        if step == 0:  # the same every step but the slots; device-side, so the host never waits
+            torch.arange(rows, out=self._who[:rows])
+            torch.arange(rows, out=self._keep[:rows])
+        torch.add(self._who[:rows], call.packing.decode_slot + step * rows, out=self._slots[:rows])
         return self._run(Bucket(rows, call.length, rows, call.adapters))
 
     def _run(self, bucket: Bucket) -> torch.Tensor:

@@ -18,16 +18,16 @@ than on an exact-length step; bounding that by ``padding`` for every ``n`` gives
 with ``L[k+1] + c = (1 + padding) * (L[k] + c)`` and ``L[0] = padding * c``: additive
 steps of ``padding * c`` while the cache is small next to the weights, a geometric
 ratio ``1 + padding`` once it dominates. With ``padding`` = 0.1 the 8B shape's 16K
-buffers get 5 rungs (3072, 6400, 9984, 14080, 16640), 32K gets 8, 128K 18.
+buffers get 5 rungs (3072, 6400, 9984, 14080, 17408), 32K gets 8, 128K 18.
 The old lengths (a sixteenth of a power of two, 256-slot granules below 4K) padded less
 (<= 6%) but needed a new capture every 256-512 slots of a growing chat.
 
 Warm-up builds each bucket by running a call that needs it through the executor's own
 ``generate`` (a junk prompt, junk prefix KV of the right length, two new tokens), so it builds exactly the buckets requests build, by the same code: per rung,
-every padded tail (``suffix_bucket``: 16, 32, ..., 512 tokens) and the decode step
+every padded tail (``suffix_bucket``: 16, 32, ..., 2048 tokens) and the decode step
 (1 token; a 1-token tail is the same bucket), logits of the last token only, for the
 adapter state switched on at the time. A padded tail may run past the call's slots (by
-up to 255: ``suffix_bucket(257) = 512``), so the buffers hold ``OVERHANG`` slots more
+up to 1023: ``suffix_bucket(1025) = 2048``), so the buffers hold ``OVERHANG`` slots more
 than ``max_tokens`` and the top rung is the buffers' size: no call needs a length off
 the ladder. Buckets a warm-up does not build (several rows packed together,
 ``logits_to_keep > 1``, another adapter state) are built by the call that needs them,
@@ -54,7 +54,7 @@ __all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "la
 
 ATTENTION_RATE = 0.25  # the split attention's cache-read rate over the weight-read rate (H100, 8K)
 PADDING = 0.1  # the most a step may cost over an exact-length one, by the cost model above
-TAILS = sorted({suffix_bucket(t) for t in range(2, GRAPH_TOKENS + 1)})  # the padded tails: 16 .. 512
+TAILS = sorted({suffix_bucket(t) for t in range(2, GRAPH_TOKENS + 1)})  # the padded tails: 16 .. 2048
 
 
 def granules(slots: int) -> int:
@@ -66,7 +66,7 @@ def shortest_tail(bucket: int) -> int:
     return min(t for t in range(2, bucket + 1) if suffix_bucket(t) == bucket)
 
 
-OVERHANG = granules(max(tail - shortest_tail(tail) for tail in TAILS))  # 256: slots past max_tokens
+OVERHANG = granules(max(tail - shortest_tail(tail) for tail in TAILS))  # 1024: slots past max_tokens
 
 
 def ladder(top: int, step: float, padding: float = PADDING) -> tuple[int, ...]:
@@ -157,7 +157,7 @@ class Sizing:
         """``memory_bytes`` after ``grow(max_tokens)`` (to reserve them before growing)."""
         added = max(0, granules(max_tokens) - self.max_tokens)
         sized = (self._ids, self._pos, self._slots, self._who, self._keep, self._owners, self._slot_pos,
-                 self._adapters.adapt)  # [..., max_tokens or the buffers' slots]: grow as those
+                 self._adapters.adapt)  # [..., the buffers' slots]
         per_slot = self.buffers.nbytes // self.buffers.max_tokens + sum(t.nbytes // t.shape[-1] for t in sized)
         return self.memory_bytes + added * per_slot
 

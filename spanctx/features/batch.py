@@ -144,7 +144,7 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
         for row, call in enumerate(rows.calls):
             new_ids = _until_eos(rows.out.sequences[row, rows.layout.width:].tolist(), rows.eos)
             stats = rt.stats(call, len(new_ids), rows.out.first_token_at, cached_tokens=rows.cached[row],
-                             started=started, end=end)
+                             started=started, end=end, generated=rows.out)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
         return results
 

@@ -184,15 +184,15 @@ def check(rt: SessionAPI, ctx: Context | str, requirements: Sequence[str], *, ad
             rows = range(start, min(start + batch_size, len(prompts)))
             activation = batch_activation([activations[i] for i in rows])
             with rt.activated(activation):
-                logits = rt.engine.forward_rows(context.pieces or [], [prompts[i] for i in rows], context.tail_start,
-                                                store_from=shared if reuse else None,
-                                                alora_starts=activation and activation.alora_starts)  # [b, V]
-            probabilities = torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
+                out = rt.engine.forward_rows(context.pieces or [], [prompts[i] for i in rows], context.tail_start,
+                                             store_from=shared if reuse else None,
+                                             alora_starts=activation and activation.alora_starts)
+            probabilities = torch.sigmoid(out.logits[:, yes] - out.logits[:, no]).tolist()  # logits: [b, V]
             end = time.perf_counter()
             for i, probability in zip(rows, probabilities):
                 # the first check computed the shared context; the others got it from it
                 cached = context.cached_tokens if i == 0 else context.tail_start
-                stats = rt.stats(prompts[i], 0, None, cached_tokens=cached, started=started, end=end)
+                stats = rt.stats(prompts[i], 0, None, cached_tokens=cached, started=started, end=end, generated=out)
                 verdicts.append(Verdict(requirements[i], probability > config.threshold, probability, stats))
         return verdicts
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..core.placement import Repair
     from ..core.prompt import ResolvedPrompt
     from ..core.spans import Context, Span
-    from ..engine import Assembly, Generated
+    from ..engine import Assembly, Generated, RowLogits
     from .adapters import Activation
     from .results import GenerationStats, Result
     from .session import PreparedCall
@@ -42,7 +42,7 @@ class FinalCalls(Protocol):
     def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly: ...
 
     def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *, every_position: bool = False,
-                     store_from: int | None = None, alora_starts: Sequence[int] | None = None) -> torch.Tensor: ...
+                     store_from: int | None = None, alora_starts: Sequence[int] | None = None) -> RowLogits: ...
 
     def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
                       kwargs: dict, opts) -> Generated: ...

@@ -35,7 +35,7 @@ from ..core.options import CallOptions, merge_options
 from ..core.placement import Repair
 from ..core.prompt import PromptResolver, ResolvedPrompt
 from ..core.spans import Context, Span, as_context
-from ..engine import Assembly, Engine, Generated, StopWhenSet, with_stopping_criterion
+from ..engine import Assembly, Engine, Generated, RowLogits, StopWhenSet, with_stopping_criterion
 from ..engine.decoding import seeded
 from ..engine.interpreter import store_reads
 from ..engine.vision import image_support
@@ -262,11 +262,12 @@ class Session:
 
     def stats(self, call: PreparedCall | ResolvedPrompt, new_tokens: int, first_token_at: float | None, *,
               cached_tokens: int | None = None, started: float | None = None, end: float | None = None,
-              generated: Generated | None = None) -> GenerationStats:
+              generated: Generated | RowLogits | None = None) -> GenerationStats:
         """The stats of a call (the one place they are built). For a prepared ``call``,
         ``cached_tokens`` defaults to what its plan reused and ``started`` to when it was
         prepared; for a bare prompt (a row of a batched call) both are required.
-        ``generated`` names the executor that decoded (and why not the static one)."""
+        ``generated`` (a ``Generated`` or ``RowLogits``) names the executor that ran the final
+        call (and why not the static one)."""
         prepared = isinstance(call, PreparedCall)
         if not prepared and (cached_tokens is None or started is None):
             raise ValueError("the stats of a bare prompt need cached_tokens and started")

@@ -31,7 +31,8 @@ def spanctx_generate(runtime, ctx: Context, new_tokens: int, **kwargs) -> Outcom
     if stats.executor_fallback and stats.executor_fallback not in _FALLBACKS_SHOWN:
         _FALLBACKS_SHOWN.add(stats.executor_fallback)
         print(f"note: a spanctx call ran on the {stats.executor} executor: {stats.executor_fallback}", flush=True)
-    return Outcome(stats.ttft_s, result.token_ids, stats.computed_tokens, stats.cached_tokens)
+    return Outcome(stats.ttft_s, result.token_ids, stats.computed_tokens, stats.cached_tokens,
+                   executor=stats.executor, executor_fallback=stats.executor_fallback)
 
 
 def greedy_match(reference: Measured | None, measured: Measured) -> float | None:

@@ -32,7 +32,7 @@ from ...core.spans import Context
 from ...features.checks import DEFAULT_CHECK
 from ..harness import Harness
 from ..random_adapters import INVOCATION_TEXT, AnswerTokens, check_probability, make_adapter, peft_loaded
-from ..records import Row
+from ..records import Row, distinct
 from ..timing import Measured, Outcome, now, run_repeats
 from ..workloads import requirements
 
@@ -119,7 +119,9 @@ def _spanctx_checks(h: Harness, context: tuple[int, ...], reqs: Sequence[str],
                 "spanctx/bench/scenarios/checks.py with the runtime's check template")
     return Outcome(verdicts[0].stats.total_s, (), sum(v.stats.computed_tokens for v in verdicts),
                    sum(v.stats.cached_tokens for v in verdicts), tuple(bool(v.passed) for v in verdicts),
-                   tuple(float(v.probability) for v in verdicts))
+                   tuple(float(v.probability) for v in verdicts),
+                   executor=distinct(v.stats.executor for v in verdicts),
+                   executor_fallback=distinct(v.stats.executor_fallback for v in verdicts))
 
 
 @contextlib.contextmanager
