@@ -70,7 +70,6 @@ from .slots import (
 )
 from .static_layout import (
     GRAPH_TOKENS,
-    SLOT_GRANULE,
     Bucket,
     ExecStats,
     ForwardOutput,
@@ -84,7 +83,7 @@ from .static_layout import (
     suffix_bucket,
 )
 from .static_lora import AdapterState, AdapterSteps
-from .static_warmup import OVERHANG, Sizing, ladder_for, rung
+from .static_warmup import OVERHANG, Sizing, granules, ladder_for, rung
 
 __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "Row", "StaticExecutor", "suffix_bucket"]
 
@@ -132,7 +131,7 @@ class StaticExecutor(Sizing):
         self.compiled = compile
         text = model.config.get_text_config()
         layout, self.dtype = probe_layout(model)
-        self.max_tokens = -(-max_tokens // SLOT_GRANULE) * SLOT_GRANULE
+        self.max_tokens = granules(max_tokens)
         self.buffers = KVBuffers(layout, max_tokens=self.max_tokens + OVERHANG, dtype=self.dtype, device=self.device)
         self.ladder = ladder_for(model, self.buffers)  # attention lengths (spanctx.engine.static_warmup)
         window = getattr(text, "sliding_window", None)

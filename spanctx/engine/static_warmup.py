@@ -50,7 +50,7 @@ from ..cache.span_kv import SpanKV
 from ..core.options import merge_options
 from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, suffix_bucket
 
-__all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "ladder", "ladder_for", "rung"]
+__all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "granules", "ladder", "ladder_for", "rung"]
 
 ATTENTION_RATE = 0.25  # the split attention's cache-read rate over the weight-read rate (H100, 8K)
 PADDING = 0.1  # the most a step may cost over an exact-length one, by the cost model above
@@ -58,6 +58,7 @@ TAILS = sorted({suffix_bucket(t) for t in range(2, GRAPH_TOKENS + 1)})  # the pa
 
 
 def granules(slots: int) -> int:
+    """``slots`` rounded up to a multiple of ``SLOT_GRANULE``."""
     return -(-slots // SLOT_GRANULE) * SLOT_GRANULE
 
 
@@ -171,6 +172,7 @@ class Sizing:
                 kept = {"graphs": self.graphs, "compile": self.compiled, "attention": self.attention,
                         "chunks": self._chunks}
                 mask_bytes, self._steps, self._caches, self.buffers = self.max_mask_bytes, None, {}, None
+                # the constructor is the one place that sizes every slot-sized tensor
                 self.__init__(self.model, max_tokens=max_tokens, **kept)
                 self.max_mask_bytes = mask_bytes
         return self.memory_bytes
