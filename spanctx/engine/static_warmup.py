@@ -23,9 +23,10 @@ The old lengths (a sixteenth of a power of two, 256-slot granules below 4K) padd
 (<= 6%) but needed a new capture every 256-512 slots of a growing chat.
 
 Warm-up builds each bucket by running a call that needs it through the executor's own
-``generate`` (a junk prompt, junk prefix KV of the right length, two new tokens), so it builds exactly the buckets requests build, by the same code: per rung,
-every padded tail (``suffix_bucket``: 16, 32, ..., 2048 tokens) and the decode step
-(1 token; a 1-token tail is the same bucket), logits of the last token only, for the
+``generate`` (a junk prompt, junk prefix KV of the right length, two new tokens), so it
+builds exactly the buckets requests build, by the same code: per rung, every padded
+tail (``suffix_bucket``: 16, 32, ..., 2048 tokens) and the decode step (1 token; a
+1-token tail is the same bucket), logits of the last token only, for the
 adapter state switched on at the time. A padded tail may run past the call's slots (by
 up to 1023: ``suffix_bucket(1025) = 2048``), so the buffers hold ``OVERHANG`` slots more
 than ``max_tokens`` and the top rung is the buffers' size: no call needs a length off
@@ -50,7 +51,8 @@ from ..cache.span_kv import SpanKV
 from ..core.options import merge_options
 from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, suffix_bucket
 
-__all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "granules", "ladder", "ladder_for", "rung"]
+__all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "granules", "ladder", "ladder_for",
+           "rung"]
 
 ATTENTION_RATE = 0.25  # the split attention's cache-read rate over the weight-read rate (H100, 8K)
 PADDING = 0.1  # the most a step may cost over an exact-length one, by the cost model above
@@ -85,8 +87,8 @@ def ladder(top: int, step: float, padding: float = PADDING) -> tuple[int, ...]:
 
 def ladder_for(model: torch.nn.Module, buffers) -> tuple[int, ...]:
     """The ladder of ``buffers`` (``spanctx.slots.KVBuffers``) for ``model``: ``step`` is
-    ``ATTENTION_RATE`` times the bytes of weights a step reads over one slot's KV bytes. The input embedding table is gathered, not read, unless the output layer
-    shares it."""
+    ``ATTENTION_RATE`` times the bytes of weights a step reads over one slot's KV bytes.
+    The input embedding table is gathered, not read, unless the output layer shares it."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     table, head = model.get_input_embeddings(), model.get_output_embeddings()
     if table is not None and (head is None or head.weight is not table.weight):
