@@ -143,3 +143,44 @@ def test_warm_up_shows_a_bar_only_when_asked(capsys):
     assert "capturing step graphs" not in capsys.readouterr().err
     ex.warm_up(bar=True)
     assert "capturing step graphs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", [2, 8])
+def test_warm_up_of_n_rows_builds_every_bucket_their_calls_reach(count):
+    """Every call of ``count`` rows over one shared prefix (its length, the rows' tail
+    tokens, new tokens per row), by the executor's own bucket rule."""
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=512)
+    ex.ladder = (256, 512, ex.buffers.max_tokens)  # the top rung is reached through the padding only
+    ex.warm_up(rows=(count,))
+    built = {(key.tokens, key.length, key.keep) for key in ex._steps._built}
+    kv = SpanKV(*([k[:, :, :1].expand(1, -1, ex.max_tokens, -1) for k in ex.buffers.keys] for _ in "kv"))
+    ids = torch.zeros(ex.max_tokens, dtype=torch.long)
+    needed = set()
+    for prefix in range(ex.max_tokens):
+        pieces = [KVSlice(kv, 0, prefix)] if prefix else []
+        for tail in range(count, min(GRAPH_TOKENS, ex.max_tokens - prefix) + 1):
+            tails = [tail // count + (r < tail % count) for r in range(count)]
+            packing = pack([Row(ids[:prefix + t], pieces, prefix) for t in tails])
+            tokens, length = ex._buckets(packing, 0)  # forward
+            needed.add((tokens, length, count))
+            most = (ex.max_tokens - prefix - tail) // count  # new tokens per row that fit
+            for new_from in (1, 2)[:most]:  # generate: 1 new token (no decode step), then 2 or more
+                reached = {r for r in ex.ladder
+                           if ex._buckets(packing, new_from)[1] <= r <= ex._buckets(packing, most)[1]}
+                step = tokens if new_from == 1 else count  # the tail's bucket, or the decode step's
+                needed |= {(step, r, count) for r in reached}
+    assert needed <= built
+
+
+def test_after_warm_up_of_three_rows_a_check_like_call_builds_nothing_and_matches():
+    model = model_of("qwen2")
+    ex = StaticExecutor(model, max_tokens=256)
+    ex.warm_up(rows=(3,))
+    context = ids_of(40, seed=7)
+    prompts = [torch.cat([context, ids_of(n, seed=n)], dim=1) for n in (5, 12, 30)]  # 3 requirements
+    prefix = prefix_of(model, prompts[0], 40)
+    out = ex.forward([Row(p[0], prefix, 40) for p in prompts])
+    assert out.stats.builds == 0
+    for r, p in enumerate(prompts):
+        torch.testing.assert_close(out.logits[r].float(), full_logits(model, p, 1)[0], atol=ATOL, rtol=0)

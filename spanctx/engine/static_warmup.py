@@ -23,15 +23,16 @@ The old lengths (a sixteenth of a power of two, 256-slot granules below 4K) padd
 (<= 6%) but needed a new capture every 256-512 slots of a growing chat.
 
 Warm-up builds each bucket by running a call that needs it through the executor's own
-``generate`` (a junk prompt, junk prefix KV of the right length, two new tokens), so it
-builds exactly the buckets requests build, by the same code: per rung, every padded
-tail (``suffix_bucket``: 16, 32, ..., 2048 tokens) and the decode step (1 token; a
-1-token tail is the same bucket), logits of the last token only, for the
-adapter state switched on at the time. A padded tail may run past the call's slots (by
+``generate`` (or ``forward``: a junk prompt, junk prefix KV of the right length, two new
+tokens), so it builds exactly the buckets requests build, by the same code: per rung
+and number of rows asked for (one by default; a check loop runs N rows over a shared
+context), every padded tail (``suffix_bucket``: 16, 32, ..., 2048 tokens) and the decode
+step (one token per row; a one-row 1-token tail is the same bucket), each row's last
+logits, for the adapter state switched on at the time. A padded tail may run past the call's slots (by
 up to 1023: ``suffix_bucket(1025) = 2048``), so the buffers hold ``OVERHANG`` slots more
 than ``max_tokens`` and the top rung is the buffers' size: no call needs a length off
-the ladder. Buckets a warm-up does not build (several rows packed together,
-``logits_to_keep > 1``, another adapter state) are built by the call that needs them,
+the ladder. Buckets a warm-up does not build (other row counts, rows over different
+prefixes, ``logits_to_keep != 1``, another adapter state) are built by the call that needs them,
 and its ``ExecStats.builds`` says so.
 """
 
@@ -109,7 +110,7 @@ def rung(lengths: Sequence[int], slots: int) -> int:
 class WarmUpStats:
     """What one ``warm_up`` ran and built."""
 
-    calls: int  # two-token generations run (each builds up to one tail bucket and one decode bucket)
+    calls: int  # calls run (each builds up to one tail bucket and one decode bucket)
     builds: int  # buckets built (captured on CUDA; prepared, without graphs)
     seconds: float  # wall time of the warm-up
     build_seconds: float  # of which building (capturing, compiling)
@@ -120,39 +121,48 @@ class Sizing:
     """The static executor's start-up and growth, mixed into ``StaticExecutor``: it uses
     the executor's calls, its buffers and step inputs, and its constructor."""
 
-    def warm_up(self, *, bar: bool | None = None) -> WarmUpStats:
-        """Build now every bucket that a one-row call (keeping the last token's logits,
-        with the adapters switched on now) can need up to ``max_tokens`` slots, so that
-        such calls build nothing later. ``bar``: a progress bar (None: when stderr
-        is a terminal). The calls leave junk KV in the rows (forgotten as placed)."""
-        calls = self._warm_calls()
+    def warm_up(self, *, rows: Sequence[int] = (1,), bar: bool | None = None) -> WarmUpStats:
+        """Build now every bucket that calls of ``rows`` rows over one shared prefix (keeping
+        each row's last logits, with the adapters switched on now) can need up to
+        ``max_tokens`` slots, so that such calls build nothing later. ``bar``: a progress
+        bar (None: when stderr is a terminal). The calls leave junk KV in the buffers
+        (forgotten as placed)."""
+        calls = [(count, *call) for count in rows for call in self._warm_calls(count)]
         before, started = self.build_stats, time.perf_counter()
         layers = [(k.shape[1], k.shape[-1]) for k in self.buffers.keys]
         junk = [torch.zeros(1, h, 1, d, dtype=self.dtype, device=self.device) for h, d in layers]
-        greedy_two = merge_options({}, {"max_new_tokens": 2})  # the second token runs a decode step
-        for prefix, tail in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
-                                 disable=not (sys.stderr.isatty() if bar is None else bar)):
+        for count, prefix, tail, new in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
+                                             disable=not (sys.stderr.isatty() if bar is None else bar)):
             kv = SpanKV(*([t.expand(-1, -1, prefix, -1) for t in junk] for _ in "kv"))  # no copy of zeros
-            ids = torch.zeros(prefix + tail, dtype=torch.long, device=self.device)
             pieces = [kvops.KVSlice(kv, 0, prefix)] if prefix else []
-            self.generate([Row(ids, pieces, prefix)], options=greedy_two)
+            tails = [tail // count + (r < tail % count) for r in range(count)]
+            call = [Row(torch.zeros(prefix + t, dtype=torch.long, device=self.device), pieces, prefix) for t in tails]
+            if new:
+                self.generate(call, options=merge_options({}, {"max_new_tokens": new}))
+            else:
+                self.forward(call)
         built = self.build_stats.since(before)
         return WarmUpStats(len(calls), built.builds, time.perf_counter() - started, built.seconds, self.ladder)
 
-    def _warm_calls(self) -> list[tuple[int, int]]:
-        """``(prefix, tail)`` of one two-token generation per (rung, padded tail) that some
-        call reaches: the shortest tail padded to that bucket, ending at the rung's end or as
-        late as ``max_tokens`` allows (a rung reached only through padding). It runs the
-        tail bucket on the rung, then a decode step on it (``tests/test_static_warmup.py``
-        checks the set against every single-row call's buckets)."""
+    def _warm_calls(self, rows: int) -> list[tuple[int, int, int]]:
+        """``(prefix, tail tokens, new tokens)`` of one call of ``rows`` rows per (rung, padded
+        tail) that some such call reaches: the fewest tail tokens padded to that bucket,
+        ending at the rung's end or as late as ``max_tokens`` allows (a rung reached only
+        through padding). Two new tokens where they fit (the call then runs a decode step on
+        the rung too), else a forward. ``tests/test_static_warmup.py`` checks the buckets
+        against those of every call of ``rows`` rows."""
         calls, lower = [], 0
         for length in self.ladder:
             for bucket in TAILS:
-                tail = shortest_tail(bucket)
-                prefix = max(0, min(length - bucket, self.max_tokens - tail - 2))
-                # its slots: prefix + bucket (tail + 2 <= bucket for every padded tail)
-                if prefix + tail + 2 <= self.max_tokens and lower < prefix + bucket <= length:
-                    calls.append((prefix, tail))
+                tail = max(rows, shortest_tail(bucket))
+                if suffix_bucket(tail) != bucket:
+                    continue  # no call of `rows` rows pads its tail to `bucket`
+                for new in (2, 0):
+                    used = max(tail + rows * new, bucket)  # slots after the prefix (Packing.slots_needed)
+                    prefix = max(0, min(length - used, self.max_tokens - tail - rows * new))
+                    if prefix + tail + rows * new <= self.max_tokens and lower < prefix + used <= length:
+                        calls.append((prefix, tail, new))
+                        break
             lower = length
         return calls
 
