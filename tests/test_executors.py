@@ -131,3 +131,26 @@ def test_min_new_tokens_runs_on_the_static_executor():
     got = static.generate(ctx, 8, min_new_tokens=5, logits_processor=eos_first)
     assert got.stats.executor == "static"
     assert got.token_ids == want.token_ids and len(got.token_ids) == 6 and got.token_ids[-1] == eos
+
+
+def test_the_servers_batched_rows_run_on_the_static_executor():
+    """The scheduler's batch (a streamer and stop criteria over several rows) is packed."""
+    from spanctx.core.options import merge_options
+    from spanctx.serve.protocol import GenRequest
+    from spanctx.serve.scheduler import Job, Row, run_rows
+
+    texts, ids = {}, {}
+    for name, rt in zip(("eager", "static"), runtimes()):
+        contexts = [Context().append(SYSTEM).append(q) for q in ("One?", "Two, longer?", "Three")]
+        events = [[] for _ in contexts]
+        jobs = [Job(sink.append, request=GenRequest(ctx, 4 + i, {}, (), stream=True),
+                    opts=merge_options({}, {"max_new_tokens": 4 + i})) for i, (ctx, sink) in enumerate(zip(contexts, events))]
+        rows = [Row(job, rt.tokenizer, frozenset({rt.tokenizer.eos_token_id})) for job in jobs]
+        built = rt.engine.static.build_stats.builds if rt.engine.static else 0
+        run_rows(rt, jobs, rows)
+        if rt.engine.static:
+            assert rt.engine.static.build_stats.builds > built
+        texts[name] = ["".join(e for e in sink if isinstance(e, str)) for sink in events]
+        ids[name] = [list(row.ids) for row in rows]
+        assert all(0 < len(row.ids) <= 4 + i for i, row in enumerate(rows))  # each row stops at its own limit
+    assert ids["static"] == ids["eager"] and texts["static"] == texts["eager"]

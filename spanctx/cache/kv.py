@@ -151,9 +151,13 @@ def extract(cache: DynamicCache, start: int, end: int, row: int = 0) -> SpanKV:
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False):
             raise RuntimeError("spanctx caches use full layers; got a sliding layer")
-    keys = tuple(layer.keys[row : row + 1, :, start:end].clone() for layer in cache.layers)
-    values = tuple(layer.values[row : row + 1, :, start:end].clone() for layer in cache.layers)
-    return SpanKV(keys, values)
+    parts = [layer.keys[row : row + 1, :, start:end] for layer in cache.layers]
+    parts += [layer.values[row : row + 1, :, start:end] for layer in cache.layers]
+    if len({(p.shape, p.dtype) for p in parts}) == 1:  # one copy for every layer (one launch, not 2 per layer)
+        copies = torch.stack(parts).unbind(0)
+    else:
+        copies = tuple(p.clone() for p in parts)
+    return SpanKV(tuple(copies[:len(cache.layers)]), tuple(copies[len(cache.layers):]))
 
 
 def as_cache(kv: SpanKV) -> DynamicCache:

@@ -63,7 +63,7 @@ _OFF_VALUES = {
 def _generation_config(model, options: CallOptions):
     """The model's generation config with the call's kwargs applied (processor and
     criteria lists are not config fields; they stay out)."""
-    config = copy.deepcopy(model.generation_config)
+    config = copy.copy(model.generation_config)  # update() rebinds fields, never mutates them: no deep copy
     fields = {k: v for k, v in options.generate_kwargs.items() if k not in ("logits_processor", "stopping_criteria")}
     config.update(**fields, do_sample=options.do_sample)
     return config

@@ -53,6 +53,14 @@ class KVLayoutMismatch(RuntimeError):
     """A stored span does not have this model's KV layout (another model's entry)."""
 
 
+def static_options(opts: CallOptions, kwargs: dict) -> CallOptions:
+    """``opts`` as the static decode loop takes them: with the call's stopping criteria (the
+    caller's, the first-token clock, cancellation: ``kwargs``'), without the streamer (it
+    is passed on its own)."""
+    rest = {k: v for k, v in opts.generate_kwargs.items() if k != "streamer"}
+    return attrs.evolve(opts, generate_kwargs={**rest, "stopping_criteria": kwargs["stopping_criteria"]})
+
+
 class Engine:
     """Runs prompts of one model over one store (see the module docstring).
 
@@ -246,22 +254,25 @@ class Engine:
         """Decode after ``call``'s prompt with ``opts`` (as HF ``generate`` ``kwargs``);
         store the tail's spans. ``alora_start``: the prompt index of an aLoRA's invocation."""
         row = self._row(call, alora_start)
-        static, fallback = self._on_static([row], new_tokens=opts.max_new_tokens, options=opts)
         clock = FirstTokenClock()
         kwargs = with_stopping_criterion(kwargs, clock)
+        opts = static_options(opts, kwargs)
+        static, fallback = self._on_static([row], new_tokens=opts.max_new_tokens, options=opts)
         if static:
-            opts = attrs.evolve(opts, generate_kwargs={**opts.generate_kwargs,
-                                                       "stopping_criteria": kwargs["stopping_criteria"]})
-            out = self.static.generate([row], options=opts, streamer=kwargs.get("streamer"),
-                                       output_scores=bool(kwargs.get("output_scores")),
-                                       output_logits=bool(kwargs.get("output_logits")))
-            self._store_rows([call], out.kv, out.packing)
-            return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static")
+            return self._decode_static([call], [row], opts, kwargs, clock)
         out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache,
                                      {**kwargs, "return_dict_in_generate": True})
         if call.plan is not None:
             self.interpreter.store_spans(call.prompt, call.cache, call.plan.tail.segments)
         return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, fallback=fallback)
+
+    def _decode_static(self, calls: Sequence[Assembly], rows: Sequence[Row], opts: CallOptions, kwargs: dict,
+                       clock: FirstTokenClock) -> Generated:
+        out = self.static.generate(rows, options=opts, streamer=kwargs.get("streamer"),
+                                   output_scores=bool(kwargs.get("output_scores")),
+                                   output_logits=bool(kwargs.get("output_logits")))
+        self._store_rows(calls, out.kv, out.packing)
+        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static")
 
     def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
                       kwargs: dict, opts: CallOptions) -> Generated:
@@ -276,15 +287,12 @@ class Engine:
         it exceeds the call's cache, the missing tokens (its tail's first ones) are run
         first, causally, as the final call would run them."""
         rows = [self._row(call) for call in calls]
-        static, fallback = self._on_static(rows, new_tokens=opts.max_new_tokens, options=opts)
         clock = FirstTokenClock()
         kwargs = with_stopping_criterion(kwargs, clock)
+        opts = static_options(opts, kwargs)
+        static, fallback = self._on_static(rows, new_tokens=opts.max_new_tokens, options=opts)
         if static:
-            opts = attrs.evolve(opts, generate_kwargs={**opts.generate_kwargs,
-                                                       "stopping_criteria": kwargs["stopping_criteria"]})
-            out = self.static.generate(rows, options=opts)
-            self._store_rows(calls, out.kv, out.packing)
-            return Generated(out.sequences, clock.first_token_at, executor="static")
+            return self._decode_static(calls, rows, opts, kwargs, clock)
         reuse = all(c.cache is not None for c in calls)
         for row, (call, keep) in enumerate(zip(calls, kept)):
             if reuse and keep < call.keep_at_least:

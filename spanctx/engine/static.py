@@ -23,7 +23,7 @@ and decode overwrites.
 
 Runs: exact and placed prefixes, rows sharing a prefix (checks, scores, batches) or not,
 greedy and sampled decoding with a seed, HF logits processors and stopping criteria, EOS
-and padding of finished rows, per-step scores and logits, streaming (one row), plain LoRA
+and padding of finished rows, per-step scores and logits, streaming, plain LoRA
 and aLoRA adapters (``static_lora``). Refuses (``refuses``): custom attention masks
 (parallel repair forwards), calls needing more than ``max_tokens`` slots or more than
 ``MAX_ROWS`` rows, generate options the decode loop does not build (beams, stop strings,
@@ -228,10 +228,8 @@ class StaticExecutor(Sizing):
                  output_scores: bool = False, output_logits: bool = False) -> GenerateOutput:
         """Run every row's tail (as in ``forward``), then decode up to
         ``options.max_new_tokens`` tokens per row as HF ``generate`` would over the
-        left-padded rows (``decoding``), seeded with ``options.seed``. ``streamer`` (one row
-        only) gets the prompt, then each new token, then ``end()``, as from ``generate``."""
-        if streamer is not None and len(rows) != 1:
-            raise ValueError("a streamer takes one row")
+        left-padded rows (``decoding``), seeded with ``options.seed``. ``streamer`` gets the
+        prompts ``[R, W]``, then each step's tokens ``[R]``, then ``end()``, as from ``generate``."""
         width = max(row.num_tokens for row in rows)
         chooser = TokenChooser.from_options(self.model, options, self.device, width)
         budget = options.max_new_tokens
