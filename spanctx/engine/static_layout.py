@@ -1,9 +1,9 @@
 """The shape of a static call: buckets, rows and padding, and the model's KV layout.
 
-Pure helpers and values of ``static``: how many step tokens a call's bucket has
-(its attention slots: ``static_warmup``), how the rows of a call are packed into the one buffer row (``pack``), what a
-call returns (``ForwardOutput``, ``GenerateOutput``, ``ExecStats``), and what the model's
-cache looks like (read off a one-token forward).
+Pure helpers and values of ``static``: how many step tokens a call's bucket has (its
+attention slots: ``static_warmup``), how the rows of a call are packed into the one
+buffer row (``pack``), what a call returns (``ForwardOutput``, ``GenerateOutput``,
+``ExecStats``), and what the model's cache looks like (read off a one-token forward).
 
 Packing. A call's rows share one row of KV buffers. The leading stored slices that every
 row has (the same tensors, the same tokens: a context checked against N requirements,
