@@ -38,14 +38,17 @@ class Runtime(Session):
     fraction of the tokens the call must compute anyway; below it the prompt is computed
     from position 0 (see ``spanctx.core.plan``). 0 reuses every hit.
 
-    ``executor``: what runs a generation's final call and decode loop. ``"eager"``: HF's
-    own ``generate``. ``"static"``: fixed KV buffers (their memory is taken off the store's
-    budget) with CUDA graphs on a GPU (``spanctx.engine.static``); calls it cannot run
-    (adapters, per-token scores, options it does not build) run eagerly and the stats say
-    why (``executor_fallback``). ``"auto"`` (default): static for a generating model on one
+    ``executor``: what runs a call's final step and decode loop. ``"eager"``: HF's own
+    forward and ``generate``. ``"static"``: fixed KV buffers (their memory is taken off the
+    store's budget, grown on demand up to the model's positions) with CUDA graphs on a GPU
+    (``spanctx.engine.static``); calls it refuses (stop strings, options it does not build)
+    run eagerly and the stats say why (``executor_fallback``). ``"auto"`` (default): static for a generating model on one
     CUDA device (no device map, no quantized weights), eager elsewhere.
     ``compile``: the static executor runs the model through ``torch.compile`` (fused
-    kernels; each new shape compiles once, 25-50 s on an 8B model). ``close()`` (or
+    kernels; each new shape compiles once, 25-50 s on an 8B model). ``warm_up`` (with
+    graphs, not compiled): capture every single-row step at construction, so that no
+    request pays a capture (``rt.engine.warm_up`` says what it cost; docs/fast-path.md).
+    ``close()`` (or
     leaving a ``with Runtime(...)`` block) gives the static buffers' reservation back to
     the store; a collected runtime gives it back too. What is and is not isolated between
     tenants: docs/tenancy.md.

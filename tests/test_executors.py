@@ -154,3 +154,25 @@ def test_the_servers_batched_rows_run_on_the_static_executor():
         ids[name] = [list(row.ids) for row in rows]
         assert all(0 < len(row.ids) <= 4 + i for i, row in enumerate(rows))  # each row stops at its own limit
     assert ids["static"] == ids["eager"] and texts["static"] == texts["eager"]
+
+
+def test_the_static_buffers_grow_for_a_long_call_and_the_budget_follows(monkeypatch):
+    from spanctx.engine import engine
+
+    monkeypatch.setattr(engine, "STATIC_TOKENS", 256)
+    model, tokenizer = tiny_model("llama")
+    eager = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="eager")
+    static = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static")
+    assert static.engine.static.max_tokens == 256
+    ctx = Context().append(SYSTEM * 8).append("A long one?")  # ~1,000 tokens: past the buffers
+    got, want = static.generate(ctx, 6), eager.generate(ctx, 6)
+    assert got.stats.executor == "static" and got.token_ids == want.token_ids
+    grown = static.engine.static
+    assert grown.max_tokens >= ctx_tokens(static, ctx) + 6
+    assert static.store.stats.bytes_budget == eager.store.stats.bytes_budget - grown.memory_bytes
+    static.close()
+    assert static.store.stats.bytes_budget == eager.store.stats.bytes_budget
+
+
+def ctx_tokens(rt, ctx) -> int:
+    return len(rt.token_ids(ctx))

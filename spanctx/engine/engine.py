@@ -38,7 +38,7 @@ from .calls import Assembly, Generated, RowLogits
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
 from .parallel_stats import ParallelStats, parallel_stats
-from .static_layout import Row
+from .static_layout import Row, pack
 from .stopping import FirstTokenClock, with_stopping_criterion
 
 __all__ = ["EXECUTORS", "Assembly", "Engine", "Generated", "KVLayoutMismatch", "ParallelStats", "RowLogits",
@@ -61,6 +61,10 @@ def static_options(opts: CallOptions, kwargs: dict) -> CallOptions:
     return attrs.evolve(opts, generate_kwargs={**rest, "stopping_criteria": kwargs["stopping_criteria"]})
 
 
+def _give_back(store: KVStore, reserved: list[int]) -> None:
+    store.release(reserved[0])
+
+
 class Engine:
     """Runs prompts of one model over one store (see the module docstring).
 
@@ -69,7 +73,7 @@ class Engine:
     """
 
     def __init__(self, model, store: KVStore, *, min_reuse_fraction: float = 0.125, executor: str = "auto",
-                 static_tokens: int | None = None, compile: bool = False) -> None:
+                 static_tokens: int | None = None, compile: bool = False, warm_up: bool = True) -> None:
         if executor not in EXECUTORS:
             raise ValueError(f"executor is one of {EXECUTORS}, got {executor!r}")
         self.model = model
@@ -91,17 +95,44 @@ class Engine:
             limit = max_positions(model.config)
             self.static = StaticExecutor(model, max_tokens=static_tokens or min(limit or STATIC_TOKENS, STATIC_TOKENS),
                                          compile=compile)
-            try:
-                store.reserve(self.static.memory_bytes)
-            except ValueError:  # dropped runtimes may wait in reference cycles: collect them, retry once
-                gc.collect()
-                store.reserve(self.static.memory_bytes)
+            self._reserved = [0]  # bytes held off the store's budget
+            self._reserve(self.static.memory_bytes)
             # given back on close() or when the engine is collected, whichever comes first
-            self._release = weakref.finalize(self, store.release, self.static.memory_bytes)
+            self._release = weakref.finalize(self, _give_back, store, self._reserved)
+        # every single-row bucket captured now, not on a request (compiled steps: minutes, so on first use)
+        self._warm = warm_up and self.static is not None and self.static.graphs and not compile
+        self.warm_up = self.static.warm_up() if self._warm else None
         self.num_layers = model.config.get_text_config().num_hidden_layers
         self.interpreter = Interpreter(self.executor, store, lambda: self.key_mover, self.num_layers)
         with torch.inference_mode():
             self.layout = self._probe_layout()
+
+    def _reserve(self, nbytes: int) -> None:
+        try:
+            self.store.reserve(nbytes)
+        except ValueError:  # dropped runtimes may wait in reference cycles: collect them, retry once
+            gc.collect()
+            self.store.reserve(nbytes)
+        self._reserved[0] += nbytes
+
+    def _grown(self, rows: Sequence[Row], new_tokens: int) -> str | None:
+        """Grow the static buffers (up to the model's positions, at least doubling) when a
+        call of ``rows`` needs more slots than they hold, reserving the bytes from the store
+        and warming the new lengths up; the reason when the budget leaves no room."""
+        packing = pack(rows)
+        needed = packing.slots_needed(new_tokens, packing.tail_tokens)
+        limit = max_positions(self.model.config) or needed
+        if needed <= self.static.max_tokens or needed > limit:
+            return None
+        target = min(limit, max(needed, 2 * self.static.max_tokens))
+        try:
+            self._reserve(self.static.grow_bytes(target) - self.static.memory_bytes)
+        except ValueError as exc:
+            return f"the store's budget leaves no room to grow the static buffers to {target} slots ({exc})"
+        self.static.grow(target)
+        if self._warm:
+            self.warm_up = self.static.warm_up()
+        return None
 
     def close(self) -> None:
         """Free the static executor's buffers and give their reservation back to the
@@ -201,7 +232,7 @@ class Engine:
         ``refuses`` arguments), and why not (None when it does or is not set up)."""
         if self.static is None:
             return False, None
-        reason = self.static.refuses(rows, **needs)
+        reason = self._grown(rows, needs.get("new_tokens", 0)) or self.static.refuses(rows, **needs)
         return reason is None, reason
 
     @staticmethod
