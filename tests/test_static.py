@@ -257,9 +257,9 @@ def test_rows_sharing_a_prefix_lay_it_once_and_equal_each_row_alone(arch):
         assert not out.logits[r, n:].any()
     generated = ex.generate(rows, options=options(max_new_tokens=4))
     width = max(p.shape[1] for p in prompts)
-    for r, p in enumerate(prompts):
+    for r, p in enumerate(prompts):  # a row that ends (EOS) early is padded after it, as in HF's batches
         want = hf_generate(model, p, max_new_tokens=4, do_sample=False)[0, p.shape[1]:]
-        assert generated.sequences[r, width:].tolist() == want.tolist()
+        assert generated.sequences[r, width:width + len(want)].tolist() == want.tolist()
     # the rows' tails are where the packing says: a row's KV is its prompt's
     full = prefix_of(model, prompts[1], prompts[1].shape[1])[0].kv
     base = generated.packing.bases[1] - 30

@@ -90,6 +90,16 @@ def test_a_bucket_the_warm_up_left_out_is_built_by_its_call():
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 3), atol=ATOL, rtol=0)
 
 
+def test_warm_up_leaves_out_what_the_executor_refuses():
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=512)
+    ex.max_mask_bytes = 64 << 10  # long padded tails over long lengths: refused, not built
+    stats = ex.warm_up()
+    assert stats.refused > 0 and stats.calls > 0
+    ids = ids_of(300, seed=4)
+    assert "attention masks" in ex.refuses(one(prefix_of(model, ids, 10), ids, 10))
+
+
 def test_grow_reallocates_and_counts_its_bytes():
     model = model_of("llama")
     ex = StaticExecutor(model, max_tokens=256)

@@ -115,6 +115,7 @@ class WarmUpStats:
     seconds: float  # wall time of the warm-up
     build_seconds: float  # of which building (capturing, compiling)
     lengths: tuple[int, ...]  # the ladder it covered
+    refused: int = 0  # calls the executor refuses (masks past max_mask_bytes): they run eagerly, nothing to build
 
 
 class Sizing:
@@ -128,7 +129,7 @@ class Sizing:
         bar (None: when stderr is a terminal). The calls leave junk KV in the buffers
         (forgotten as placed)."""
         calls = [(count, *call) for count in rows for call in self._warm_calls(count)]
-        before, started = self.build_stats, time.perf_counter()
+        before, started, skipped = self.build_stats, time.perf_counter(), 0
         layers = [(k.shape[1], k.shape[-1]) for k in self.buffers.keys]
         junk = [torch.zeros(1, h, 1, d, dtype=self.dtype, device=self.device) for h, d in layers]
         for count, prefix, tail, new in tqdm(calls, desc="capturing step graphs", unit="call", leave=False,
@@ -137,12 +138,16 @@ class Sizing:
             pieces = [kvops.KVSlice(kv, 0, prefix)] if prefix else []
             tails = [tail // count + (r < tail % count) for r in range(count)]
             call = [Row(torch.zeros(prefix + t, dtype=torch.long, device=self.device), pieces, prefix) for t in tails]
+            if self._fits(call, new):  # refused (its masks past max_mask_bytes): such calls run eagerly
+                skipped += 1
+                continue
             if new:
                 self.generate(call, options=merge_options({}, {"max_new_tokens": new}))
             else:
                 self.forward(call)
         built = self.build_stats.since(before)
-        return WarmUpStats(len(calls), built.builds, time.perf_counter() - started, built.seconds, self.ladder)
+        return WarmUpStats(len(calls) - skipped, built.builds, time.perf_counter() - started, built.seconds,
+                           self.ladder, skipped)
 
     def _warm_calls(self, rows: int) -> list[tuple[int, int, int]]:
         """``(prefix, tail tokens, new tokens)`` of one call of ``rows`` rows per (rung, padded
