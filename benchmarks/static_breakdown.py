@@ -17,6 +17,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from spanctx import Context  # noqa: E402
 from spanctx.bench.harness import load_bench_model, make_harness  # noqa: E402
-from spanctx.engine import decoding, engine, static  # noqa: E402
+from spanctx.bench.random_adapters import INVOCATION_TEXT, make_adapter  # noqa: E402
+from spanctx.bench.workloads import requirements  # noqa: E402
+from spanctx.engine import decoding, engine, interpreter, static  # noqa: E402
 from spanctx.session import session  # noqa: E402
 
 PHASES = {  # name: (owner, attribute)
@@ -39,6 +42,9 @@ PHASES = {  # name: (owner, attribute)
     "tail step": (static.StaticExecutor, "_run_tail"),
     "choose + host sync": (decoding.HostMirror, "receive"),
     "store tail spans": (engine.Engine, "_store_rows"),
+    "assemble shared context": (engine.Engine, "assemble_shared"),
+    "check rows (forward_rows)": (engine.Engine, "forward_rows"),
+    "store row spans": (interpreter.Interpreter, "store_spans"),
 }
 
 
@@ -82,6 +88,8 @@ def main() -> None:
     parser.add_argument("--question", type=int, default=64)
     parser.add_argument("--calls", type=int, default=8)
     parser.add_argument("--executor", default="auto")
+    parser.add_argument("--checks", type=int, default=0,
+                        help="time N aLoRA requirement checks on the context instead of a generation")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model, tokenizer = load_bench_model(args.model, args.device, None, 0, "sdpa")
@@ -89,23 +97,39 @@ def main() -> None:
     rt, device = h.runtime, h.device
     ctx = Context().append(h.source.block(args.context, "breakdown", 0))
     questions = [ctx.append(h.source.block(args.question, "breakdown-q", i)) for i in range(3 + 2 * args.calls)]
-    for q in questions[:3]:  # store the context, build the buckets
-        rt.generate(q, 1)
+    if args.checks:  # a fresh context per call, already stored (as after a generation over it)
+        invocation = tokenizer(INVOCATION_TEXT, add_special_tokens=False)["input_ids"]
+        with tempfile.TemporaryDirectory() as tmp:
+            rt.add_adapter("check", make_adapter(model, f"{tmp}/alora", rank=32, invocation_ids=invocation, seed=1),
+                           invocation=INVOCATION_TEXT)
+        reqs = requirements(args.checks)
+        contexts = [Context().append(h.source.block(args.context, "breakdown-c", i)) for i in range(3 + 2 * args.calls)]
+        for c in contexts:
+            rt.next_token_logits(c)
+
+        def call(i):
+            verdicts = rt.check(contexts[i], reqs, adapter="check")
+            return verdicts[0].stats
+    else:
+        def call(i):
+            return rt.generate(questions[i], 1).stats
+    for i in range(3):  # store the context, build the buckets
+        call(i)
     plain = []
-    for q in questions[3:3 + args.calls]:
-        result = rt.generate(q, 1)
-        plain.append(result.stats.ttft_s * 1e3)
-        executor = result.stats.executor, result.stats.executor_fallback
+    for i in range(3, 3 + args.calls):
+        stats = call(i)
+        plain.append((stats.total_s if args.checks else stats.ttft_s) * 1e3)
+        executor = stats.executor, stats.executor_fallback
     spent: dict[str, list[float]] = defaultdict(list)
     whole = []
     with phases_timed(device, spent):
-        for q in questions[3 + args.calls:]:
+        for i in range(3 + args.calls, 3 + 2 * args.calls):
             sync(device)
             started = time.perf_counter()
-            rt.generate(q, 1)
+            call(i)
             sync(device)
             whole.append((time.perf_counter() - started) * 1e3)
-    rows = {"plain TTFT": statistics.median(plain), "whole call, phases synchronised": statistics.median(whole)}
+    rows = {"plain TTFT" if not args.checks else f"plain, {args.checks} checks": statistics.median(plain), "whole call, phases synchronised": statistics.median(whole)}
     rows |= {name: statistics.median(times) for name, times in spent.items()}
     print(f"{args.model} on {torch.cuda.get_device_name() if device.type == 'cuda' else device}, "
           f"{args.context}-token context + {args.question}-token question, executor {executor}")
