@@ -48,6 +48,9 @@ class Runtime(Session):
     kernels; each new shape compiles once, 25-50 s on an 8B model). ``warm_up`` (with
     graphs, not compiled): capture every single-row step at construction, so that no
     request pays a capture (``rt.engine.warm_up`` says what it cost; docs/fast-path.md).
+    ``static_tokens``: slots of the static buffers (default: the model's positions, at
+    most 16,384); a longer call grows them, paying a warm-up of the new lengths then, so
+    size them here where long contexts are expected.
     ``close()`` (or
     leaving a ``with Runtime(...)`` block) gives the static buffers' reservation back to
     the store; a collected runtime gives it back too. What is and is not isolated between

@@ -91,7 +91,7 @@ class Session:
                  generation_defaults: Mapping[str, object] | None = None,
                  min_reuse_fraction: float = 0.125, salt: str | None = None,
                  model_identity: str | None = None, executor: str = "auto", compile: bool = False,
-                 warm_up: bool = True,
+                 warm_up: bool = True, static_tokens: int | None = None,
                  max_concurrency: int = 4,
                  tiers: TierStack | Sequence[Tier | str] | None = None) -> None:
         store_bytes = inputs.byte_count(store_bytes, "store_bytes")
@@ -131,7 +131,7 @@ class Session:
                                  "embedding through hooks that captured graphs skip); use 'eager' or 'auto'")
             executor = "eager"
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
-                             compile=compile, warm_up=warm_up)
+                             compile=compile, warm_up=warm_up, static_tokens=static_tokens)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
         self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
         merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
