@@ -52,6 +52,7 @@ def test_scores_and_adapter_calls_run_on_the_static_executor(tmp_path_factory):
     ctx = Context().append(SYSTEM).append("Why?")
     want, got = (rt.generate(ctx, 4, output_scores=True, output_logits=True) for rt in (eager, static))
     assert (got.stats.executor, got.stats.executor_fallback) == ("static", None)
+    assert got.stats.static.rows == 1 and got.stats.static.steps == 4 and want.stats.static is None
     assert got.token_ids == want.token_ids
     for name in ("scores", "logits"):
         for a, b in zip(getattr(got, name), getattr(want, name)):
@@ -81,6 +82,7 @@ def test_checks_scores_and_batches_run_on_the_static_executor(tmp_path_factory):
         got = static.check(ctx, requirements, adapter="check", reuse=reuse)
         assert static.engine.static.build_stats.builds > built or reuse is False  # its steps ran there
         assert {v.stats.executor for v in got} == {"static"} and {v.stats.executor for v in want} == {"eager"}
+        assert got[0].stats.static.rows == len(requirements)
         for a, b in zip(got, want):
             assert a.passed == b.passed and abs(a.probability - b.probability) < 1e-4
     candidates = [" yes", " no thanks", " maybe later, friend"]

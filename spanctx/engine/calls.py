@@ -13,6 +13,7 @@ from ..core.placement import PlacementPlan
 from ..core.plan import Plan
 from ..core.prompt import ResolvedPrompt
 from .parallel_stats import ParallelStats
+from .static_layout import ExecStats
 
 __all__ = ["Assembly", "Generated", "RowLogits"]
 
@@ -71,6 +72,7 @@ class Generated:
     logits: tuple[torch.Tensor, ...] | None = None
     executor: str = "eager"
     fallback: str | None = None
+    static: ExecStats | None = None  # what the static executor ran and paid (buckets built on this call)
 
 
 @attrs.frozen(eq=False)
@@ -81,3 +83,4 @@ class RowLogits:
     logits: torch.Tensor
     executor: str = "eager"
     fallback: str | None = None
+    static: ExecStats | None = None

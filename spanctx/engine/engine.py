@@ -303,7 +303,8 @@ class Engine:
                                    output_scores=bool(kwargs.get("output_scores")),
                                    output_logits=bool(kwargs.get("output_logits")))
         self._store_rows(calls, out.kv, out.packing)
-        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static")
+        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static",
+                         static=out.stats)
 
     def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
                       kwargs: dict, opts: CallOptions) -> Generated:
@@ -372,7 +373,7 @@ class Engine:
                 else:
                     self.interpreter.store_spans(prompt, cache, missing,
                                                  offset=slots.bases[row] - slots.shared_tokens)
-        return RowLogits(logits, "static" if static else "eager", fallback)
+        return RowLogits(logits, "static" if static else "eager", fallback, out.stats if static else None)
 
     # -- probes and checks --------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import torch
 
 from ..cache.tiers import TierCallStats
 from ..engine.parallel_stats import ParallelStats
+from ..engine.static_layout import ExecStats
 from .logprobs import TokenLogprob, token_logprobs
 
 __all__ = ["GenerationStats", "Result"]
@@ -31,12 +32,15 @@ class GenerationStats:
     executor: str = "eager"  # which executor ran the final call and the decode loop
     executor_fallback: str | None = None  # why the static executor, set up, did not run it
     tiers: TierCallStats | None = None  # lower-tier hits, misses, bytes and why (None: no tiers)
+    # what the static executor ran and paid: graph or eager steps, buckets, slots copied,
+    # buckets built (captured) by this call and their seconds (None: it did not run the call)
+    static: ExecStats | None = None
 
     @classmethod
     def measured(cls, *, prompt_tokens: int, cached_tokens: int, new_tokens: int, started: float,
                  first_token_at: float | None, end: float | None = None, parallel: ParallelStats | None = None,
                  executor: str = "eager", executor_fallback: str | None = None,
-                 tiers: TierCallStats | None = None) -> GenerationStats:
+                 tiers: TierCallStats | None = None, static: ExecStats | None = None) -> GenerationStats:
         """The stats of a call that started at ``started`` (``time.perf_counter``) and ends
         now (or at ``end``); with no first token (a logits call) TTFT is the whole call."""
         end = time.perf_counter() if end is None else end
@@ -44,7 +48,7 @@ class GenerationStats:
                    computed_tokens=prompt_tokens - cached_tokens, new_tokens=new_tokens,
                    ttft_s=(first_token_at or end) - started, total_s=end - started,
                    recomputed_tokens=parallel.recomputed_tokens if parallel else 0, parallel=parallel,
-                   executor=executor, executor_fallback=executor_fallback, tiers=tiers)
+                   executor=executor, executor_fallback=executor_fallback, tiers=tiers, static=static)
 
 
 @attrs.frozen

@@ -279,6 +279,7 @@ class Session:
             first_token_at=first_token_at, end=end, parallel=call.assembly.parallel if prepared else None,
             executor=generated.executor if generated else "eager",
             executor_fallback=generated.fallback if generated else None,
+            static=generated.static if generated else None,
             tiers=call.assembly.tiers if prepared else None)
 
     def check_length(self, num_tokens: int) -> None:
