@@ -255,13 +255,13 @@ class Engine:
         ``logits_to_keep`` tokens; all with None) or, with ``hidden``, the backbone's
         states; ``pieces`` (with ``kv``, else None) the whole prompt's KV as slices that
         stay valid. ``alora_start``: the prompt index of an aLoRA's invocation."""
-        if not hidden and logits_to_keep and logits_to_keep <= call.prompt.num_tokens - call.tail_start:
-            static, _ = self._on_static([self._row(call, alora_start)])
-            if static:
-                out = self.static.forward([self._row(call, alora_start)], logits_to_keep=logits_to_keep)
-                self._store_rows([call], out.kv, out.packing)
-                pieces = [kvops.KVSlice.whole(kvops.extract(kvops.as_cache(out.kv), 0, call.prompt.num_tokens))] if kv else None
-                return out, pieces
+        row = self._row(call, alora_start)
+        if not hidden and logits_to_keep and logits_to_keep <= row.num_tokens - row.start and self._on_static([row])[0]:
+            out = self.static.forward([row], logits_to_keep=logits_to_keep)
+            self._store_rows([call], out.kv, out.packing)
+            # the buffers are overwritten by the next call: the prompt's KV is copied out
+            whole = kvops.extract(kvops.as_cache(out.kv), 0, row.num_tokens) if kv else None
+            return out, None if whole is None else [kvops.KVSlice.whole(whole)]
         cache = call.cache if call.cache is not None else kvops.empty_cache()
         out = self.executor.forward(call.input_ids[:, call.tail_start:], cache, logits_to_keep=logits_to_keep,
                                     hidden=hidden)
