@@ -41,9 +41,10 @@ class Runtime(Session):
     ``executor``: what runs a call's final step and decode loop. ``"eager"``: HF's own
     forward and ``generate``. ``"static"``: fixed KV buffers (their memory is taken off the
     store's budget, grown on demand up to the model's positions) with CUDA graphs on a GPU
-    (``spanctx.engine.static``); calls it refuses (stop strings, options it does not build)
-    run eagerly and the stats say why (``executor_fallback``). ``"auto"`` (default): static for a generating model on one
-    CUDA device (no device map, no quantized weights), eager elsewhere.
+    (``spanctx.engine.static``); calls it refuses (generation options it does not build)
+    run eagerly and the stats say why (``executor_fallback``). ``"auto"`` (default):
+    static for a generating model on one CUDA device (no device map, no quantized
+    weights), eager elsewhere.
     ``compile``: the static executor runs the model through ``torch.compile`` (fused
     kernels; each new shape compiles once, 25-50 s on an 8B model). ``warm_up`` (with
     graphs, not compiled): capture every single-row step at construction, so that no

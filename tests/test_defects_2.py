@@ -281,7 +281,7 @@ def test_stop_strings_work_without_passing_a_tokenizer(executor):
     forced = LogitsProcessorList([Forced(ids, len(rt.token_ids(ctx)))])
     assert rt.generate(ctx, len(ids), logits_processor=forced).text == text
     got = rt.generate(ctx, len(ids), logits_processor=forced, stop_strings=["9023"])
-    assert got.text == "The code is 9023"
+    assert got.text == "The code is 9023" and got.stats.executor == executor  # the static loop stops too
 
 
 def test_a_long_cold_tail_on_the_cpu_static_executor_runs_eagerly_and_says_why():

@@ -98,11 +98,11 @@ def test_checks_scores_and_batches_run_on_the_static_executor(tmp_path_factory):
         assert {r.stats.executor for r in got} == {"static"}
 
 
-def test_what_runs_eagerly_and_why():
+def test_what_runs_eagerly_and_why():  # stop strings run static: test_defects_2
     _, static = runtimes()
     ctx = Context().append(SYSTEM).append("Why?")
-    stopped = static.generate(ctx, 4, stop_strings=["."])
-    assert stopped.stats.executor == "eager" and "stop_strings" in stopped.stats.executor_fallback
+    refused = static.generate(ctx, 4, no_repeat_ngram_size=2)
+    assert refused.stats.executor == "eager" and "no_repeat_ngram_size" in refused.stats.executor_fallback
     with pytest.raises(ValueError, match="executor is one of"):
         spanctx.Runtime(*tiny_model("llama"), store_bytes=1 << 20, executor="fast")
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
+from transformers import StopStringCriteria, StoppingCriteriaList
 
 from ..cache import kv as kvops
 from ..cache.rope import KeyMover, key_mover
@@ -55,10 +56,16 @@ class KVLayoutMismatch(RuntimeError):
 
 def static_options(opts: CallOptions, kwargs: dict) -> CallOptions:
     """``opts`` as the static decode loop takes them: with the call's stopping criteria (the
-    caller's, the first-token clock, cancellation: ``kwargs``'), without the streamer (it
-    is passed on its own)."""
+    caller's, the first-token clock, cancellation: ``kwargs``'; stop strings as HF's own
+    criterion, which matches them through the tokenizer), without the streamer (it is
+    passed on its own). Stop strings without a tokenizer stay, and are refused."""
     rest = {k: v for k, v in opts.generate_kwargs.items() if k != "streamer"}
-    return attrs.evolve(opts, generate_kwargs={**rest, "stopping_criteria": kwargs["stopping_criteria"]})
+    criteria = StoppingCriteriaList(kwargs["stopping_criteria"])
+    tokenizer = kwargs.get("tokenizer", rest.get("tokenizer"))
+    if rest.get("stop_strings") and tokenizer is not None:
+        criteria.append(StopStringCriteria(tokenizer, rest.pop("stop_strings")))
+        rest.pop("tokenizer", None)
+    return attrs.evolve(opts, generate_kwargs={**rest, "stopping_criteria": criteria})
 
 
 def _give_back(store: KVStore, reserved: list[int]) -> None:

@@ -26,7 +26,7 @@ greedy and sampled decoding with a seed, HF logits processors and stopping crite
 and padding of finished rows, per-step scores and logits, streaming, plain LoRA
 and aLoRA adapters (``static_lora``). Refuses (``refuses``): custom attention masks
 (parallel repair forwards), calls needing more than ``max_tokens`` slots or more than
-``MAX_ROWS`` rows, generate options the decode loop does not build (beams, stop strings,
+``MAX_ROWS`` rows, generate options the decode loop does not build (beams, n-gram bans,
 ...), and with graphs dynamic-NTK or longrope RoPE.
 
 Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwards
