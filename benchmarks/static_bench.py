@@ -35,7 +35,7 @@ from spanctx.cache import kv as kvops  # noqa: E402
 from spanctx.cache.span_kv import SpanKV  # noqa: E402
 from spanctx.core.options import merge_options  # noqa: E402
 from spanctx.engine.slots import split_attention  # noqa: E402
-from spanctx.engine.static import StaticExecutor  # noqa: E402
+from spanctx.engine.static import Row, StaticExecutor  # noqa: E402
 from spanctx.hf import cache_kwargs  # noqa: E402
 
 VARIANTS = {  # name: StaticExecutor kwargs, most important first
@@ -182,7 +182,7 @@ def static_variant(model, ids, span, fresh_prefix, kwargs, args, device, eager, 
     ex = StaticExecutor(model, max_tokens=total + args.new, **kwargs)
     out: dict = {"memory_gb": ex.memory_bytes / 1e9, "attention": ex.attention}
     greedy = lambda n: merge_options({}, {"max_new_tokens": n})  # noqa: E731
-    first = ex.forward(fresh_prefix(), ids, args.prefix)
+    first = ex.forward([Row(ids[0], fresh_prefix(), args.prefix)])
     out["capture_tail_s"] = first.stats.build_s
     logits = first.logits[0, -1].float()
     out["max_logit_diff_vs_eager"] = (logits - eager["logits"]).abs().max().item()
@@ -190,34 +190,34 @@ def static_variant(model, ids, span, fresh_prefix, kwargs, args, device, eager, 
     out["rel_l2_vs_full_prefill"] = ((logits - full_logits).norm() / full_logits.norm()).item()
     out["stats"] = str(first.stats)
     resident = fresh_prefix()
-    out["ttft_cold_ms"], _ = median_ms(lambda: ex.forward(fresh_prefix(), ids, args.prefix).logits[0, -1].argmax()
+    out["ttft_cold_ms"], _ = median_ms(lambda: ex.forward([Row(ids[0], fresh_prefix(), args.prefix)]).logits[0, -1].argmax()
                                        .item(), args.repeats, device)
-    out["ttft_resident_ms"], _ = median_ms(lambda: ex.forward(resident, ids, args.prefix).logits[0, -1].argmax()
+    out["ttft_resident_ms"], _ = median_ms(lambda: ex.forward([Row(ids[0], resident, args.prefix)]).logits[0, -1].argmax()
                                            .item(), args.repeats, device)
-    warm = ex.generate(fresh_prefix(), ids, args.prefix, options=greedy(args.new))
+    warm = ex.generate([Row(ids[0], fresh_prefix(), args.prefix)], options=greedy(args.new))
     out["capture_decode_s"] = warm.stats.build_s
     tokens = warm.sequences[0, total:].tolist()
     out["greedy_agreement"] = agreement(tokens, eager["tokens"])
     out["greedy_agreement_vs_full_prefill"] = agreement(tokens, eager["full_tokens"])
-    one, _ = median_ms(lambda: ex.generate(resident, ids, args.prefix, options=greedy(1)), 5, device)
-    many, _ = median_ms(lambda: ex.generate(resident, ids, args.prefix, options=greedy(args.new + 1)), 3, device)
+    one, _ = median_ms(lambda: ex.generate([Row(ids[0], resident, args.prefix)], options=greedy(1)), 5, device)
+    many, _ = median_ms(lambda: ex.generate([Row(ids[0], resident, args.prefix)], options=greedy(args.new + 1)), 3, device)
     out["decode_ms"] = (many - one) / args.new
-    out["e2e_cold_ms"], _ = median_ms(lambda: ex.generate(fresh_prefix(), ids, args.prefix, options=greedy(args.new)),
+    out["e2e_cold_ms"], _ = median_ms(lambda: ex.generate([Row(ids[0], fresh_prefix(), args.prefix)], options=greedy(args.new)),
                                       3, device)
-    out["e2e_resident_ms"], _ = median_ms(lambda: ex.generate(resident, ids, args.prefix, options=greedy(args.new)),
+    out["e2e_resident_ms"], _ = median_ms(lambda: ex.generate([Row(ids[0], resident, args.prefix)], options=greedy(args.new)),
                                           3, device)
-    sampled = [ex.generate(resident, ids, args.prefix, options=merge_options({}, {"max_new_tokens": 8, "seed": 7,
+    sampled = [ex.generate([Row(ids[0], resident, args.prefix)], options=merge_options({}, {"max_new_tokens": 8, "seed": 7,
                                                                                   "do_sample": True}))
                .sequences[0, total:].tolist() for _ in range(2)]
     out["sampling_reproducible"] = sampled[0] == sampled[1]
     # a shorter cached context: another attention bucket, built on its first call
     half = args.prefix // 2
     short_ids, short_prefix = ids[:, :half + args.suffix], [kvops.KVSlice(span, 0, half)]
-    first_short = ex.forward(short_prefix, short_ids, half)
+    first_short = ex.forward([Row(short_ids[0], short_prefix, half)])
     out["new_cache_bucket"] = {"prefix": half, "cache_bucket": first_short.stats.cache_bucket,
                                "build_s": first_short.stats.build_s}
     out["new_cache_bucket"]["ttft_resident_ms"], _ = median_ms(
-        lambda: ex.forward(short_prefix, short_ids, half).logits[0, -1].argmax().item(), args.repeats, device)
+        lambda: ex.forward([Row(short_ids[0], short_prefix, half)]).logits[0, -1].argmax().item(), args.repeats, device)
     out["builds"] = ex.build_stats.builds
     out["build_s"] = ex.build_stats.seconds
     return out
