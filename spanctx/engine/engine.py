@@ -247,13 +247,27 @@ class Engine:
         return Row(call.input_ids[0], tuple(call.pieces or ()), call.tail_start,
                    None if alora_start is None else call.prompt.num_tokens - alora_start)
 
-    def _store_rows(self, calls: Sequence[Assembly], kv: SpanKV, packing) -> None:
-        """Store each reusing call's tail spans from the static buffers' ``kv``."""
-        cache = kvops.as_cache(kv)
-        for r, call in enumerate(calls):
-            if call.plan is not None:
-                self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments,
-                                             offset=packing.bases[r] - packing.shared_tokens)
+    def _store(self, prompts: Sequence[ResolvedPrompt], cache, firsts: Sequence[int | None], *,
+               offsets: Sequence[int] | None = None, batch: bool = False) -> None:
+        """What every final call stores: prompt ``r``'s spans from segment ``firsts[r]`` on
+        (None: none) that the store lacks, read from ``cache`` where the prompt starts at
+        slot ``offsets[r]`` (default 0) of batch row ``r`` (``batch``) or of its one row."""
+        for r, (prompt, first) in enumerate(zip(prompts, firsts)):
+            if first is not None:
+                missing = [i for i in range(first, len(prompt.segments)) if prompt.segments[i].key not in self.store]
+                self.interpreter.store_spans(prompt, cache, missing, row=r if batch else 0,
+                                             offset=offsets[r] if offsets else 0)
+
+    def _store_static(self, prompts: Sequence[ResolvedPrompt], out, firsts: Sequence[int | None]) -> None:
+        """``_store`` from the static buffers (``out``: its output), where the packing says."""
+        packing = out.packing
+        self._store(prompts, kvops.as_cache(out.kv), firsts,
+                    offsets=[base - packing.shared_tokens for base in packing.bases])
+
+    @staticmethod
+    def _tail(call: Assembly) -> int | None:
+        """The first segment a reusing call's final call computes (None without reuse)."""
+        return call.plan.tail.segments[0] if call.plan is not None and call.plan.tail.segments else None
 
     def forward_tail(self, call: Assembly, *, logits_to_keep: int | None = 1, hidden: bool = False,
                      alora_start: int | None = None, kv: bool = False):
@@ -265,15 +279,14 @@ class Engine:
         row = self._row(call, alora_start)
         if not hidden and logits_to_keep and logits_to_keep <= row.num_tokens - row.start and self._on_static([row])[0]:
             out = self.static.forward([row], logits_to_keep=logits_to_keep)
-            self._store_rows([call], out.kv, out.packing)
+            self._store_static([call.prompt], out, [self._tail(call)])
             # the buffers are overwritten by the next call: the prompt's KV is copied out
             whole = kvops.extract(kvops.as_cache(out.kv), 0, row.num_tokens) if kv else None
             return out, None if whole is None else [kvops.KVSlice.whole(whole)]
         cache = call.cache if call.cache is not None else kvops.empty_cache()
         out = self.executor.forward(call.input_ids[:, call.tail_start:], cache, logits_to_keep=logits_to_keep,
                                     hidden=hidden)
-        if call.plan is not None:
-            self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments)
+        self._store([call.prompt], cache, [self._tail(call)])
         return out, [kvops.KVSlice.whole(kvops.as_slices(cache))] if kv else None
 
     def forward_whole(self, prompt: ResolvedPrompt, *, hidden: bool, store: bool):
@@ -282,9 +295,7 @@ class Engine:
         causal forward is not what a group's KV is)."""
         cache = kvops.empty_cache()
         out = self.executor.forward(self.input_ids(prompt), cache, logits_to_keep=None, hidden=hidden)
-        if store and not prompt.groups:
-            missing = [i for i, seg in enumerate(prompt.segments) if seg.key not in self.store]
-            self.interpreter.store_spans(prompt, cache, missing)
+        self._store([prompt], cache, [0 if store and not prompt.groups else None])
         return out
 
     def generate(self, call: Assembly, opts: CallOptions, kwargs: dict, *,
@@ -300,8 +311,7 @@ class Engine:
             return self._decode_static([call], [row], opts, kwargs, clock)
         out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache,
                                      {**kwargs, "return_dict_in_generate": True})
-        if call.plan is not None:
-            self.interpreter.store_spans(call.prompt, call.cache, call.plan.tail.segments)
+        self._store([call.prompt], call.cache, [self._tail(call)])
         return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, fallback=fallback)
 
     def _decode_static(self, calls: Sequence[Assembly], rows: Sequence[Row], opts: CallOptions, kwargs: dict,
@@ -309,7 +319,7 @@ class Engine:
         out = self.static.generate(rows, options=opts, streamer=kwargs.get("streamer"),
                                    output_scores=bool(kwargs.get("output_scores")),
                                    output_logits=bool(kwargs.get("output_logits")))
-        self._store_rows(calls, out.kv, out.packing)
+        self._store_static([c.prompt for c in calls], out, [self._tail(c) for c in calls])
         return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static",
                          static=out.stats)
 
@@ -343,9 +353,8 @@ class Engine:
         sequences = self.executor.generate_left_padded([c.input_ids[0] for c in calls], cache, kwargs)
         if reuse:
             width = max(c.prompt.num_tokens for c in calls)
-            for row, call in enumerate(calls):
-                self.interpreter.store_spans(call.prompt, cache, call.plan.tail.segments, row=row,
-                                             offset=width - call.prompt.num_tokens)
+            self._store([c.prompt for c in calls], cache, [self._tail(c) for c in calls], batch=True,
+                        offsets=[width - c.prompt.num_tokens for c in calls])
         return Generated(sequences, clock.first_token_at, fallback=fallback)
 
     def forward_rows(self, context: Sequence[kvops.KVSlice], prompts: Sequence[ResolvedPrompt], start: int, *,
@@ -363,24 +372,16 @@ class Engine:
         rows = [Row(self.input_ids(p)[0], tuple(context), start,
                     None if alora_starts is None else p.num_tokens - alora_starts[i]) for i, p in enumerate(prompts)]
         static, fallback = self._on_static(rows)
+        firsts = [store_from] * len(prompts)
         if static:
             out = self.static.forward(rows, logits_to_keep=0 if every_position else 1)
+            self._store_static(prompts, out, firsts)
             logits = out.logits.float() if every_position else out.logits[:, -1].float()
-            cache, slots = kvops.as_cache(out.kv), out.packing
-        else:
-            logits, cache = self.executor.forward_rows(context, [p.token_ids[start:] for p in prompts], start,
-                                                       every_position=every_position)
-            slots = None
-        if store_from is not None:
-            for row, prompt in enumerate(prompts):
-                missing = [j for j in range(store_from, len(prompt.segments))
-                           if prompt.segments[j].key not in self.store]
-                if slots is None:
-                    self.interpreter.store_spans(prompt, cache, missing, row=row)
-                else:
-                    self.interpreter.store_spans(prompt, cache, missing,
-                                                 offset=slots.bases[row] - slots.shared_tokens)
-        return RowLogits(logits, "static" if static else "eager", fallback, out.stats if static else None)
+            return RowLogits(logits, "static", static=out.stats)
+        logits, cache = self.executor.forward_rows(context, [p.token_ids[start:] for p in prompts], start,
+                                                   every_position=every_position)
+        self._store(prompts, cache, firsts, batch=True)
+        return RowLogits(logits, "eager", fallback)
 
     # -- probes and checks --------------------------------------------------------------
 
