@@ -13,10 +13,10 @@ copied straight into the buffers (one copy; slices still in place from the previ
 are not copied again); one step runs every row's tail, padded to its suffix bucket
 (``static_layout.suffix_bucket``; tails over ``GRAPH_TOKENS`` run unpadded, without a
 graph); a decode runs one step per generated token for all rows at once, chosen as HF
-``generate`` would (``decoding``). Every step attends over the first ``cache_bucket``
-slots (a rung of ``static_warmup``'s ladder, all built by ``warm_up``), fixed per call
-to cover prompts, new tokens and padding. A graph is keyed by
-``Bucket`` (step tokens, attention slots, logits kept, adapter state): its capture (and
+``generate`` would (``decoding``). Every step attends over the first slots up to a rung
+of ``static_warmup``'s ladder (all built by ``warm_up``), fixed per call to cover prompts,
+new tokens and padding. A graph is keyed by ``Bucket`` (step tokens, attention slots,
+logits kept, adapter state): its capture (and
 with ``compile=True`` a ``torch.compile`` of each new shape) is paid once and reported in
 ``ExecStats``. Padded step tokens write junk KV after the prompts, in slots nobody sees
 and decode overwrites.
