@@ -28,6 +28,7 @@ import argparse
 import datetime
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +46,8 @@ from spanctx.bench.records import device_name, distinct, write_json  # noqa: E40
 from spanctx.bench.scenarios import chat_turns  # noqa: E402
 from spanctx.bench.scenarios.common import spanctx_generate  # noqa: E402
 from spanctx.bench.timing import Outcome, Sample, now, timed  # noqa: E402
+from spanctx.bench.random_adapters import INVOCATION_TEXT, make_adapter  # noqa: E402
+from spanctx.bench.workloads import requirements  # noqa: E402
 from spanctx.core.spans import Context  # noqa: E402
 
 
@@ -123,6 +126,35 @@ def run_chat(args) -> None:
     record["full_ttft_ms"] = full
     print("chat full prefill TTFT per turn (ms): " + " ".join(f"{v:.1f}" for v in full), flush=True)
     write_json(record, args.out)
+    if args.checks:
+        record["checks"] = checks_first_visit(h, args.checks, args.checks_context)
+        write_json(record, args.out)
+
+
+def checks_first_visit(h: Harness, count: int, context_tokens: int, calls: int = 4) -> dict:
+    """``count`` aLoRA checks on a fresh, already stored context per call, in this process
+    (its runtime warmed up one-row buckets only): the first call pays what a user's first
+    check pays (the buckets of ``count`` rows with the adapter on), the others not."""
+    invocation = h.tokenizer(INVOCATION_TEXT, add_special_tokens=False)["input_ids"]
+    with tempfile.TemporaryDirectory(prefix="fastpath-alora-") as tmp:
+        h.runtime.add_adapter("fastpath-check", make_adapter(h.model, f"{tmp}/alora", rank=32,
+                                                             invocation_ids=invocation, seed=1),
+                              invocation=INVOCATION_TEXT)
+    reqs = requirements(count)
+    rows = []
+    for i in range(calls):
+        ctx = Context().append(h.source.block(context_tokens, "fastpath-checks", i))
+        h.runtime.next_token_logits(ctx)  # the context is stored, as after a generation over it
+        sample = timed(lambda ctx=ctx: h.runtime.check(ctx, reqs, adapter="fastpath-check"), h.device)
+        stats = sample.outcome[0].stats
+        rows.append({"call": i + 1, "total_ms": sample.total_s * 1e3, "executor": stats.executor,
+                     "executor_fallback": stats.executor_fallback,
+                     "builds": stats.static.builds if stats.static else None})
+        print(f"checks call {i + 1}: {count} checks in {rows[-1]['total_ms']:.1f} ms, executor {stats.executor}, "
+              f"buckets built {rows[-1]['builds']}", flush=True)
+    later = statistics.median(r["total_ms"] for r in rows[1:])
+    return {"count": count, "context_tokens": context_tokens, "calls": rows, "median_later_ms": later,
+            "first_over_median": rows[0]["total_ms"] / later}
 
 
 # ---- long: a long cached prefix ------------------------------------------------------------
@@ -260,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=8, help="batch: rows")
     parser.add_argument("--agreement-rows", type=int, default=2, help="batch: rows compared with generate")
     parser.add_argument("--turns", type=int, default=12, help="chat: turns")
+    parser.add_argument("--checks", type=int, default=10, help="chat: then N aLoRA checks, first visit (0: none)")
+    parser.add_argument("--checks-context", type=int, default=4096, help="chat: the checks' context tokens")
     parser.add_argument("--system-tokens", type=int, default=1024, help="chat: system prompt tokens")
     parser.add_argument("--user-tokens", type=int, default=48, help="chat: tokens per user turn")
     parser.add_argument("--reply-tokens", type=int, default=32, help="chat: tokens per reply in the conversation")

@@ -6,7 +6,8 @@
 # Sections, each in its own process under a hard `timeout` (a cut section loses only itself):
 #   bench  prefix 8K (TTFT, decode vs the weights-read floor), 10 aLoRA checks on 4K, rag K=8
 #          parallel none: `python -m spanctx.bench prefix rag checks`
-#   chat   a growing chat in a FRESH process, then a warm second pass: benchmarks/fastpath_bench.py chat
+#   chat   a growing chat in a FRESH process, then a warm second pass, then 10 aLoRA checks on 4K
+#          (the first call beside the later ones): benchmarks/fastpath_bench.py chat
 #   long   a 32K cached prefix + a 64-token question: fastpath_bench.py long
 #   batch  generate_batch of 8 rows over a shared 4K vs one row: fastpath_bench.py batch
 #   mellea the Mellea program (benchmarks/mellea/bench.py) vs stock LocalHFBackend, with Mellea
@@ -32,7 +33,7 @@ if [[ $SMOKE == 1 ]]; then  # the same code paths on a tiny model, small sizes
     M=(--model tiny-llama --device cpu)
     BENCH=(--contexts 512 --checks-context 256 --checks 3 --rag-doc-tokens 32 --rag-pool 12 --rag-system-tokens 16
            --rag-fidelity-prompts 1 --repeats 2 --new-tokens 8)
-    CHAT=(--turns 4 --system-tokens 128 --new-tokens 8); LONG=(--context 4096 --repeats 2 --full-repeats 1)
+    CHAT=(--turns 4 --system-tokens 128 --new-tokens 8 --checks 3 --checks-context 256); LONG=(--context 4096 --repeats 2 --full-repeats 1)
     BATCH=(--context 256 --new-tokens 8 --repeats 2); MELLEA=(--report-tokens 256 --new-tokens 8 --repeats 1)
     LIMITS=(bench=120 chat=60 long=60 batch=60 mellea=90); REPORT=(--smoke)
 else
@@ -40,7 +41,7 @@ else
     BENCH=(--contexts 8192 --checks-context 4096 --checks 10 --rag-doc-tokens 512 --rag-pool 16
            --rag-system-tokens 128 --rag-fidelity-prompts 2 --repeats 5,rag=3,checks=3 --new-tokens 32,rag=16)
     CHAT=(); LONG=(); BATCH=(); MELLEA=(--report-tokens 8192 --repeats 1)
-    LIMITS=(bench=160 chat=70 long=70 batch=60 mellea=120); REPORT=()
+    LIMITS=(bench=160 chat=100 long=70 batch=60 mellea=120); REPORT=()
 fi
 declare -A LIMIT; for kv in "${LIMITS[@]}"; do LIMIT[${kv%=*}]=${kv#*=}; done
 
