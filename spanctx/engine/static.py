@@ -143,6 +143,8 @@ class StaticExecutor(Sizing):
         self._chunks = chunks
         self._own_attention = own_attention(model)
         self._model_reason = model_reason(text, self.graphs)
+        # a vision-language model: ids from the text vocabulary on are image placeholders
+        self._vocab = text.vocab_size if getattr(model.config, "vision_config", None) is not None else None
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.graphs else 0
         ints, slots = dict(dtype=torch.long, device=self.device), self.buffers.max_tokens  # a padded tail's too
         # the step's inputs, per step token: id, position, slot, row; and per slot its owner and position
@@ -187,6 +189,9 @@ class StaticExecutor(Sizing):
             return "custom attention masks (parallel repair forwards) run on the eager executor"
         if self.busy_here:
             return "a call made from a callback of a running static generation runs on the eager executor"
+        if self._vocab is not None and any(bool((row.input_ids[row.start:] >= self._vocab).any()) for row in rows):
+            return ("image tokens in the tail: their features enter through input-embedding hooks (engine/vision.py) "
+                    "that a captured step does not run")
         return self._fits(rows, new_tokens) or (unsupported_options(self.model, options) if options else None)
 
     def _fits(self, rows: Sequence[Row], new_tokens: int) -> str | None:

@@ -125,11 +125,6 @@ class Session:
         self.repair = Repair.parse(repair)
         self._lock = threading.RLock()
         self._closed = False
-        if self.resolver.images is not None:  # image features enter through eager hooks (engine/vision.py)
-            if executor == "static":
-                raise ValueError("executor='static' does not run image prompts (their features enter at the input "
-                                 "embedding through hooks that captured graphs skip); use 'eager' or 'auto'")
-            executor = "eager"
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
                              compile=compile, warm_up=warm_up, static_tokens=static_tokens)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
