@@ -276,7 +276,6 @@ def test_what_it_refuses_and_why():
     assert "slots" in ex.refuses(one([], ids, 0), new_tokens=240)
     assert "slots" in ex.refuses(one([], ids_of(30, rows=3), 0), new_tokens=60)  # 3 x 30 + 3 x 60 > 256
     assert "rows" in ex.refuses(one([], ids_of(3, rows=65), 0))
-    assert "custom attention masks" in ex.refuses(one([], ids, 0), custom_mask=True)
     assert "no_repeat_ngram_size" in ex.refuses(one([], ids, 0), options=options(no_repeat_ngram_size=2))
     assert "stop_strings" in ex.refuses(one([], ids, 0), options=options(stop_strings=["x"]))
     with pytest.raises(ValueError, match="slots"):

@@ -24,10 +24,11 @@ and decode overwrites.
 Runs: exact and placed prefixes, rows sharing a prefix (checks, scores, batches) or not,
 greedy and sampled decoding with a seed, HF logits processors and stopping criteria, EOS
 and padding of finished rows, per-step scores and logits, streaming, plain LoRA
-and aLoRA adapters (``static_lora``). Refuses (``refuses``): custom attention masks
-(parallel repair forwards), calls needing more than ``max_tokens`` slots or more than
-``MAX_ROWS`` rows, generate options the decode loop does not build (beams, n-gram bans,
-...), and with graphs dynamic-NTK or longrope RoPE.
+and aLoRA adapters (``static_lora``). Refuses (``refuses``): calls needing more than
+``max_tokens`` slots or more than ``MAX_ROWS`` rows, tails whose masks exceed
+``max_mask_bytes``, image placeholders in a tail, generate options the decode loop does
+not build (beams, n-gram bans, ...), and with graphs dynamic-NTK or longrope RoPE.
+Parallel repair forwards (custom masks) are plan steps: the eager executor runs them.
 
 Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwards
 with an explicit mask; logits match a full prefill within float rounding
@@ -178,15 +179,12 @@ class StaticExecutor(Sizing):
         """Buckets built so far and the seconds spent building them."""
         return self._steps.stats
 
-    def refuses(self, rows: Sequence[Row], *, new_tokens: int = 0, options: CallOptions | None = None,
-                custom_mask: bool = False) -> str | None:
+    def refuses(self, rows: Sequence[Row], *, new_tokens: int = 0, options: CallOptions | None = None) -> str | None:
         """None when a call of ``rows`` decoding ``new_tokens`` per row can run here, else a
         short reason (the engine then runs it eagerly). A tail whose step masks would take
         over ``max_mask_bytes`` (a long cold prompt: a mask is tail x slots) is refused."""
         if self._model_reason:
             return self._model_reason
-        if custom_mask:
-            return "custom attention masks (parallel repair forwards) run on the eager executor"
         if self.busy_here:
             return "a call made from a callback of a running static generation runs on the eager executor"
         if self._vocab is not None and any(bool((row.input_ids[row.start:] >= self._vocab).any()) for row in rows):
