@@ -190,13 +190,13 @@ class StaticExecutor(Sizing):
         if self._vocab is not None and any(bool((row.input_ids[row.start:] >= self._vocab).any()) for row in rows):
             return ("image tokens in the tail: their features enter through input-embedding hooks (engine/vision.py) "
                     "that a captured step does not run")
-        return self._fits(rows, new_tokens) or (unsupported_options(self.model, options) if options else None)
+        return self._fits(pack(rows), new_tokens) or (unsupported_options(self.model, options) if options else None)
 
-    def _fits(self, rows: Sequence[Row], new_tokens: int) -> str | None:
-        """Why a call of ``rows`` does not fit the buffers and the mask budget (None: it does)."""
-        if len(rows) > MAX_ROWS:
-            return f"a call of {len(rows)} rows exceeds the executor's {MAX_ROWS}"
-        packing = pack(rows)
+    def _fits(self, packing: Packing, new_tokens: int) -> str | None:
+        """Why a call packed as ``packing`` does not fit the buffers and the mask budget
+        (None: it does)."""
+        if packing.rows > MAX_ROWS:
+            return f"a call of {packing.rows} rows exceeds the executor's {MAX_ROWS}"
         needed = packing.slots_needed(new_tokens, packing.tail_tokens)  # a padded tail's overhang fits beyond
         if needed > self.max_tokens:
             return f"the call needs {needed} slots; the buffers hold {self.max_tokens}"
@@ -300,10 +300,10 @@ class StaticExecutor(Sizing):
 
     def _prepare(self, rows: Sequence[Row], new_tokens: int, adapters: AdapterState | None) -> _Call:
         """Place the prefixes, write the slots' owners and positions, pick the buckets."""
-        reason = self._fits(rows, new_tokens)
+        packing = pack(rows)
+        reason = self._fits(packing, new_tokens)
         if reason:
             raise ValueError(reason)
-        packing = pack(rows)
         copied = self.buffers.place(packing.shared, 0)
         owners, positions = [torch.full((packing.shared_tokens,), OWNER_SHARED)], [torch.arange(packing.shared_tokens)]
         for r, row in enumerate(rows):

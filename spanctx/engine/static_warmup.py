@@ -50,7 +50,7 @@ from tqdm import tqdm
 from ..cache import kv as kvops
 from ..cache.span_kv import SpanKV
 from ..core.options import merge_options
-from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, suffix_bucket
+from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, pack, suffix_bucket
 
 __all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "granules", "ladder", "ladder_for",
            "rung"]
@@ -138,7 +138,7 @@ class Sizing:
             pieces = [kvops.KVSlice(kv, 0, prefix)] if prefix else []
             tails = [tail // count + (r < tail % count) for r in range(count)]
             call = [Row(torch.zeros(prefix + t, dtype=torch.long, device=self.device), pieces, prefix) for t in tails]
-            if self._fits(call, new):  # refused (its masks past max_mask_bytes): such calls run eagerly
+            if self._fits(pack(call), new):  # refused (its masks past max_mask_bytes): such calls run eagerly
                 skipped += 1
                 continue
             if new:
