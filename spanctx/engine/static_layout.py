@@ -27,8 +27,8 @@ from ..hf import cache_kwargs
 from . import attention as kernels
 from .static_lora import AdapterState
 
-__all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput", "GenerateOutput", "Packing", "Row", "attention_mode", "model_reason",
-           "pack", "probe_layout", "suffix_bucket"]
+__all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput", "GenerateOutput",
+           "Packing", "Row", "attention_mode", "model_reason", "pack", "probe_layout", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
 # longer tails run unpadded and without a graph (arithmetic-bound: 2K tokens are ~32 TFLOP on

@@ -89,8 +89,10 @@ def score(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *
             # rows: each candidate but its last token, after the context; row position j
             # predicts the candidate's token j + 1
             rows = [rt.resolve(ctx.append(ids[:-1]), salt=salt)[0] for ids in batch if len(ids) > 1]
-            logprobs = (torch.log_softmax(rt.engine.forward_rows(context, rows, context_end, every_position=True).logits, -1).cpu()
-                        if rows else None)  # [r, W, V]
+            logprobs = None  # [r, W, V]
+            if rows:
+                out = rt.engine.forward_rows(context, rows, context_end, every_position=True)
+                logprobs = torch.log_softmax(out.logits, -1).cpu()
             row = 0
             for ids in batch:
                 rest = []
