@@ -138,7 +138,10 @@ def load_vlm(spec: str, device: torch.device):
 
 def bench_image(spec: str, args, device: torch.device) -> dict:
     model, processor = load_vlm(spec, device)
+    started = time.perf_counter()
     rt = spanctx.Runtime(model, processor, store_bytes=8 << 30)
+    construction_s = time.perf_counter() - started  # on CUDA: the static executor's warm-up
+    executors: list[str | None] = []
     picture = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)
     system = text_of(args.system_tokens, seed=2)
     questions = [f"\nQuestion {i}: what is in the {WORDS[i]} part of the picture? " + text_of(24, seed=i)
@@ -156,6 +159,7 @@ def bench_image(spec: str, args, device: torch.device) -> dict:
 
     def spanctx_ttft(question: str, reuse: bool):
         result = rt.generate(base.append(question), max_new_tokens=1, reuse=reuse)
+        executors.append(result.stats.executor if reuse else None)
         return result.stats.ttft_s, result.token_ids[0], result.stats.cached_tokens
 
     hf_ttft(questions[0])  # warm-up: kernels, allocator
@@ -177,7 +181,9 @@ def bench_image(spec: str, args, device: torch.device) -> dict:
                               "spanctx_reuse_q1": reused[0], "spanctx_reuse_q2_10": warm},
             "speedup_q2_10_vs_hf": statistics.median(hf) / warm,
             "speedup_ten_questions_total": sum(hf) / sum(reused),
-            "cached_tokens": cached, "first_token_agrees_with_hf": agree}
+            "cached_tokens": cached, "first_token_agrees_with_hf": agree,
+            "executor_reuse": [e for e in executors if e is not None][-len(questions):],
+            "runtime_construction_s": construction_s}
 
 
 def _ms(seconds: float) -> str:
