@@ -122,12 +122,13 @@ def bench_seq2seq(preset: str, args, device: torch.device) -> dict:
 
 
 def load_vlm(spec: str, device: torch.device):
+    from spanctx.presets import preset_config
     from spanctx.vision_presets import llava_processor
 
     name, _, size = spec.partition("@")
     if not size:
         return spanctx.load_preset(name, device=device)
-    config = spanctx.preset_config(name)
+    config = preset_config(name)
     config.vision_config.image_size = int(size)
     config.image_seq_length = (int(size) // config.vision_config.patch_size) ** 2
     torch.manual_seed(0)
@@ -235,19 +236,19 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     bench = bench_seq2seq if args.part == "seq2seq" else bench_image
-    rows = []
-    for preset in args.presets:
-        rows.append(bench(preset, args, device))
-        print(json.dumps(rows[-1], default=str)[:400], flush=True)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"date": datetime.date.today().isoformat(), "device": machine, "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": torch.get_num_threads(), "args": vars(args)}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"modal-{args.part}{'-' + args.tag if args.tag else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     versions = f"{machine}, torch {torch.__version__}, transformers {transformers.__version__}"
-    text = f"{versions}\n\n{table(args.part, rows)}\n"
-    (args.out / f"{stem}.md").write_text(text)
+    rows = []
+    for preset in args.presets:  # written after each preset: a run cut short keeps what finished
+        rows.append(bench(preset, args, device))
+        print(json.dumps(rows[-1], default=str)[:400], flush=True)
+        (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+        text = f"{versions}\n\n{table(args.part, rows)}\n"
+        (args.out / f"{stem}.md").write_text(text)
     print(text)
 
 
