@@ -178,3 +178,29 @@ def test_the_static_buffers_grow_for_a_long_call_and_the_budget_follows(monkeypa
 
 def ctx_tokens(rt, ctx) -> int:
     return len(rt.token_ids(ctx))
+
+
+def test_an_adapter_is_warmed_up_when_added_and_forgotten_when_unloaded(tmp_path_factory):
+    """On a warmed-up static executor (CUDA; forced here with graphs off) ``add_adapter``
+    builds the adapter's steps, so the first checks and generations with it build none;
+    unloading it drops them."""
+    arch, alora, _ = adapter_pair("llama", tmp_path_factory, "executors-warm", (5, 6))
+    eager, static = fresh_runtime(arch, executor="eager"), fresh_runtime(arch, executor="static")
+    static.engine._warm = True  # what a CUDA runtime with warm_up=True has
+    for rt in (eager, static):
+        rt.add_adapter("check", alora, invocation=INVOCATION)
+    warm = static.adapter_warm_ups["check"]
+    assert warm.builds > 0 and eager.adapter_warm_ups["check"] is None
+    ctx = Context().append(SYSTEM).append("The answer is forty-two.")
+    for requirements in (["It is a number.", "It is short.", "It is polite and kind."], ["It is a number."] * 7):
+        got = static.check(ctx, requirements, adapter="check")
+        want = eager.check(ctx, requirements, adapter="check")
+        assert got[0].stats.static.builds == 0 and got[0].stats.static.rows == len(requirements)
+        assert [v.passed for v in got] == [v.passed for v in want]
+    assert static.generate(ctx, 5, adapter="check").stats.static.builds == 0
+    static.generate(ctx, 2)  # a base step, which stays
+    assert any(key.adapters is not None for key in static.engine.static._steps._built)
+    static.unload_adapter("check")
+    left = static.engine.static._steps._built
+    assert left and all(key.adapters is None for key in left)
+    assert "check" not in static.adapter_warm_ups

@@ -22,7 +22,7 @@ from test_static import (
 from spanctx.cache.kv import KVSlice
 from spanctx.cache.span_kv import SpanKV
 from spanctx.engine.static import StaticExecutor
-from spanctx.engine.static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, pack
+from spanctx.engine.static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, keep_bucket, pack
 from spanctx.engine.static_warmup import OVERHANG, ladder, rung
 
 STEP_8B = 0.25 * 15.0e9 / 131072  # ATTENTION_RATE x the 8B shape's weights read per step / KV bytes per slot
@@ -173,24 +173,33 @@ def test_warm_up_of_n_rows_builds_every_bucket_their_calls_reach(count):
             tails = [tail // count + (r < tail % count) for r in range(count)]
             packing = pack([Row(ids[:prefix + t], pieces, prefix) for t in tails])
             tokens, length = ex._buckets(packing, 0)  # forward
-            needed.add((tokens, length, count))
+            needed.add((tokens, length, keep_bucket(count)))
             most = (ex.max_tokens - prefix - tail) // count  # new tokens per row that fit
             for new_from in (1, 2)[:most]:  # generate: 1 new token (no decode step), then 2 or more
                 reached = {r for r in ex.ladder
                            if ex._buckets(packing, new_from)[1] <= r <= ex._buckets(packing, most)[1]}
-                step = tokens if new_from == 1 else count  # the tail's bucket, or the decode step's
-                needed |= {(step, r, count) for r in reached}
+                # the tail's bucket, or the decode step's (one token and one logit row per row)
+                step = (tokens, keep_bucket(count)) if new_from == 1 else (count, count)
+                needed |= {(step[0], r, step[1]) for r in reached}
     assert needed <= built
 
 
-def test_after_warm_up_of_three_rows_a_check_like_call_builds_nothing_and_matches():
+@pytest.mark.parametrize("lengths", [(5, 12, 30), (3, 9, 4, 7, 11, 2, 6, 8, 5, 10)])
+def test_after_a_tail_warm_up_of_two_rows_check_like_calls_of_any_count_build_nothing_and_match(lengths):
+    """Tail steps of 2..MAX_ROWS rows share buckets (``keep_bucket``): one warm-up of two
+    rows without decoding covers 3 requirements and 10 alike."""
     model = model_of("qwen2")
     ex = StaticExecutor(model, max_tokens=256)
-    ex.warm_up(rows=(3,))
+    stats = ex.warm_up(rows=(2,), decode=False)
+    assert stats.builds > 0 and all(key.tokens > 2 and key.keep == keep_bucket(2) for key in ex._steps._built)
     context = ids_of(40, seed=7)
-    prompts = [torch.cat([context, ids_of(n, seed=n)], dim=1) for n in (5, 12, 30)]  # 3 requirements
+    prompts = [torch.cat([context, ids_of(n, seed=n)], dim=1) for n in lengths]  # one row per requirement
     prefix = prefix_of(model, prompts[0], 40)
     out = ex.forward([Row(p[0], prefix, 40) for p in prompts])
-    assert out.stats.builds == 0
+    assert out.stats.builds == 0 and out.logits.shape[0] == len(lengths)
     for r, p in enumerate(prompts):
         torch.testing.assert_close(out.logits[r].float(), full_logits(model, p, 1)[0], atol=ATOL, rtol=0)
+
+
+def test_keep_buckets():
+    assert [keep_bucket(k) for k in (1, 2, 10, 64, 65, 200)] == [1, 64, 64, 64, 128, 256]

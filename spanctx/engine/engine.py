@@ -40,6 +40,7 @@ from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
 from .parallel_stats import ParallelStats, parallel_stats
 from .static_layout import Row, pack
+from .static_warmup import WarmUpStats
 from .stopping import FirstTokenClock, with_stopping_criterion
 
 __all__ = ["EXECUTORS", "Assembly", "Engine", "Generated", "KVLayoutMismatch", "ParallelStats", "RowLogits",
@@ -140,6 +141,20 @@ class Engine:
         if self._warm:
             self.warm_up = self.static.warm_up()
         return None
+
+    def warm_up_adapter(self, *, alora: bool) -> WarmUpStats | None:
+        """Build the static steps of calls with the adapter switched on now, as the
+        constructor does for the base model: its generations and, for an aLoRA, its checks
+        (rows of one forward over a shared context). None when the engine does not warm up."""
+        if not self._warm:
+            return None
+        stats = self.static.warm_up()
+        return stats.plus(self.static.warm_up(rows=(2,), decode=False)) if alora else stats
+
+    def forget_adapter(self, peft_name: str) -> None:
+        """Drop what the static executor built with PEFT adapter ``peft_name`` (before it is unloaded)."""
+        if self.static is not None:
+            self.static.forget_adapter(peft_name)
 
     def close(self) -> None:
         """Free the static executor's buffers and give their reservation back to the

@@ -108,6 +108,11 @@ class StepGraphs:
         captured.graph.replay()
         return captured.output
 
+    def drop(self, stale: Callable[[Hashable], bool]) -> None:
+        """Forget the steps of every key ``stale`` holds true for (their graphs, and the
+        memory they hold in the pool, go with them)."""
+        self._built = {key: built for key, built in self._built.items() if not stale(key)}
+
     def _capture(self, key: Hashable) -> _Captured:
         self._stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._stream):

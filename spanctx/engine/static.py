@@ -24,7 +24,7 @@ and decode overwrites.
 Runs: exact and placed prefixes, rows sharing a prefix (checks, scores, batches) or not,
 greedy and sampled decoding with a seed, HF logits processors and stopping criteria, EOS
 and padding of finished rows, per-step scores and logits, streaming, plain LoRA
-and aLoRA adapters (``static_lora``). Refuses (``refuses``): calls needing more than
+and aLoRA adapters (``static_lora``; ``forget_adapter`` before one is unloaded). Refuses (``refuses``): calls needing more than
 ``max_tokens`` slots or more than ``MAX_ROWS`` rows, tails whose masks exceed
 ``max_mask_bytes``, image placeholders in a tail, generate options the decode loop does
 not build (beams, n-gram bans, ...), and with graphs dynamic-NTK or longrope RoPE.
@@ -72,6 +72,7 @@ from .slots import (
 )
 from .static_layout import (
     GRAPH_TOKENS,
+    MAX_ROWS,
     Bucket,
     ExecStats,
     ForwardOutput,
@@ -79,6 +80,7 @@ from .static_layout import (
     Packing,
     Row,
     attention_mode,
+    keep_bucket,
     model_reason,
     pack,
     probe_layout,
@@ -92,7 +94,6 @@ __all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "Row", "StaticExecuto
 # a step's masks are tail x slots: a 15K cold prompt's are ~1 GB in fp32, and on CPU it ran
 # 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
 MAX_MASK_BYTES = 512 << 20
-MAX_ROWS = 64  # rows of one call
 
 
 @attrs.frozen(eq=False)
@@ -160,11 +161,19 @@ class StaticExecutor(Sizing):
         self.reset()
 
     def reset(self) -> None:
-        """Drop every captured step (call after unloading an adapter: a graph keeps the
-        weights it was captured with)."""
+        """Drop every captured step (``forget_adapter`` drops one adapter's)."""
         with self._lock:
             self._caches: dict[Bucket, SlotCache] = {}
             self._steps = StepGraphs(self._step, graphs=self.graphs, warmup=2 if self.compiled else 1)
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop the steps captured with PEFT adapter ``name`` on (call before unloading it:
+        a graph replays the weights it was captured with, and a later adapter may be
+        given the same memory)."""
+        with self._lock:
+            stale = lambda bucket: bucket.adapters is not None and name in bucket.adapters.names  # noqa: E731
+            self._steps.drop(stale)
+            self._caches = {bucket: cache for bucket, cache in self._caches.items() if not stale(bucket)}
 
     @property
     def memory_bytes(self) -> int:
@@ -348,8 +357,9 @@ class StaticExecutor(Sizing):
         self._ids[tokens:padded].zero_()
         for target, values in ((self._slots, slots), (self._pos, positions), (self._who, who)):
             target[:padded].copy_(torch.cat(values), non_blocking=True)
-        self._keep[:len(kept)].copy_(torch.tensor(kept), non_blocking=True)
-        return self._run(Bucket(padded, call.length, len(kept), call.adapters))
+        keep = keep_bucket(len(kept)) if padded <= GRAPH_TOKENS else len(kept)  # extra rows: the first again
+        self._keep[:keep].copy_(torch.tensor(kept + [kept[0]] * (keep - len(kept))), non_blocking=True)
+        return self._run(Bucket(padded, call.length, keep, call.adapters))[:len(kept)]
 
     def _run_decode(self, call: _Call, tokens: torch.Tensor, positions: torch.Tensor, step: int) -> torch.Tensor:
         """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at

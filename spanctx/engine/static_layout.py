@@ -27,15 +27,24 @@ from ..hf import cache_kwargs
 from . import attention as kernels
 from .static_lora import AdapterState
 
-__all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput", "GenerateOutput",
-           "Packing", "Row", "attention_mode", "model_reason", "pack", "probe_layout", "suffix_bucket"]
+__all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "MAX_ROWS", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput",
+           "GenerateOutput", "Packing", "Row", "attention_mode", "keep_bucket", "model_reason", "pack", "probe_layout",
+           "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
 # longer tails run unpadded and without a graph (arithmetic-bound: 2K tokens are ~32 TFLOP on
 # an 8B model, ~50 ms on an H200, against ~45 ms of eager launches); the packed rows of 16
 # checks (~85 tokens each) fit under it
 GRAPH_TOKENS = 2048
+MAX_ROWS = 64  # rows of one call
 HOST_ROPE = {"dynamic": "dynamic NTK", "longrope": "longrope"}  # rope types that read lengths on the host
+
+
+def keep_bucket(keep: int) -> int:
+    """Logit rows a tail step returns for ``keep`` wanted: 1, else at least ``MAX_ROWS``
+    (a power of two), so that calls of any number of rows (N checks, a batch's prompts)
+    share their buckets; the extra rows repeat the first and are dropped."""
+    return 1 if keep == 1 else max(MAX_ROWS, 1 << (keep - 1).bit_length())
 
 
 def suffix_bucket(tokens: int) -> int:

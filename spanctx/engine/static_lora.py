@@ -15,7 +15,8 @@ active adapter, enabled); the executor reads that state at the start of each cal
   computed for every token and multiplied by the mask.
 
 The adapter state is part of a captured graph's key (``AdapterState``): a graph runs the
-adapter it was captured with. After unloading an adapter call ``StaticExecutor.reset``.
+adapter it was captured with: before an adapter is unloaded, ``StaticExecutor.forget_adapter``
+drops its steps.
 """
 
 from __future__ import annotations

@@ -117,18 +117,25 @@ class WarmUpStats:
     lengths: tuple[int, ...]  # the ladder it covered
     refused: int = 0  # calls the executor refuses (masks past max_mask_bytes): they run eagerly, nothing to build
 
+    def plus(self, other: WarmUpStats) -> WarmUpStats:
+        """Both warm-ups' counts and seconds (over ``other``'s ladder: the latest)."""
+        return WarmUpStats(self.calls + other.calls, self.builds + other.builds, self.seconds + other.seconds,
+                           self.build_seconds + other.build_seconds, other.lengths, self.refused + other.refused)
+
 
 class Sizing:
     """The static executor's start-up and growth, mixed into ``StaticExecutor``: it uses
     the executor's calls, its buffers and step inputs, and its constructor."""
 
-    def warm_up(self, *, rows: Sequence[int] = (1,), bar: bool | None = None) -> WarmUpStats:
+    def warm_up(self, *, rows: Sequence[int] = (1,), decode: bool = True, bar: bool | None = None) -> WarmUpStats:
         """Build now every bucket that calls of ``rows`` rows over one shared prefix (keeping
         each row's last logits, with the adapters switched on now) can need up to
-        ``max_tokens`` slots, so that such calls build nothing later. ``bar``: a progress
-        bar (None: when stderr is a terminal). The calls leave junk KV in the buffers
-        (forgotten as placed)."""
-        calls = [(count, *call) for count in rows for call in self._warm_calls(count)]
+        ``max_tokens`` slots, so that such calls build nothing later; without ``decode``,
+        only their tail steps (calls that decode nothing: checks, scores). Tail steps of
+        2 to ``MAX_ROWS`` rows share their buckets (``keep_bucket``), so ``rows=(2,)``
+        covers them all. ``bar``: a progress bar (None: when stderr is a terminal). The
+        calls leave junk KV in the buffers (forgotten as placed)."""
+        calls = [(count, *call) for count in rows for call in self._warm_calls(count, decode)]
         before, started, skipped = self.build_stats, time.perf_counter(), 0
         layers = [(k.shape[1], k.shape[-1]) for k in self.buffers.keys]
         junk = [torch.zeros(1, h, 1, d, dtype=self.dtype, device=self.device) for h, d in layers]
@@ -149,12 +156,12 @@ class Sizing:
         return WarmUpStats(len(calls) - skipped, built.builds, time.perf_counter() - started, built.seconds,
                            self.ladder, skipped)
 
-    def _warm_calls(self, rows: int) -> list[tuple[int, int, int]]:
+    def _warm_calls(self, rows: int, decode: bool = True) -> list[tuple[int, int, int]]:
         """``(prefix, tail tokens, new tokens)`` of one call of ``rows`` rows per (rung, padded
         tail) that some such call reaches: the fewest tail tokens padded to that bucket,
         ending at the rung's end or as late as ``max_tokens`` allows (a rung reached only
-        through padding). Two new tokens where they fit (the call then runs a decode step on
-        the rung too), else a forward. ``tests/test_static_warmup.py`` checks the buckets
+        through padding). Two new tokens where they fit and ``decode`` asks (the call then
+        runs a decode step on the rung too), else a forward. ``tests/test_static_warmup.py`` checks the buckets
         against those of every call of ``rows`` rows."""
         calls, lower = [], 0
         for length in self.ladder:
@@ -162,7 +169,7 @@ class Sizing:
                 tail = max(rows, shortest_tail(bucket))
                 if suffix_bucket(tail) != bucket:
                     continue  # no call of `rows` rows pads its tail to `bucket`
-                for new in (2, 0):
+                for new in (2, 0) if decode else (0,):
                     used = max(tail + rows * new, bucket)  # slots after the prefix (Packing.slots_needed)
                     prefix = max(0, min(length - used, self.max_tokens - tail - rows * new))
                     if prefix + tail + rows * new <= self.max_tokens and lower < prefix + used <= length:

@@ -38,6 +38,7 @@ from ..core.spans import Context, Span, as_context
 from ..engine import Assembly, Engine, Generated, RowLogits, StopWhenSet, with_stopping_criterion
 from ..engine.decoding import seeded
 from ..engine.interpreter import store_reads
+from ..engine.static_warmup import WarmUpStats
 from ..engine.vision import image_support
 from ..hf import max_positions
 from .adapters import Activation, AdapterInfo, AdapterSet
@@ -128,6 +129,7 @@ class Session:
         self.engine = Engine(self.model, self.store, min_reuse_fraction=min_reuse_fraction, executor=executor,
                              compile=compile, warm_up=warm_up, static_tokens=static_tokens)
         self.adapters = AdapterSet(self.model, self.resolver, self.namespace)
+        self.adapter_warm_ups: dict[str, WarmUpStats | None] = {}  # what add_adapter's warm-up built
         self.generation_defaults: dict[str, object] = dict(generation_defaults or {})
         merge_options(self.generation_defaults, {})  # reject bad defaults now, not at the first call
 
@@ -370,9 +372,15 @@ class Session:
         invocation text, checked against the configured token ids. ``alora_start``: where
         an aLoRA's invocation is in a call's prompt: ``"append"`` (after the context,
         unless it ends with it) or ``"in_prompt"`` (the context holds it; the adapter
-        applies from its last occurrence, as PEFT does). See ``spanctx.core.prompt``."""
+        applies from its last occurrence, as PEFT does). See ``spanctx.core.prompt``.
+
+        On a warmed-up static executor (CUDA) the adapter's steps are built now, as the
+        base model's were at start-up (``adapter_warm_ups[name]`` says what it cost)."""
         with self._lock:
-            return self.adapters.add(name, path, invocation, alora_start)
+            info = self.adapters.add(name, path, invocation, alora_start)
+            with self.adapters.activated(Activation(name, None)):  # switched on, no aLoRA offsets
+                self.adapter_warm_ups[name] = self.engine.warm_up_adapter(alora=info.is_alora)
+            return info
 
     def list_adapters(self) -> dict[str, AdapterInfo]:
         """The loaded adapters by name, in load order."""
@@ -382,6 +390,8 @@ class Session:
     def unload_adapter(self, name: str) -> None:
         """Remove adapter ``name`` from the model (its store entries age out by LRU)."""
         with self._lock:
+            self.engine.forget_adapter(self.adapters.peft_name(name))
+            self.adapter_warm_ups.pop(name, None)
             self.adapters.remove(name)
 
 
