@@ -41,10 +41,9 @@ PHASES = {  # name: (owner, attribute)
     "prepare (copy, owners)": (static.StaticExecutor, "_prepare"),
     "tail step": (static.StaticExecutor, "_run_tail"),
     "choose + host sync": (decoding.HostMirror, "receive"),
-    "store tail spans": (engine.Engine, "_store_rows"),
     "assemble shared context": (engine.Engine, "assemble_shared"),
-    "check rows (forward_rows)": (engine.Engine, "forward_rows"),
-    "store row spans": (interpreter.Interpreter, "store_spans"),
+    "final call (engine.run)": (engine.Engine, "run"),
+    "store spans": (interpreter.Interpreter, "store_spans"),
 }
 
 

@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import (
 
 from .cache.store import KVStore
 from .core.spans import Context
+from .engine.calls import FinalCall
 from .session.session import Session
 
 
@@ -62,7 +63,7 @@ class RewardModel:
                 # the head pools the last NON-pad token: a trailing pad would move it
                 raise ValueError("the prompt ends with the pad token; the reward head reads the last non-pad token")
             # one row, no padding: the head pools the tail's last token, the prompt's last
-            out, _ = session.engine.forward_tail(call.assembly, logits_to_keep=None)  # logits: [1, 1]
+            out = session.engine.run(FinalCall.tails([call.assembly], logits_to_keep=None))  # logits: [1, 1]
             return out.logits[0, 0].float().item()
 
     def rewards(self, contexts: Sequence[Context], *, reuse: bool = True) -> list[float]:

@@ -296,7 +296,7 @@ def _session_uses(path: Path) -> set[str]:
 def test_features_use_only_the_session_protocol(tmp_path):
     allowed = _protocol_members("SessionAPI") | {f"engine.{m}" for m in _protocol_members("FinalCalls")}
     probe = tmp_path / "probe.py"
-    probe.write_text("def f(rt: SessionAPI):\n    return rt.store, rt.engine.assemble, rt.engine.forward_tail, rt.holding\n")
+    probe.write_text("def f(rt: SessionAPI):\n    return rt.store, rt.engine.assemble, rt.engine.run, rt.holding\n")
     assert _session_uses(probe) - allowed == {"store", "engine.assemble"}
     used = {p.name: _session_uses(p) for p in (PACKAGE / "features").glob("*.py")}
     assert sum(map(len, used.values())) > 20  # the features do take a SessionAPI

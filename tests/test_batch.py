@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from spanctx import Context
-from spanctx.features.batch import plan_batch, shared_prefixes
+from spanctx.core.batch_layout import plan_batch
+from spanctx.features.batch import shared_prefixes
 
 SHARED = Context().append("A shared system prompt that crosses the window. ")
 

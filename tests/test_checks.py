@@ -19,12 +19,13 @@ import spanctx
 from spanctx.core.plan import Compute, PlanSegment, Reuse, plan_shared
 from spanctx.features.checks import DEFAULT_CHECK, DEFAULT_FEEDBACK, answer_token, requirement_context, shared_spans
 from spanctx.session.adapters import Activation, AdapterError
+from spanctx.session.api import FinalCall
 
 
 def logits_and_stats(rt, ctx, adapter):
     """Next-token logits after ``ctx`` (through the store) and the call's stats."""
     with rt.prepared(ctx, adapter=adapter) as call:
-        out, _ = rt.engine.forward_tail(call.assembly)
+        out = rt.engine.run(FinalCall.tails([call.assembly]))
         return out.logits[0, -1].float(), rt.stats(call, 0, None)
 
 

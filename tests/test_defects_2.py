@@ -8,16 +8,16 @@ import threading
 
 import pytest
 import torch
+from conftest import tiny_model, tiny_runtime
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import tiny_model, tiny_runtime
 from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 import spanctx
 from spanctx import Context
+from spanctx.core.batch_layout import plan_batch
 from spanctx.core.placement import Repair
-from spanctx.features.batch import plan_batch
 
 ATOL = 1e-4
 SYSTEM = "You answer from the documents. "

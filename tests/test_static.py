@@ -272,12 +272,12 @@ def test_what_it_refuses_and_why():
     ex = StaticExecutor(model, max_tokens=100)
     assert ex.max_tokens == 256  # rounded up to whole attention buckets
     ids = ids_of(30)
-    assert ex.refuses(one([], ids, 0), new_tokens=200, options=options()) is None
-    assert "slots" in ex.refuses(one([], ids, 0), new_tokens=240)
-    assert "slots" in ex.refuses(one([], ids_of(30, rows=3), 0), new_tokens=60)  # 3 x 30 + 3 x 60 > 256
-    assert "rows" in ex.refuses(one([], ids_of(3, rows=65), 0))
-    assert "no_repeat_ngram_size" in ex.refuses(one([], ids, 0), options=options(no_repeat_ngram_size=2))
-    assert "stop_strings" in ex.refuses(one([], ids, 0), options=options(stop_strings=["x"]))
+    assert ex.refuses_rows(one([], ids, 0), new_tokens=200, options=options()) is None
+    assert "slots" in ex.refuses_rows(one([], ids, 0), new_tokens=240)
+    assert "slots" in ex.refuses_rows(one([], ids_of(30, rows=3), 0), new_tokens=60)  # 3 x 30 + 3 x 60 > 256
+    assert "rows" in ex.refuses_rows(one([], ids_of(3, rows=65), 0))
+    assert "no_repeat_ngram_size" in ex.refuses_rows(one([], ids, 0), options=options(no_repeat_ngram_size=2))
+    assert "stop_strings" in ex.refuses_rows(one([], ids, 0), options=options(stop_strings=["x"]))
     with pytest.raises(ValueError, match="slots"):
         ex.generate(one([], ids, 0), options=options(max_new_tokens=240))
     with pytest.raises(ValueError, match="covers 10 tokens"):
@@ -298,7 +298,7 @@ def test_a_generation_config_that_switches_on_other_processors_is_refused():
     ex = StaticExecutor(model, max_tokens=64)
     model.generation_config.no_repeat_ngram_size = 2
     try:
-        assert "no_repeat_ngram_size" in ex.refuses(one([], ids_of(5), 0), options=options())
+        assert "no_repeat_ngram_size" in ex.refuses_rows(one([], ids_of(5), 0), options=options())
     finally:
         model.generation_config.no_repeat_ngram_size = None
 

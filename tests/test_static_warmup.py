@@ -97,7 +97,7 @@ def test_warm_up_leaves_out_what_the_executor_refuses():
     stats = ex.warm_up()
     assert stats.refused > 0 and stats.calls > 0
     ids = ids_of(300, seed=4)
-    assert "attention masks" in ex.refuses(one(prefix_of(model, ids, 10), ids, 10))
+    assert "attention masks" in ex.refuses_rows(one(prefix_of(model, ids, 10), ids, 10))
 
 
 def test_grow_reallocates_and_counts_its_bytes():
@@ -106,13 +106,13 @@ def test_grow_reallocates_and_counts_its_bytes():
     small = ex.memory_bytes
     ex.warm_up()
     ids = ids_of(700, seed=6)
-    assert "buffers hold 256" in ex.refuses(one(prefix_of(model, ids, 650), ids, 650), new_tokens=4)
+    assert "buffers hold 256" in ex.refuses_rows(one(prefix_of(model, ids, 650), ids, 650), new_tokens=4)
     predicted = ex.grow_bytes(700)
     assert ex.grow(700) == predicted == ex.memory_bytes > small
     assert ex.max_tokens == 768 and ex.ladder[-1] == 768 + OVERHANG == ex.buffers.max_tokens
     assert ex.build_stats.builds == 0  # graphs of the old buffers are gone
     assert ex.grow(300) == predicted and ex.grow_bytes(300) == predicted  # holds that many already: no-op
-    assert ex.refuses(one(prefix_of(model, ids, 650), ids, 650), new_tokens=4) is None
+    assert ex.refuses_rows(one(prefix_of(model, ids, 650), ids, 650), new_tokens=4) is None
     out = ex.forward(one(prefix_of(model, ids, 650), ids, 650))
     torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 1), atol=ATOL, rtol=0)
     ex.warm_up()

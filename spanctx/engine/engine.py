@@ -4,13 +4,13 @@ steps, the store writes), the only code that runs the model or fills the store.
 
 One call:
 1. ``assemble``: lock the prompt's keys in the store, look them up, plan (``plan.py`` or
-   ``placement.py``), run the plan's steps: a fresh cache of the prompt up to its tail.
-2. a final call over that cache: ``forward_tail`` (logits or hidden states of the tail),
-   ``generate`` (decoding), ``generate_rows`` (a batch of assemblies), ``forward_rows``
-   (rows of tokens after one shared context: checks, scores). The static executor
-   (``static.py``: fixed buffers, CUDA graphs) runs each when it can; its ``refuses``
-   says why not, and the eager executor runs the call;
-3. the spans the final call computed are stored.
+   ``placement.py``), run the plan's steps: the prompt's KV up to its tail, as slices.
+2. ``run``: the final call, one value (``calls.FinalCall``: rows over stored prefixes, a
+   forward or a decode, the spans to store) for every kind (a generation, logits, hidden
+   states, checks and scores as rows after one context, a batch). The static executor
+   (``static.py``: fixed buffers, CUDA graphs) runs it unless its ``refuses`` says why
+   not; the eager executor runs the rest (``executor.py``);
+3. the spans the final call computed are stored, by one rule (``run``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ from __future__ import annotations
 import functools
 import gc
 import weakref
-from array import array
 from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
-from transformers import StopStringCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList, StopStringCriteria
 
 from ..cache import kv as kvops
 from ..cache.rope import KeyMover, key_mover
@@ -35,15 +34,15 @@ from ..core.placement import plan_placement
 from ..core.plan import plan_prompt, plan_shared
 from ..core.prompt import ResolvedPrompt
 from ..hf import max_positions
-from .calls import Assembly, Generated, RowLogits
+from .calls import Assembly, FinalCall, FinalOutput, ids_tensor
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
 from .parallel_stats import ParallelStats, parallel_stats
-from .static_layout import Row, pack
+from .static_layout import pack
 from .static_warmup import WarmUpStats
 from .stopping import FirstTokenClock, with_stopping_criterion
 
-__all__ = ["EXECUTORS", "Assembly", "Engine", "Generated", "KVLayoutMismatch", "ParallelStats", "RowLogits",
+__all__ = ["EXECUTORS", "Assembly", "Engine", "FinalCall", "FinalOutput", "KVLayoutMismatch", "ParallelStats",
            "parallel_stats"]
 
 
@@ -123,12 +122,12 @@ class Engine:
             self.store.reserve(nbytes)
         self._reserved[0] += nbytes
 
-    def _grown(self, rows: Sequence[Row], new_tokens: int) -> str | None:
-        """Grow the static buffers (up to the model's positions, at least doubling) when a
-        call of ``rows`` needs more slots than they hold, reserving the bytes from the store
-        and warming the new lengths up; the reason when the budget leaves no room."""
-        packing = pack(rows)
-        needed = packing.slots_needed(new_tokens, packing.tail_tokens)
+    def _grown(self, call: FinalCall) -> str | None:
+        """Grow the static buffers (up to the model's positions, at least doubling) when
+        ``call`` needs more slots than they hold, reserving the bytes from the store and
+        warming the new lengths up; the reason when the budget leaves no room."""
+        packing = pack(call.rows)
+        needed = packing.slots_needed(0 if call.decode is None else call.decode.max_new_tokens, packing.tail_tokens)
         limit = max_positions(self.model.config) or needed
         if needed <= self.static.max_tokens or needed > limit:
             return None
@@ -170,9 +169,8 @@ class Engine:
             return key_mover(self.model, self._forward_at)
 
     def input_ids(self, prompt: ResolvedPrompt) -> torch.Tensor:
-        """``[1, S]`` on the model's device; through an int64 buffer, because
-        ``torch.tensor`` over a long tuple of ints costs milliseconds."""
-        return torch.frombuffer(array("q", prompt.token_ids), dtype=torch.long)[None].to(self.device)
+        """``[1, S]`` on the model's device."""
+        return ids_tensor(prompt.token_ids, self.device)[None]
 
     # -- assembling ---------------------------------------------------------------------
 
@@ -245,158 +243,28 @@ class Engine:
         limit = getattr(self.model.config.get_text_config(), "max_position_embeddings", None) or 4096
         return marginal_prefill_cost(self.executor, self.device, min(4096, limit))
 
-    # -- final calls --------------------------------------------------------------------
-    # Each final call offers its rows to the static executor first (``StaticExecutor.refuses``
-    # says why not, and the result carries the reason), else runs them on the eager one.
+    # -- the final call -----------------------------------------------------------------
 
-    def _on_static(self, rows: Sequence[Row], **needs) -> tuple[bool, str | None]:
-        """Whether the static executor runs a call of ``rows`` (``needs``: its
-        ``refuses`` arguments), and why not (None when it does or is not set up)."""
-        if self.static is None:
-            return False, None
-        reason = self._grown(rows, needs.get("new_tokens", 0)) or self.static.refuses(rows, **needs)
-        return reason is None, reason
-
-    @staticmethod
-    def _row(call: Assembly, alora_start: int | None = None) -> Row:
-        return Row(call.input_ids[0], tuple(call.pieces or ()), call.tail_start,
-                   None if alora_start is None else call.prompt.num_tokens - alora_start)
-
-    def _store(self, prompts: Sequence[ResolvedPrompt], cache, firsts: Sequence[int | None], *,
-               offsets: Sequence[int] | None = None, batch: bool = False) -> None:
-        """What every final call stores: prompt ``r``'s spans from segment ``firsts[r]`` on
-        (None: none) that the store lacks, read from ``cache`` where the prompt starts at
-        slot ``offsets[r]`` (default 0) of batch row ``r`` (``batch``) or of its one row."""
-        for r, (prompt, first) in enumerate(zip(prompts, firsts)):
+    def run(self, call: FinalCall) -> FinalOutput:
+        """Run ``call`` on the first executor that takes it (the static one, when set up
+        and it does not refuse; else the eager one, and the output says why) and store the
+        spans it computed that the store lacks (``call.store_from``). A decode's stopping
+        criteria get a first-token clock, and its options what the static loop takes."""
+        clock = None
+        if call.decode is not None:
+            clock = FirstTokenClock()
+            kwargs = with_stopping_criterion(dict(call.kwargs), clock)
+            call = attrs.evolve(call, kwargs=kwargs, decode=static_options(call.decode, kwargs))
+        fallback = None
+        if self.static is not None:
+            fallback = self.static.refuses(call, sized=False) or self._grown(call) or self.static.refuses(call)
+        out = (self.executor if fallback or self.static is None else self.static).run(call)
+        for r, (prompt, first) in enumerate(zip(call.prompts, call.store_from)):
             if first is not None:
                 missing = [i for i in range(first, len(prompt.segments)) if prompt.segments[i].key not in self.store]
-                self.interpreter.store_spans(prompt, cache, missing, row=r if batch else 0,
-                                             offset=offsets[r] if offsets else 0)
-
-    def _store_static(self, prompts: Sequence[ResolvedPrompt], out, firsts: Sequence[int | None]) -> None:
-        """``_store`` from the static buffers (``out``: its output), where the packing says."""
-        packing = out.packing
-        self._store(prompts, kvops.as_cache(out.kv), firsts,
-                    offsets=[base - packing.shared_tokens for base in packing.bases])
-
-    @staticmethod
-    def _tail(call: Assembly) -> int | None:
-        """The first segment a reusing call's final call computes (None without reuse)."""
-        return call.plan.tail.segments[0] if call.plan is not None and call.plan.tail.segments else None
-
-    def forward_tail(self, call: Assembly, *, logits_to_keep: int | None = 1, hidden: bool = False,
-                     alora_start: int | None = None, kv: bool = False):
-        """Run the prompt tokens ``call``'s cache does not cover; store the spans this
-        computed. Returns ``(output, pieces)``: the output has ``logits`` (of the last
-        ``logits_to_keep`` tokens; all with None) or, with ``hidden``, the backbone's
-        states; ``pieces`` (with ``kv``, else None) the whole prompt's KV as slices that
-        stay valid. ``alora_start``: the prompt index of an aLoRA's invocation."""
-        row = self._row(call, alora_start)
-        if not hidden and logits_to_keep and logits_to_keep <= row.num_tokens - row.start and self._on_static([row])[0]:
-            out = self.static.forward([row], logits_to_keep=logits_to_keep)
-            self._store_static([call.prompt], out, [self._tail(call)])
-            # the buffers are overwritten by the next call: the prompt's KV is copied out
-            whole = kvops.extract(kvops.as_cache(out.kv), 0, row.num_tokens) if kv else None
-            return out, None if whole is None else [kvops.KVSlice.whole(whole)]
-        cache = call.cache if call.cache is not None else kvops.empty_cache()
-        out = self.executor.forward(call.input_ids[:, call.tail_start:], cache, logits_to_keep=logits_to_keep,
-                                    hidden=hidden)
-        self._store([call.prompt], cache, [self._tail(call)])
-        return out, [kvops.KVSlice.whole(kvops.as_slices(cache))] if kv else None
-
-    def forward_whole(self, prompt: ResolvedPrompt, *, hidden: bool, store: bool):
-        """Run the whole of ``prompt`` from position 0 as one causal forward. With ``store``
-        the spans the store lacks are stored, when the prompt has no parallel groups (a
-        causal forward is not what a group's KV is)."""
-        cache = kvops.empty_cache()
-        out = self.executor.forward(self.input_ids(prompt), cache, logits_to_keep=None, hidden=hidden)
-        self._store([prompt], cache, [0 if store and not prompt.groups else None])
-        return out
-
-    def generate(self, call: Assembly, opts: CallOptions, kwargs: dict, *,
-                 alora_start: int | None = None) -> Generated:
-        """Decode after ``call``'s prompt with ``opts`` (as HF ``generate`` ``kwargs``);
-        store the tail's spans. ``alora_start``: the prompt index of an aLoRA's invocation."""
-        row = self._row(call, alora_start)
-        clock = FirstTokenClock()
-        kwargs = with_stopping_criterion(kwargs, clock)
-        opts = static_options(opts, kwargs)
-        static, fallback = self._on_static([row], new_tokens=opts.max_new_tokens, options=opts)
-        if static:
-            return self._decode_static([call], [row], opts, kwargs, clock)
-        out = self.executor.generate(call.input_ids, torch.ones_like(call.input_ids), call.cache,
-                                     {**kwargs, "return_dict_in_generate": True})
-        self._store([call.prompt], call.cache, [self._tail(call)])
-        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, fallback=fallback)
-
-    def _decode_static(self, calls: Sequence[Assembly], rows: Sequence[Row], opts: CallOptions, kwargs: dict,
-                       clock: FirstTokenClock) -> Generated:
-        out = self.static.generate(rows, options=opts, streamer=kwargs.get("streamer"),
-                                   output_scores=bool(kwargs.get("output_scores")),
-                                   output_logits=bool(kwargs.get("output_logits")))
-        self._store_static([c.prompt for c in calls], out, [self._tail(c) for c in calls])
-        return Generated(out.sequences, clock.first_token_at, out.scores, out.logits, executor="static",
-                         static=out.stats)
-
-    def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
-                      kwargs: dict, opts: CallOptions) -> Generated:
-        """Decode after every call's prompt in one batch; store each row's tail spans.
-        Sequences: ``[B, W + N]``, the prompts left-padded to the longest ``W``.
-
-        The static executor packs the rows (the slices they share laid once). The eager
-        one runs a left-padded HF batch (``batch.plan_batch``): row ``i`` keeps the first
-        ``kept[i]`` tokens of its cache, the batch cache is ``cached_width`` slots.
-        ``kept[i]`` is at least the call's ``keep_at_least`` (refused otherwise: the batch
-        would recompute a parallel group causally and store what follows from it). Where
-        it exceeds the call's cache, the missing tokens (its tail's first ones) are run
-        first, causally, as the final call would run them."""
-        rows = [self._row(call) for call in calls]
-        clock = FirstTokenClock()
-        kwargs = with_stopping_criterion(kwargs, clock)
-        opts = static_options(opts, kwargs)
-        static, fallback = self._on_static(rows, new_tokens=opts.max_new_tokens, options=opts)
-        if static:
-            return self._decode_static(calls, rows, opts, kwargs, clock)
-        reuse = all(c.cache is not None for c in calls)
-        for row, (call, keep) in enumerate(zip(calls, kept)):
-            if reuse and keep < call.keep_at_least:
-                raise ValueError(f"row {row} would keep {keep} cached tokens, fewer than its parallel group's "
-                                 f"{call.keep_at_least}: the rest would be recomputed causally")
-            if reuse and keep > call.tail_start:
-                self.executor.forward(call.input_ids[:, call.tail_start:keep], call.cache)
-        cache = kvops.stack_left_padded([c.cache for c in calls], kept, cached_width) if reuse else None
-        sequences = self.executor.generate_left_padded([c.input_ids[0] for c in calls], cache, kwargs)
-        if reuse:
-            width = max(c.prompt.num_tokens for c in calls)
-            self._store([c.prompt for c in calls], cache, [self._tail(c) for c in calls], batch=True,
-                        offsets=[width - c.prompt.num_tokens for c in calls])
-        return Generated(sequences, clock.first_token_at, fallback=fallback)
-
-    def forward_rows(self, context: Sequence[kvops.KVSlice], prompts: Sequence[ResolvedPrompt], start: int, *,
-                     every_position: bool = False, store_from: int | None = None,
-                     alora_starts: Sequence[int] | None = None) -> RowLogits:
-        """Run the tokens from ``start`` on of every prompt after ``context``, the KV of
-        their common first ``start`` tokens (slices laid one after the other).
-
-        Returns float32 logits: at each row's last token ``[B, V]``, or with
-        ``every_position`` at every row position ``[B, W, V]`` (past a row's end: padding),
-        with the executor that ran them.
-        ``store_from``: store each row's spans from that segment on that the store lacks.
-        ``alora_starts``: per row, the prompt index of an aLoRA's invocation.
-        """
-        rows = [Row(self.input_ids(p)[0], tuple(context), start,
-                    None if alora_starts is None else p.num_tokens - alora_starts[i]) for i, p in enumerate(prompts)]
-        static, fallback = self._on_static(rows)
-        firsts = [store_from] * len(prompts)
-        if static:
-            out = self.static.forward(rows, logits_to_keep=0 if every_position else 1)
-            self._store_static(prompts, out, firsts)
-            logits = out.logits.float() if every_position else out.logits[:, -1].float()
-            return RowLogits(logits, "static", static=out.stats)
-        logits, cache = self.executor.forward_rows(context, [p.token_ids[start:] for p in prompts], start,
-                                                   every_position=every_position)
-        self._store(prompts, cache, firsts, batch=True)
-        return RowLogits(logits, "eager", fallback)
+                self.interpreter.store_spans(prompt, out.cache, missing, row=r if out.batch else 0,
+                                             offset=out.offsets[r] if out.offsets else 0)
+        return attrs.evolve(out, fallback=fallback, first_token_at=clock.first_token_at if clock else None, cache=None)
 
     # -- probes and checks --------------------------------------------------------------
 

@@ -1,24 +1,23 @@
 """Executors: the only code that runs the model.
 
-Two executors share the engine's final calls (``engine.py``): the static one
-(``static.py``: fixed KV buffers, rows packed into them, CUDA graphs) takes a final call
-of ``Row``s whole, forward or decode, and says in ``refuses`` when it cannot; the eager
-one below runs everything else, and every plan step, with transformers' own caches.
+Every final call (``calls.FinalCall``: rows over stored prefixes, a forward or a decode)
+goes through one protocol, ``Executor``: ``refuses(call)`` says why an executor cannot
+run it (None: it can), ``run(call)`` runs it. The engine (``engine.run``) offers a call to
+the static executor (``static.py``: fixed KV buffers, rows packed into them, CUDA graphs)
+first and runs it here when that one refuses, recording why.
 
-``EagerExecutor`` (the ``Executor`` protocol) runs over a KV cache (``kv.py``'s layout):
-
-- ``forward``: the tokens ``input_ids`` ``[B, T]`` after the cache, which they extend.
-  By default at the positions that follow the cache, attending causally; with
-  ``positions`` ``[T]`` and ``allowed`` ``[T, L + T]`` at chosen positions, seeing
-  exactly the keys ``allowed`` marks (``masks.py``: parallel members computed after
-  their anchor, repair in place). Returns the output (logits of the last
-  ``logits_to_keep`` tokens, or the backbone's hidden states with ``hidden``); with
-  ``stop_after_layer=c`` only layers ``0..c`` run and nothing is returned.
-- ``generate``: HF ``generate`` over the whole prompt after a cache of its head;
-  ``generate_left_padded`` over rows of several lengths.
-- ``forward_rows``: rows of tokens after one shared context, as one right-padded batch.
-
-``capabilities`` say what it can run (custom masks need an SDPA or eager attention).
+``EagerExecutor`` refuses nothing. Its ``run`` lays each row's stored prefix into a
+transformers ``DynamicCache`` and runs: one row's tail (``forward``) or decode (HF
+``generate``); rows that share one prefix as a right-padded batch (``forward_rows``:
+checks, scores); rows with prefixes of their own as a left-padded HF batch, laid out by
+``batch.plan_batch`` (``generate_left_padded``). The interpreter's plan steps call
+``forward`` directly: the tokens ``input_ids`` ``[B, T]`` after a cache, which they
+extend, by default at the positions that follow it, causally; with ``positions`` ``[T]``
+and ``allowed`` ``[T, L + T]`` at chosen positions, seeing exactly the keys ``allowed``
+marks (``masks.py``: parallel members computed after their anchor, repair in place;
+SDPA or eager attention only). Returns the output (logits of the last
+``logits_to_keep`` tokens, or the backbone's hidden states with ``hidden``); with
+``stop_after_layer=c`` only layers ``0..c`` run and nothing is returned.
 """
 
 from __future__ import annotations
@@ -28,34 +27,25 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-import attrs
 import torch
 
 from ..cache import kv as kvops
+from ..core.batch_layout import plan_batch
 from ..hf import cache_kwargs
+from .calls import FinalCall, FinalOutput
 from .masks import MASKABLE_ATTENTION, mask_argument
 
-__all__ = ["Capabilities", "EagerExecutor", "Executor", "marginal_prefill_cost"]
-
-
-@attrs.frozen
-class Capabilities:
-    """What an executor can run besides plain causal forwards and decoding."""
-
-    custom_masks: bool  # forwards at chosen positions under a visibility mask
-    graphs: bool  # replays captured CUDA graphs
+__all__ = ["EagerExecutor", "Executor", "marginal_prefill_cost"]
 
 
 class Executor(Protocol):
+    """Runs final calls: the engine takes the first executor that does not refuse one."""
+
     name: str
-    capabilities: Capabilities
 
-    def forward(self, input_ids: torch.Tensor, cache, *, positions: torch.Tensor | None = None,
-                allowed: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor | None = 1,
-                hidden: bool = False, stop_after_layer: int | None = None): ...
+    def refuses(self, call: FinalCall) -> str | None: ...
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, kwargs: dict
-                 ) -> torch.Tensor: ...
+    def run(self, call: FinalCall) -> FinalOutput: ...
 
 
 class EagerExecutor:
@@ -65,8 +55,62 @@ class EagerExecutor:
 
     def __init__(self, model) -> None:
         self.model = model
-        maskable = model.config._attn_implementation in MASKABLE_ATTENTION
-        self.capabilities = Capabilities(custom_masks=maskable, graphs=False)
+        self.custom_masks = model.config._attn_implementation in MASKABLE_ATTENTION  # forwards with ``allowed``
+
+    def refuses(self, call: FinalCall) -> str | None:
+        return None
+
+    def run(self, call: FinalCall) -> FinalOutput:
+        """Run ``call`` (see the module docstring); the output's cache is what the rows'
+        prompts computed, for the engine to store from."""
+        rows = call.rows
+        if call.decode is None and len(rows) > 1:
+            first = rows[0]
+            if any(r.start != first.start or tuple(r.prefix) != tuple(first.prefix) for r in rows):
+                raise ValueError("an eager forward of several rows needs one shared prefix (checks, scores)")
+            if call.logits_to_keep not in (0, 1) or call.hidden or call.kv:
+                raise ValueError("an eager forward of several rows keeps each row's last logits or all of them")
+            logits, cache = self.forward_rows(first.prefix, [p.token_ids[first.start:] for p in call.prompts],
+                                              first.start, every_position=call.logits_to_keep == 0)
+            return FinalOutput(self.name, logits=logits if call.logits_to_keep == 0 else logits[:, None],
+                               cache=cache, batch=True)
+        if call.decode is not None and len(rows) > 1:
+            return self._decode_rows(call)
+        row = rows[0]
+        cache = kvops.assemble(row.prefix) if call.reuse else kvops.empty_cache()
+        if call.decode is not None:
+            ids = row.input_ids[None]
+            out = self.generate(ids, torch.ones_like(ids), cache if call.reuse else None,
+                                {**call.kwargs, "return_dict_in_generate": True})
+            return FinalOutput(self.name, sequences=out.sequences, scores=out.scores, step_logits=out.logits,
+                               cache=cache)
+        out = self.forward(row.input_ids[None, row.start:], cache, logits_to_keep=call.logits_to_keep,
+                           hidden=call.hidden)
+        kv = [kvops.KVSlice.whole(kvops.as_slices(cache))] if call.kv else None
+        if call.hidden:
+            return FinalOutput(self.name, hidden=out.last_hidden_state, kv=kv, cache=cache)
+        return FinalOutput(self.name, logits=out.logits, kv=kv, cache=cache)
+
+    def _decode_rows(self, call: FinalCall) -> FinalOutput:
+        """A left-padded HF batch. Row ``i`` keeps the first ``kept[i]`` tokens of its cache
+        (``plan_batch``: at least its floor, else the batch would recompute a parallel
+        group causally); where that exceeds its cache, the missing tokens (its tail's first
+        ones) run first, causally, as the final call would run them."""
+        rows, width = call.rows, max(r.num_tokens for r in call.rows)
+        if not call.reuse:
+            return FinalOutput(self.name, sequences=self.generate_left_padded([r.input_ids for r in rows], None,
+                                                                              dict(call.kwargs)))
+        layout = plan_batch([r.num_tokens for r in rows], [r.start for r in rows], call.floors)
+        caches = []
+        for row, keep in zip(rows, layout.kept):
+            cache = kvops.assemble(row.prefix)
+            if keep > row.start:
+                self.forward(row.input_ids[None, row.start:keep], cache)
+            caches.append(cache)
+        cache = kvops.stack_left_padded(caches, layout.kept, layout.cached_width)
+        sequences = self.generate_left_padded([r.input_ids for r in rows], cache, dict(call.kwargs))
+        return FinalOutput(self.name, sequences=sequences, cache=cache,
+                           offsets=tuple(width - r.num_tokens for r in rows), batch=True)
 
     def forward(self, input_ids: torch.Tensor, cache, *, positions: torch.Tensor | None = None,
                 allowed: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor | None = 1,
@@ -125,7 +169,7 @@ class EagerExecutor:
         return out.logits[torch.arange(len(tails), device=device), torch.searchsorted(keep, last)].float(), cache
 
     def _mask(self, cache, positions: torch.Tensor, allowed: torch.Tensor):
-        if not self.capabilities.custom_masks:
+        if not self.custom_masks:
             raise NotImplementedError(
                 f"parallel spans need custom attention masks, which the {self.model.config._attn_implementation!r} "
                 "attention implementation does not take; load the model with attn_implementation='sdpa' or 'eager'")
@@ -138,7 +182,7 @@ class EagerExecutor:
                              self.model.dtype)
 
 
-def marginal_prefill_cost(executor: Executor, device: torch.device, max_tokens: int = 4096) -> float:
+def marginal_prefill_cost(executor: EagerExecutor, device: torch.device, max_tokens: int = 4096) -> float:
     """Seconds per prompt token at the margin: the extra time of a forward from position
     0 over ``n`` tokens against one over 16, ``n`` doubling from 32 until that forward
     takes twice as long and at least 50 ms (or reaches ``max_tokens``). The fixed cost of

@@ -1,51 +1,40 @@
-"""The static executor: a call's final step and its decode loop on fixed KV buffers.
+"""The static executor: a final call (``calls.FinalCall``) and its decode loop on fixed KV buffers.
 
 The eager executor hands transformers a fresh ``DynamicCache`` per call; every step then
 pays Python and kernel launches, which on a GPU cost more than the arithmetic. This one
-keeps one row of KV buffers for the life of the executor (``slots``) and runs each model
-step from fixed-address inputs, so a step is captured once into a CUDA graph and replayed
-for every later call of its bucket (``graphs``).
+keeps one row of KV buffers for its life (``slots``) and runs each step from
+fixed-address inputs, so a step is captured once into a CUDA graph and replayed for every
+later call of its bucket (``graphs``).
 
-A call is one or more ``Row``s (a prompt, the stored slices covering its first ``start``
-tokens, an aLoRA offset), packed into the buffer row (``static_layout.pack``): the slices
-every row shares are laid once, each row gets a segment for the rest. The slices are
-copied straight into the buffers (one copy; slices still in place from the previous call
-are not copied again); one step runs every row's tail, padded to its suffix bucket
-(``static_layout.suffix_bucket``; tails over ``GRAPH_TOKENS`` run unpadded, without a
-graph); a decode runs one step per generated token for all rows at once, chosen as HF
-``generate`` would (``decoding``). Every step attends over the first slots up to a rung
-of ``static_warmup``'s ladder (all built by ``warm_up``), fixed per call to cover prompts,
-new tokens and padding. A graph is keyed by ``Bucket`` (step tokens, attention slots,
-logits kept, adapter state): its capture (and
-with ``compile=True`` a ``torch.compile`` of each new shape) is paid once and reported in
-``ExecStats``. Padded step tokens write junk KV after the prompts, in slots nobody sees
-and decode overwrites.
+A call's ``Row``s (a prompt, the stored slices of its first ``start`` tokens, an aLoRA
+offset) are packed into the buffer row (``static_layout.pack``): slices every row shares
+laid once, a segment per row for the rest, copied straight in (slices still in place from
+the previous call are not copied again). One step runs every row's tail, padded to its
+``suffix_bucket`` (tails over ``GRAPH_TOKENS``: unpadded, no graph); a decode runs one
+step per new token for all rows, chosen as HF ``generate`` would (``decoding``). Steps
+attend over the slots up to a rung of ``static_warmup``'s ladder (built by ``warm_up``).
+A graph is keyed by ``Bucket`` (step tokens, attention slots, logit rows kept, adapter
+state); its capture (and with ``compile=True`` a ``torch.compile``) is paid once and
+reported in ``ExecStats``. Padded step tokens write junk KV in slots nobody sees.
 
-Runs: exact and placed prefixes, rows sharing a prefix (checks, scores, batches) or not,
-greedy and sampled decoding with a seed, HF logits processors and stopping criteria, EOS
-and padding of finished rows, per-step scores and logits, streaming, plain LoRA
-and aLoRA adapters (``static_lora``; ``forget_adapter`` before one is unloaded). Refuses (``refuses``): calls needing more than
-``max_tokens`` slots or more than ``MAX_ROWS`` rows, tails whose masks exceed
-``max_mask_bytes``, image placeholders in a tail, generate options the decode loop does
-not build (beams, n-gram bans, ...), and with graphs dynamic-NTK or longrope RoPE.
-Parallel repair forwards (custom masks) are plan steps: the eager executor runs them.
+Runs forwards and decodes (greedy or seeded sampling, processors, stopping criteria,
+streaming, per-step scores and logits), LoRA and aLoRA adapters (``static_lora``;
+``forget_adapter`` before one is unloaded). ``refuses`` says what not: hidden states,
+calls past ``max_tokens`` slots or ``MAX_ROWS`` rows, masks past ``max_mask_bytes``,
+image placeholders in a tail, options its loop does not build (beams, n-gram bans), and
+with graphs dynamic-NTK or longrope RoPE. Exact: with graphs off (CPU, fp32) a step is an
+ordinary transformers forward with an explicit mask (``tests/test_static.py``).
 
-Exactness: with graphs off (CPU, fp32) the steps are ordinary transformers forwards
-with an explicit mask; logits match a full prefill within float rounding
-(``tests/test_static.py``).
-
-Threading: calls of one executor must not overlap (the engine serializes them; the
-executor also holds a lock). During a step's forward the model's attention is switched
-to ``slots``' function on the calling thread only (``slots.attention_switched``): eager
-calls on the same model from other threads, and callbacks between steps, see the model
-as it is. A call made from a callback of a running call (a streamer, a logits processor)
-is refused (``busy_here``); the engine runs it eagerly. With an aLoRA on, its layers run
-through the executor's hooks during the call.
+Threading: calls must not overlap (the engine serializes them; a lock too). A step's
+attention is switched to ``slots``' function on the calling thread only
+(``slots.attention_switched``); a call from a callback of a running call (a streamer, a
+logits processor) is refused (``busy_here``) and runs eagerly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -53,10 +42,12 @@ import attrs
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from ..cache import kv as kvops
 from ..cache.span_kv import SpanKV
 from ..core.options import CallOptions
 from ..hf import cache_kwargs
 from . import attention as kernels
+from .calls import FinalCall, FinalOutput
 from .decoding import HostMirror, TokenChooser, seeded, unsupported_options
 from .graphs import BuildStats, StepGraphs
 from .slots import (
@@ -89,7 +80,7 @@ from .static_layout import (
 from .static_lora import AdapterState, AdapterSteps
 from .static_warmup import OVERHANG, Sizing, granules, ladder_for, rung
 
-__all__ = ["ExecStats", "ForwardOutput", "GenerateOutput", "Row", "StaticExecutor", "suffix_bucket"]
+__all__ = ["Row", "StaticExecutor"]
 
 # a step's masks are tail x slots: a 15K cold prompt's are ~1 GB in fp32, and on CPU it ran
 # 9.1 s here vs 2.6 s eager (issue 17), so tails past this run eagerly (the stats say why)
@@ -188,10 +179,21 @@ class StaticExecutor(Sizing):
         """Buckets built so far and the seconds spent building them."""
         return self._steps.stats
 
-    def refuses(self, rows: Sequence[Row], *, new_tokens: int = 0, options: CallOptions | None = None) -> str | None:
+    def refuses(self, call: FinalCall, *, sized: bool = True) -> str | None:
+        """None when ``call`` can run here, else a short reason (the engine then runs it
+        eagerly): hidden states, the model's whole output, or what ``refuses_rows`` says;
+        ``sized=False`` leaves out whether it fits the buffers (the engine may grow them)."""
+        tails, keep = min(row.num_tokens - row.start for row in call.rows), call.logits_to_keep
+        if call.hidden or (call.decode is None and (keep is None or keep > tails)):
+            return f"a static step returns logits of a row's tail (asked: hidden={call.hidden}, logits_to_keep={keep})"
+        new_tokens = 0 if call.decode is None else call.decode.max_new_tokens
+        return self.refuses_rows(call.rows, new_tokens=new_tokens, options=call.decode, sized=sized)
+
+    def refuses_rows(self, rows: Sequence[Row], *, new_tokens: int = 0, options: CallOptions | None = None,
+                     sized: bool = True) -> str | None:
         """None when a call of ``rows`` decoding ``new_tokens`` per row can run here, else a
-        short reason (the engine then runs it eagerly). A tail whose step masks would take
-        over ``max_mask_bytes`` (a long cold prompt: a mask is tail x slots) is refused."""
+        short reason. A tail whose step masks would take over ``max_mask_bytes`` (a long
+        cold prompt: a mask is tail x slots) is refused."""
         if self._model_reason:
             return self._model_reason
         if self.busy_here:
@@ -199,7 +201,8 @@ class StaticExecutor(Sizing):
         if self._vocab is not None and any(bool((row.input_ids[row.start:] >= self._vocab).any()) for row in rows):
             return ("image tokens in the tail: their features enter through input-embedding hooks (engine/vision.py) "
                     "that a captured step does not run")
-        return self._fits(pack(rows), new_tokens) or (unsupported_options(self.model, options) if options else None)
+        return ((self._fits(pack(rows), new_tokens) if sized else None)
+                or (unsupported_options(self.model, options) if options else None))
 
     def _fits(self, packing: Packing, new_tokens: int) -> str | None:
         """Why a call packed as ``packing`` does not fit the buffers and the mask budget
@@ -218,6 +221,22 @@ class StaticExecutor(Sizing):
 
     # -- calls ---------------------------------------------------------------------------
 
+    def run(self, call: FinalCall) -> FinalOutput:
+        """Run ``call`` (which ``refuses`` accepted) through ``forward`` or ``generate``; the
+        output's cache is a view of the buffers (valid until the next call)."""
+        if call.decode is not None:
+            asked = {name: bool(call.kwargs.get(name)) for name in ("output_scores", "output_logits")}
+            out = self.generate(call.rows, options=call.decode, streamer=call.kwargs.get("streamer"), **asked)
+            found = dict(sequences=out.sequences, scores=out.scores, step_logits=out.logits)
+        else:
+            out = self.forward(call.rows, logits_to_keep=call.logits_to_keep)
+            found = dict(logits=out.logits)
+        cache, packing = kvops.as_cache(out.kv), out.packing
+        if call.kv:  # the buffers are overwritten by the next call: the prompt's KV is copied out
+            found["kv"] = [kvops.KVSlice.whole(kvops.extract(cache, 0, call.rows[0].num_tokens))]
+        return FinalOutput(self.name, static=out.stats, cache=cache,
+                           offsets=tuple(base - packing.shared_tokens for base in packing.bases), **found)
+
     def forward(self, rows: Sequence[Row], *, logits_to_keep: int = 1) -> ForwardOutput:
         """Logits of each row's last ``logits_to_keep`` tokens (0: every tail token), after
         running every row's tail over its prefix."""
@@ -234,7 +253,8 @@ class StaticExecutor(Sizing):
                 out = logits.new_zeros(len(rows), max(tails), logits.shape[-1])
                 for r, rows_logits in enumerate(logits.split(tails)):
                     out[r, :len(rows_logits)] = rows_logits
-            return ForwardOutput(out, self._kv(call), call.packing, self._stats(call, steps=1))
+            kv = SpanKV(*self.buffers.views(call.packing.decode_slot))
+            return ForwardOutput(out, kv, call.packing, self._stats(call, steps=1))
 
     def generate(self, rows: Sequence[Row], *, options: CallOptions, streamer: BaseStreamer | None = None,
                  output_scores: bool = False, output_logits: bool = False) -> GenerateOutput:
@@ -279,7 +299,8 @@ class StaticExecutor(Sizing):
                 streamer.end()
             steps = 1 + min(made, budget - 1)
             return GenerateOutput(sequences[:, :width + made], tuple(kept_scores) if output_scores else None,
-                                  tuple(kept_logits) if output_logits else None, self._kv(call), call.packing,
+                                  tuple(kept_logits) if output_logits else None,
+                                  SpanKV(*self.buffers.views(call.packing.decode_slot)), call.packing,
                                   self._stats(call, steps))
 
     # -- steps ---------------------------------------------------------------------------
@@ -290,14 +311,12 @@ class StaticExecutor(Sizing):
         if self.busy_here:
             raise RuntimeError("a re-entrant call to the static executor (from a callback of its running "
                                "generation): the engine runs such calls eagerly")
-        offsets = [row.alora_offset for row in rows]
-        starts = None if all(o is None for o in offsets) else [
-            None if o is None else row.num_tokens - o for row, o in zip(rows, offsets)]
+        starts = [None if row.alora_offset is None else row.num_tokens - row.alora_offset for row in rows]
         with self._lock, torch.inference_mode():
             self._owner = threading.get_ident()
             try:
                 state, layers = self._adapters.state()
-                with self._adapters.engaged(state, layers, starts):
+                with self._adapters.engaged(state, layers, None if starts == [None] * len(rows) else starts):
                     yield state
             finally:
                 self._owner = None
@@ -340,26 +359,16 @@ class StaticExecutor(Sizing):
         of every row, in row order (a graph's buffer)."""
         packing, padded = call.packing, call.tail_bucket
         tokens = packing.tail_tokens
-        slots, positions, who, kept, seen = [], [], [], [], 0
-        for r, row in enumerate(rows):
-            n = row.num_tokens - row.start
-            first = packing.slot(r, row.start)
-            slots.append(torch.arange(first, first + n))
-            positions.append(torch.arange(row.start, row.num_tokens))
-            who.append(torch.full((n,), r))
-            kept += [seen + k for k in keep[r]]
-            seen += n
-        pad = padded - tokens  # padding tokens: free slots after the prompts, owned by nobody
-        slots.append(torch.arange(packing.decode_slot, packing.decode_slot + pad))
-        positions.append(torch.zeros(pad, dtype=torch.long))
-        who.append(torch.full((pad,), OWNER_FREE))
+        firsts = [0, *itertools.accumulate(n - start for n, start in zip(packing.lengths, packing.starts))]
+        kept = [firsts[r] + k for r, row_keep in enumerate(keep) for k in row_keep]
         self._ids[:tokens].copy_(torch.cat([row.input_ids[row.start:] for row in rows]))
         self._ids[tokens:padded].zero_()
-        for target, values in ((self._slots, slots), (self._pos, positions), (self._who, who)):
-            target[:padded].copy_(torch.cat(values), non_blocking=True)
+        for target, values in zip((self._slots, self._pos, self._who), packing.tail_step(padded, OWNER_FREE)):
+            target[:padded].copy_(values, non_blocking=True)
         keep = keep_bucket(len(kept)) if padded <= GRAPH_TOKENS else len(kept)  # extra rows: the first again
         self._keep[:keep].copy_(torch.tensor(kept + [kept[0]] * (keep - len(kept))), non_blocking=True)
-        return self._run(Bucket(padded, call.length, keep, call.adapters))[:len(kept)]
+        bucket = Bucket(padded, call.length, keep, call.adapters)  # a long tail runs without a graph
+        return (self._step(bucket) if self.graphs and padded > GRAPH_TOKENS else self._steps.run(bucket))[:len(kept)]
 
     def _run_decode(self, call: _Call, tokens: torch.Tensor, positions: torch.Tensor, step: int) -> torch.Tensor:
         """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at
@@ -371,12 +380,7 @@ class StaticExecutor(Sizing):
             torch.arange(rows, out=self._who[:rows])
             torch.arange(rows, out=self._keep[:rows])
         torch.add(self._who[:rows], call.packing.decode_slot + step * rows, out=self._slots[:rows])
-        return self._run(Bucket(rows, call.length, rows, call.adapters))
-
-    def _run(self, bucket: Bucket) -> torch.Tensor:
-        if self.graphs and bucket.tokens > GRAPH_TOKENS:
-            return self._step(bucket)
-        return self._steps.run(bucket)
+        return self._steps.run(Bucket(rows, call.length, rows, call.adapters))
 
     def _step(self, bucket: Bucket) -> torch.Tensor:
         """One model step of ``bucket`` from the fixed inputs: what a graph captures.
@@ -403,13 +407,8 @@ class StaticExecutor(Sizing):
         if self._chunks is not None:
             return self._chunks
         rows = self.kv_heads * -(-(self._group * bucket.tokens) // 64)  # KV heads x query blocks
-        if self.device.type == "cuda":
-            return kernels.chunk_count(bucket.length, rows, target=self._sms, min_chunk=256)
-        return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
-
-    def _kv(self, call: _Call) -> SpanKV:
-        keys, values = self.buffers.views(call.packing.decode_slot)
-        return SpanKV(keys, values)
+        target, least = (self._sms, 256) if self.device.type == "cuda" else (8, 16)
+        return kernels.chunk_count(bucket.length, rows, target=target, min_chunk=least)
 
     def _stats(self, call: _Call, steps: int) -> ExecStats:
         built = self._steps.stats.since(call.builds_before)

@@ -133,6 +133,21 @@ class Packing:
             return position
         return self.bases[row] + position - self.shared_tokens
 
+    def tail_step(self, padded: int, free: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token of the tail step padded to ``padded`` tokens (rows in order): its slot,
+        position and row; the padding takes free slots after the prompts, row ``free``."""
+        slots, positions, who = [], [], []
+        for r, (n, start) in enumerate(zip(self.lengths, self.starts)):
+            first = self.slot(r, start)
+            slots.append(torch.arange(first, first + n - start))
+            positions.append(torch.arange(start, n))
+            who.append(torch.full((n - start,), r))
+        pad = padded - self.tail_tokens
+        slots.append(torch.arange(self.decode_slot, self.decode_slot + pad))
+        positions.append(torch.zeros(pad, dtype=torch.long))
+        who.append(torch.full((pad,), free))
+        return torch.cat(slots), torch.cat(positions), torch.cat(who)
+
     def slots_needed(self, new_tokens: int, padded_tail: int) -> int:
         """Slots of a call decoding ``new_tokens`` per row whose tail step is padded to
         ``padded_tail`` tokens (padding writes after the prompts, where decode writes)."""

@@ -1,30 +1,10 @@
 """Many prompts in one left-padded batch, each row reusing its own stored spans.
 
 Each row is prepared as a single request would be (its plan, its reused and computed
-spans), so it ends with a cache of its first ``c_i`` prompt tokens. The rows are then
-left-padded to the longest prompt ``W``: row ``i`` starts at slot ``pad_i = W - n_i``.
-One batch cache covers slots ``[0, C)`` for every row, and ``generate`` computes slots
-``[C, W)`` of all rows in one call.
-
-Which ``C``. Row ``i`` can supply slots ``[pad_i, pad_i + c_i)``, so ``C <= c_i + pad_i``
-for every row, and row ``i`` keeps ``max(0, C - pad_i)`` of its cached tokens: more for
-every row as ``C`` grows. So ``C = min_i(c_i + pad_i)`` maximises reuse, and the row that
-sets the minimum keeps all of its cache. Every other row recomputes the cached tokens
-past ``C``; they sit in slots that would otherwise be padding of the final call, whose
-length is ``W - C = max_i(n_i - c_i)``, the longest uncached tail: the final call is
-exactly as long as it must be.
-
-Parallel groups. Recomputing cached tokens causally is exact only for tokens after a
-row's last parallel group: a group's KV (placed, repaired) is not what a causal forward
-computes, and neither is what follows it. So row ``i`` keeps at least ``f_i`` tokens, the
-end of its last group, and ``C >= max_i(f_i + pad_i)``. When that bound exceeds the
-minimum above, the rows with fewer cached tokens first run the start of their own tail
-causally, in a forward of their own (``Engine.generate_rows``): exact, since a tail is
-causal anyway.
-
-Pad slots hold zeros and are hidden by the attention mask; position ids come from the
-mask (``cumsum - 1``), so every real token keeps the position it has alone, and the
-stored keys (RoPE already applied) fit. Greedy results equal one ``generate`` per row.
+spans), so it ends with a cache of its first ``c_i`` prompt tokens; one final call then
+decodes every row. The static executor packs the rows into its buffers (the slices they
+share laid once); the eager one runs a left-padded batch laid out by
+``core.batch_layout.plan_batch``, which also says how many cached tokens each row keeps.
 
 Shared prefixes. Rows that share a prefix of spans that is not stored yet would each
 compute it in the batch. So before the batch, each row's deepest span prefix shared with
@@ -44,7 +24,9 @@ import attrs
 import torch
 
 from ..core import inputs
+from ..core.batch_layout import BatchLayout, plan_batch
 from ..core.spans import Context, as_context
+from ..session.api import FinalCall
 from ..session.results import Result
 
 if TYPE_CHECKING:
@@ -53,46 +35,6 @@ if TYPE_CHECKING:
 
 # generate options that would need per-row stop positions, which a padded batch hides
 _UNSUPPORTED = ("stop_strings", "stopping_criteria")
-
-
-@attrs.frozen
-class BatchLayout:
-    """Where each row of a left-padded batch sits and how much of its cache it keeps.
-
-    Row ``i``'s prompt fills slots ``[pads[i], width)``; the batch cache covers slots
-    ``[0, cached_width)``, where row ``i`` holds its first ``kept[i]`` prompt tokens.
-    """
-
-    width: int
-    cached_width: int
-    pads: tuple[int, ...]
-    kept: tuple[int, ...]
-
-
-def plan_batch(prompt_lengths: Sequence[int], cached_lengths: Sequence[int],
-               floors: Sequence[int] | None = None) -> BatchLayout:
-    """The layout that maximises reuse (see the module docstring). Pure.
-
-    ``cached_lengths[i]`` is how many leading prompt tokens row ``i`` has a cache for; at
-    least one token of every row must be left uncached. ``floors[i]`` (default 0, at most
-    ``cached_lengths[i]``): the fewest cached tokens row ``i`` may keep (the end of its
-    parallel group, ``Assembly.keep_at_least``). A row that must keep more than another
-    row has cached raises ``cached_width``; that row then keeps more than its cache, and
-    the engine runs those tokens (the start of its causal tail) first.
-    """
-    floors = [0] * len(prompt_lengths) if floors is None else floors
-    if not len(prompt_lengths) == len(cached_lengths) == len(floors) or not prompt_lengths:
-        raise ValueError("one prompt length, cached length and floor per row, at least one row")
-    for n, c, floor in zip(prompt_lengths, cached_lengths, floors):
-        if not 0 <= floor <= c < n:
-            raise ValueError(f"a row of {n} tokens cannot have {c} cached and keep at least {floor} "
-                             "(0 <= floor <= cached < prompt)")
-    width = max(prompt_lengths)
-    pads = tuple(width - n for n in prompt_lengths)
-    cached_width = max(min(c + pad for c, pad in zip(cached_lengths, pads)),
-                       max((floor + pad for floor, pad in zip(floors, pads) if floor), default=0))
-    kept = tuple(max(0, cached_width - pad) for pad in pads)
-    return BatchLayout(width, cached_width, pads, kept)
 
 
 def shared_prefixes(contexts: Sequence[Context]) -> list[tuple[int, Context]]:
@@ -156,7 +98,7 @@ class DecodedRows:
 
     calls: list[PreparedCall]
     layout: BatchLayout
-    out: object  # the engine's Generated: sequences [B, W + N], first_token_at
+    out: object  # the engine's FinalOutput: sequences [B, W + N], first_token_at
     cached: list[int]
     eos: frozenset[int]
 
@@ -179,7 +121,7 @@ def decode_rows(rt: SessionAPI, contexts: Sequence[Context], opts, held: context
     layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
                         [c.assembly.keep_at_least for c in calls])
     kwargs = rt.generate_kwargs(opts)
-    out = rt.engine.generate_rows([c.assembly for c in calls], layout.kept, layout.cached_width, kwargs, opts)
+    out = rt.engine.run(FinalCall.tails([c.assembly for c in calls], decode=opts, kwargs=kwargs))
     cached = [c.reused_before(kept, w) if reuse else 0 for c, kept, w in zip(calls, layout.kept, warmed)]
     return DecodedRows(calls, layout, out, cached,
                        eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))

@@ -46,6 +46,7 @@ import torch
 from ..core.prompt import ResolvedPrompt
 from ..core.spans import Context, as_context
 from ..session.adapters import batch_activation
+from ..session.api import FinalCall
 from ..session.results import GenerationStats, Result
 
 if TYPE_CHECKING:
@@ -184,10 +185,11 @@ def check(rt: SessionAPI, ctx: Context | str, requirements: Sequence[str], *, ad
             rows = range(start, min(start + batch_size, len(prompts)))
             activation = batch_activation([activations[i] for i in rows])
             with rt.activated(activation):
-                out = rt.engine.forward_rows(context.pieces or [], [prompts[i] for i in rows], context.tail_start,
-                                             store_from=shared if reuse else None,
-                                             alora_starts=activation and activation.alora_starts)
-            probabilities = torch.sigmoid(out.logits[:, yes] - out.logits[:, no]).tolist()  # logits: [b, V]
+                out = rt.engine.run(FinalCall.after(
+                    context.pieces or [], [prompts[i] for i in rows], context.tail_start, rt.device,
+                    store_from=shared if reuse else None, alora_starts=activation and activation.alora_starts))
+            logits = out.logits[:, -1].float()  # [b, V]
+            probabilities = torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
             end = time.perf_counter()
             for i, probability in zip(rows, probabilities):
                 # the first check computed the shared context; the others got it from it
@@ -207,8 +209,8 @@ def shared_spans(prompts: Sequence[ResolvedPrompt]) -> int:
 def _checked_alone(rt: SessionAPI, ctx: Context, requirement: str, config: CheckConfig, adapter: str | None,
                    reuse: bool, yes: int, no: int, salt: str | None) -> Verdict:
     with rt.prepared(ctx, reuse=reuse, adapter=adapter, salt=salt) as call:
-        out, _ = rt.engine.forward_tail(call.assembly, alora_start=call.alora_start)
-        probability = torch.sigmoid(out.logits[0, -1, yes] - out.logits[0, -1, no]).item()
+        logits = rt.engine.run(FinalCall.tails([call.assembly], alora_starts=[call.alora_start])).logits[0, -1].float()
+        probability = torch.sigmoid(logits[yes] - logits[no]).item()
         return Verdict(requirement, probability > config.threshold, probability, rt.stats(call, 0, None))
 
 

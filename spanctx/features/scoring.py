@@ -29,6 +29,7 @@ import attrs
 import torch
 
 from ..core.spans import Context, Span, as_context
+from ..session.api import FinalCall
 
 if TYPE_CHECKING:
     from ..session.api import SessionAPI
@@ -80,8 +81,8 @@ def score(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *
         return []
     cand_ids = [rt.span_ids(c if isinstance(c, Span) else Span(c)) for c in candidates]
     with rt.prepared(ctx, reuse=reuse, max_new_tokens=max(len(ids) for ids in cand_ids), salt=salt) as call:
-        out, context = rt.engine.forward_tail(call.assembly, logits_to_keep=1, kv=True)
-        first = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()  # [V]
+        out = rt.engine.run(FinalCall.tails([call.assembly], kv=True))
+        first, context = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu(), out.kv  # [V]
         context_end = call.prompt.num_tokens
         scores = []
         for start in range(0, len(cand_ids), batch_size):
@@ -91,8 +92,8 @@ def score(rt: SessionAPI, ctx: Context | str, candidates: Sequence[Candidate], *
             rows = [rt.resolve(ctx.append(ids[:-1]), salt=salt)[0] for ids in batch if len(ids) > 1]
             logprobs = None  # [r, W, V]
             if rows:
-                out = rt.engine.forward_rows(context, rows, context_end, every_position=True)
-                logprobs = torch.log_softmax(out.logits, -1).cpu()
+                out = rt.engine.run(FinalCall.after(context, rows, context_end, rt.device, logits_to_keep=0))
+                logprobs = torch.log_softmax(out.logits.float(), -1).cpu()
             row = 0
             for ids in batch:
                 rest = []

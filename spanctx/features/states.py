@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from ..core.spans import Context, as_context
+from ..session.api import FinalCall
 
 if TYPE_CHECKING:
     from ..session.api import SessionAPI
@@ -41,10 +42,9 @@ def hidden_states(rt: SessionAPI, ctx: Context | str, reduction: Reduction = "la
         raise ValueError(f"reduction must be 'last' or 'mean', got {reduction!r}")
     if reduction == "last":
         with rt.prepared(ctx, reuse=reuse, salt=salt) as call:
-            out, _ = rt.engine.forward_tail(call.assembly, hidden=True)
-            return out.last_hidden_state[0, -1].float()
+            return rt.engine.run(FinalCall.tails([call.assembly], hidden=True)).hidden[0, -1].float()
     # the store keeps keys and values, not hidden states: the mean needs a full forward
     with rt.holding():
         prompt, _ = rt.resolve(ctx, salt=salt)
-        out = rt.engine.forward_whole(prompt, hidden=True, store=reuse)
-        return out.last_hidden_state[0].float().mean(dim=0)
+        out = rt.engine.run(FinalCall.whole(prompt, rt.device, store=reuse, hidden=True))
+        return out.hidden[0].float().mean(dim=0)

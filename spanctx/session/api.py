@@ -1,8 +1,8 @@
 """What a feature may call: the session's public protocol.
 
 A feature (``spanctx.features``) is a function of a ``SessionAPI`` and its arguments. It
-resolves contexts, makes final calls through ``engine`` (``FinalCalls``: the engine's
-calls on an assembled prompt, nothing that plans or reaches the store), reads options and
+resolves contexts, makes final calls through ``engine`` (``FinalCalls``: ``run`` of a
+``FinalCall`` on an assembled prompt, nothing that plans or reaches the store), reads options and
 stats, and never touches the model, the store or the resolver. ``Session`` (and so
 ``Runtime``) satisfies it; a test may pass anything that does.
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
+
+from ..engine.calls import FinalCall  # the value a feature builds for ``engine.run``
 
 if TYPE_CHECKING:
     import torch
@@ -22,30 +24,22 @@ if TYPE_CHECKING:
     from ..core.placement import Repair
     from ..core.prompt import ResolvedPrompt
     from ..core.spans import Context, Span
-    from ..engine import Assembly, Generated, RowLogits
+    from ..engine import Assembly, FinalOutput
     from .adapters import Activation
     from .results import GenerationStats, Result
     from .session import PreparedCall
 
-__all__ = ["FinalCalls", "SessionAPI"]
+__all__ = ["FinalCall", "FinalCalls", "SessionAPI"]
 
 
 class FinalCalls(Protocol):
-    """The engine's final calls, on a prompt whose cache ``prepared`` (or
-    ``assemble_shared``) assembled; see ``spanctx.engine.engine.Engine``."""
+    """The engine as features use it, on a prompt ``prepared`` (or ``assemble_shared``)
+    assembled: one final call per ``run`` (a ``FinalCall``, built by ``FinalCall.tails``,
+    ``after`` or ``whole``); see ``spanctx.engine.engine.Engine``."""
 
-    def forward_tail(self, call: Assembly, *, logits_to_keep: int | None = 1, hidden: bool = False,
-                     alora_start: int | None = None, kv: bool = False): ...
-
-    def forward_whole(self, prompt: ResolvedPrompt, *, hidden: bool, store: bool): ...
+    def run(self, call: FinalCall) -> FinalOutput: ...
 
     def assemble_shared(self, prompt: ResolvedPrompt, shared: int, *, reuse: bool) -> Assembly: ...
-
-    def forward_rows(self, context, prompts: Sequence[ResolvedPrompt], start: int, *, every_position: bool = False,
-                     store_from: int | None = None, alora_starts: Sequence[int] | None = None) -> RowLogits: ...
-
-    def generate_rows(self, calls: Sequence[Assembly], kept: Sequence[int], cached_width: int,
-                      kwargs: dict, opts) -> Generated: ...
 
 
 class SessionAPI(Protocol):
@@ -86,7 +80,7 @@ class SessionAPI(Protocol):
 
     def stats(self, call: PreparedCall | ResolvedPrompt, new_tokens: int, first_token_at: float | None, *,
               cached_tokens: int | None = None, started: float | None = None, end: float | None = None,
-              generated: Generated | None = None) -> GenerationStats: ...
+              generated: FinalOutput | None = None) -> GenerationStats: ...
 
     def token_ids(self, ctx: Context, *, adapter: str | None = None) -> list[int]: ...
 

@@ -35,7 +35,7 @@ from ..core.options import CallOptions, merge_options
 from ..core.placement import Repair
 from ..core.prompt import PromptResolver, ResolvedPrompt
 from ..core.spans import Context, Span, as_context
-from ..engine import Assembly, Engine, Generated, RowLogits, StopWhenSet, with_stopping_criterion
+from ..engine import Assembly, Engine, FinalCall, FinalOutput, StopWhenSet, with_stopping_criterion
 from ..engine.decoding import seeded
 from ..engine.interpreter import store_reads
 from ..engine.static_warmup import WarmUpStats
@@ -231,7 +231,7 @@ class Session:
         """Hold the session (seeded with ``seed``), switch ``adapter`` on, and yield
         ``ctx``'s prompt with its cache assembled up to its tail (no cache when
         ``reuse=False``). The caller makes the final call inside the block:
-        ``generate_prepared`` or one of ``engine``'s (``engine.forward_tail(call.assembly)``)."""
+        ``generate_prepared`` or ``engine.run(FinalCall.tails([call.assembly]))``."""
         with self.holding(seed):
             started = time.perf_counter()
             prompt, activation = self.resolve(ctx, adapter=adapter, repair=repair, salt=salt)
@@ -241,13 +241,13 @@ class Session:
 
     def generate_prepared(self, call: PreparedCall, opts: CallOptions, *, streamer: BaseStreamer | None = None,
                           cancel: threading.Event | None = None, output_scores: bool = False,
-                          output_logits: bool = False) -> Generated:
+                          output_logits: bool = False) -> FinalOutput:
         """Decode after a prepared call; ``streamer`` gets the tokens, a set ``cancel`` stops
         within a step; ``output_scores`` / ``output_logits`` keep each step's."""
         kwargs = self.generate_kwargs(opts, streamer=streamer, cancel=cancel)
-        return self.engine.generate(call.assembly, opts, {**kwargs, "output_scores": output_scores,
-                                                          "output_logits": output_logits},
-                                    alora_start=call.alora_start)
+        kwargs = {**kwargs, "output_scores": output_scores, "output_logits": output_logits}
+        return self.engine.run(FinalCall.tails([call.assembly], alora_starts=[call.alora_start], decode=opts,
+                                               kwargs=kwargs))
 
     def generate_kwargs(self, opts: CallOptions, *, streamer=None, cancel: threading.Event | None = None) -> dict:
         """HF ``generate`` kwargs of a call with ``opts`` (a streamer only when streaming)."""
@@ -260,11 +260,11 @@ class Session:
 
     def stats(self, call: PreparedCall | ResolvedPrompt, new_tokens: int, first_token_at: float | None, *,
               cached_tokens: int | None = None, started: float | None = None, end: float | None = None,
-              generated: Generated | RowLogits | None = None) -> GenerationStats:
+              generated: FinalOutput | None = None) -> GenerationStats:
         """The stats of a call (the one place they are built). For a prepared ``call``,
         ``cached_tokens`` defaults to what its plan reused and ``started`` to when it was
         prepared; for a bare prompt (a row of a batched call) both are required.
-        ``generated`` (a ``Generated`` or ``RowLogits``) names the executor that ran the final
+        ``generated`` (the final call's ``FinalOutput``) names the executor that ran the final
         call (and why not the static one)."""
         prepared = isinstance(call, PreparedCall)
         if not prepared and (cached_tokens is None or started is None):
@@ -317,7 +317,7 @@ class Session:
             new_ids = tuple(out.sequences[0, call.prompt.num_tokens:].tolist())
             return Result(text=self.tokenizer.decode(new_ids, skip_special_tokens=True), token_ids=new_ids,
                           stats=self.stats(call, len(new_ids), out.first_token_at, generated=out),
-                          scores=first_row(out.scores), logits=first_row(out.logits))
+                          scores=first_row(out.scores), logits=first_row(out.step_logits))
 
     def stream(self, ctx: Context | str, max_new_tokens: int | None = None, *, reuse: bool = True,
                adapter: str | None = None, repair: str | None = None, salt: str | None = None,
@@ -358,8 +358,7 @@ class Session:
         """Logits ``[vocab]`` (float32, on the model's device) for the token after ``ctx``
         (with ``adapter``: after ``ctx`` and, for an aLoRA, its invocation)."""
         with self.prepared(ctx, reuse=reuse, adapter=adapter, repair=repair, salt=salt) as call:
-            out, _ = self.engine.forward_tail(call.assembly, logits_to_keep=1,
-                                              alora_start=call.alora_start)
+            out = self.engine.run(FinalCall.tails([call.assembly], alora_starts=[call.alora_start]))
             return out.logits[0, -1].float()
 
     # -- adapters (adapters.py) ------------------------------------------------------------
