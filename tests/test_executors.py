@@ -204,3 +204,21 @@ def test_an_adapter_is_warmed_up_when_added_and_forgotten_when_unloaded(tmp_path
     left = static.engine.static._steps._built
     assert left and all(key.adapters is None for key in left)
     assert "check" not in static.adapter_warm_ups
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_placed_members_rotated_into_the_buffers_equal_eager(arch):
+    """Parallel members placed without repair are rotated straight into the static
+    buffers (``KVSlice.moved_by``): tokens and logits as eager's, whether the same member
+    lands where it lay in the last call (not copied again), elsewhere, or not moved."""
+    eager, static = runtimes(arch)
+    docs = ["Doc A is about apples. ", "Doc B is on bananas, longer. ", "Doc C: cherries. "]
+    orders = [docs, docs, docs[::-1], docs[1:] + docs[:1]]
+    for order in orders:
+        ctx = Context().append(SYSTEM).parallel(*order).append("Which fruit?")
+        want = eager.generate(ctx, 8, repair="none")
+        got = static.generate(ctx, 8, repair="none")
+        assert got.token_ids == want.token_ids and got.stats.executor == "static"
+        assert got.stats.parallel.recomputed_tokens == 0 and got.stats.cached_tokens == want.stats.cached_tokens
+        torch.testing.assert_close(static.next_token_logits(ctx, repair="none"),
+                                   eager.next_token_logits(ctx, repair="none"), atol=1e-4, rtol=0)

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from spanctx.cache import rope
 from spanctx.cache.rope import rotate_keys
+from spanctx.cache.span_kv import SpanKV
 from spanctx.cache.store import KVStore
 from spanctx.engine import Engine
 from spanctx.hf import cache_kwargs
@@ -113,3 +114,25 @@ def test_per_token_deltas_equal_one_rotation_per_span():
     expected = torch.cat([keys[:, :, :2], rotate_keys(keys[:, :, 2:5], 3, inv_freq),
                           rotate_keys(keys[:, :, 5:], -5, inv_freq)], dim=2)
     torch.testing.assert_close(rotate_keys(keys, per_token, inv_freq), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["default", "partial", "per-layer"])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_shift_into_writes_what_shift_returns(kind, stacked):
+    """A stored span (``kv.extract``: its keys stacked) rotated straight into a slice of
+    buffers (stacked or per layer) equals ``shift``'s moved copy; nothing else is written."""
+    from spanctx.cache.kv import as_cache, extract
+    from spanctx.engine.slots import KVBuffers
+
+    model, _ = rope_model(kind)
+    mover = mover_of(model)
+    layers = _span_kv(model, [1, 2, 3], list(range(10, 19)), 0)
+    span = extract(as_cache(SpanKV(tuple(k for k, _ in layers), tuple(v for _, v in layers))), 2, 7)
+    assert span.stacked_keys is not None
+    layout = [(k.shape[1], k.shape[-1]) for k, _ in layers]
+    buffers = KVBuffers(layout, max_tokens=16, dtype=span.keys[0].dtype, device=torch.device("cpu"))
+    out_stacked = buffers.stacked_keys[..., 4:9, :] if stacked else None
+    mover.shift_into(span, 13, [k[:, :, 4:9] for k in buffers.keys], out_stacked)
+    for got, want in zip(buffers.keys, mover.shift(span, 13).keys):
+        torch.testing.assert_close(got[:, :, 4:9], want, atol=0, rtol=0)
+        assert not got[:, :, :4].any() and not got[:, :, 9:].any()

@@ -17,16 +17,26 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from .rope import KeyMover
 from .span_kv import SpanKV
 
 
 @attrs.frozen(eq=False)
 class KVSlice:
-    """Tokens ``[start, end)`` of a stored span (relative to the span)."""
+    """Tokens ``[start, end)`` of a stored span (relative to the span), laid ``moved_by``
+    positions from where they were computed: their keys are rotated by ``mover`` where
+    they are laid (``laid``; the static executor rotates them straight into its buffers),
+    so a placed parallel member is never copied twice."""
 
     kv: SpanKV
     start: int
     end: int
+    moved_by: int = 0
+    mover: KeyMover | None = attrs.field(default=None, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.moved_by and self.mover is None:
+            raise ValueError("a moved slice needs the model's key mover")
 
     @classmethod
     def whole(cls, kv: SpanKV) -> KVSlice:
@@ -35,6 +45,11 @@ class KVSlice:
     @property
     def num_tokens(self) -> int:
         return self.end - self.start
+
+    def laid(self) -> SpanKV:
+        """The slice as laid: views of the stored tensors, or moved keys (new tensors)."""
+        kv = take(self.kv, self.start, self.end)
+        return self.mover.shift(kv, self.moved_by) if self.moved_by else kv
 
 
 def empty_cache() -> DynamicCache:
@@ -50,6 +65,7 @@ def assemble(pieces: Sequence[KVSlice]) -> DynamicCache:
     cache = DynamicCache()
     if not pieces:
         return cache
+    pieces = [KVSlice.whole(p.laid()) if p.moved_by else p for p in pieces]
     num_layers = len(pieces[0].kv.keys)
     for layer_idx in range(num_layers):
         # k, v: [1, H_kv, sum(S_i), D]
@@ -61,7 +77,8 @@ def assemble(pieces: Sequence[KVSlice]) -> DynamicCache:
 
 def take(kv: SpanKV, start: int, end: int) -> SpanKV:
     """Tokens ``[start, end)`` of ``kv`` as views (no copy): read them, never write them."""
-    return SpanKV(tuple(k[:, :, start:end] for k in kv.keys), tuple(v[:, :, start:end] for v in kv.values))
+    stacked = None if kv.stacked_keys is None else kv.stacked_keys[..., start:end, :]
+    return SpanKV(tuple(k[:, :, start:end] for k in kv.keys), tuple(v[:, :, start:end] for v in kv.values), stacked)
 
 
 def cut(pieces: Sequence[KVSlice], end: int) -> list[KVSlice]:
@@ -71,7 +88,7 @@ def cut(pieces: Sequence[KVSlice], end: int) -> list[KVSlice]:
         if start >= end:
             break
         n = min(piece.num_tokens, end - start)
-        out.append(KVSlice(piece.kv, piece.start, piece.start + n))
+        out.append(attrs.evolve(piece, end=piece.start + n))
         start += n
     if start < end:
         raise ValueError(f"pieces cover {start} tokens, asked for {end}")
@@ -153,11 +170,13 @@ def extract(cache: DynamicCache, start: int, end: int, row: int = 0) -> SpanKV:
             raise RuntimeError("spanctx caches use full layers; got a sliding layer")
     parts = [layer.keys[row : row + 1, :, start:end] for layer in cache.layers]
     parts += [layer.values[row : row + 1, :, start:end] for layer in cache.layers]
+    layers = len(cache.layers)
     if len({(p.shape, p.dtype) for p in parts}) == 1:  # one copy for every layer (one launch, not 2 per layer)
-        copies = torch.stack(parts).unbind(0)
-    else:
-        copies = tuple(p.clone() for p in parts)
-    return SpanKV(tuple(copies[:len(cache.layers)]), tuple(copies[len(cache.layers):]))
+        stacked = torch.stack(parts)
+        copies = stacked.unbind(0)
+        return SpanKV(tuple(copies[:layers]), tuple(copies[layers:]), stacked[:layers])
+    copies = tuple(p.clone() for p in parts)
+    return SpanKV(tuple(copies[:layers]), tuple(copies[layers:]))
 
 
 def as_cache(kv: SpanKV) -> DynamicCache:

@@ -19,7 +19,7 @@ at the moved position, so an unknown rope layout is refused, never silently wron
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import attrs
 import torch
@@ -48,9 +48,11 @@ def rotation(delta: int | torch.Tensor, inv_freq: torch.Tensor, device) -> tuple
 
 
 def rotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.Tensor,
-                trig: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``keys`` moved by ``delta`` positions (an int, or ``[S]`` per token): a new tensor;
-    ``keys`` is not changed. ``trig``: ``rotation(delta, inv_freq, ...)`` if already formed.
+                trig: tuple[torch.Tensor, torch.Tensor] | None = None, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """``keys`` moved by ``delta`` positions (an int, or ``[S]`` per token): a new tensor,
+    or written into ``out`` (same shape; not ``keys``); ``keys`` is not changed. ``trig``:
+    ``rotation(delta, inv_freq, ...)`` if already formed.
 
     keys: ``[B, H, S, D]`` post-RoPE, half-split layout on the first ``2 * len(inv_freq)``
     channels. The rotation is done in float32.
@@ -62,8 +64,11 @@ def rotate_keys(keys: torch.Tensor, delta: int | torch.Tensor, inv_freq: torch.T
     k = keys[..., :rotary_dim].float()  # [B, H, S, rotary_dim]
     half = rotary_dim // 2
     k_rotated_half = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
-    moved = (k * cos + k_rotated_half * sin).to(keys.dtype)
-    return torch.cat([moved, keys[..., rotary_dim:]], dim=-1)
+    out = torch.empty_like(keys) if out is None else out
+    torch.addcmul(k * cos, k_rotated_half, sin, out=out[..., :rotary_dim])  # rounded to keys' dtype on writing
+    if rotary_dim < keys.shape[-1]:
+        out[..., rotary_dim:].copy_(keys[..., rotary_dim:])
+    return out
 
 
 @attrs.frozen(eq=False)
@@ -107,6 +112,18 @@ class KeyMover:
             for i, k in zip(layers, moved.unbind(0)):
                 keys[i] = k
         return SpanKV(tuple(keys), kv.values)
+
+    def shift_into(self, kv: SpanKV, delta: int, out: Sequence[torch.Tensor],
+                   out_stacked: torch.Tensor | None = None) -> None:
+        """Write ``kv``'s keys moved by ``delta`` into ``out`` (per layer; ``out_stacked``:
+        the same memory as one ``[L, ...]`` tensor, when there is one): with both sides
+        stacked, the rotation's last step writes straight into ``out``, no moved copy."""
+        if not self.movable:
+            raise ValueError(f"cannot move keys on this model: {self.reason}")
+        if out_stacked is not None and kv.stacked_keys is not None and len(set(map(id, self.inv_freq))) == 1:
+            rotate_keys(kv.stacked_keys, delta, self.inv_freq[0], out=out_stacked)  # one frequency, every layer
+        else:
+            torch._foreach_copy_(list(out), list(self.shift(kv, delta).keys))
 
 
 def key_mover(model, kv_at: Callable[[torch.Tensor, torch.Tensor], SpanKV]) -> KeyMover:

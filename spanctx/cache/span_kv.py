@@ -10,10 +10,15 @@ __all__ = ["SpanKV"]
 
 @attrs.frozen(eq=False)
 class SpanKV:
-    """The KV cache of one span: per layer, keys and values ``[1, H_kv, S, D]``."""
+    """The KV cache of one span: per layer, keys and values ``[1, H_kv, S, D]``.
+
+    ``stacked_keys`` (optional): ``[L, 1, H_kv, S, D]`` whose ``[i]`` is ``keys[i]``, the
+    same memory, when every layer has one shape: a rotation reads all layers at once.
+    """
 
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
+    stacked_keys: torch.Tensor | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if len(self.keys) != len(self.values) or not self.keys:

@@ -59,7 +59,8 @@ class Interpreter:
                                             step.end - offset))
             elif isinstance(step, Place):
                 kv = found[prompt.segments[step.segment].key]
-                pieces.append(self._placed(kv, step, ranges[step.segment][0]))
+                offset = ranges[step.segment][0]
+                pieces.append(self._moved(kv, step.start - offset, step.end - offset, step.delta))
             elif isinstance(step, ReuseGroup):
                 group_start = ranges[prompt.groups[step.group].first][0]
                 kv = found[prompt.groups[step.group].key]
@@ -92,12 +93,15 @@ class Interpreter:
             start, end = ranges[i]
             self.store.put(prompt.segments[i].key, kvops.extract(cache, offset + start, offset + end, row))
 
-    def _placed(self, kv: SpanKV, place: Place, segment_start: int) -> kvops.KVSlice:
-        """The tokens ``place`` takes from ``kv`` (a whole segment), moved by ``place.delta``."""
-        start, end = place.start - segment_start, place.end - segment_start
-        if place.delta == 0:
+    def _moved(self, kv: SpanKV, start: int, end: int, delta: int) -> kvops.KVSlice:
+        """Tokens ``[start, end)`` of ``kv``, moved by ``delta`` where the final call lays
+        them (``KVSlice.laid``; no moved copy is made here)."""
+        if delta == 0:
             return kvops.KVSlice(kv, start, end)
-        return kvops.KVSlice.whole(self.mover().shift(kvops.take(kv, start, end), place.delta))
+        mover = self.mover()
+        if not mover.movable:
+            raise ValueError(f"cannot move keys on this model: {mover.reason}")
+        return kvops.KVSlice(kv, start, end, delta, mover)
 
     def _place_group(self, step: PlaceGroup, prompt: ResolvedPrompt, input_ids: torch.Tensor,
                      found: Mapping[bytes, SpanKV | None], pieces: list[kvops.KVSlice], store: bool
@@ -129,10 +133,10 @@ class Interpreter:
             offset = ranges[place.segment][0]
             members.append(kvops.KVSlice(kv, place.start - offset, place.end - offset))
             deltas.append(place.delta)
+        if step.repair is None:  # moved where the final call lays them (``KVSlice.moved_by``): no copy here
+            return pieces + [self._moved(m.kv, m.start, m.end, d) for m, d in zip(members, deltas)]
         if members:
             pieces.append(kvops.KVSlice.whole(moved_together(self.mover(), members, deltas)))
-        if step.repair is None:
-            return pieces
         cache = kvops.assemble(pieces)
         if isinstance(step.repair, BlendTokens):
             slots = blend_select(self.executor, self.num_layers, cache, input_ids, step.repair)

@@ -45,7 +45,7 @@ import torch
 from transformers import AttentionInterface, Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..cache.kv import KVSlice
+from ..cache.kv import KVSlice, take
 from .attention import split_attention
 
 __all__ = [
@@ -75,14 +75,15 @@ class Placed:
     start: int
     end: int
     slot: int
+    moved_by: int = 0
 
     @property
     def slot_end(self) -> int:
         return self.slot + self.end - self.start
 
     def same(self, other: Placed) -> bool:
-        return self.span() is other.span() is not None and (self.start, self.end, self.slot) == (
-            other.start, other.end, other.slot)
+        return self.span() is other.span() is not None and (self.start, self.end, self.slot, self.moved_by) == (
+            other.start, other.end, other.slot, other.moved_by)
 
 
 class KVBuffers:
@@ -97,7 +98,13 @@ class KVBuffers:
     def __init__(self, layout: Sequence[tuple[int, int]], *, max_tokens: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.max_tokens = max_tokens
-        self.keys = tuple(torch.zeros(1, h, max_tokens, d, dtype=dtype, device=device) for h, d in layout)
+        self.stacked_keys = None  # [L, 1, H_kv, max_tokens, D] when every layer has one shape
+        if len(set(layout)) == 1:
+            (h, d), = set(layout)
+            self.stacked_keys = torch.zeros(len(layout), 1, h, max_tokens, d, dtype=dtype, device=device)
+            self.keys = tuple(self.stacked_keys.unbind(0))
+        else:
+            self.keys = tuple(torch.zeros(1, h, max_tokens, d, dtype=dtype, device=device) for h, d in layout)
         self.values = tuple(torch.zeros_like(k) for k in self.keys)
         self._resident: list[Placed] = []
 
@@ -107,16 +114,24 @@ class KVBuffers:
 
     def place(self, pieces: Sequence[KVSlice], slot: int) -> int:
         """Lay ``pieces`` one after the other from ``slot`` on. Returns how many tokens were
-        copied (slices already in place are skipped)."""
+        copied (slices already in place are skipped). A moved slice's keys are rotated
+        straight into the buffers."""
         total = sum(p.num_tokens for p in pieces)
         if slot + total > self.max_tokens:
             raise ValueError(f"a prefix of {total} tokens from slot {slot} does not fit in {self.max_tokens} slots")
         copied = 0
         targets, sources = [], []
         for piece in pieces:
-            here = Placed(weakref.ref(piece.kv), piece.start, piece.end, slot)
+            here = Placed(weakref.ref(piece.kv), piece.start, piece.end, slot, piece.moved_by)
             if not any(here.same(p) for p in self._resident):
-                for buffers, stored in ((self.keys, piece.kv.keys), (self.values, piece.kv.values)):
+                laid = ((self.values, piece.kv.values),)
+                if piece.moved_by:
+                    out = self.stacked_keys[..., slot:here.slot_end, :] if self.stacked_keys is not None else None
+                    piece.mover.shift_into(take(piece.kv, piece.start, piece.end), piece.moved_by,
+                                           [k[:, :, slot:here.slot_end] for k in self.keys], out)
+                else:
+                    laid += ((self.keys, piece.kv.keys),)
+                for buffers, stored in laid:
                     targets += [b[0, :, slot:here.slot_end] for b in buffers]
                     sources += [t[0, :, piece.start:piece.end] for t in stored]
                 self.overwrite(slot, here.slot_end)

@@ -161,7 +161,8 @@ def pack(rows: Sequence[Row]) -> Packing:
     shared: list[kvops.KVSlice] = []
     for pieces in zip(*(row.prefix for row in rows)):
         first = pieces[0]
-        if any(p.kv is not first.kv or (p.start, p.end) != (first.start, first.end) for p in pieces[1:]):
+        if any(p.kv is not first.kv or (p.start, p.end, p.moved_by) != (first.start, first.end, first.moved_by)
+               for p in pieces[1:]):
             break
         shared.append(first)
     shared_tokens = sum(p.num_tokens for p in shared)
