@@ -32,7 +32,7 @@ from spanctx.presets import load_preset
 from spanctx.serve.app import create_app, serving
 from spanctx.serve.local import LocalBackend
 from spanctx.serve.protocol import GenRequest
-from spanctx.serve.scheduler import Done, Job
+from spanctx.serve.jobs import Done, Job
 
 
 def main() -> None:

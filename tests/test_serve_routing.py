@@ -15,7 +15,7 @@ from spanctx.core.spans import Span
 from spanctx.presets import byte_tokenizer
 from spanctx.serve.protocol import ApiError, chat_request, completion_request, context_from_json, context_to_json
 from spanctx.serve.routing import affinity_ranks, route_key
-from spanctx.serve.scheduler import Job, Row
+from spanctx.serve.jobs import Job, Row
 
 texts = st.text(min_size=1, max_size=8)
 ids = st.lists(st.integers(0, 300), min_size=1, max_size=4)
