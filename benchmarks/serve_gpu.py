@@ -36,8 +36,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from spanctx import Context, Runtime
 from spanctx.presets import load_preset
-from spanctx.serve.protocol import GenRequest
 from spanctx.serve.jobs import Done, Job
+from spanctx.serve.protocol import GenRequest
 from spanctx.serve.scheduler import Scheduler
 
 

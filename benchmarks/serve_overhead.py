@@ -30,9 +30,9 @@ import torch
 from spanctx import Context, Runtime
 from spanctx.presets import load_preset
 from spanctx.serve.app import create_app, serving
+from spanctx.serve.jobs import Done, Job
 from spanctx.serve.local import LocalBackend
 from spanctx.serve.protocol import GenRequest
-from spanctx.serve.jobs import Done, Job
 
 
 def main() -> None:

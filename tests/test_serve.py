@@ -23,9 +23,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from spanctx.serve.app import create_app, serving  # noqa: E402
-from spanctx.serve.local import LocalBackend  # noqa: E402
 from spanctx.serve.client import Client, ServerError  # noqa: E402
 from spanctx.serve.jobs import Job  # noqa: E402
+from spanctx.serve.local import LocalBackend  # noqa: E402
 
 SYSTEM = "You answer questions about the shared manual. " * 12
 MODEL = "tiny"
@@ -298,7 +298,7 @@ def test_n_choices_run_as_one_batch_and_seeds_step(server, client, direct):
     assert {c.message.content for c in three.choices} == {one.choices[0].message.content}  # greedy: alike
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
     assert three.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once
-    sampled = dict(model=MODEL, messages=msgs, max_tokens=8, temperature=1.0)
+    sampled = {"model": MODEL, "messages": msgs, "max_tokens": 8, "temperature": 1.0}
     pair = client.chat.completions.create(**sampled, n=2, seed=7)
     alone = [client.chat.completions.create(**sampled, seed=s).choices[0].message.content for s in (7, 8)]
     assert [c.message.content for c in pair.choices] == alone  # choice i samples with seed + i
