@@ -118,6 +118,7 @@ class Row:
         self.stops = job.request.stop
         self.top = job.request.logprobs
         self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.lazy = not self.stops and not job.request.stream  # its text is needed only at the end
         self.ids: list[int] = []
         self.text = ""
         self.sent = 0
@@ -145,7 +146,8 @@ class Row:
         self.ids.append(token)
         if self.top is not None:
             self.unsent_logprobs.append(self._info(token, scores))
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not self.lazy:
+            self._decode()
         cut = min((i for i in (self.text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.reason = self.text[:cut], "stop"
@@ -168,7 +170,12 @@ class Row:
         text = self.tokenizer.decode
         return TokenInfo(text([token]), lp.logprob, tuple((text([t]), p) for t, p in lp.top))
 
+    def _decode(self) -> None:
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
     def _flush(self) -> None:
+        if self.lazy:
+            self._decode()
         self._send(len(self.text))
 
     def _send(self, upto: int) -> None:
