@@ -8,6 +8,8 @@
 - ``proc_*``: the same to ``spanctx serve`` in a child process, as deployed: ``proc_httpx``
   (httpx, what the ``openai`` package uses), ``proc_raw`` / ``proc_raw_stream`` (a minimal
   HTTP/1.1 client on a socket: the server's share, with next to no client cost);
+- ``base_*``: with ``--baseline DIR`` (another spanctx checkout), the same to its server
+  in a second child process, interleaved with ours: a before/after under the same load;
 - without the model: ``noop_job`` (an empty job through the scheduler's queue and worker
   thread) and ``http_health`` (``GET /health`` in this process).
 
@@ -48,11 +50,22 @@ class RawClient:
     """HTTP/1.1 on one keep-alive socket, request in one write: the cheapest client."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port))
+        self.address = (host, port)
+        self._connect()
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(self.address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 
     def post(self, path: str, body: bytes) -> bytes:
+        try:
+            return self._post(path, body)
+        except ConnectionError:  # the server closed an idle keep-alive connection: reconnect once
+            self._connect()
+            return self._post(path, body)
+
+    def _post(self, path: str, body: bytes) -> bytes:
         self.sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
         head = self._until(b"\r\n\r\n")
@@ -87,11 +100,12 @@ class RawClient:
 
 
 @contextlib.contextmanager
-def server_process(port: int):
-    """``spanctx serve tiny-llama`` in a child process (1 torch thread), until it answers."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def server_process(port: int, checkout: str = "."):
+    """``spanctx serve tiny-llama`` of ``checkout`` in a child process (1 torch thread), until it answers."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.abspath(checkout)}
     proc = subprocess.Popen([sys.executable, "-m", "spanctx.cli", "serve", "tiny-llama", "--device", "cpu",
-                             "--port", str(port), "--max-batch", "1", "--store-bytes", str(64 << 20)], env=env)
+                             "--port", str(port), "--max-batch", "1", "--store-bytes", str(64 << 20)], env=env,
+                            cwd=checkout)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -120,6 +134,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--baseline", default=None, help="another spanctx checkout to compare with (base_* modes)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     load_before = os.getloadavg()
@@ -153,31 +168,39 @@ def main() -> None:
         chunks = [json.loads(line[6:]) for line in data.decode().split("\n") if line.startswith("data: {")]
         return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
 
-    port = free_port()
-    with serving(create_app(backend, "tiny-llama")) as url, httpx.Client(base_url=url, timeout=60) as local, \
-            server_process(port) as remote_url, httpx.Client(base_url=remote_url, timeout=60) as remote:
+    def stream(client):
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            for _ in response.iter_lines():
+                pass
+
+    def remote_calls(stack: contextlib.ExitStack, prefix: str, checkout: str) -> dict:
+        port = free_port()
+        client = stack.enter_context(httpx.Client(base_url=stack.enter_context(server_process(port, checkout)),
+                                                  timeout=60))
         rawc = RawClient("127.0.0.1", port)
+        calls = {f"{prefix}_httpx": lambda: text_of(client.post("/v1/completions", json=body).json()),
+                 f"{prefix}_httpx_stream": lambda: stream(client),
+                 f"{prefix}_raw": lambda: text_of(json.loads(rawc.post("/v1/completions", raw))),
+                 f"{prefix}_raw_stream": lambda: rawc.post("/v1/completions", raw_stream)}
+        for name in (f"{prefix}_httpx", f"{prefix}_raw"):  # same weights (seeded preset), same greedy text
+            assert calls[name]() == expected, name
+        assert sse_text(rawc.post("/v1/completions", raw_stream)) == expected
+        return calls
 
-        def stream(client):
-            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
-                for _ in response.iter_lines():
-                    pass
-
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(serving(create_app(backend, "tiny-llama")))
+        local = stack.enter_context(httpx.Client(base_url=url, timeout=60))
         calls = {
             "direct": lambda: rt.generate(ctx, n),
             "scheduler": scheduler,
             "http": lambda: text_of(local.post("/v1/completions", json=body).json()),
             "http_stream": lambda: stream(local),
-            "proc_httpx": lambda: text_of(remote.post("/v1/completions", json=body).json()),
-            "proc_httpx_stream": lambda: stream(remote),
-            "proc_raw": lambda: text_of(json.loads(rawc.post("/v1/completions", raw))),
-            "proc_raw_stream": lambda: rawc.post("/v1/completions", raw_stream),
+            **remote_calls(stack, "proc", "."),
+            **(remote_calls(stack, "base", args.baseline) if args.baseline else {}),
             "noop_job": noop_job,
             "http_health": lambda: local.get("/health"),
         }
-        for name in ("http", "proc_httpx", "proc_raw"):  # same weights (seeded preset), same greedy text
-            assert calls[name]() == expected, name
-        assert sse_text(rawc.post("/v1/completions", raw_stream)) == expected
+        assert calls["http"]() == expected
         for _ in range(5):  # warm-up: the prompt's spans are stored, connections open
             for call in calls.values():
                 call()
@@ -203,7 +226,7 @@ def main() -> None:
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "versions": versions, "python": platform.python_version(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for name in medians:
+    for name in medians:  # noqa: PLC0206 - two dicts by name
         print(f"{name:>18}: median {medians[name]:7.2f} ms ({medians[name] - medians['direct']:+6.2f})"
               f"   p90 {p90s[name]:7.2f} ms ({p90s[name] - p90s['direct']:+6.2f})")
     print(f"load average before {load_before}, after {os.getloadavg()}")
