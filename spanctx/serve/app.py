@@ -207,6 +207,7 @@ async def _sse(endpoint: str, req: GenRequest, first, events: _Timed, shape: typ
                 try:
                     raise_for(event)
                 except ApiError as exc:  # the others are cancelled as the stream closes
+                    metrics.observe(endpoint, [event], events.elapsed())
                     yield "".join(out) + _data(exc.body()) + "data: [DONE]\n\n"
                     return
                 out.append(_data(shape.chunk(rid, model, i, None, finish=event.finish_reason)))
