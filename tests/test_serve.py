@@ -367,3 +367,22 @@ def test_a_message_after_a_parallel_group(server, direct):
         == "assistant"  # the generation prompt was a placeholder for the reply
     reply = Client(server[0]).generate(ctx, max_tokens=4, repair="head:4")
     assert reply.text == direct.generate(ctx, 4, repair="head:4").text
+
+
+def test_n_choices_enter_the_queue_all_or_none(server):
+    url, backend = server
+    blocked = Blocked(backend)
+    body = {"model": MODEL, "prompt": "queued", "max_tokens": 1}
+    threads = [threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": body,
+                                                                                            "timeout": 120})
+               for _ in range(backend.scheduler.max_queue - 1)]
+    for t in threads:
+        t.start()
+    blocked.wait_queued(backend.scheduler.max_queue - 1)
+    response = httpx.post(url + "/v1/completions", json={**body, "n": 2}, timeout=60)  # one place left, two asked
+    waiting = backend.scheduler.waiting
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
+    assert waiting == backend.scheduler.max_queue - 1  # neither choice was queued
