@@ -2,8 +2,9 @@
 
 Policy (docs/serving.md says the same for users):
 
-- **Admission.** ``submit`` puts a job in a FIFO queue of at most ``max_queue`` waiting
-  jobs; a full queue raises ``QueueFull`` at once (the server answers 429). Running jobs
+- **Admission.** ``submit`` puts jobs in a FIFO queue of at most ``max_queue`` waiting
+  jobs, all or none (a request's ``n`` choices come together, so they batch together); a
+  queue without room raises ``QueueFull`` at once (the server answers 429). Running jobs
   do not count against the queue.
 - **Batching when the model frees.** One worker thread owns the model. Each time it is
   free it takes the oldest waiting job and, when that job can share a batch, every other
