@@ -26,6 +26,7 @@ from spanctx.serve.app import create_app, serving  # noqa: E402
 from spanctx.serve.client import Client, ServerError  # noqa: E402
 from spanctx.serve.jobs import Job  # noqa: E402
 from spanctx.serve.local import LocalBackend  # noqa: E402
+from spanctx.serve.protocol import GenRequest  # noqa: E402
 
 SYSTEM = "You answer questions about the shared manual. " * 12
 MODEL = "tiny"
@@ -386,3 +387,32 @@ def test_n_choices_enter_the_queue_all_or_none(server):
         t.join(120)
     assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
     assert waiting == backend.scheduler.max_queue - 1  # neither choice was queued
+
+
+def test_logprobs_through_the_static_executor():
+    """A row's log-probabilities come from the step's scores on either executor (the static
+    one reuses its logits buffer: the scores are copied at their step)."""
+    from spanctx.core.options import merge_options
+    from spanctx.features.batch import eos_ids
+    from spanctx.serve.jobs import Row
+    from spanctx.serve.scheduler import run_rows, run_single
+
+    model, tokenizer = tiny_model("llama")
+    contexts = [Context().append(SYSTEM).append(q) for q in ("One?", "Two, longer?")]
+    got = {}
+    for executor in ("eager", "static"):
+        rt = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor=executor)
+        for run, ctxs in ((run_single, contexts[:1]), (run_rows, contexts)):
+            events = [[] for _ in ctxs]
+            jobs = [Job(sink.append, request=GenRequest(ctx, 4, {}, (), stream=True, logprobs=2),
+                        opts=merge_options({}, {"max_new_tokens": 4})) for ctx, sink in zip(ctxs, events)]
+            run(rt, jobs, [Row(job, tokenizer, eos_ids(rt.generation_config.eos_token_id)) for job in jobs])
+            got[executor, run.__name__] = [[info for delta in sink for info in delta.logprobs] for sink in events]
+        want = rt.generate(contexts[0], 4, output_scores=True).logprobs(2)
+        assert len(want) == 4 and all(len(row) == 4 for row in got[executor, "run_rows"])
+        assert [i.logprob for i in got[executor, "run_single"][0]] == pytest.approx([w.logprob for w in want], abs=1e-4)
+    for key in ("run_single", "run_rows"):
+        assert [[i.token for i in row] for row in got["static", key]] == [[i.token for i in row]
+                                                                          for row in got["eager", key]]
+        for s_row, e_row in zip(got["static", key], got["eager", key]):
+            assert [i.logprob for i in s_row] == pytest.approx([i.logprob for i in e_row], abs=1e-4)
