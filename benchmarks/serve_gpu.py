@@ -36,8 +36,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from spanctx import Context, Runtime
 from spanctx.presets import load_preset
+from spanctx.serve.jobs import Done, Job
 from spanctx.serve.protocol import GenRequest
-from spanctx.serve.scheduler import Done, Job, Scheduler
+from spanctx.serve.scheduler import Scheduler
 
 
 class FirstToken(BaseStreamer):

@@ -15,15 +15,18 @@ from conftest import tiny_model, tiny_runtime
 
 import spanctx
 from spanctx import Context
+from spanctx.core.messages import GenerationPrompt
+from spanctx.session.logprobs import token_logprobs
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from spanctx.serve.app import create_app, serving  # noqa: E402
-from spanctx.serve.local import LocalBackend  # noqa: E402
 from spanctx.serve.client import Client, ServerError  # noqa: E402
-from spanctx.serve.scheduler import Job  # noqa: E402
+from spanctx.serve.jobs import Job  # noqa: E402
+from spanctx.serve.local import LocalBackend  # noqa: E402
+from spanctx.serve.protocol import GenRequest  # noqa: E402
 
 SYSTEM = "You answer questions about the shared manual. " * 12
 MODEL = "tiny"
@@ -117,10 +120,14 @@ def test_cache_salt_separates(server):
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),  # more than the queue (4) holds
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 3}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
     ({"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, 400, "frobnicate"),
     ({"messages": []}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-9"}, 404, "model"),
@@ -137,8 +144,10 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 def test_bad_json_and_openai_client_errors(server, client):
     response = httpx.post(server[0] + "/v1/completions", content=b"{not json", timeout=60)
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
-    with pytest.raises(openai.BadRequestError, match="one choice per request"):
-        client.chat.completions.create(model=MODEL, messages=chat("n?"), n=3)
+    with pytest.raises(openai.BadRequestError, match="not supported") as err:
+        client.chat.completions.create(model=MODEL, messages=chat("tools?"), tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert err.value.body["param"] == "tools" and err.value.body["code"] == "unsupported_parameter"
 
 
 def run_queued_together(backend, requests) -> None:
@@ -278,3 +287,132 @@ def test_health_and_metrics(server, client):
     assert samples["spanctx_store_hits"] == health["store"]["hits"]
     assert samples["spanctx_ttft_seconds_count"] > 0 and samples["spanctx_generated_tokens_total"] > 0
     assert json.loads(httpx.get(url + "/v1/models").text)["data"][0]["id"] == MODEL
+
+
+def test_n_choices_run_as_one_batch_and_seeds_step(server, client, direct):
+    backend = server[1]
+    msgs = chat("Three answers, please?")
+    one = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5)
+    three = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, n=3)
+    assert backend.scheduler.batch_sizes[-1] == 3  # the n choices were queued at once and batched
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}  # greedy: alike
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens  # one prompt, counted once
+    sampled = {"model": MODEL, "messages": msgs, "max_tokens": 8, "temperature": 1.0}
+    pair = client.chat.completions.create(**sampled, n=2, seed=7)
+    alone = [client.chat.completions.create(**sampled, seed=s).choices[0].message.content for s in (7, 8)]
+    assert [c.message.content for c in pair.choices] == alone  # choice i samples with seed + i
+    assert alone[0] != alone[1]
+    prompt = "The manual says that"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, n=2, stream=True))
+    texts, finishes = ["", ""], [None, None]
+    for chunk in chunks:
+        (choice,) = chunk.choices
+        texts[choice.index] += choice.text
+        finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+    expected = direct.generate(Context().append(prompt), 6).text
+    assert texts == [expected, expected] and finishes == ["length", "length"]
+
+
+def test_logprobs_are_the_models_distribution(server, client, direct):
+    msgs = chat("How sure are you?")
+    reply = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    want = direct.generate(Context.chat(msgs), 5, output_scores=True)
+    assert [e.token for e in content] == [direct.tokenizer.decode([t]) for t in want.token_ids]
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    for entry, expected in zip(content, want.logprobs(3), strict=True):
+        assert entry.logprob == pytest.approx(expected.logprob, abs=1e-4)
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx([p for _, p in expected.top], abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the chosen token is the likeliest
+        assert entry.bytes == list(entry.token.encode())
+    streamed = list(client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, logprobs=True,
+                                                   top_logprobs=3, stream=True))
+    again = [e for c in streamed for e in (c.choices[0].logprobs.content if c.choices[0].logprobs else [])]
+    assert [e.token for e in again] == [e.token for e in content]  # (from the store now: equal up to rounding)
+    assert [e.logprob for e in again] == pytest.approx([e.logprob for e in content], abs=1e-4)
+    # sampled: the log-probabilities are the model's, before temperature (as vLLM reports them)
+    prompt = "The pump is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=2, temperature=0.5, seed=3)
+    sampled = direct.generate(Context().append(prompt), 4, output_logits=True, temperature=0.5, seed=3)
+    lp = out.choices[0].logprobs
+    assert lp.tokens == [direct.tokenizer.decode([t]) for t in sampled.token_ids]
+    expected = token_logprobs(sampled.logits, sampled.token_ids, 2)
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in expected], abs=1e-4)
+    assert all(token in top and len(top) <= 3 for token, top in zip(lp.tokens, lp.top_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_logprobs_of_batched_rows(server, client, direct):
+    """A row that asks for log-probabilities shares a batch with one that does not."""
+    backend = server[1]
+    results: dict[int, object] = {}
+    run_queued_together(backend, [lambda i=i: results.__setitem__(i, client.completions.create(
+        model=MODEL, prompt=f"Batched row {i}", max_tokens=3, **({"logprobs": 1} if i == 0 else {})))
+        for i in range(2)])
+    assert backend.scheduler.batch_sizes[-1] == 2
+    want = direct.generate(Context().append("Batched row 0"), 3, output_scores=True).logprobs(1)
+    got = results[0].choices[0].logprobs
+    assert got.token_logprobs == pytest.approx([e.logprob for e in want], abs=1e-4)
+    assert results[1].choices[0].logprobs is None
+
+
+def test_a_message_after_a_parallel_group(server, direct):
+    notes = Context.chat([{"role": "system", "content": "Answer from the notes."}], add_generation_prompt=False)
+    ctx = notes.parallel("Note A: red.", "Note B: blue.").message("user", "Which note is red?",
+                                                                  add_generation_prompt=True)
+    assert ctx == notes.parallel("Note A: red.", "Note B: blue.").chat([{"role": "user",
+                                                                        "content": "Which note is red?"}])
+    assert ctx.spans[-1].content == GenerationPrompt() and ctx.message("assistant", "A").spans[-1].content.role \
+        == "assistant"  # the generation prompt was a placeholder for the reply
+    reply = Client(server[0]).generate(ctx, max_tokens=4, repair="head:4")
+    assert reply.text == direct.generate(ctx, 4, repair="head:4").text
+
+
+def test_n_choices_enter_the_queue_all_or_none(server):
+    url, backend = server
+    blocked = Blocked(backend)
+    body = {"model": MODEL, "prompt": "queued", "max_tokens": 1}
+    threads = [threading.Thread(target=httpx.post, args=(url + "/v1/completions",), kwargs={"json": body,
+                                                                                            "timeout": 120})
+               for _ in range(backend.scheduler.max_queue - 1)]
+    for t in threads:
+        t.start()
+    blocked.wait_queued(backend.scheduler.max_queue - 1)
+    response = httpx.post(url + "/v1/completions", json={**body, "n": 2}, timeout=60)  # one place left, two asked
+    waiting = backend.scheduler.waiting
+    blocked.release.set()
+    for t in threads:
+        t.join(120)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "queue_full"
+    assert waiting == backend.scheduler.max_queue - 1  # neither choice was queued
+
+
+def test_logprobs_through_the_static_executor():
+    """A row's log-probabilities come from the step's scores on either executor (the static
+    one reuses its logits buffer: the scores are copied at their step)."""
+    from spanctx.core.options import merge_options
+    from spanctx.features.batch import eos_ids
+    from spanctx.serve.jobs import Row
+    from spanctx.serve.scheduler import run_rows, run_single
+
+    model, tokenizer = tiny_model("llama")
+    contexts = [Context().append(SYSTEM).append(q) for q in ("One?", "Two, longer?")]
+    got = {}
+    for executor in ("eager", "static"):
+        rt = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor=executor)
+        for run, ctxs in ((run_single, contexts[:1]), (run_rows, contexts)):
+            events = [[] for _ in ctxs]
+            jobs = [Job(sink.append, request=GenRequest(ctx, 4, {}, (), stream=True, logprobs=2),
+                        opts=merge_options({}, {"max_new_tokens": 4})) for ctx, sink in zip(ctxs, events)]
+            run(rt, jobs, [Row(job, tokenizer, eos_ids(rt.generation_config.eos_token_id)) for job in jobs])
+            got[executor, run.__name__] = [[info for delta in sink for info in delta.logprobs] for sink in events]
+        want = rt.generate(contexts[0], 4, output_scores=True).logprobs(2)
+        assert len(want) == 4 and all(len(row) == 4 for row in got[executor, "run_rows"])
+        assert [i.logprob for i in got[executor, "run_single"][0]] == pytest.approx([w.logprob for w in want], abs=1e-4)
+    for key in ("run_single", "run_rows"):
+        assert [[i.token for i in row] for row in got["static", key]] == [[i.token for i in row]
+                                                                          for row in got["eager", key]]
+        for s_row, e_row in zip(got["static", key], got["eager", key]):
+            assert [i.logprob for i in s_row] == pytest.approx([i.logprob for i in e_row], abs=1e-4)

@@ -13,9 +13,9 @@ from spanctx import Context
 from spanctx.core.messages import Message
 from spanctx.core.spans import Span
 from spanctx.presets import byte_tokenizer
+from spanctx.serve.jobs import Job, Row
 from spanctx.serve.protocol import ApiError, chat_request, completion_request, context_from_json, context_to_json
 from spanctx.serve.routing import affinity_ranks, route_key
-from spanctx.serve.scheduler import Job, Row
 
 texts = st.text(min_size=1, max_size=8)
 ids = st.lists(st.integers(0, 300), min_size=1, max_size=4)
@@ -104,8 +104,8 @@ def test_affinity_ranks_prefer_one_replica_and_spill_when_it_is_loaded():
 
 
 def rows_of(text_ids: list[int], stop=(), limit=100) -> tuple[list, Row, Job]:
-    from spanctx.serve.protocol import GenRequest
     from spanctx.core.options import merge_options
+    from spanctx.serve.protocol import GenRequest
 
     events = []
     job = Job(events.append, request=GenRequest(Context().append("x"), limit, {}, tuple(stop), stream=True),

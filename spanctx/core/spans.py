@@ -12,7 +12,7 @@ anchor (a prefix of the path). What follows the group attends to everything.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 
@@ -213,15 +213,21 @@ def _show(node: Span | ParallelGroup) -> str:
     return repr(node.content) if node.is_text or node.is_chat or node.is_image else f"<{len(node.content)} ids>"
 
 
+def _leaves(ctx: Context) -> Iterator[Span]:
+    """The spans of ``ctx``'s path, a parallel group's members in its place."""
+    for node in ctx.spans:
+        yield from node.members if isinstance(node, ParallelGroup) else (node,)
+
+
 def _append_messages(ctx: Context, messages: Iterable[Mapping | Message], *, system: str | None = None,
                     tools: Sequence | None = None, add_generation_prompt: bool = False,
                     chat_template: str | None = None, template_kwargs: Mapping | None = None) -> Context:
     """``ctx`` followed by chat spans; see ``Context.chat`` and ``Context.message``."""
-    if not ctx.is_root and isinstance(ctx.span.content, GenerationPrompt):
+    if isinstance(ctx.span, Span) and isinstance(ctx.span.content, GenerationPrompt):
         ctx = ctx.parent  # the generation prompt was a placeholder for the next message
     args = template_args(tools, chat_template, template_kwargs or {})
     if args is not None:
-        if any(span.is_chat for span in ctx.spans):
+        if any(span.is_chat for span in _leaves(ctx)):
             raise ValueError("tools, chat_template and template kwargs are set where a conversation starts; "
                              "this context already holds chat spans")
         ctx = ctx.append(args)
@@ -232,7 +238,7 @@ def _append_messages(ctx: Context, messages: Iterable[Mapping | Message], *, sys
         new.insert(0, Message("system", system))
     ctx = ctx.extend(new)
     if add_generation_prompt:
-        if not any(isinstance(span.content, Message) for span in ctx.spans):
+        if not any(isinstance(span.content, Message) for span in _leaves(ctx)):
             raise ValueError("a generation prompt needs at least one message before it")
         ctx = ctx.append(GenerationPrompt())
     elif not new:

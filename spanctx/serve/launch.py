@@ -60,11 +60,11 @@ def run(args: argparse.Namespace) -> int:
                              spill=args.spill, gpus_per_replica=args.gpus_per_replica)
     import uvicorn
 
-    from .app import create_app
+    from .app import UVICORN_OPTIONS, create_app
     from .local import LocalBackend
 
     backend = LocalBackend(spec.build(), max_batch=args.max_batch, max_queue=args.max_queue)
     print(f"spanctx serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(create_app(backend, name), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(backend, name), host=args.host, port=args.port, **UVICORN_OPTIONS)
     backend.scheduler.close()
     return 0

@@ -1,5 +1,5 @@
 """What the HTTP layer talks to: a ``Backend`` turns a parsed request into an async stream of
-events (text deltas, then one ``Done``). ``LocalBackend`` runs them on this process's
+``(choice, event)`` pairs (text ``Delta``s, then one ``Done`` per choice). ``LocalBackend`` runs them on this process's
 scheduler; ``ray_app.RayBackend`` sends them to a Ray Serve replica. ``RuntimeSpec`` says
 how a server (or each replica) builds its runtime.
 """
@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from .jobs import Delta, Done, Job
 from .protocol import ApiError, GenRequest
-from .scheduler import Done, Job, Scheduler
+from .scheduler import Scheduler
 
 if TYPE_CHECKING:
     from ..core.spans import Context
@@ -51,9 +52,10 @@ class RuntimeSpec:
 
 
 class Backend(Protocol):
-    def generate(self, request: GenRequest) -> AsyncIterator[str | Done]:
-        """Text deltas then one ``Done``; raises ``ApiError`` before the first event when
-        the request is refused (bad options, queue full). Closing it early cancels."""
+    def generate(self, request: GenRequest) -> AsyncIterator[tuple[int, Delta | Done]]:
+        """``(i, event)`` for choice ``i`` of ``request.choices()``: its deltas, then one
+        ``Done`` (choices interleave); raises ``ApiError`` before the first event when the
+        request is refused (bad options, queue full). Closing it early cancels them all."""
 
     async def check(self, ctx: Context, requirements: Sequence[str], adapter: str | None) -> list[dict]: ...
 
@@ -69,13 +71,18 @@ class LocalBackend:
         self.rt = rt
         self.scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue)
 
-    async def generate(self, request: GenRequest) -> AsyncIterator[str | Done]:
+    async def generate(self, request: GenRequest) -> AsyncIterator[tuple[int, Delta | Done]]:
+        choices = request.choices()
+        if len(choices) > self.scheduler.max_queue:
+            raise ApiError(400, f"n={len(choices)} choices exceed this server's queue ({self.scheduler.max_queue} "
+                           "requests); ask for fewer", param="n")
         try:
-            opts = self.rt.options(request.max_new_tokens, **request.generate_kwargs)
+            jobs = [Job(_noop, request=r, opts=self.rt.options(r.max_new_tokens, **r.generate_kwargs))
+                    for r in choices]
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc)) from None
-        async for event in self._events(Job(_noop, request=request, opts=opts)):
-            yield event
+        async for pair in self._events(jobs):  # all n jobs queued at once: they batch together
+            yield pair
 
     async def check(self, ctx: Context, requirements: Sequence[str], adapter: str | None) -> list[dict]:
         def run(rt: Runtime) -> list[dict]:
@@ -83,44 +90,50 @@ class LocalBackend:
                      "prompt_tokens": v.stats.prompt_tokens, "cached_tokens": v.stats.cached_tokens}
                     for v in rt.check(ctx, requirements, adapter=adapter)]
 
-        async for event in self._events(Job(_noop, call=run)):
+        async for _, event in self._events([Job(_noop, call=run)]):
             if isinstance(event, Done):
                 raise_for(event)
                 return event.value
         raise AssertionError("a call job ends with Done")
 
-    async def _events(self, job: Job) -> AsyncIterator[str | Done]:
+    async def _events(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta | Done]]:
+        """Submit ``jobs`` (all or none) and yield their events as ``(index, event)`` until
+        each has ended; leaving early cancels the unfinished ones."""
         loop = asyncio.get_running_loop()
         pending: list = []
         lock = threading.Lock()
         ready = asyncio.Event()
 
-        def sink(event) -> None:  # worker thread: wake the loop only if it is not woken already
-            with lock:
-                wake = not pending
-                pending.append(event)
-            if wake:
-                try:
-                    loop.call_soon_threadsafe(ready.set)
-                except RuntimeError:  # the loop has closed: nobody is listening
-                    job.cancel()
+        def sink_of(i: int, job: Job):
+            def sink(event) -> None:  # worker thread: wake the loop only if it is not woken already
+                with lock:
+                    wake = not pending
+                    pending.append((i, event))
+                if wake:
+                    try:
+                        loop.call_soon_threadsafe(ready.set)
+                    except RuntimeError:  # the loop has closed: nobody is listening
+                        job.cancel()
+            return sink
 
-        job.sink = sink
-        self.scheduler.submit(job)
-        done = False
+        for i, job in enumerate(jobs):
+            job.sink = sink_of(i, job)
+        self.scheduler.submit(*jobs)
+        running = set(range(len(jobs)))
         try:
-            while not done:
+            while running:
                 await ready.wait()
                 ready.clear()
                 with lock:
                     events = pending[:]
                     pending.clear()
-                for event in events:
-                    done = isinstance(event, Done)
-                    yield event
+                for i, event in events:
+                    if isinstance(event, Done):
+                        running.discard(i)
+                    yield i, event
         finally:
-            if not done:
-                self.scheduler.cancel(job)
+            for i in running:
+                self.scheduler.cancel(jobs[i])
 
     async def health(self) -> dict:
         s = self.scheduler

@@ -6,12 +6,12 @@ the store's counters are read at scrape time from ``gauges()`` (a dict name -> v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .scheduler import Done
+from .jobs import Done, prompt_usage
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -33,16 +33,22 @@ class Metrics:
                                    registry=self.registry)
         self.registry.register(_Gauges(gauges))
 
-    def observe(self, endpoint: str, done: Done, total: float) -> None:
-        """Count a finished request; ``total``: its time in the server, arrival to end."""
-        self.requests.labels(endpoint, done.finish_reason).inc()
-        self.prompt_tokens.labels("cached").inc(done.cached_tokens)
-        self.prompt_tokens.labels("computed").inc(done.prompt_tokens - done.cached_tokens)
-        self.generated.inc(done.completion_tokens)
-        if done.ttft_s is not None:
-            self.ttft.observe(done.ttft_s)
-            if done.completion_tokens > 1:
-                self.per_token.observe(max(0.0, total - done.ttft_s) / (done.completion_tokens - 1))
+    def observe(self, endpoint: str, dones: Sequence[Done], total: float) -> None:
+        """Count a finished request from its choices' ``Done``s (one prompt, computed once);
+        ``total``: its time in the server, arrival to end. Its outcome: the first choice's
+        finish reason, or the first error or cancellation among them."""
+        reasons = [d.finish_reason for d in dones]
+        outcome = next((r for r in reasons if r in ("error", "cancelled")), reasons[0])
+        self.requests.labels(endpoint, outcome).inc()
+        prompt, cached = prompt_usage(dones)
+        self.prompt_tokens.labels("cached").inc(cached)
+        self.prompt_tokens.labels("computed").inc(prompt - cached)
+        for done in dones:
+            self.generated.inc(done.completion_tokens)
+            if done.ttft_s is not None:
+                self.ttft.observe(done.ttft_s)
+                if done.completion_tokens > 1:
+                    self.per_token.observe(max(0.0, total - done.ttft_s) / (done.completion_tokens - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

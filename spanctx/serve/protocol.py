@@ -25,14 +25,15 @@ __all__ = ["ApiError", "GenRequest", "chat_request", "completion_request", "cont
 
 # OpenAI fields that change the output and that this server does not implement: refused,
 # never silently ignored.
-_REFUSED = {"logprobs": "log-probabilities", "top_logprobs": "log-probabilities", "logit_bias": "logit bias",
-            "tools": "tool calls", "tool_choice": "tool calls", "functions": "tool calls",
+_REFUSED = {"logit_bias": "logit bias", "tools": "tool calls", "tool_choice": "tool calls", "functions": "tool calls",
             "response_format": "JSON output", "echo": "echo", "suffix": "suffix", "best_of": "best_of",
             "presence_penalty": "presence penalty", "frequency_penalty": "frequency penalty"}
 _IGNORED = {"model", "user", "stream_options", "parallel_tool_calls", "metadata", "store", "service_tier"}
 _SAMPLING = {"temperature", "top_p", "seed", "max_tokens", "max_completion_tokens", "stop", "n", "stream",
-             "cache_salt"}
+             "cache_salt", "logprobs"}
 MAX_STOP = 4
+MAX_N = 128  # OpenAI's bound; the server's queue must also hold the n choices at once
+MAX_TOP_LOGPROBS = {"chat": 20, "completion": 5}  # OpenAI's bounds
 
 
 class ApiError(Exception):
@@ -52,7 +53,9 @@ class ApiError(Exception):
 class GenRequest:
     """One generation as the scheduler runs it. ``generate_kwargs``: the options for
     ``Runtime.options`` (sampling fields, seed); ``stop``: strings that end the text (cut
-    before them); ``include_usage``: a streamed reply ends with a usage chunk."""
+    before them); ``include_usage``: a streamed reply ends with a usage chunk; ``logprobs``:
+    None, or how many top alternatives each token's log-probability comes with; ``n``: the
+    choices (``choices()``)."""
 
     ctx: Context
     max_new_tokens: int | None
@@ -63,11 +66,22 @@ class GenRequest:
     repair: str | None = None
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None
+    n: int = 1
+
+    def choices(self) -> list[GenRequest]:
+        """One request per choice. With a ``seed``, choice ``i`` samples with ``seed + i``:
+        reproducible, and the choices differ (greedy choices are all alike)."""
+        if self.n == 1:
+            return [self]
+        seed = self.generate_kwargs.get("seed")
+        return [attrs.evolve(self, n=1, generate_kwargs=self.generate_kwargs if seed is None else
+                             {**self.generate_kwargs, "seed": seed + i}) for i in range(self.n)]
 
 
 def chat_request(body: Mapping) -> GenRequest:
     """``/v1/chat/completions``: the messages, each its own span, then a generation prompt."""
-    _check_fields(body, {"messages"})
+    _check_fields(body, {"messages", "top_logprobs"})
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", param="messages")
@@ -75,7 +89,14 @@ def chat_request(body: Mapping) -> GenRequest:
         ctx = Context.chat([_chat_message(m, i) for i, m in enumerate(messages)])
     except (TypeError, ValueError) as exc:
         raise ApiError(400, str(exc), param="messages") from None
-    return _generation(body, ctx)
+    top = body.get("top_logprobs")
+    if body.get("logprobs") not in (None, False, True):
+        raise ApiError(400, f"logprobs must be a boolean on chat completions, got {body['logprobs']!r}",
+                       param="logprobs")
+    if top is not None and not body.get("logprobs"):
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = _bounded(top or 0, "top_logprobs", MAX_TOP_LOGPROBS["chat"]) if body.get("logprobs") else None
+    return attrs.evolve(_generation(body, ctx), logprobs=logprobs)
 
 
 def completion_request(body: Mapping) -> GenRequest:
@@ -93,7 +114,7 @@ def completion_request(body: Mapping) -> GenRequest:
         raise ApiError(400, f"prompt: {exc}", param="prompt") from None
     if ctx is None:
         raise ApiError(400, "'prompt' must be a string or a list of token ids", param="prompt")
-    return _generation(body, ctx)
+    return attrs.evolve(_generation(body, ctx), logprobs=_completion_logprobs(body))
 
 
 def span_request(body: Mapping) -> GenRequest:
@@ -102,8 +123,23 @@ def span_request(body: Mapping) -> GenRequest:
     for name in ("adapter", "repair"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise ApiError(400, f"'{name}' must be a string", param=name)
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "the span endpoint returns one choice; send n requests (they share the context's "
+                       "spans and run batched)", param="n", code="unsupported_parameter")
     return attrs.evolve(_generation(body, context_from_json(body.get("context"))), adapter=body.get("adapter"),
-                        repair=body.get("repair"))
+                        repair=body.get("repair"), logprobs=_completion_logprobs(body))
+
+
+def _completion_logprobs(body: Mapping) -> int | None:
+    """Completions' ``logprobs``: how many top alternatives per token (None: none asked)."""
+    logprobs = body.get("logprobs")
+    return None if logprobs is None else _bounded(logprobs, "logprobs", MAX_TOP_LOGPROBS["completion"])
+
+
+def _bounded(value, name: str, most: int, least: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+        raise ApiError(400, f"{name} must be an integer in [{least}, {most}], got {value!r}", param=name)
+    return value
 
 
 def _check_fields(body: Mapping, own: set[str]) -> None:
@@ -119,11 +155,7 @@ def _check_fields(body: Mapping, own: set[str]) -> None:
 
 
 def _generation(body: Mapping, ctx: Context) -> GenRequest:
-    n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(400, f"n={n!r}: this server returns one choice per request; send n requests "
-                       "(they share the prompt's cached spans and run batched)", param="n",
-                       code="unsupported_parameter")
+    n = 1 if body.get("n") is None else _bounded(body["n"], "n", MAX_N, least=1)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ApiError(400, f"max_tokens must be an integer >= 1, got {limit!r}", param="max_tokens")
@@ -147,7 +179,7 @@ def _generation(body: Mapping, ctx: Context) -> GenRequest:
         raise ApiError(400, "cache_salt must be a non-empty string", param="cache_salt")
     options = body.get("stream_options") or {}
     return GenRequest(ctx, limit, kwargs, _stop(body.get("stop")), salt, stream=bool(body.get("stream")),
-                      include_usage=bool(isinstance(options, Mapping) and options.get("include_usage")))
+                      include_usage=bool(isinstance(options, Mapping) and options.get("include_usage")), n=n)
 
 
 def _stop(stop) -> tuple[str, ...]:

@@ -28,10 +28,10 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from ..core.spans import Context
+from .jobs import Delta, Done
 from .local import LocalBackend, RuntimeSpec, raise_for
 from .protocol import ApiError, GenRequest
 from .routing import affinity_ranks, route_key
-from .scheduler import Done
 
 __all__ = ["SpanAffinityRouter", "build_app", "serve_forever"]
 
@@ -57,12 +57,10 @@ class SpanctxReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, request: GenRequest, route_key: str | None = None) -> AsyncIterator:
+        """``(i, Delta)`` pairs, ``(i, {"done": ...})`` per choice, or one ``{"api_error": ...}``."""
         try:
-            async for event in self.backend.generate(request):
-                if isinstance(event, Done):
-                    yield self._done(event)
-                else:
-                    yield event
+            async for i, event in self.backend.generate(request):
+                yield i, self._done(event) if isinstance(event, Done) else event
         except ApiError as exc:
             yield {"api_error": [exc.status, exc.body()]}
 
@@ -92,27 +90,31 @@ class RayBackend:
     def __init__(self, handle, route_depth: int) -> None:
         self.handle, self.route_depth = handle, route_depth
 
-    async def generate(self, request: GenRequest) -> AsyncIterator[str | Done]:
+    async def generate(self, request: GenRequest) -> AsyncIterator[tuple[int, Delta | Done]]:
+        """All of a request's choices on one replica: they batch there and share its spans."""
         key = route_key(request.ctx, request.salt, self.route_depth)
         stream = self.handle.options(stream=True).generate.remote(request, route_key=key)
-        finished = False
+        running = request.n
         try:
-            async for event in stream:
-                if isinstance(event, str):
-                    yield event
-                    continue
-                finished = True
-                _raise(event)
-                yield Done(**event["done"])
-                return
+            async for item in stream:
+                if isinstance(item, dict):  # refused before any choice ran
+                    raise _api_error(item)
+                i, event = item
+                if isinstance(event, dict):
+                    running -= 1
+                    event = Done(**event["done"]) if "done" in event else Done("error", error=_api_error(event))
+                yield i, event
+                if not running:
+                    return
         finally:
-            if not finished:
-                stream.cancel()  # the client left: the replica's generator is cancelled, its job too
+            if running:
+                stream.cancel()  # the client left: the replica's generator is cancelled, its jobs too
 
     async def check(self, ctx: Context, requirements: Sequence[str], adapter: str | None) -> list[dict]:
         out = await self.handle.check.remote(ctx, requirements, adapter, route_key=route_key(ctx, None,
                                                                                               self.route_depth))
-        _raise(out)
+        if "api_error" in out:
+            raise _api_error(out)
         return out["verdicts"]
 
     async def health(self) -> dict:
@@ -122,11 +124,10 @@ class RayBackend:
         return {}  # request-level series only: each replica's store counters ride on its replies
 
 
-def _raise(event: dict) -> None:
-    if "api_error" in event:
-        status, body = event["api_error"]
-        error = body["error"]
-        raise ApiError(status, error["message"], type=error["type"], param=error["param"], code=error["code"])
+def _api_error(event: dict) -> ApiError:
+    status, body = event["api_error"]
+    error = body["error"]
+    return ApiError(status, error["message"], type=error["type"], param=error["param"], code=error["code"])
 
 
 class _Ingress:

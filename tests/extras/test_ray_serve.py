@@ -59,8 +59,12 @@ def test_openai_client_and_errors_through_ray(url):
     chunks = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                             stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
-    with pytest.raises(openai.BadRequestError, match="one choice per request"):
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=2)
+    two = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, n=2,
+                                         logprobs=True)  # both choices on one replica, with log-probabilities
+    assert [c.message.content for c in two.choices] == [reply.choices[0].message.content] * 2
+    assert all(len(c.logprobs.content) == 3 for c in two.choices) and two.usage.completion_tokens == 6
+    with pytest.raises(openai.BadRequestError, match="not supported"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logit_bias={"1": 1})
     response = httpx.post(url + "/v1/spanctx/generate", json={"context": ["x"], "adapter": "none", "max_tokens": 1},
                           timeout=120)
     assert response.status_code == 400 and "none" in response.json()["error"]["message"]
