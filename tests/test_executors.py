@@ -185,7 +185,7 @@ def test_an_adapter_is_warmed_up_when_added_and_forgotten_when_unloaded(tmp_path
     builds the adapter's steps, so the first checks and generations with it build none;
     unloading it drops them."""
     arch, alora, _ = adapter_pair("llama", tmp_path_factory, "executors-warm", (5, 6))
-    eager, static = fresh_runtime(arch, executor="eager"), fresh_runtime(arch, executor="static")
+    eager, static = fresh_runtime(arch, executor="eager"), fresh_runtime(arch, executor="static", static_tokens=512)
     static.engine._warm = True  # what a CUDA runtime with warm_up=True has
     for rt in (eager, static):
         rt.add_adapter("check", alora, invocation=INVOCATION)
@@ -222,3 +222,20 @@ def test_placed_members_rotated_into_the_buffers_equal_eager(arch):
         assert got.stats.parallel.recomputed_tokens == 0 and got.stats.cached_tokens == want.stats.cached_tokens
         torch.testing.assert_close(static.next_token_logits(ctx, repair="none"),
                                    eager.next_token_logits(ctx, repair="none"), atol=1e-4, rtol=0)
+
+
+def test_warmed_up_batches_build_nothing_and_equal_eager():
+    """``Engine.warm_up_rows`` (a server's start) builds the steps of batches of up to N
+    rows: batches of 3 and 8 prompts (decode steps padded to 4 and 8 rows) then build
+    nothing, and decode as the eager executor does."""
+    model, tokenizer = tiny_model("llama")
+    eager = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="eager")
+    static = spanctx.Runtime(model, tokenizer, store_bytes=64 << 20, executor="static", static_tokens=512)
+    static.engine._warm = True  # what a CUDA runtime with warm_up=True has
+    stats = static.engine.warm_up_rows(range(2, 9))
+    assert stats.builds > 0 and eager.engine.warm_up_rows(range(2, 9)) is None
+    for count in (3, 8):
+        contexts = [Context().append(SYSTEM).append(f"Question {i}?" * (1 + i % 3)) for i in range(count)]
+        got = static.generate_batch(contexts, 6)
+        assert {r.stats.static.builds for r in got} == {0} and got[0].stats.static.rows == count
+        assert [r.token_ids for r in got] == [r.token_ids for r in eager.generate_batch(contexts, 6)]

@@ -22,7 +22,7 @@ from test_static import (
 from spanctx.cache.kv import KVSlice
 from spanctx.cache.span_kv import SpanKV
 from spanctx.engine.static import StaticExecutor
-from spanctx.engine.static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, keep_bucket, pack
+from spanctx.engine.static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, keep_bucket, pack, rows_bucket
 from spanctx.engine.static_warmup import OVERHANG, ladder, rung
 
 STEP_8B = 0.25 * 15.0e9 / 131072  # ATTENTION_RATE x the 8B shape's weights read per step / KV bytes per slot
@@ -155,7 +155,7 @@ def test_warm_up_shows_a_bar_only_when_asked(capsys):
     assert "capturing step graphs" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("count", [2, 8])
+@pytest.mark.parametrize("count", [2, 3, 8])
 def test_warm_up_of_n_rows_builds_every_bucket_their_calls_reach(count):
     """Every call of ``count`` rows over one shared prefix (its length, the rows' tail
     tokens, new tokens per row), by the executor's own bucket rule."""
@@ -179,7 +179,7 @@ def test_warm_up_of_n_rows_builds_every_bucket_their_calls_reach(count):
                 reached = {r for r in ex.ladder
                            if ex._buckets(packing, new_from)[1] <= r <= ex._buckets(packing, most)[1]}
                 # the tail's bucket, or the decode step's (one token and one logit row per row)
-                step = (tokens, keep_bucket(count)) if new_from == 1 else (count, count)
+                step = (tokens, keep_bucket(count)) if new_from == 1 else (rows_bucket(count),) * 2
                 needed |= {(step[0], r, step[1]) for r in reached}
     assert needed <= built
 
@@ -201,5 +201,6 @@ def test_after_a_tail_warm_up_of_two_rows_check_like_calls_of_any_count_build_no
         torch.testing.assert_close(out.logits[r].float(), full_logits(model, p, 1)[0], atol=ATOL, rtol=0)
 
 
-def test_keep_buckets():
+def test_keep_and_row_buckets():
     assert [keep_bucket(k) for k in (1, 2, 10, 64, 65, 200)] == [1, 64, 64, 64, 128, 256]
+    assert [rows_bucket(r) for r in (1, 2, 3, 5, 8, 33, 64)] == [1, 2, 4, 8, 8, 64, 64]

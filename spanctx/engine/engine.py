@@ -38,7 +38,7 @@ from .calls import Assembly, FinalCall, FinalOutput, ids_tensor
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
 from .parallel_stats import ParallelStats, parallel_stats
-from .static_layout import pack
+from .static_layout import pack, rows_bucket
 from .static_warmup import WarmUpStats
 from .stopping import FirstTokenClock, with_stopping_criterion
 
@@ -149,6 +149,14 @@ class Engine:
             return None
         stats = self.static.warm_up()
         return stats.plus(self.static.warm_up(rows=(2,), decode=False)) if alora else stats
+
+    def warm_up_rows(self, rows: Sequence[int]) -> WarmUpStats | None:
+        """Build the static steps of batches of each of ``rows`` rows (their tail steps and
+        decode steps; counts sharing a ``rows_bucket`` share them), with the adapters
+        switched on now: what a server does at start for its largest batch. None when the
+        engine does not warm up."""
+        counts = sorted({rows_bucket(r) for r in rows if r > 1})
+        return self.static.warm_up(rows=counts) if self._warm and counts else None
 
     def forget_adapter(self, peft_name: str) -> None:
         """Drop what the static executor built with PEFT adapter ``peft_name`` (before it is unloaded)."""

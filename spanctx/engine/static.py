@@ -75,6 +75,7 @@ from .static_layout import (
     model_reason,
     pack,
     probe_layout,
+    rows_bucket,
     suffix_bucket,
 )
 from .static_lora import AdapterState, AdapterSteps
@@ -122,7 +123,7 @@ class StaticExecutor(Sizing):
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
         if max_tokens < 2:
             raise ValueError(f"need max_tokens >= 2, got {max_tokens}")
-        self.compiled = compile
+        self.compiled, self._chunks = compile, chunks
         text = model.config.get_text_config()
         layout, self.dtype = probe_layout(model)
         self.max_tokens = granules(max_tokens)
@@ -133,7 +134,6 @@ class StaticExecutor(Sizing):
         self.kv_heads = layout[0][0]
         self.attention = attention_mode(model, attention, layout[0][1], self.dtype)
         self._group = text.num_attention_heads // self.kv_heads if self.attention == "split" else 1
-        self._chunks = chunks
         self._own_attention = own_attention(model)
         self._model_reason = model_reason(text, self.graphs)
         # a vision-language model: ids from the text vocabulary on are image placeholders
@@ -142,8 +142,7 @@ class StaticExecutor(Sizing):
         ints, slots = dict(dtype=torch.long, device=self.device), self.buffers.max_tokens  # a padded tail's too
         # the step's inputs, per step token: id, position, slot, row; and per slot its owner and position
         self._ids, self._pos, self._slots, self._who, self._keep = (torch.zeros(slots, **ints) for _ in range(5))
-        self._owners = torch.full((slots,), OWNER_FREE, **ints)
-        self._slot_pos = torch.zeros(slots, **ints)
+        self._owners, self._slot_pos = torch.full((slots,), OWNER_FREE, **ints), torch.zeros(slots, **ints)
         self._adapters = AdapterSteps(model, max_rows=MAX_ROWS, max_tokens=slots)
         self._forward = torch.compile(model) if compile else model
         self._lock = threading.Lock()
@@ -158,9 +157,8 @@ class StaticExecutor(Sizing):
             self._steps = StepGraphs(self._step, graphs=self.graphs, warmup=2 if self.compiled else 1)
 
     def forget_adapter(self, name: str) -> None:
-        """Drop the steps captured with PEFT adapter ``name`` on (call before unloading it:
-        a graph replays the weights it was captured with, and a later adapter may be
-        given the same memory)."""
+        """Drop the steps captured with PEFT adapter ``name`` on, before it is unloaded: a graph
+        replays the weights it captured, and a later adapter may be given their memory."""
         with self._lock:
             stale = lambda bucket: bucket.adapters is not None and name in bucket.adapters.names  # noqa: E731
             self._steps.drop(stale)
@@ -371,16 +369,20 @@ class StaticExecutor(Sizing):
         return (self._step(bucket) if self.graphs and padded > GRAPH_TOKENS else self._steps.run(bucket))[:len(kept)]
 
     def _run_decode(self, call: _Call, tokens: torch.Tensor, positions: torch.Tensor, step: int) -> torch.Tensor:
-        """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at
-        ``positions[r]`` (decode step ``step``: the slots after the prompts, one per row)."""
-        rows = tokens.shape[0]
+        """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at ``positions[r]``
+        (step ``step``: the slots after the prompts, one per row), padded to ``rows_bucket(R)``
+        tokens of no row that write the last attention slot (real ones stop R slots short)."""
+        rows, padded = tokens.shape[0], rows_bucket(tokens.shape[0])
         self._ids[:rows].copy_(tokens)
         self._pos[:rows].copy_(positions)
         if step == 0:  # the same every step but the slots; device-side, so the host never waits
             torch.arange(rows, out=self._who[:rows])
-            torch.arange(rows, out=self._keep[:rows])
+            torch.arange(padded, out=self._keep[:padded])
+            pads = ((self._ids, 0), (self._pos, 0), (self._who, OWNER_FREE), (self._slots, call.length - 1))
+            for inputs, pad in pads:
+                inputs[rows:padded].fill_(pad)
         torch.add(self._who[:rows], call.packing.decode_slot + step * rows, out=self._slots[:rows])
-        return self._steps.run(Bucket(rows, call.length, rows, call.adapters))
+        return self._steps.run(Bucket(padded, call.length, padded, call.adapters))[:rows]
 
     def _step(self, bucket: Bucket) -> torch.Tensor:
         """One model step of ``bucket`` from the fixed inputs: what a graph captures.

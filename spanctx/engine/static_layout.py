@@ -29,7 +29,7 @@ from .static_lora import AdapterState
 
 __all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "MAX_ROWS", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput",
            "GenerateOutput", "Packing", "Row", "attention_mode", "keep_bucket", "model_reason", "pack", "probe_layout",
-           "suffix_bucket"]
+           "rows_bucket", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
 # longer tails run unpadded and without a graph (arithmetic-bound: 2K tokens are ~32 TFLOP on
@@ -45,6 +45,12 @@ def keep_bucket(keep: int) -> int:
     (a power of two), so that calls of any number of rows (N checks, a batch's prompts)
     share their buckets; the extra rows repeat the first and are dropped."""
     return 1 if keep == 1 else max(MAX_ROWS, 1 << (keep - 1).bit_length())
+
+
+def rows_bucket(rows: int) -> int:
+    """Tokens of a decode step of ``rows`` rows: the next power of two, so that batches of
+    3 and 4 rows share their steps (the extra tokens belong to no row)."""
+    return 1 << (rows - 1).bit_length()
 
 
 def suffix_bucket(tokens: int) -> int:

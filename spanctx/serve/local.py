@@ -70,6 +70,8 @@ class LocalBackend:
     def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64) -> None:
         self.rt = rt
         self.scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue)
+        # the batches' steps are built now (a CUDA runtime that warms up), not on a request
+        self.warm_up = rt.engine.warm_up_rows(range(2, self.scheduler.max_batch + 1))
 
     async def generate(self, request: GenRequest) -> AsyncIterator[tuple[int, Delta | Done]]:
         choices = request.choices()
