@@ -45,6 +45,113 @@ ANSWER_WEIGHT = 4.0
 NATURAL_ROWS = 0.15
 MAX_DOCS = 32
 DOC_BYTES = 150  # a little over the mean document of a training world, for packing
+PARALLEL_EPISODES = 0.35  # of the synthetic episodes: documents encoded as parallel spans
+CODE_QUESTIONS = 0.4  # of the questions ask for a code (the hard copy: digit strings), the rest share the others
+ATTENTION = "spanctx_train"  # the attention implementation registered below: episode and span masks
+
+
+class Layout:
+    """Per-token columns of a packed row: ``pos`` (RoPE position; every episode starts at
+    0), ``ep`` (episode index in the row), ``blk`` (0: an ordinary token; ``m >= 1``: the
+    ``m``-th parallel member of its episode, or the copy of the shared prefix it attends to)
+    and ``copy`` (1 for those prefix copies: attended to by their member only, never
+    scored). The attention rule (``allowed``): a token sees earlier tokens of its episode;
+    an ordinary token sees every one but the copies, a member token only its own block.
+
+    This reproduces spanctx's parallel placement (``spanctx/core/placement.py``) exactly:
+    there a member's KV is computed right after its anchor (BOS and the system line, at
+    ``0..A-1``) and its keys are rotated to the member's place ``s``; here member ``m``
+    follows its own copy of the anchor placed at ``s - A .. s - 1``, so it sees the same
+    tokens at the same relative distances (RoPE only sees distances) and its keys land at
+    ``s``. Tokens after the group see the original anchor and every member in place."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.pos: list[int] = []
+        self.ep: list[int] = []
+        self.blk: list[int] = []
+        self.copy: list[int] = []
+        self.episode = -1
+        self.next_pos = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def start_episode(self) -> None:
+        self.episode += 1
+        self.next_pos = 0
+
+    def add(self, part: list[int], weight: float = 1.0, blk: int = 0, copy: int = 0, at: int | None = None) -> None:
+        """Append ``part``; positions continue the episode's unless ``at`` is given (then
+        the episode's next position is left as it was)."""
+        start = self.next_pos if at is None else at
+        self.ids += part
+        self.weights += [weight] * len(part)
+        self.pos += range(start, start + len(part))
+        self.ep += [self.episode] * len(part)
+        self.blk += [blk] * len(part)
+        self.copy += [copy] * len(part)
+        if at is None:
+            self.next_pos += len(part)
+
+    def tensors(self, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``ids [total]``, ``weights [total]`` and ``layout [4, total]`` (pos, ep, blk, copy)."""
+        cols = [self.pos, self.ep, self.blk, self.copy]
+        return (torch.tensor(self.ids[:total]), torch.tensor(self.weights[:total], dtype=torch.float32),
+                torch.tensor([c[:total] for c in cols], dtype=torch.int32))
+
+
+def allowed(ep_q, blk_q, ep_k, blk_k, copy_k, q, k):
+    """The attention rule of ``Layout`` on broadcastable index tensors (True: ``q`` sees ``k``)."""
+    ordinary = (blk_q == 0) & (copy_k == 0)
+    return (ep_q == ep_k) & (k <= q) & (ordinary | ((blk_q > 0) & (blk_k == blk_q)))
+
+
+def dense_mask(layout: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` bool mask of ``allowed`` for ``layout [B, 4, T]`` (sdpa's path)."""
+    _, ep, blk, copy = layout.unbind(1)
+    t = torch.arange(layout.shape[-1], device=layout.device)
+    m = allowed(ep[:, :, None], blk[:, :, None], ep[:, None, :], blk[:, None, :], copy[:, None, :],
+                t[None, :, None], t[None, None, :])
+    return m[:, None]
+
+
+def block_mask(layout: torch.Tensor):
+    """flex attention's ``BlockMask`` of ``allowed`` for ``layout [B, 4, T]``: blocks of other
+    episodes are skipped, so the cost per token follows its episode's length, not the row's."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _, ep, blk, copy = layout.unbind(1)
+
+    def mask_mod(b, h, q, k):
+        return allowed(ep[b, q], blk[b, q], ep[b, k], blk[b, k], copy[b, k], q, k)
+
+    return create_block_mask(mask_mod, layout.shape[0], None, layout.shape[-1], layout.shape[-1],
+                             device=layout.device)
+
+
+def span_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, span_mask=None, **kwargs):
+    """The attention of training: ``span_mask`` (a ``BlockMask`` or a dense bool mask of
+    ``allowed``), or plain causal attention without one. Query ``[B, H, T, D]``, key and
+    value ``[B, H_kv, T, D]``; returns ``[B, T, H, D]``."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    if isinstance(span_mask, BlockMask):
+        out = flex_attention(query, key, value, block_mask=span_mask, scale=scaling, enable_gqa=True)
+    else:
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=span_mask, scale=scaling,
+                                                               is_causal=span_mask is None)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_span_attention(model: LlamaForCausalLM) -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, span_attention)
+    model.set_attn_implementation(ATTENTION)
 
 
 def model_config() -> LlamaConfig:
@@ -57,14 +164,11 @@ def model_config() -> LlamaConfig:
 
 
 class Rows(IterableDataset):
-    """Endless ``(ids [T+1], weights [T+1])`` rows; worker ``w`` draws from seed ``(seed, w)``."""
+    """Endless ``(ids [T+1], weights [T+1], layout [4, T+1])`` rows; worker ``w`` draws
+    from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents."""
 
-    def __init__(self, seq_len: int, seed: int) -> None:
-        self.seq_len, self.seed = seq_len, seed
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES) -> None:
+        self.seq_len, self.seed, self.parallel = seq_len, seed, parallel
         tok = byte_tokenizer()
         self.ascii = tok("".join(map(chr, range(128))), add_special_tokens=False)["input_ids"]
         assert len(self.ascii) == 128
@@ -72,41 +176,57 @@ class Rows(IterableDataset):
         self.natural = tok("\n\n".join(texts.values()), add_special_tokens=False)["input_ids"]
         self.filler = retrieval.filler_sentences(texts)
         self.bos = tok.bos_token_id
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
         while True:
             yield self.row(rng)
 
     def encode(self, text: str) -> list[int]:
         return [self.ascii[b] for b in text.encode("ascii")]
 
-    def natural_window(self, rng: random.Random, n: int) -> list[int]:
-        start = rng.randrange(len(self.natural) - n)
-        return self.natural[start:start + n]
+    def episode(self, rng: random.Random, row: Layout, room: int, first: bool) -> None:
+        """One synthetic episode: BOS, a system line, K documents (one stream, or parallel
+        members after the system line), then 6-16 questions and their answers."""
+        parallel = rng.random() < self.parallel
+        system = [self.bos] + self.encode(rng.choice(retrieval.SYSTEM_LINES))
+        per_doc = DOC_BYTES + (len(system) if parallel else 0)
+        fits = max(1, min(MAX_DOCS, (room - 500) // per_doc))
+        world = retrieval.make_world(rng, rng.randint(1, MAX_DOCS if first else fits), self.filler)
+        row.start_episode()
+        row.add(system[:1], 0.0)
+        row.add(system[1:])
+        if parallel:
+            start = len(system)
+            for m, doc in enumerate(world.documents, 1):
+                ids = self.encode(doc)
+                row.add(system, 0.0, blk=m, copy=1, at=start - len(system))
+                row.add(ids, blk=m, at=start)
+                start += len(ids)
+            row.next_pos = start
+        else:
+            row.add(self.encode("".join(world.documents)))
+        for _ in range(rng.randint(6, 16)):
+            kind = "two" if rng.random() < 0.5 else "single"
+            others = [a for a in retrieval.QUESTIONS[kind] if a != "code"]
+            attribute = "code" if rng.random() < CODE_QUESTIONS else rng.choice(others)
+            q = retrieval.ask(rng, world, kind, attribute=attribute) or retrieval.ask(rng, world, "single")
+            row.add(self.encode(retrieval.question_text(q.text)))
+            row.add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
 
-    def row(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         total = self.seq_len + 1
-        ids: list[int] = []
-        weights: list[float] = []
-
-        def add(part: list[int], weight: float = 1.0) -> None:
-            ids.extend(part)
-            weights.extend([weight] * len(part))
-
+        row = Layout()
         if rng.random() >= NATURAL_ROWS:
-            while total - len(ids) > 600:
-                # the first episode of a row has any K; later ones a K that fits
-                fits = MAX_DOCS if not ids else max(1, min(MAX_DOCS, (total - len(ids) - 500) // DOC_BYTES))
-                add([self.bos])
-                world = retrieval.make_world(rng, rng.randint(1, fits), self.filler)
-                add(self.encode(rng.choice(retrieval.SYSTEM_LINES) + "".join(world.documents)))
-                for _ in range(rng.randint(6, 16)):
-                    q = retrieval.ask(rng, world, "two" if rng.random() < 0.5 else "single")  # training split
-                    q = q or retrieval.ask(rng, world, "single")
-                    add(self.encode(retrieval.question_text(q.text)))
-                    add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
-        if len(ids) < total:
-            add([self.bos])
-            add(self.natural_window(rng, total - len(ids)))
-        return torch.tensor(ids[:total], dtype=torch.long), torch.tensor(weights[:total], dtype=torch.float32)
+            while total - len(row) > 600:
+                self.episode(rng, row, total - len(row), first=not len(row))
+        if len(row) < total:
+            row.start_episode()
+            row.add([self.bos], 0.0)
+            start = rng.randrange(len(self.natural) - total)
+            row.add(self.natural[start:start + total - len(row)])
+        return row.tensors(total)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int, time_progress: float = 0.0) -> float:
@@ -171,12 +291,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--seq-len", type=int, default=6144)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--parallel", type=float, default=PARALLEL_EPISODES,
+                        help="fraction of the synthetic episodes whose documents are parallel spans")
+    parser.add_argument("--attention", choices=("flex", "sdpa"), default="flex",
+                        help="flex: block-sparse masks (GPU); sdpa: dense masks (any device, slow)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--time-limit", type=float, default=360.0, help="stop training after this many seconds")
@@ -204,6 +328,7 @@ def main() -> int:
     else:
         model = LlamaForCausalLM(config).to(device)
         earlier, earlier_log = None, []
+    use_span_attention(model)
     params = sum(p.numel() for p in model.parameters())
     log(f"spanctx tiny-trained: {params / 1e6:.2f} M parameters, {config.num_hidden_layers} layers, hidden "
         f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
@@ -217,23 +342,27 @@ def main() -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
-    loader = DataLoader(Rows(args.seq_len, args.seed), batch_size=args.batch, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4)
+    loader = DataLoader(Rows(args.seq_len, args.seed, args.parallel), batch_size=args.batch,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if args.workers else None)
+    make_mask = block_mask if args.attention == "flex" else dense_mask
     probe = retrieval.load_heldout().select(worlds=4)
     curve, evals = [], []
     started = time.perf_counter()
     tokens = 0
     step = 0
     mark = (started, 0)  # (time, tokens) at the last log line
-    for step, (ids, weights) in enumerate(loader):
+    for step, (ids, weights, layout) in enumerate(loader):
         if step >= args.steps or time.perf_counter() - started > args.time_limit:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup,
                                 (time.perf_counter() - started) / args.time_limit)
         ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
+        layout = layout[:, :, :-1].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = forward(input_ids=ids[:, :-1]).logits
+            logits = forward(input_ids=ids[:, :-1], position_ids=layout[:, 0].long(),
+                             span_mask=make_mask(layout)).logits
         per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
                                                       reduction="none")
         w = weights[:, 1:].flatten()
@@ -262,6 +391,7 @@ def main() -> int:
 
     model.eval()
     weights_dir = out / "tiny-trained"
+    model.set_attn_implementation("sdpa")  # what the saved model loads with
     model.to(torch.bfloat16).save_pretrained(weights_dir, safe_serialization=True)
     shipped = LlamaForCausalLM.from_pretrained(weights_dir, dtype=torch.float32).to(device).eval()
     accuracy = heldout_accuracy(shipped, device, retrieval.load_heldout().select(worlds=args.heldout_worlds))
