@@ -1,6 +1,6 @@
 """Train the ``tiny-trained`` preset: a small Llama (RoPE, GQA) on byte tokens.
 
-    python benchmarks/train_tiny.py --out DIR [--steps N] [--seed S]     (CUDA; ~6 min on an H200)
+    python benchmarks/train_tiny.py --out DIR --compile [--time-limit S] [--seed S]   (CUDA; ~6 min on an H200)
 
 Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
 - natural English: CPython's ``pydoc_data.topics`` (the language reference's topics as
@@ -10,15 +10,21 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
   that never occur in the held-out set, the seen paraphrases only): a system line,
   K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
   then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
-  questions. Answer tokens weigh ``ANSWER_WEIGHT`` in the loss.
+  questions, ``CODE_QUESTIONS`` of them about codes. Answer tokens weigh ``ANSWER_WEIGHT``.
+- ``PARALLEL_EPISODES`` of the episodes encode their documents as parallel spans
+  (Block-Attention-style): each document attends only to the shared prefix (BOS and the
+  system line) and itself, at the positions spanctx's parallel placement gives it; the
+  questions attend to everything (``Layout`` says how, and a test checks it against
+  spanctx). The model so learns to answer from documents it reads apart.
 
-Each row of a batch packs episodes (each after a BOS token) and ends with natural text;
-``NATURAL_ROWS`` of the rows are natural text only. Writes to ``DIR``: the model in
-bfloat16 safetensors with its config, ``training-log.txt`` and ``training.json`` (settings,
-versions, device, loss curve, held-out accuracy by K and question kind: teacher-forced
-exact match of the frozen held-out prompts, which equals greedy exact match). The
-learning rate follows a cosine over ``--steps`` or ``--time-limit``, whichever runs out
-first, so a slower device still ends its schedule.
+Each row of a batch packs episodes (each from BOS at position 0, masked from the others:
+flex attention with a block mask, so a token's cost follows its episode's length) and
+ends with natural text; ``NATURAL_ROWS`` of the rows are natural text only. Writes to
+``DIR``: the model in bfloat16 safetensors with its config, ``training-log.txt`` and
+``training.json`` (settings, versions, device, loss curve, held-out accuracy by K and
+question kind: teacher-forced exact match of the frozen held-out prompts, which equals
+greedy exact match). The learning rate follows a cosine over ``--steps`` or
+``--time-limit``, whichever runs out first, so a slower device still ends its schedule.
 """
 
 from __future__ import annotations
@@ -148,9 +154,14 @@ def span_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def use_span_attention(model: LlamaForCausalLM) -> None:
+    """Switch ``model`` (and its config) to ``span_attention``; transformers builds no mask
+    for it (the registered mask function returns None), so positions that restart per
+    episode are not mistaken for packed sequences."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION, span_attention)
+    AttentionMaskInterface.register(ATTENTION, lambda *args, **kwargs: None)
     model.set_attn_implementation(ATTENTION)
 
 
@@ -360,15 +371,30 @@ def main() -> int:
                                 (time.perf_counter() - started) / args.time_limit)
         ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
         layout = layout[:, :, :-1].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = forward(input_ids=ids[:, :-1], position_ids=layout[:, 0].long(),
-                             span_mask=make_mask(layout)).logits
-        per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
-                                                      reduction="none")
-        w = weights[:, 1:].flatten()
-        loss = (per_token * w).sum() / w.sum()
+
+        def weighted_loss() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = forward(input_ids=ids[:, :-1], position_ids=layout[:, 0].long(),
+                                 span_mask=make_mask(layout)).logits
+            per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                          reduction="none")
+            w = weights[:, 1:].flatten()
+            return (per_token * w).sum() / w.sum()
+
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if step == 0 and make_mask is block_mask:
+            try:
+                loss = weighted_loss()
+                loss.backward()
+            except Exception as exc:  # noqa: BLE001 (a device or version without flex attention: the slow path)
+                log(f"flex attention failed ({type(exc).__name__}: {str(exc)[:200]}); dense masks with sdpa")
+                make_mask, forward = dense_mask, model
+                opt.zero_grad(set_to_none=True)
+                loss = weighted_loss()
+                loss.backward()
+        else:
+            loss = weighted_loss()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += ids[:, :-1].numel()
