@@ -45,6 +45,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spanctx.bench import retrieval  # noqa: E402
+from spanctx.bench.parallel_training import Layout, block_mask, dense_mask, use_span_attention  # noqa: E402
 from spanctx.tokenizer import byte_tokenizer  # noqa: E402
 
 ANSWER_WEIGHT = 4.0
@@ -53,116 +54,6 @@ MAX_DOCS = 32
 DOC_BYTES = 150  # a little over the mean document of a training world, for packing
 PARALLEL_EPISODES = 0.35  # of the synthetic episodes: documents encoded as parallel spans
 CODE_QUESTIONS = 0.4  # of the questions ask for a code (the hard copy: digit strings), the rest share the others
-ATTENTION = "spanctx_train"  # the attention implementation registered below: episode and span masks
-
-
-class Layout:
-    """Per-token columns of a packed row: ``pos`` (RoPE position; every episode starts at
-    0), ``ep`` (episode index in the row), ``blk`` (0: an ordinary token; ``m >= 1``: the
-    ``m``-th parallel member of its episode, or the copy of the shared prefix it attends to)
-    and ``copy`` (1 for those prefix copies: attended to by their member only, never
-    scored). The attention rule (``allowed``): a token sees earlier tokens of its episode;
-    an ordinary token sees every one but the copies, a member token only its own block.
-
-    This reproduces spanctx's parallel placement (``spanctx/core/placement.py``) exactly:
-    there a member's KV is computed right after its anchor (BOS and the system line, at
-    ``0..A-1``) and its keys are rotated to the member's place ``s``; here member ``m``
-    follows its own copy of the anchor placed at ``s - A .. s - 1``, so it sees the same
-    tokens at the same relative distances (RoPE only sees distances) and its keys land at
-    ``s``. Tokens after the group see the original anchor and every member in place."""
-
-    def __init__(self) -> None:
-        self.ids: list[int] = []
-        self.weights: list[float] = []
-        self.pos: list[int] = []
-        self.ep: list[int] = []
-        self.blk: list[int] = []
-        self.copy: list[int] = []
-        self.episode = -1
-        self.next_pos = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def start_episode(self) -> None:
-        self.episode += 1
-        self.next_pos = 0
-
-    def add(self, part: list[int], weight: float = 1.0, blk: int = 0, copy: int = 0, at: int | None = None) -> None:
-        """Append ``part``; positions continue the episode's unless ``at`` is given (then
-        the episode's next position is left as it was)."""
-        start = self.next_pos if at is None else at
-        self.ids += part
-        self.weights += [weight] * len(part)
-        self.pos += range(start, start + len(part))
-        self.ep += [self.episode] * len(part)
-        self.blk += [blk] * len(part)
-        self.copy += [copy] * len(part)
-        if at is None:
-            self.next_pos += len(part)
-
-    def tensors(self, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``ids [total]``, ``weights [total]`` and ``layout [4, total]`` (pos, ep, blk, copy)."""
-        cols = [self.pos, self.ep, self.blk, self.copy]
-        return (torch.tensor(self.ids[:total]), torch.tensor(self.weights[:total], dtype=torch.float32),
-                torch.tensor([c[:total] for c in cols], dtype=torch.int32))
-
-
-def allowed(ep_q, blk_q, ep_k, blk_k, copy_k, q, k):
-    """The attention rule of ``Layout`` on broadcastable index tensors (True: ``q`` sees ``k``)."""
-    ordinary = (blk_q == 0) & (copy_k == 0)
-    return (ep_q == ep_k) & (k <= q) & (ordinary | ((blk_q > 0) & (blk_k == blk_q)))
-
-
-def dense_mask(layout: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, T, T]`` bool mask of ``allowed`` for ``layout [B, 4, T]`` (sdpa's path)."""
-    _, ep, blk, copy = layout.unbind(1)
-    t = torch.arange(layout.shape[-1], device=layout.device)
-    m = allowed(ep[:, :, None], blk[:, :, None], ep[:, None, :], blk[:, None, :], copy[:, None, :],
-                t[None, :, None], t[None, None, :])
-    return m[:, None]
-
-
-def block_mask(layout: torch.Tensor):
-    """flex attention's ``BlockMask`` of ``allowed`` for ``layout [B, 4, T]``: blocks of other
-    episodes are skipped, so the cost per token follows its episode's length, not the row's."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    _, ep, blk, copy = layout.unbind(1)
-
-    def mask_mod(b, h, q, k):
-        return allowed(ep[b, q], blk[b, q], ep[b, k], blk[b, k], copy[b, k], q, k)
-
-    return create_block_mask(mask_mod, layout.shape[0], None, layout.shape[-1], layout.shape[-1],
-                             device=layout.device)
-
-
-def span_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, span_mask=None, **kwargs):
-    """The attention of training: ``span_mask`` (a ``BlockMask`` or a dense bool mask of
-    ``allowed``), or plain causal attention without one. Query ``[B, H, T, D]``, key and
-    value ``[B, H_kv, T, D]``; returns ``[B, T, H, D]``."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    if isinstance(span_mask, BlockMask):
-        out = flex_attention(query, key, value, block_mask=span_mask, scale=scaling, enable_gqa=True)
-    else:
-        groups = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=span_mask, scale=scaling,
-                                                               is_causal=span_mask is None)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_span_attention(model: LlamaForCausalLM) -> None:
-    """Switch ``model`` (and its config) to ``span_attention``; transformers builds no mask
-    for it (the registered mask function returns None), so positions that restart per
-    episode are not mistaken for packed sequences."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTENTION, span_attention)
-    AttentionMaskInterface.register(ATTENTION, lambda *args, **kwargs: None)
-    model.set_attn_implementation(ATTENTION)
 
 
 def model_config() -> LlamaConfig:
@@ -209,13 +100,7 @@ class Rows(IterableDataset):
         row.add(system[:1], 0.0)
         row.add(system[1:])
         if parallel:
-            start = len(system)
-            for m, doc in enumerate(world.documents, 1):
-                ids = self.encode(doc)
-                row.add(system, 0.0, blk=m, copy=1, at=start - len(system))
-                row.add(ids, blk=m, at=start)
-                start += len(ids)
-            row.next_pos = start
+            row.add_parallel(system, [self.encode(doc) for doc in world.documents])
         else:
             row.add(self.encode("".join(world.documents)))
         for _ in range(rng.randint(6, 16)):

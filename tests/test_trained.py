@@ -24,7 +24,7 @@ import torch
 
 import spanctx
 from spanctx import Context
-from spanctx.bench import accuracy, baselines, retrieval
+from spanctx.bench import accuracy, baselines, parallel_training, retrieval
 from spanctx.bench.harness import make_harness
 from spanctx.bench.scenarios import parallel_fidelity as fidelity
 from spanctx.bench.scenarios import run_scenario
@@ -155,54 +155,41 @@ def test_the_fidelity_scenario_rows_pooled_table_goal_and_plot():
         "parallel head+blend:*": ["parallel:none", "parallel:head:4+blend:0.1"]}
 
 
-def _train_tiny():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_tiny.py"
-    spec = importlib.util.spec_from_file_location("train_tiny", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.parametrize("attention", ["sdpa", "flex"])
 def test_training_layout_of_parallel_documents_is_what_spanctx_computes(attention):
     """A parallel episode as training lays it out (each member after its own copy of the
     anchor, the question after all) gives the logits spanctx gives for the same prompt with
     parallel spans and repair ``none``; a plain episode gives full prefill's."""
-    train = _train_tiny()
     rt = spanctx.Runtime.from_pretrained("tiny-llama", device="cpu")
-    model = train.LlamaForCausalLM(copy.deepcopy(rt.model.config)).eval()  # its own config: own attention
+    model = type(rt.model)(copy.deepcopy(rt.model.config)).eval()  # its own config: its own attention
     model.load_state_dict(rt.model.state_dict())
-    train.use_span_attention(model)
-    rows = train.Rows(seq_len=64, seed=0)
+    parallel_training.use_span_attention(model)
+
+    def ids(text: str) -> list[int]:
+        return rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     system, question = "Use the documents below to answer.\n", "Q: Where does Mira work?\nA:"
     docs = ["Mira works in Plessburg. Tovo has a pet mokka.\n", "The code of Tovo is 4821.\n", "Lisk works in Oslo.\n"]
     for parallel in (True, False):
-        row = train.Layout()
+        row = parallel_training.Layout()
         row.start_episode()
-        prefix = [rows.bos] + rows.encode(system)
-        row.add(prefix)
+        anchor = [rt.tokenizer.bos_token_id, *ids(system)]
+        row.add(anchor)
         if parallel:
-            start = len(prefix)
-            for m, doc in enumerate(docs, 1):
-                row.add(prefix, 0.0, blk=m, copy=1, at=start - len(prefix))
-                row.add(rows.encode(doc), blk=m, at=start)
-                start += len(doc)
-            row.next_pos = start
+            row.add_parallel(anchor, [ids(doc) for doc in docs])
         else:
-            row.add(rows.encode("".join(docs)))
-        row.add(rows.encode(question))
-        ids, _, layout = row.tensors(len(row))
+            row.add(ids("".join(docs)))
+        row.add(ids(question))
+        tokens, _, layout = row.tensors(len(row))
         layout = layout[None].long()
-        mask = train.block_mask(layout) if attention == "flex" else train.dense_mask(layout)
+        mask = parallel_training.block_mask(layout) if attention == "flex" else parallel_training.dense_mask(layout)
         with torch.no_grad():
-            got = model(input_ids=ids[None], position_ids=layout[:, 0], span_mask=mask).logits[0, -1]
+            got = model(input_ids=tokens[None], position_ids=layout[:, 0], span_mask=mask).logits[0, -1]
         ctx = Context().append(system)
         ctx = (ctx.parallel(*docs) if parallel else ctx.extend(docs)).append(question)
         want = rt.next_token_logits(ctx, repair="none") if parallel else rt.next_token_logits(ctx, reuse=False)
-        assert list(rt.token_ids(ctx)) == ids[layout[0, 3] == 0].tolist()  # the prompt: all but the copies
+        assert list(rt.token_ids(ctx)) == tokens[layout[0, 3] == 0].tolist()  # the prompt: all but the copies
         torch.testing.assert_close(got, want.reshape(got.shape), atol=2e-4, rtol=1e-4)
         if parallel:  # and it is not what full prefill gives: the members did not see each other
             full = rt.next_token_logits(Context().append(system).extend(docs).append(question), reuse=False)
