@@ -14,8 +14,9 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
 - ``PARALLEL_EPISODES`` of the episodes encode their documents as parallel spans
   (Block-Attention-style): each document attends only to the shared prefix (BOS and the
   system line) and itself, at the positions spanctx's parallel placement gives it; the
-  questions attend to everything (``spanctx.bench.parallel_training`` says how, and a test checks it against
-  spanctx). The model so learns to answer from documents it reads apart.
+  questions attend to everything (``spanctx.bench.parallel_training`` says how, and a
+  test checks it against spanctx). The model so learns to answer from documents it
+  reads apart.
 
 Each row of a batch packs episodes (each from BOS at position 0, masked from the others:
 flex attention with a block mask, so a token's cost follows its episode's length) and
