@@ -1,6 +1,6 @@
 """Train the ``tiny-trained`` preset: a small Llama (RoPE, GQA) on byte tokens.
 
-    python benchmarks/train_tiny.py --out DIR [--steps N] [--seed S]     (CUDA; ~6 min on an H200)
+    python benchmarks/train_tiny.py --out DIR --compile [--time-limit S] [--seed S]   (CUDA; ~6 min on an H200)
 
 Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
 - natural English: CPython's ``pydoc_data.topics`` (the language reference's topics as
@@ -10,15 +10,22 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
   that never occur in the held-out set, the seen paraphrases only): a system line,
   K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
   then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
-  questions. Answer tokens weigh ``ANSWER_WEIGHT`` in the loss.
+  questions, ``CODE_QUESTIONS`` of them about codes. Answer tokens weigh ``ANSWER_WEIGHT``.
+- ``PARALLEL_EPISODES`` of the episodes encode their documents as parallel spans
+  (Block-Attention-style): each document attends only to the shared prefix (BOS and the
+  system line) and itself, at the positions spanctx's parallel placement gives it; the
+  questions attend to everything (``spanctx.bench.parallel_training`` says how, and a
+  test checks it against spanctx). The model so learns to answer from documents it
+  reads apart.
 
-Each row of a batch packs episodes (each after a BOS token) and ends with natural text;
-``NATURAL_ROWS`` of the rows are natural text only. Writes to ``DIR``: the model in
-bfloat16 safetensors with its config, ``training-log.txt`` and ``training.json`` (settings,
-versions, device, loss curve, held-out accuracy by K and question kind: teacher-forced
-exact match of the frozen held-out prompts, which equals greedy exact match). The
-learning rate follows a cosine over ``--steps`` or ``--time-limit``, whichever runs out
-first, so a slower device still ends its schedule.
+Each row of a batch packs episodes (each from BOS at position 0, masked from the others:
+flex attention with a block mask, so a token's cost follows its episode's length) and
+ends with natural text; ``NATURAL_ROWS`` of the rows are natural text only. Writes to
+``DIR``: the model in bfloat16 safetensors with its config, ``training-log.txt`` and
+``training.json`` (settings, versions, device, loss curve, held-out accuracy by K and
+question kind: teacher-forced exact match of the frozen held-out prompts, which equals
+greedy exact match). The learning rate follows a cosine over ``--steps`` or
+``--time-limit``, whichever runs out first, so a slower device still ends its schedule.
 """
 
 from __future__ import annotations
@@ -39,12 +46,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spanctx.bench import retrieval  # noqa: E402
+from spanctx.bench.parallel_training import Layout, block_mask, dense_mask, use_span_attention  # noqa: E402
 from spanctx.tokenizer import byte_tokenizer  # noqa: E402
 
 ANSWER_WEIGHT = 4.0
 NATURAL_ROWS = 0.15
 MAX_DOCS = 32
 DOC_BYTES = 150  # a little over the mean document of a training world, for packing
+PARALLEL_EPISODES = 0.35  # of the synthetic episodes: documents encoded as parallel spans
+CODE_QUESTIONS = 0.4  # of the questions ask for a code (the hard copy: digit strings), the rest share the others
 
 
 def model_config() -> LlamaConfig:
@@ -57,14 +67,11 @@ def model_config() -> LlamaConfig:
 
 
 class Rows(IterableDataset):
-    """Endless ``(ids [T+1], weights [T+1])`` rows; worker ``w`` draws from seed ``(seed, w)``."""
+    """Endless ``(ids [T+1], weights [T+1], layout [4, T+1])`` rows; worker ``w`` draws
+    from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents."""
 
-    def __init__(self, seq_len: int, seed: int) -> None:
-        self.seq_len, self.seed = seq_len, seed
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
+    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES) -> None:
+        self.seq_len, self.seed, self.parallel = seq_len, seed, parallel
         tok = byte_tokenizer()
         self.ascii = tok("".join(map(chr, range(128))), add_special_tokens=False)["input_ids"]
         assert len(self.ascii) == 128
@@ -72,41 +79,51 @@ class Rows(IterableDataset):
         self.natural = tok("\n\n".join(texts.values()), add_special_tokens=False)["input_ids"]
         self.filler = retrieval.filler_sentences(texts)
         self.bos = tok.bos_token_id
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1000 + (info.id if info else 0))
         while True:
             yield self.row(rng)
 
     def encode(self, text: str) -> list[int]:
         return [self.ascii[b] for b in text.encode("ascii")]
 
-    def natural_window(self, rng: random.Random, n: int) -> list[int]:
-        start = rng.randrange(len(self.natural) - n)
-        return self.natural[start:start + n]
+    def episode(self, rng: random.Random, row: Layout, room: int, first: bool) -> None:
+        """One synthetic episode: BOS, a system line, K documents (one stream, or parallel
+        members after the system line), then 6-16 questions and their answers."""
+        parallel = rng.random() < self.parallel
+        system = [self.bos] + self.encode(rng.choice(retrieval.SYSTEM_LINES))
+        per_doc = DOC_BYTES + (len(system) if parallel else 0)
+        fits = max(1, min(MAX_DOCS, (room - 500) // per_doc))
+        world = retrieval.make_world(rng, rng.randint(1, MAX_DOCS if first else fits), self.filler)
+        row.start_episode()
+        row.add(system[:1], 0.0)
+        row.add(system[1:])
+        if parallel:
+            row.add_parallel(system, [self.encode(doc) for doc in world.documents])
+        else:
+            row.add(self.encode("".join(world.documents)))
+        for _ in range(rng.randint(6, 16)):
+            kind = "two" if rng.random() < 0.5 else "single"
+            others = [a for a in retrieval.QUESTIONS[kind] if a != "code"]
+            attribute = "code" if rng.random() < CODE_QUESTIONS else rng.choice(others)
+            q = retrieval.ask(rng, world, kind, attribute=attribute) or retrieval.ask(rng, world, "single")
+            row.add(self.encode(retrieval.question_text(q.text)))
+            row.add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
 
-    def row(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    def row(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         total = self.seq_len + 1
-        ids: list[int] = []
-        weights: list[float] = []
-
-        def add(part: list[int], weight: float = 1.0) -> None:
-            ids.extend(part)
-            weights.extend([weight] * len(part))
-
+        row = Layout()
         if rng.random() >= NATURAL_ROWS:
-            while total - len(ids) > 600:
-                # the first episode of a row has any K; later ones a K that fits
-                fits = MAX_DOCS if not ids else max(1, min(MAX_DOCS, (total - len(ids) - 500) // DOC_BYTES))
-                add([self.bos])
-                world = retrieval.make_world(rng, rng.randint(1, fits), self.filler)
-                add(self.encode(rng.choice(retrieval.SYSTEM_LINES) + "".join(world.documents)))
-                for _ in range(rng.randint(6, 16)):
-                    q = retrieval.ask(rng, world, "two" if rng.random() < 0.5 else "single")  # training split
-                    q = q or retrieval.ask(rng, world, "single")
-                    add(self.encode(retrieval.question_text(q.text)))
-                    add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
-        if len(ids) < total:
-            add([self.bos])
-            add(self.natural_window(rng, total - len(ids)))
-        return torch.tensor(ids[:total], dtype=torch.long), torch.tensor(weights[:total], dtype=torch.float32)
+            while total - len(row) > 600:
+                self.episode(rng, row, total - len(row), first=not len(row))
+        if len(row) < total:
+            row.start_episode()
+            row.add([self.bos], 0.0)
+            start = rng.randrange(len(self.natural) - total)
+            row.add(self.natural[start:start + total - len(row)])
+        return row.tensors(total)
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int, time_progress: float = 0.0) -> float:
@@ -171,12 +188,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--seq-len", type=int, default=6144)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--parallel", type=float, default=PARALLEL_EPISODES,
+                        help="fraction of the synthetic episodes whose documents are parallel spans")
+    parser.add_argument("--attention", choices=("flex", "sdpa"), default="flex",
+                        help="flex: block-sparse masks (GPU); sdpa: dense masks (any device, slow)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--time-limit", type=float, default=360.0, help="stop training after this many seconds")
@@ -204,6 +225,7 @@ def main() -> int:
     else:
         model = LlamaForCausalLM(config).to(device)
         earlier, earlier_log = None, []
+    use_span_attention(model)
     params = sum(p.numel() for p in model.parameters())
     log(f"spanctx tiny-trained: {params / 1e6:.2f} M parameters, {config.num_hidden_layers} layers, hidden "
         f"{config.hidden_size}, heads {config.num_attention_heads}/{config.num_key_value_heads}, vocab "
@@ -217,29 +239,48 @@ def main() -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
-    loader = DataLoader(Rows(args.seq_len, args.seed), batch_size=args.batch, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", prefetch_factor=4)
+    loader = DataLoader(Rows(args.seq_len, args.seed, args.parallel), batch_size=args.batch,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if args.workers else None)
+    make_mask = block_mask if args.attention == "flex" else dense_mask
     probe = retrieval.load_heldout().select(worlds=4)
     curve, evals = [], []
     started = time.perf_counter()
     tokens = 0
     step = 0
     mark = (started, 0)  # (time, tokens) at the last log line
-    for step, (ids, weights) in enumerate(loader):
+    for step, (ids, weights, layout) in enumerate(loader):
         if step >= args.steps or time.perf_counter() - started > args.time_limit:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup,
                                 (time.perf_counter() - started) / args.time_limit)
         ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = forward(input_ids=ids[:, :-1]).logits
-        per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
-                                                      reduction="none")
-        w = weights[:, 1:].flatten()
-        loss = (per_token * w).sum() / w.sum()
+        layout = layout[:, :, :-1].to(device, non_blocking=True)
+
+        def weighted_loss() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = forward(input_ids=ids[:, :-1], position_ids=layout[:, 0].long(),
+                                 span_mask=make_mask(layout)).logits
+            per_token = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(),
+                                                          reduction="none")
+            w = weights[:, 1:].flatten()
+            return (per_token * w).sum() / w.sum()
+
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if step == 0 and make_mask is block_mask:
+            try:
+                loss = weighted_loss()
+                loss.backward()
+            except Exception as exc:  # noqa: BLE001 (a device or version without flex attention: the slow path)
+                log(f"flex attention failed ({type(exc).__name__}: {str(exc)[:200]}); dense masks with sdpa")
+                make_mask, forward = dense_mask, model
+                opt.zero_grad(set_to_none=True)
+                loss = weighted_loss()
+                loss.backward()
+        else:
+            loss = weighted_loss()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         tokens += ids[:, :-1].numel()
@@ -262,6 +303,7 @@ def main() -> int:
 
     model.eval()
     weights_dir = out / "tiny-trained"
+    model.set_attn_implementation("sdpa")  # what the saved model loads with
     model.to(torch.bfloat16).save_pretrained(weights_dir, safe_serialization=True)
     shipped = LlamaForCausalLM.from_pretrained(weights_dir, dtype=torch.float32).to(device).eval()
     accuracy = heldout_accuracy(shipped, device, retrieval.load_heldout().select(worlds=args.heldout_worlds))

@@ -94,3 +94,16 @@ def test_answers_are_read_off_the_first_generated_line():
     assert retrieval.answer_text("4821") == " 4821\n"
     assert retrieval.answer_of(" Tovo, Oslo\nQ: next") == "Tovo, Oslo"
     assert retrieval.question_text("Where does Mira work?") == "Q: Where does Mira work?\nA:"
+
+
+def test_a_question_can_be_asked_about_a_given_attribute():
+    rng = random.Random(3)
+    world = retrieval.make_world(rng, 8, [FILLER])
+    for kind, attribute in (("single", "code"), ("single", "manager"), ("two", "code"), ("two", "pet")):
+        q = retrieval.ask(rng, world, kind, attribute=attribute)
+        value = q.answer.split(", ")[-1]
+        assert any(p.value(attribute) == value for p in world.people)
+        assert q.kind == kind
+    with pytest.raises(ValueError, match="asks about one of"):
+        retrieval.ask(rng, world, "two", attribute="manager")  # a manager chain ends on code, city or pet
+

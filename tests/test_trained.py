@@ -8,12 +8,14 @@ The prompts are a fixed slice of the frozen held-out set: the 16 single-document
 questions of the first ``WORLDS`` worlds with K = ``K`` documents (shuffled orders). The
 thresholds come from a measured run of this slice (CPU, fp32, torch 2.14 / transformers
 5.24; docs/fidelity.md), with one prompt of slack for numeric differences between
-versions: full prefill answered 13, parallel spans with ``head:16`` 13, naive
-concatenation 7. (At K = 16 the loss is larger: docs/fidelity.md.)
+versions: full prefill answered 15, parallel spans with ``head:16`` 15 and with ``none``
+15 (the preset was trained with parallel documents in part of its data), naive
+concatenation 11.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -22,7 +24,7 @@ import torch
 
 import spanctx
 from spanctx import Context
-from spanctx.bench import accuracy, baselines, retrieval
+from spanctx.bench import accuracy, baselines, parallel_training, retrieval
 from spanctx.bench.harness import make_harness
 from spanctx.bench.scenarios import parallel_fidelity as fidelity
 from spanctx.bench.scenarios import run_scenario
@@ -30,9 +32,9 @@ from spanctx.presets import PRESETS
 
 K, WORLDS = 4, 8
 REPAIR = "head:16"  # the runtime's default repair
-FULL_AT_LEAST = 12  # of 16 (measured: 13)
-PARALLEL_SHARE = 0.9  # of full's correct answers (measured: 13 of 13)
-NAIVE_AT_MOST = 8  # of 16 (measured: 7)
+FULL_AT_LEAST = 14  # of 16 (measured: 15)
+PARALLEL_SHARE = 0.9  # of full's correct answers (measured: 15 of 15, with head:16 and with none)
+NAIVE_AT_MOST = 12  # of 16 (measured: 11)
 
 
 @functools.cache
@@ -54,12 +56,13 @@ def answers() -> dict[str, list[bool]]:
 
     system = (rt.tokenizer.bos_token_id, *ids(heldout.system))
     blocks: dict[str, object] = {}  # Mellea's cache: one block per text, prefilled alone from position 0
-    out: dict[str, list[bool]] = {"full": [], "parallel": [], "naive": []}
+    out: dict[str, list[bool]] = {"full": [], "parallel": [], "none": [], "naive": []}
     for p in prompts:
         docs, question = heldout.docs(p), retrieval.question_text(p.question)
         base = Context().append(heldout.system)
         full = rt.generate(base.extend(docs).append(question), 16, reuse=False, eos_token_id=[newline])
         parallel = rt.generate(base.parallel(*docs).append(question), 16, repair=REPAIR, eos_token_id=[newline])
+        none = rt.generate(base.parallel(*docs).append(question), 16, repair="none", eos_token_id=[newline])
         for text in (heldout.system, *docs):
             if text not in blocks:
                 blocks[text] = baselines.prefill_alone(rt.model, system if text == heldout.system else ids(text),
@@ -70,6 +73,7 @@ def answers() -> dict[str, list[bool]]:
             [blocks[heldout.system], *(blocks[t] for t in d)]))
         out["full"].append(retrieval.answer_of(full.text) == p.answer)
         out["parallel"].append(retrieval.answer_of(parallel.text) == p.answer)
+        out["none"].append(retrieval.answer_of(none.text) == p.answer)
         out["naive"].append(retrieval.answer_of(rt.tokenizer.decode(naive.new_ids, skip_special_tokens=True))
                             == p.answer)
     return out
@@ -80,12 +84,13 @@ def test_the_preset_loads_offline_with_its_weights_and_training_record():
     folder = preset.weights_dir
     assert (folder / "model.safetensors").stat().st_size <= 16 * 2**20
     record = json.loads((folder / "training.json").read_text())
-    # measured on the H200 (training.json): single 0.71, two 0.46 over K = 2..32, below the issue's
-    # 0.95 / 0.70 (docs/fidelity.md says why); the record must say so, not hide it
+    # measured on the H200 (training.json): K <= 16 single 0.891, two 0.688, below the issue's
+    # 0.95 / 0.70 (docs/fidelity.md says why: unseen paraphrases); the record must say so, not hide it
     accuracy = record["heldout_accuracy"]
     assert {"K<=16/single", "K<=16/two", "single/unseen", "two/seen"} <= set(accuracy)
-    assert accuracy["single"]["accuracy"] >= 0.6 and accuracy["two"]["accuracy"] >= 0.4
-    assert record["train_seconds"] <= 10 * 60 and len(record["phases"]) == 2
+    assert accuracy["K<=16/single"]["accuracy"] >= 0.85 and accuracy["K<=16/two"]["accuracy"] >= 0.6
+    assert record["train_seconds"] <= 10 * 60 and len(record["phases"]) == 1
+    assert record["settings"]["parallel"] > 0  # Block-Attention-style episodes in its data
     assert (folder / "training-log.txt").read_text().startswith("spanctx tiny-trained")
     rt = runtime()
     assert rt.model.dtype == torch.float32 and rt.model.config.num_key_value_heads == 2
@@ -101,6 +106,11 @@ def test_full_prefill_answers_the_held_out_prompts():
 def test_parallel_spans_with_the_default_repair_keep_most_answers_at_small_k():
     got = answers()
     assert sum(got["parallel"]) >= PARALLEL_SHARE * sum(got["full"])
+
+
+def test_parallel_spans_keep_most_answers_with_no_repair_at_all():
+    got = answers()  # the preset saw parallel documents in training: nothing to repair
+    assert sum(got["none"]) >= PARALLEL_SHARE * sum(got["full"])
 
 
 def test_naive_concatenation_answers_fewer():
@@ -143,3 +153,44 @@ def test_the_fidelity_scenario_rows_pooled_table_goal_and_plot():
         "parallel head:*": ["parallel:none", "parallel:head:4"],
         "parallel blend:*": ["parallel:none", "parallel:blend:0.3"],
         "parallel head+blend:*": ["parallel:none", "parallel:head:4+blend:0.1"]}
+
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+def test_training_layout_of_parallel_documents_is_what_spanctx_computes(attention):
+    """A parallel episode as training lays it out (each member after its own copy of the
+    anchor, the question after all) gives the logits spanctx gives for the same prompt with
+    parallel spans and repair ``none``; a plain episode gives full prefill's."""
+    rt = spanctx.Runtime.from_pretrained("tiny-llama", device="cpu")
+    model = type(rt.model)(copy.deepcopy(rt.model.config)).eval()  # its own config: its own attention
+    model.load_state_dict(rt.model.state_dict())
+    parallel_training.use_span_attention(model)
+
+    def ids(text: str) -> list[int]:
+        return rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    system, question = "Use the documents below to answer.\n", "Q: Where does Mira work?\nA:"
+    docs = ["Mira works in Plessburg. Tovo has a pet mokka.\n", "The code of Tovo is 4821.\n", "Lisk works in Oslo.\n"]
+    for parallel in (True, False):
+        row = parallel_training.Layout()
+        row.start_episode()
+        anchor = [rt.tokenizer.bos_token_id, *ids(system)]
+        row.add(anchor)
+        if parallel:
+            row.add_parallel(anchor, [ids(doc) for doc in docs])
+        else:
+            row.add(ids("".join(docs)))
+        row.add(ids(question))
+        tokens, _, layout = row.tensors(len(row))
+        layout = layout[None].long()
+        mask = parallel_training.block_mask(layout) if attention == "flex" else parallel_training.dense_mask(layout)
+        with torch.no_grad():
+            got = model(input_ids=tokens[None], position_ids=layout[:, 0], span_mask=mask).logits[0, -1]
+        ctx = Context().append(system)
+        ctx = (ctx.parallel(*docs) if parallel else ctx.extend(docs)).append(question)
+        want = rt.next_token_logits(ctx, repair="none") if parallel else rt.next_token_logits(ctx, reuse=False)
+        assert list(rt.token_ids(ctx)) == tokens[layout[0, 3] == 0].tolist()  # the prompt: all but the copies
+        torch.testing.assert_close(got, want.reshape(got.shape), atol=2e-4, rtol=1e-4)
+        if parallel:  # and it is not what full prefill gives: the members did not see each other
+            full = rt.next_token_logits(Context().append(system).extend(docs).append(question), reuse=False)
+            assert (full.reshape(got.shape) - got).abs().max() > 1e-3

@@ -232,19 +232,23 @@ def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "
     return World(people, tuple(documents), where, frozenset(unseen))
 
 
-def ask(rng: random.Random, world: World, kind: str, split: str = "train") -> Question | None:
-    """A random question of ``kind`` about ``world``, its template from ``split``'s.
-    Two-document questions are asked only where the manager fact and the manager's fact
-    sit in different documents (None: no such person)."""
+def ask(rng: random.Random, world: World, kind: str, split: str = "train",
+        attribute: str | None = None) -> Question | None:
+    """A random question of ``kind`` about ``world``, its template from ``split``'s, about
+    ``attribute`` (None: any, uniformly). Two-document questions are asked only where the
+    manager fact and the manager's fact sit in different documents (None: no such person)."""
     if kind not in QUESTIONS:
         raise ValueError(f"kind must be 'single' or 'two', got {kind!r}")
+    if attribute is not None and attribute not in QUESTIONS[kind]:
+        raise ValueError(f"a {kind!r} question asks about one of {tuple(QUESTIONS[kind])}, got {attribute!r}")
     if kind == "single":
-        person, attribute = rng.choice(world.people), rng.choice(ATTRIBUTES)
+        person = rng.choice(world.people)
+        attribute = attribute or rng.choice(ATTRIBUTES)
         needs = [(person.name, attribute)]
         answer = person.value(attribute)
     else:
         pairs = [(p, a) for p in world.people for a in QUESTIONS["two"]
-                 if world.where[(p.name, "manager")] != world.where[(p.manager, a)]]
+                 if world.where[(p.name, "manager")] != world.where[(p.manager, a)] and attribute in (None, a)]
         if not pairs:
             return None
         person, attribute = rng.choice(pairs)

@@ -103,11 +103,13 @@ def plots(device: str, rows: list[dict]) -> list[str]:
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ks = sorted({r["docs"] for r in rows})
     for ax, kind in zip(fig.subplots(1, 2, sharey=True), KINDS):
-        for m in BY_K:
+        for i, m in enumerate(BY_K):  # styles differ, so methods with equal accuracy stay visible
             points = [(k, c["accuracy"]) for k in ks if (c := cell(rows, k, kind, m))]
-            ax.plot([k for k, _ in points], [a for _, a in points], marker="o", label=m)
+            ax.plot([k for k, _ in points], [a for _, a in points], marker="osD^vx*"[i % 7],
+                    linestyle=("-", "--", ":")[i % 3], markersize=8 - i * 0.7, label=m)
         ax.set(xscale="log", xticks=ks, xticklabels=[str(k) for k in ks], xlabel="documents (K)",
                ylabel="exact match", ylim=(-0.02, 1.02), title=f"{kind}-document questions")
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     fig.suptitle(f"tiny-trained on {device}: accuracy by K")
     second = f"{slug}-by-k.png"
