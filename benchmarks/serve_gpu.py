@@ -85,7 +85,9 @@ def via_scheduler(scheduler: Scheduler, rt: Runtime, ctx: Context, new_tokens: i
         pieces.append(event)
     if event.error:
         raise event.error
-    return "".join(pieces), (first or time.perf_counter()) - start, event.completion_tokens
+    # a whole reply's text comes at its end (decoded once): the worker's first-token time is the TTFT
+    ttft = event.ttft_s if event.ttft_s is not None else (first or time.perf_counter()) - start
+    return "".join(pieces), ttft, event.completion_tokens
 
 
 def via_lock(rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]:
