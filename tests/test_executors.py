@@ -239,3 +239,25 @@ def test_warmed_up_batches_build_nothing_and_equal_eager():
         got = static.generate_batch(contexts, 6)
         assert {r.stats.static.builds for r in got} == {0} and got[0].stats.static.rows == count
         assert [r.token_ids for r in got] == [r.token_ids for r in eager.generate_batch(contexts, 6)]
+
+
+def test_a_static_batch_counts_every_row_s_reused_tokens():
+    """Rows with caches of different depths: the eager left-padded batch recomputes the
+    deeper rows' extra cached tokens (``plan_batch``), the static one keeps them all; each
+    counts what it kept."""
+    base = Context().append(SYSTEM).append("A long shared document about rivers and their floods. " * 3)
+    contexts = [base.append("Why?"), Context().append(SYSTEM).append("Something else entirely, then?")]
+
+    def stored():  # row 0's context is stored deep, row 1's only up to SYSTEM
+        eager, static = runtimes()
+        for rt in (eager, static):
+            rt.next_token_logits(base)
+            rt.next_token_logits(Context().append(SYSTEM))
+        return eager, static
+
+    eager, static = stored()
+    want, got = eager.generate_batch(contexts, 4), static.generate_batch(contexts, 4)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    alone = [stored()[1].generate(c, 1).stats.cached_tokens for c in contexts]  # all of each row's cache
+    assert [r.stats.cached_tokens for r in got] == alone
+    assert want[0].stats.cached_tokens < alone[0]  # the eager batch recomputed part of row 0's cache

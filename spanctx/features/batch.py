@@ -122,7 +122,10 @@ def decode_rows(rt: SessionAPI, contexts: Sequence[Context], opts, held: context
                         [c.assembly.keep_at_least for c in calls])
     kwargs = rt.generate_kwargs(opts)
     out = rt.engine.run(FinalCall.tails([c.assembly for c in calls], decode=opts, kwargs=kwargs))
-    cached = [c.reused_before(kept, w) if reuse else 0 for c, kept, w in zip(calls, layout.kept, warmed)]
+    # what each row read from the store and kept: all of its cache on the static executor
+    # (packed rows), the layout's share in the eager left-padded batch
+    kept = [c.assembly.tail_start for c in calls] if out.executor == "static" else layout.kept
+    cached = [c.reused_before(k, w) if reuse else 0 for c, k, w in zip(calls, kept, warmed)]
     return DecodedRows(calls, layout, out, cached,
                        eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))
 
