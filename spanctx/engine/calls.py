@@ -90,6 +90,11 @@ class FinalCall:
     reuse: bool = True
     floors: tuple[int, ...] | None = None
 
+    @property
+    def new_tokens(self) -> int:
+        """Tokens a row decodes at most (0: a forward)."""
+        return 0 if self.decode is None else self.decode.max_new_tokens
+
     @classmethod
     def tails(cls, calls: Sequence[Assembly], *, alora_starts: Sequence[int | None] | None = None,
               **what) -> FinalCall:
@@ -132,7 +137,8 @@ class FinalOutput:
     decode: ``sequences`` ``[B, W + N]`` (prompts left-padded to the longest ``W``), when
     its first new token was on the host, per new token the ``[B, V]`` scores / logits it
     asked for. Both: the executor that ran it, why the static one did not (when it was
-    set up), and the static executor's own stats.
+    set up), the static executor's own stats, and per row how many of its stored prefix
+    tokens the call kept (``kept``; the eager left-padded batch recomputes some, causally).
 
     ``cache``, ``offsets`` and ``batch`` say where the prompts' KV sits after the call
     (row ``r``'s prompt from slot ``offsets[r]`` of batch row ``r``, or of one row): what
@@ -149,6 +155,7 @@ class FinalOutput:
     first_token_at: float | None = None
     fallback: str | None = None
     static: ExecStats | None = None  # what the static executor ran and paid (buckets built on this call)
+    kept: tuple[int, ...] | None = None  # set by the engine when the executor kept every row's whole prefix
     cache: object = attrs.field(default=None, repr=False)
     offsets: tuple[int, ...] | None = attrs.field(default=None, repr=False)
     batch: bool = attrs.field(default=False, repr=False)

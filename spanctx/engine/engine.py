@@ -127,7 +127,7 @@ class Engine:
         ``call`` needs more slots than they hold, reserving the bytes from the store and
         warming the new lengths up; the reason when the budget leaves no room."""
         packing = pack(call.rows)
-        needed = packing.slots_needed(0 if call.decode is None else call.decode.max_new_tokens, packing.tail_tokens)
+        needed = packing.slots_needed(call.new_tokens, packing.tail_tokens)
         limit = max_positions(self.model.config) or needed
         if needed <= self.static.max_tokens or needed > limit:
             return None
@@ -265,14 +265,15 @@ class Engine:
             call = attrs.evolve(call, kwargs=kwargs, decode=static_options(call.decode, kwargs))
         fallback = None
         if self.static is not None:
-            fallback = self.static.refuses(call, sized=False) or self._grown(call) or self.static.refuses(call)
+            fallback = self.static.refuses(call, sized=False) or self._grown(call) or self.static.misfit(call)
         out = (self.executor if fallback or self.static is None else self.static).run(call)
         for r, (prompt, first) in enumerate(zip(call.prompts, call.store_from)):
             if first is not None:
                 missing = [i for i in range(first, len(prompt.segments)) if prompt.segments[i].key not in self.store]
                 self.interpreter.store_spans(prompt, out.cache, missing, row=r if out.batch else 0,
                                              offset=out.offsets[r] if out.offsets else 0)
-        return attrs.evolve(out, fallback=fallback, first_token_at=clock.first_token_at if clock else None, cache=None)
+        return attrs.evolve(out, fallback=fallback, first_token_at=clock.first_token_at if clock else None, cache=None,
+                            kept=out.kept or tuple(row.start for row in call.rows))
 
     # -- probes and checks --------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class EagerExecutor:
             caches.append(cache)
         cache = kvops.stack_left_padded(caches, layout.kept, layout.cached_width)
         sequences = self.generate_left_padded([r.input_ids for r in rows], cache, dict(call.kwargs))
-        return FinalOutput(self.name, sequences=sequences, cache=cache,
+        return FinalOutput(self.name, sequences=sequences, cache=cache, kept=layout.kept,
                            offsets=tuple(width - r.num_tokens for r in rows), batch=True)
 
     def forward(self, input_ids: torch.Tensor, cache, *, positions: torch.Tensor | None = None,

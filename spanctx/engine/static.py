@@ -178,14 +178,16 @@ class StaticExecutor(Sizing):
         return self._steps.stats
 
     def refuses(self, call: FinalCall, *, sized: bool = True) -> str | None:
-        """None when ``call`` can run here, else a short reason (the engine then runs it
-        eagerly): hidden states, the model's whole output, or what ``refuses_rows`` says;
-        ``sized=False`` leaves out whether it fits the buffers (the engine may grow them)."""
+        """None when ``call`` can run here, else why not (hidden states, the model's whole output,
+        or ``refuses_rows``'); ``sized=False`` leaves out ``misfit`` (the engine may grow)."""
         tails, keep = min(row.num_tokens - row.start for row in call.rows), call.logits_to_keep
         if call.hidden or (call.decode is None and (keep is None or keep > tails)):
             return f"a static step returns logits of a row's tail (asked: hidden={call.hidden}, logits_to_keep={keep})"
-        new_tokens = 0 if call.decode is None else call.decode.max_new_tokens
-        return self.refuses_rows(call.rows, new_tokens=new_tokens, options=call.decode, sized=sized)
+        return self.refuses_rows(call.rows, new_tokens=call.new_tokens, options=call.decode, sized=sized)
+
+    def misfit(self, call: FinalCall) -> str | None:
+        """Why ``call`` does not fit the buffers and the mask budget (None: it does)."""
+        return self._fits(pack(call.rows), call.new_tokens)
 
     def refuses_rows(self, rows: Sequence[Row], *, new_tokens: int = 0, options: CallOptions | None = None,
                      sized: bool = True) -> str | None:
@@ -353,8 +355,7 @@ class StaticExecutor(Sizing):
         return tail_bucket, rung(self.ladder, packing.slots_needed(new_tokens, tail_bucket))  # OVERHANG holds it
 
     def _run_tail(self, call: _Call, rows: Sequence[Row], keep: Sequence[range]) -> torch.Tensor:
-        """Logits ``[K, V]`` of the tail tokens ``keep[r]`` (indices into row ``r``'s tail)
-        of every row, in row order (a graph's buffer)."""
+        """Logits ``[K, V]`` (a graph's buffer) of every row's tail tokens ``keep[r]``, in row order."""
         packing, padded = call.packing, call.tail_bucket
         tokens = packing.tail_tokens
         firsts = [0, *itertools.accumulate(n - start for n, start in zip(packing.lengths, packing.starts))]
@@ -385,8 +386,7 @@ class StaticExecutor(Sizing):
         return self._steps.run(Bucket(padded, call.length, padded, call.adapters))[:rows]
 
     def _step(self, bucket: Bucket) -> torch.Tensor:
-        """One model step of ``bucket`` from the fixed inputs: what a graph captures.
-        Returns the logits ``[keep, V]`` of the kept step tokens."""
+        """One model step of ``bucket`` from the fixed inputs (what a graph captures): logits ``[keep, V]``."""
         tokens, length = bucket.tokens, bucket.length
         slots, who, positions = self._slots[:tokens], self._who[:tokens], self._pos[:tokens]
         if bucket.adapters is not None and bucket.adapters.alora:

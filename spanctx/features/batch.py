@@ -24,7 +24,6 @@ import attrs
 import torch
 
 from ..core import inputs
-from ..core.batch_layout import BatchLayout, plan_batch
 from ..core.spans import Context, as_context
 from ..session.api import FinalCall
 from ..session.results import Result
@@ -84,7 +83,7 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
         end = time.perf_counter()
         results = []
         for row, call in enumerate(rows.calls):
-            new_ids = _until_eos(rows.out.sequences[row, rows.layout.width:].tolist(), rows.eos)
+            new_ids = _until_eos(rows.out.sequences[row, rows.width:].tolist(), rows.eos)
             stats = rt.stats(call, len(new_ids), rows.out.first_token_at, cached_tokens=rows.cached[row],
                              started=started, end=end, generated=rows.out)
             results.append(Result(rt.tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, stats))
@@ -93,11 +92,12 @@ def generate_batch(rt: SessionAPI, contexts: Sequence[Context | str], max_new_to
 
 @attrs.frozen
 class DecodedRows:
-    """A decoded batch: the prepared rows, their layout, the decoder's output, each row's
-    reused tokens (spans computed for it just before the batch excluded), the stop ids."""
+    """A decoded batch: the prepared rows, the longest prompt (the sequences' new tokens
+    start there), the decoder's output, each row's reused tokens (spans computed for it
+    just before the batch excluded), the stop ids."""
 
     calls: list[PreparedCall]
-    layout: BatchLayout
+    width: int
     out: object  # the engine's FinalOutput: sequences [B, W + N], first_token_at
     cached: list[int]
     eos: frozenset[int]
@@ -118,15 +118,11 @@ def decode_rows(rt: SessionAPI, contexts: Sequence[Context], opts, held: context
             warmed[row] |= _warm(rt, prefix, salts[row], repairs[row])
     calls = [held.enter_context(rt.prepared(ctx, reuse=reuse, max_new_tokens=limit, salt=salt, repair=repair))
              for ctx, salt, repair, limit in zip(contexts, salts, repairs, max_new_tokens)]
-    layout = plan_batch([c.prompt.num_tokens for c in calls], [c.assembly.tail_start for c in calls],
-                        [c.assembly.keep_at_least for c in calls])
     kwargs = rt.generate_kwargs(opts)
     out = rt.engine.run(FinalCall.tails([c.assembly for c in calls], decode=opts, kwargs=kwargs))
-    # what each row read from the store and kept: all of its cache on the static executor
-    # (packed rows), the layout's share in the eager left-padded batch
-    kept = [c.assembly.tail_start for c in calls] if out.executor == "static" else layout.kept
-    cached = [c.reused_before(k, w) if reuse else 0 for c, k, w in zip(calls, kept, warmed)]
-    return DecodedRows(calls, layout, out, cached,
+    # what each row read from the store and the call kept (the eager batch recomputes some)
+    cached = [c.reused_before(k, w) if reuse else 0 for c, k, w in zip(calls, out.kept, warmed)]
+    return DecodedRows(calls, max(c.prompt.num_tokens for c in calls), out, cached,
                        eos_ids(kwargs.get("eos_token_id", rt.generation_config.eos_token_id)))
 
 
