@@ -45,6 +45,7 @@ __all__ = ["SUPPORTED_KWARGS", "HostMirror", "TokenChooser", "unsupported_option
 SUPPORTED_KWARGS = frozenset({"temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty",
                               "pad_token_id", "eos_token_id", "logits_processor", "stopping_criteria",
                               "min_new_tokens"})
+_LOGITS_ONLY = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper)
 _UNSET_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0}
 # generation-config fields whose behaviour is not built here, with the values that mean "off"
 _OFF_VALUES = {
@@ -98,6 +99,13 @@ class TokenChooser:
     do_sample: bool
     eos: torch.Tensor | None  # [E] on the device, None without EOS
     pad_token_id: int | None
+    eos_ids: frozenset[int] = frozenset()  # the same, on the host
+
+    @property
+    def reads_sequences(self) -> bool:
+        """Whether a row's choice depends on its tokens so far (repetition penalty, a
+        minimum length, the caller's processors or criteria), not on its logits alone."""
+        return bool(self.criteria) or any(not isinstance(p, _LOGITS_ONLY) for p in self.processors)
 
     @classmethod
     def from_options(cls, model, options: CallOptions, device: torch.device, prompt_length: int) -> TokenChooser:
@@ -131,7 +139,7 @@ class TokenChooser:
                 processors.append(TypicalLogitsWarper(mass=value("typical_p")))
         pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
         return cls(processors, StoppingCriteriaList(options.generate_kwargs.get("stopping_criteria") or []),
-                   options.do_sample, torch.tensor(eos, device=device) if eos else None, pad)
+                   options.do_sample, torch.tensor(eos, device=device) if eos else None, pad, frozenset(eos))
 
     def choose(self, sequences: torch.Tensor, logits: torch.Tensor,
                unfinished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,10 @@
 Slots. Each layer's keys and values live in one buffer ``[1, H_kv, max_tokens, D]``
 allocated once; a token's slot is its index along the sequence axis. The rows of a call
 are packed into it (``static_layout.pack``): slots shared by every row, then a segment per
-row. Each slot has an owner (``OWNER_SHARED``, a row, or ``OWNER_FREE``) and the RoPE
-position of the token it holds; a single row's slot is its position.
+row. Each slot has owners, the rows that see it as a bit set (int64: bit ``r`` for row
+``r < 64``; ``OWNER_SHARED``: every row, ``OWNER_FREE``: none; ``row_bits``), and the RoPE
+position of the token it holds; a single row's slot is its position. A slot may be seen by
+some rows only: the lanes of a running batch (``lanes``) share a prefix that way.
 
 One model call ("step") writes ``Tb`` new tokens at the slots ``slots[0..Tb)``, each
 with its row (``who``) and position, and attends over the first ``Lb`` slots; ``Tb`` and
@@ -14,9 +16,9 @@ captured graph replays any call of its bucket.
 
 Masks. One additive mask ``[1, 1, M, Lb]`` per attention window of the model (``None``
 for full attention): a step token of row ``r`` at position ``p`` sees slot ``j`` iff ``j``
-is shared or ``r``'s and holds a position ``<= p`` (and ``> p - window`` in a sliding
-layer, transformers' rule); a token always sees its own slot (padding tokens see at least
-that). Hidden entries hold the dtype's most negative value, as HF's own masks do. For the
+is among ``r``'s (its owners have bit ``r``) and holds a position ``<= p`` (and ``> p -
+window`` in a sliding layer, transformers' rule); a token always sees its own slot (padding
+tokens, of row ``NO_ROW``, see that only). Hidden entries hold the dtype's most negative value, as HF's own masks do. For the
 split attention the query rows are folded per KV head (``M = g * Tb`` for ``g`` query heads
 per KV head; row ``i * Tb + t`` is the group's ``i``-th query head at token ``t``); for HF's
 own attention functions they are not (``M = Tb``).
@@ -50,6 +52,7 @@ from .attention import split_attention
 
 __all__ = [
     "ATTENTION_NAME",
+    "NO_ROW",
     "OWNER_FREE",
     "OWNER_SHARED",
     "KVBuffers",
@@ -57,14 +60,21 @@ __all__ = [
     "StepAttention",
     "attention_switched",
     "own_attention",
+    "row_bits",
     "slot_attention",
     "step_masks",
 ]
 
 ATTENTION_NAME = "spanctx_slots"
 STEP_KWARG = "spanctx_step"
-OWNER_SHARED = -1  # a slot every row sees
-OWNER_FREE = -2  # a slot no row sees (not written this call, or padding)
+OWNER_SHARED = -1  # a slot every row sees (every bit set)
+OWNER_FREE = 0  # a slot no row sees (not written this call, or padding)
+NO_ROW = -1  # the row of a padding step token (it owns no bit)
+
+
+def row_bits(rows: torch.Tensor) -> torch.Tensor:
+    """The owner bit of each row of ``rows`` (int64; 0 for ``NO_ROW``)."""
+    return torch.bitwise_left_shift(torch.ones_like(rows), rows.clamp(min=0)) * (rows >= 0)
 
 
 @attrs.frozen(eq=False)
@@ -199,12 +209,13 @@ def step_masks(slots: torch.Tensor, who: torch.Tensor, positions: torch.Tensor, 
     [Tb]`` of rows ``who [Tb]`` at ``positions [Tb]``, over slots whose owners and positions
     are ``owners`` / ``slot_positions`` (``[max_tokens]``; the step's own tokens are written
     into them first). Device tensors only: this runs inside a captured graph."""
-    owners.index_copy_(0, slots, who)
+    bits = row_bits(who)
+    owners.index_copy_(0, slots, bits)
     slot_positions.index_copy_(0, slots, positions)
     j = torch.arange(length, device=slots.device)
     owner, key_position = owners[None, :length], slot_positions[None, :length]  # [1, Lb]
     query_position = positions[:, None]  # [Tb, 1]
-    seen = ((owner == OWNER_SHARED) | (owner == who[:, None])) & (key_position <= query_position)
+    seen = ((owner & bits[:, None]) != 0) & (key_position <= query_position)
     seen |= j[None, :] == slots[:, None]  # [Tb, Lb]
     lowest = torch.finfo(dtype).min
     out = {}

@@ -51,6 +51,7 @@ from .calls import FinalCall, FinalOutput
 from .decoding import HostMirror, TokenChooser, seeded, unsupported_options
 from .graphs import BuildStats, StepGraphs
 from .slots import (
+    NO_ROW,
     OWNER_FREE,
     OWNER_SHARED,
     STEP_KWARG,
@@ -70,16 +71,16 @@ from .static_layout import (
     GenerateOutput,
     Packing,
     Row,
+    StepInputs,
     attention_mode,
     keep_bucket,
     model_reason,
     pack,
     probe_layout,
     rows_bucket,
-    suffix_bucket,
 )
 from .static_lora import AdapterState, AdapterSteps
-from .static_warmup import OVERHANG, Sizing, granules, ladder_for, rung
+from .static_warmup import OVERHANG, Sizing, granules, ladder_for
 
 __all__ = ["Row", "StaticExecutor"]
 
@@ -142,7 +143,7 @@ class StaticExecutor(Sizing):
         ints, slots = dict(dtype=torch.long, device=self.device), self.buffers.max_tokens  # a padded tail's too
         # the step's inputs, per step token: id, position, slot, row; and per slot its owner and position
         self._ids, self._pos, self._slots, self._who, self._keep = (torch.zeros(slots, **ints) for _ in range(5))
-        self._owners, self._slot_pos = torch.full((slots,), OWNER_FREE, **ints), torch.zeros(slots, **ints)
+        self.owners, self.slot_positions = torch.full((slots,), OWNER_FREE, **ints), torch.zeros(slots, **ints)
         self._adapters = AdapterSteps(model, max_rows=MAX_ROWS, max_tokens=slots)
         self._forward = torch.compile(model) if compile else model
         self._lock = threading.Lock()
@@ -168,7 +169,7 @@ class StaticExecutor(Sizing):
     def memory_bytes(self) -> int:
         """Memory of the KV buffers and the step inputs (allocated at construction). The
         graphs' own pool (a step's activations and logits) comes on top, per bucket."""
-        inputs = (self._ids, self._pos, self._slots, self._who, self._keep, self._owners, self._slot_pos,
+        inputs = (self._ids, self._pos, self._slots, self._who, self._keep, self.owners, self.slot_positions,
                   self._adapters.starts, self._adapters.adapt)
         return self.buffers.nbytes + sum(t.numel() * t.element_size() for t in inputs)
 
@@ -203,21 +204,6 @@ class StaticExecutor(Sizing):
                     "that a captured step does not run")
         return ((self._fits(pack(rows), new_tokens) if sized else None)
                 or (unsupported_options(self.model, options) if options else None))
-
-    def _fits(self, packing: Packing, new_tokens: int) -> str | None:
-        """Why a call packed as ``packing`` does not fit the buffers and the mask budget
-        (None: it does)."""
-        if packing.rows > MAX_ROWS:
-            return f"a call of {packing.rows} rows exceeds the executor's {MAX_ROWS}"
-        needed = packing.slots_needed(new_tokens, packing.tail_tokens)  # a padded tail's overhang fits beyond
-        if needed > self.max_tokens:
-            return f"the call needs {needed} slots; the buffers hold {self.max_tokens}"
-        tail, length = self._buckets(packing, new_tokens)
-        mask_bytes = self._group * tail * length * self.dtype.itemsize * len(self.windows)
-        if mask_bytes > self.max_mask_bytes:
-            return (f"the {packing.tail_tokens}-token tail's attention masks would take {mask_bytes >> 20} MiB "
-                    f"(max_mask_bytes: {self.max_mask_bytes >> 20} MiB); eager attention needs none")
-        return None
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -338,36 +324,45 @@ class StaticExecutor(Sizing):
             base, own = packing.bases[r], row.num_tokens - packing.shared_tokens
             copied += self.buffers.place(row.prefix[len(packing.shared):], base)
             self.buffers.overwrite(packing.slot(r, row.start), base + own)
-            owners.append(torch.full((own,), r))
+            owners.append(torch.full((own,), 1 << r))
             positions.append(torch.arange(packing.shared_tokens, row.num_tokens))
         tail_bucket, length = self._buckets(packing, new_tokens)
         self.buffers.overwrite(packing.decode_slot, self.max_tokens)
         used = packing.decode_slot
-        self._owners[used:length].fill_(OWNER_FREE)
-        self._owners[:used].copy_(torch.cat(owners), non_blocking=True)
-        self._slot_pos[:used].copy_(torch.cat(positions), non_blocking=True)
+        self.owners[used:length].fill_(OWNER_FREE)
+        self.owners[:used].copy_(torch.cat(owners), non_blocking=True)
+        self.slot_positions[:used].copy_(torch.cat(positions), non_blocking=True)
         return _Call(packing, tail_bucket, length, copied, adapters, self._steps.stats)
-
-    def _buckets(self, packing: Packing, new_tokens: int) -> tuple[int, int]:
-        """The tail step's padded tokens and every step's attention slots."""
-        tail = packing.tail_tokens  # a long tail is arithmetic-bound: no graph, no padding
-        tail_bucket = suffix_bucket(tail) if tail <= GRAPH_TOKENS else tail
-        return tail_bucket, rung(self.ladder, packing.slots_needed(new_tokens, tail_bucket))  # OVERHANG holds it
 
     def _run_tail(self, call: _Call, rows: Sequence[Row], keep: Sequence[range]) -> torch.Tensor:
         """Logits ``[K, V]`` (a graph's buffer) of every row's tail tokens ``keep[r]``, in row order."""
         packing, padded = call.packing, call.tail_bucket
-        tokens = packing.tail_tokens
         firsts = [0, *itertools.accumulate(n - start for n, start in zip(packing.lengths, packing.starts))]
         kept = [firsts[r] + k for r, row_keep in enumerate(keep) for k in row_keep]
-        self._ids[:tokens].copy_(torch.cat([row.input_ids[row.start:] for row in rows]))
-        self._ids[tokens:padded].zero_()
-        for target, values in zip((self._slots, self._pos, self._who), packing.tail_step(padded, OWNER_FREE)):
-            target[:padded].copy_(values, non_blocking=True)
+        ids = torch.cat([*(row.input_ids[row.start:] for row in rows), self._ids.new_zeros(padded - packing.tail_tokens)])
         keep = keep_bucket(len(kept)) if padded <= GRAPH_TOKENS else len(kept)  # extra rows: the first again
-        self._keep[:keep].copy_(torch.tensor(kept + [kept[0]] * (keep - len(kept))), non_blocking=True)
-        bucket = Bucket(padded, call.length, keep, call.adapters)  # a long tail runs without a graph
-        return (self._step(bucket) if self.graphs and padded > GRAPH_TOKENS else self._steps.run(bucket))[:len(kept)]
+        slots, positions, rows = packing.tail_step(padded, NO_ROW)
+        inputs = StepInputs(ids, positions, slots, rows, torch.tensor(kept + [kept[0]] * (keep - len(kept))))
+        return self.step(inputs, call.length, call.adapters)[:len(kept)]
+
+    def step(self, inputs: StepInputs, length: int, adapters: AdapterState | None = None) -> torch.Tensor:
+        """One step of ``inputs`` over the first ``length`` slots (a rung of ``ladder``):
+        the logits ``[K, V]`` of its kept tokens (a graph's buffer, valid until the next
+        step). The slots' owners are the caller's to write (``owners``, bit sets). Inside a
+        call, or ``running`` (``lanes.Lanes``); a step of over ``GRAPH_TOKENS`` runs without a graph."""
+        targets = (self._ids, self._pos, self._slots, self._who, self._keep)
+        for target, values in zip(targets, (inputs.ids, inputs.positions, inputs.slots, inputs.rows, inputs.keep)):
+            target[:values.shape[0]].copy_(values, non_blocking=True)
+        bucket = Bucket(inputs.ids.shape[0], length, inputs.keep.shape[0], adapters)
+        return self._step(bucket) if self.graphs and bucket.tokens > GRAPH_TOKENS else self._steps.run(bucket)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """Hold the executor (as a call does) for one caller's ``step``s, the base model's."""
+        with self._calling(()) as adapters:
+            if adapters is not None:
+                raise ValueError("steps through `step` run the base model; switch the adapter off first")
+            yield
 
     def _run_decode(self, call: _Call, tokens: torch.Tensor, positions: torch.Tensor, step: int) -> torch.Tensor:
         """Logits ``[R, V]`` after feeding row ``r`` its token ``tokens[r]`` at ``positions[r]``
@@ -379,7 +374,7 @@ class StaticExecutor(Sizing):
         if step == 0:  # the same every step but the slots; device-side, so the host never waits
             torch.arange(rows, out=self._who[:rows])
             torch.arange(padded, out=self._keep[:padded])
-            pads = ((self._ids, 0), (self._pos, 0), (self._who, OWNER_FREE), (self._slots, call.length - 1))
+            pads = ((self._ids, 0), (self._pos, 0), (self._who, NO_ROW), (self._slots, call.length - 1))
             for inputs, pad in pads:
                 inputs[rows:padded].fill_(pad)
         torch.add(self._who[:rows], call.packing.decode_slot + step * rows, out=self._slots[:rows])
@@ -391,7 +386,7 @@ class StaticExecutor(Sizing):
         slots, who, positions = self._slots[:tokens], self._who[:tokens], self._pos[:tokens]
         if bucket.adapters is not None and bucket.adapters.alora:
             self._adapters.write_mask(positions, who)
-        masks = step_masks(slots, who, positions, self._owners, self._slot_pos, length, self.windows,
+        masks = step_masks(slots, who, positions, self.owners, self.slot_positions, length, self.windows,
                            fold=self._group, dtype=self.dtype)
         step = StepAttention(self.attention, masks, self._chunk_count(bucket), self._own_attention)
         cache = self._caches.get(bucket)

@@ -28,7 +28,7 @@ from . import attention as kernels
 from .static_lora import AdapterState
 
 __all__ = ["ATTENTION_MODES", "GRAPH_TOKENS", "MAX_ROWS", "SLOT_GRANULE", "Bucket", "ExecStats", "ForwardOutput",
-           "GenerateOutput", "Packing", "Row", "attention_mode", "keep_bucket", "model_reason", "pack", "probe_layout",
+           "GenerateOutput", "Packing", "Row", "StepInputs", "attention_mode", "keep_bucket", "model_reason", "pack", "probe_layout",
            "rows_bucket", "suffix_bucket"]
 
 SLOT_GRANULE = 256  # attention lengths are multiples of this (split pieces stay multiples of 16)
@@ -178,6 +178,18 @@ def pack(rows: Sequence[Row]) -> Packing:
         slot += row.num_tokens - shared_tokens
     return Packing(tuple(shared), shared_tokens, tuple(bases), tuple(r.num_tokens for r in rows),
                    tuple(r.start for r in rows))
+
+
+@attrs.frozen(eq=False)
+class StepInputs:
+    """One step's tokens, padded to a bucket: ids, positions, slots and rows ``[T]``
+    (``slots.NO_ROW``: padding), and which step tokens' logits it keeps ``[K]``."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    rows: torch.Tensor
+    keep: torch.Tensor
 
 
 @attrs.frozen

@@ -50,7 +50,15 @@ from tqdm import tqdm
 from ..cache import kv as kvops
 from ..cache.span_kv import SpanKV
 from ..core.options import merge_options
-from .static_layout import GRAPH_TOKENS, SLOT_GRANULE, Row, pack, suffix_bucket
+from .static_layout import (
+    GRAPH_TOKENS,
+    MAX_ROWS,
+    SLOT_GRANULE,
+    Packing,
+    Row,
+    pack,
+    suffix_bucket,
+)
 
 __all__ = ["ATTENTION_RATE", "OVERHANG", "PADDING", "Sizing", "WarmUpStats", "granules", "ladder", "ladder_for",
            "rung"]
@@ -124,8 +132,9 @@ class WarmUpStats:
 
 
 class Sizing:
-    """The static executor's start-up and growth, mixed into ``StaticExecutor``: it uses
-    the executor's calls, its buffers and step inputs, and its constructor."""
+    """The static executor's sizes, start-up and growth, mixed into ``StaticExecutor``: what
+    fits its buffers, and building and growing them; it uses the executor's calls, its
+    buffers and step inputs, and its constructor."""
 
     def warm_up(self, *, rows: Sequence[int] = (1,), decode: bool = True, bar: bool | None = None) -> WarmUpStats:
         """Build now every bucket that calls of ``rows`` rows over one shared prefix (keeping
@@ -178,10 +187,31 @@ class Sizing:
             lower = length
         return calls
 
+    def _fits(self, packing: Packing, new_tokens: int) -> str | None:
+        """Why a call packed as ``packing`` does not fit the buffers and the mask budget
+        (None: it does)."""
+        if packing.rows > MAX_ROWS:
+            return f"a call of {packing.rows} rows exceeds the executor's {MAX_ROWS}"
+        needed = packing.slots_needed(new_tokens, packing.tail_tokens)  # a padded tail's overhang fits beyond
+        if needed > self.max_tokens:
+            return f"the call needs {needed} slots; the buffers hold {self.max_tokens}"
+        tail, length = self._buckets(packing, new_tokens)
+        mask_bytes = self._group * tail * length * self.dtype.itemsize * len(self.windows)
+        if mask_bytes > self.max_mask_bytes:
+            return (f"the {packing.tail_tokens}-token tail's attention masks would take {mask_bytes >> 20} MiB "
+                    f"(max_mask_bytes: {self.max_mask_bytes >> 20} MiB); eager attention needs none")
+        return None
+
+    def _buckets(self, packing: Packing, new_tokens: int) -> tuple[int, int]:
+        """The tail step's padded tokens and every step's attention slots."""
+        tail = packing.tail_tokens  # a long tail is arithmetic-bound: no graph, no padding
+        tail_bucket = suffix_bucket(tail) if tail <= GRAPH_TOKENS else tail
+        return tail_bucket, rung(self.ladder, packing.slots_needed(new_tokens, tail_bucket))  # OVERHANG holds it
+
     def grow_bytes(self, max_tokens: int) -> int:
         """``memory_bytes`` after ``grow(max_tokens)`` (to reserve them before growing)."""
         added = max(0, granules(max_tokens) - self.max_tokens)
-        sized = (self._ids, self._pos, self._slots, self._who, self._keep, self._owners, self._slot_pos,
+        sized = (self._ids, self._pos, self._slots, self._who, self._keep, self.owners, self.slot_positions,
                  self._adapters.adapt)  # [..., the buffers' slots]
         per_slot = self.buffers.nbytes // self.buffers.max_tokens + sum(t.nbytes // t.shape[-1] for t in sized)
         return self.memory_bytes + added * per_slot
