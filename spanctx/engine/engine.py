@@ -15,10 +15,11 @@ One call:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import attrs
 import torch
@@ -37,6 +38,7 @@ from ..hf import max_positions
 from .calls import Assembly, FinalCall, FinalOutput, ids_tensor
 from .executor import EagerExecutor, marginal_prefill_cost
 from .interpreter import Interpreter
+from .lanes import Lanes
 from .parallel_stats import ParallelStats, parallel_stats
 from .static_layout import pack, rows_bucket
 from .static_warmup import WarmUpStats
@@ -267,13 +269,29 @@ class Engine:
         if self.static is not None:
             fallback = self.static.refuses(call, sized=False) or self._grown(call) or self.static.misfit(call)
         out = (self.executor if fallback or self.static is None else self.static).run(call)
-        for r, (prompt, first) in enumerate(zip(call.prompts, call.store_from)):
-            if first is not None:
-                missing = [i for i in range(first, len(prompt.segments)) if prompt.segments[i].key not in self.store]
-                self.interpreter.store_spans(prompt, out.cache, missing, row=r if out.batch else 0,
-                                             offset=out.offsets[r] if out.offsets else 0)
+        for r in range(len(call.prompts)):
+            self._store(call, out.cache, out.offsets[r] if out.offsets else 0, row=r, batch=out.batch)
         return attrs.evolve(out, fallback=fallback, first_token_at=clock.first_token_at if clock else None, cache=None,
                             kept=out.kept or tuple(row.start for row in call.rows))
+
+    def _store(self, call: FinalCall, cache, offset: int, *, row: int = 0, batch: bool = False) -> None:
+        """The store rule: prompt ``row``'s spans from ``call.store_from[row]`` on that the
+        store lacks are stored from ``cache``, where the prompt starts at slot ``offset`` (of
+        batch row ``row`` when ``batch``)."""
+        prompt, first = call.prompts[row], call.store_from[row]
+        if first is not None:
+            missing = [i for i in range(first, len(prompt.segments)) if prompt.segments[i].key not in self.store]
+            self.interpreter.store_spans(prompt, cache, missing, row=row if batch else 0, offset=offset)
+
+    @contextlib.contextmanager
+    def lanes(self, max_lanes: int) -> Iterator[Lanes]:
+        """A continuous batch of up to ``max_lanes`` generations on the static executor
+        (``lanes.Lanes``: requests join and leave between decode steps); it holds the
+        executor while open. Refused without a static executor."""
+        if self.static is None:
+            raise ValueError("continuous batching runs on the static executor (a CUDA model, or executor='static')")
+        with self.static.running():
+            yield Lanes(self.static, max_lanes, self._store)
 
     # -- probes and checks --------------------------------------------------------------
 

@@ -181,6 +181,8 @@ class StaticExecutor(Sizing):
     def refuses(self, call: FinalCall, *, sized: bool = True) -> str | None:
         """None when ``call`` can run here, else why not (hidden states, the model's whole output,
         or ``refuses_rows``'); ``sized=False`` leaves out ``misfit`` (the engine may grow)."""
+        if self.busy_here:
+            return "a call made from a callback of a running static generation runs on the eager executor"
         tails, keep = min(row.num_tokens - row.start for row in call.rows), call.logits_to_keep
         if call.hidden or (call.decode is None and (keep is None or keep > tails)):
             return f"a static step returns logits of a row's tail (asked: hidden={call.hidden}, logits_to_keep={keep})"
@@ -197,8 +199,6 @@ class StaticExecutor(Sizing):
         cold prompt: a mask is tail x slots) is refused."""
         if self._model_reason:
             return self._model_reason
-        if self.busy_here:
-            return "a call made from a callback of a running static generation runs on the eager executor"
         if self._vocab is not None and any(bool((row.input_ids[row.start:] >= self._vocab).any()) for row in rows):
             return ("image tokens in the tail: their features enter through input-embedding hooks (engine/vision.py) "
                     "that a captured step does not run")
