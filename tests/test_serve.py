@@ -32,14 +32,18 @@ SYSTEM = "You answer questions about the shared manual. " * 12
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(url, backend): a server over its own copy of the tiny Llama with an aLoRA ``judge``."""
+@pytest.fixture(scope="module", params=["batched", "lanes"])
+def server(tmp_path_factory, request):
+    """(url, backend): a server over its own copy of the tiny Llama with an aLoRA ``judge``;
+    its scheduler batches whole calls (the eager executor) or runs lanes that join and
+    leave between steps (``engine.lanes``, on the static executor)."""
     model, tokenizer = tiny_model("llama")
-    rt = spanctx.Runtime(copy.deepcopy(model), tokenizer, store_bytes=64 << 20)
+    executor = "static" if request.param == "lanes" else "eager"
+    rt = spanctx.Runtime(copy.deepcopy(model), tokenizer, store_bytes=64 << 20, executor=executor)
     folder = make_adapter(model, tmp_path_factory.mktemp("judge") / "alora", invocation=invocation_ids(tokenizer))
     rt.add_adapter("judge", folder, invocation=INVOCATION)
     backend = LocalBackend(rt, max_batch=4, max_queue=4)
+    assert backend.scheduler.continuous == (request.param == "lanes")
     with serving(create_app(backend, MODEL)) as url:
         yield url, backend
     backend.scheduler.close()
@@ -163,13 +167,26 @@ def run_queued_together(backend, requests) -> None:
         t.join(120)
 
 
+def ran_together(backend: LocalBackend, rows: int, tokens: int, run) -> None:
+    """``run()`` and check that its ``rows`` requests (``tokens`` new tokens in all) shared
+    model calls: one batched call, or lanes stepping together (fewer steps than tokens)."""
+    scheduler = backend.scheduler
+    lanes, steps = scheduler.counts["lanes"], scheduler.counts["lane_steps"]
+    run()
+    if scheduler.continuous:
+        assert scheduler.counts["lanes"] - lanes == rows
+        assert scheduler.counts["lane_steps"] - steps <= tokens - rows + 1  # at least two rows in a step
+    else:
+        assert scheduler.batch_sizes[-1] == rows
+
+
 def test_waiting_requests_run_as_one_batch(server, client, direct):
     backend = server[1]
     questions = [f"Batched question {i}?" for i in range(3)]
     results: dict[int, object] = {}
-    run_queued_together(backend, [lambda i=i: results.__setitem__(i, client.chat.completions.create(
-        model=MODEL, messages=chat(questions[i]), max_tokens=3 + i)) for i in range(3)])
-    assert backend.scheduler.batch_sizes[-1] == 3  # one call for the three
+    ran_together(backend, 3, 12, lambda: run_queued_together(backend, [
+        lambda i=i: results.__setitem__(i, client.chat.completions.create(
+            model=MODEL, messages=chat(questions[i]), max_tokens=3 + i)) for i in range(3)]))
     for i, q in enumerate(questions):  # each row stops at its own limit, with its solo tokens
         assert results[i].choices[0].message.content == direct.generate(Context.chat(chat(q)), 3 + i).text
         assert results[i].usage.completion_tokens == 3 + i
@@ -293,8 +310,10 @@ def test_n_choices_run_as_one_batch_and_seeds_step(server, client, direct):
     backend = server[1]
     msgs = chat("Three answers, please?")
     one = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5)
-    three = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=5, n=3)
-    assert backend.scheduler.batch_sizes[-1] == 3  # the n choices were queued at once and batched
+    replies = []  # the n choices are queued at once and batched
+    ran_together(backend, 3, 15, lambda: replies.append(client.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=5, n=3)))
+    (three,) = replies
     assert [c.index for c in three.choices] == [0, 1, 2]
     assert {c.message.content for c in three.choices} == {one.choices[0].message.content}  # greedy: alike
     assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
@@ -348,10 +367,10 @@ def test_logprobs_of_batched_rows(server, client, direct):
     """A row that asks for log-probabilities shares a batch with one that does not."""
     backend = server[1]
     results: dict[int, object] = {}
-    run_queued_together(backend, [lambda i=i: results.__setitem__(i, client.completions.create(
-        model=MODEL, prompt=f"Batched row {i}", max_tokens=3, **({"logprobs": 1} if i == 0 else {})))
-        for i in range(2)])
-    assert backend.scheduler.batch_sizes[-1] == 2
+    ran_together(backend, 2, 6, lambda: run_queued_together(backend, [
+        lambda i=i: results.__setitem__(i, client.completions.create(
+            model=MODEL, prompt=f"Batched row {i}", max_tokens=3, **({"logprobs": 1} if i == 0 else {})))
+        for i in range(2)]))
     want = direct.generate(Context().append("Batched row 0"), 3, output_scores=True).logprobs(1)
     got = results[0].choices[0].logprobs
     assert got.token_logprobs == pytest.approx([e.logprob for e in want], abs=1e-4)

@@ -91,12 +91,21 @@ class Job:
     stopped: threading.Event = attrs.field(factory=threading.Event)  # end this row (cancel or stop string)
     cancelled: bool = False
     enqueued: float = attrs.field(factory=time.perf_counter)
+    alone: str | None = None  # why the running batch (``engine.lanes``) refused it: it runs alone
 
     @property
     def solo(self) -> bool:
         """Whether the job must run alone (see the module's policy)."""
         r = self.request
-        return r is None or self.opts.seed is not None or r.adapter is not None or r.ctx.has_parallel
+        return (r is None or self.alone is not None or self.opts.seed is not None or r.adapter is not None
+                or r.ctx.has_parallel)
+
+    @property
+    def laneable(self) -> bool:
+        """Whether the job may run as a lane of a running batch (``engine.lanes``): a
+        generation without a seed or an adapter that the lanes did not refuse."""
+        r = self.request
+        return r is not None and self.alone is None and self.opts.seed is None and r.adapter is None
 
     def batch_key(self) -> tuple:
         return (self.opts.do_sample, tuple(sorted((k, repr(v)) for k, v in self.opts.generate_kwargs.items())))

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from ..engine.calls import FinalCall
 from ..features.batch import decode_rows, eos_ids
 from .jobs import Done, Job, Row, RowStreamer
 from .protocol import ApiError
@@ -71,12 +72,16 @@ class Scheduler:
     """Owns ``rt``'s model through one worker thread (see the module's policy)."""
 
     def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, continuous: bool | None = None) -> None:
         max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
+        if continuous and rt.engine.static is None:
+            raise ValueError("continuous batching runs on the static executor (a CUDA model, or executor='static')")
         self.rt, self.max_batch, self.max_queue = rt, max_batch, max_queue
         self.executor = executor or run_rows
+        # step-level admission (engine.lanes) where the runtime has a static executor
+        self.continuous = rt.engine.static is not None if continuous is None else continuous
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -146,12 +151,80 @@ class Scheduler:
             return group
 
     def _loop(self) -> None:
-        while (group := self._next_group()) is not None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                lanes = not self._closed and self.continuous and self._waiting[0].laneable
+            if lanes:
+                self._run_lanes()
+                continue
+            group = self._next_group()
+            if group is None:
+                return
             try:
                 self._run(group)
             finally:
                 with self._cond:
                     self.running = 0
+
+    # -- continuous batching ------------------------------------------------------------
+
+    def _run_lanes(self) -> None:
+        """Run lanes (``engine.lanes``) until none runs and the queue's head cannot join:
+        before each step, waiting jobs join in FIFO order while lanes and slots are free."""
+        rows: dict = {}  # Lane -> (Row, prompt tokens)
+        with self.rt.holding(), self.rt.engine.lanes(self.max_batch) as lanes:
+            try:
+                while self._admit(lanes, rows) or len(lanes):
+                    wanted = frozenset(lane for lane, (row, _) in rows.items() if row.top is not None)
+                    events = lanes.step(logits_for=wanted)
+                    self.counts["lane_steps"] += 1
+                    for event in events:
+                        row, prompt = rows[event.lane]
+                        row.add(event.token, event.logits)
+                        if event.finish is None and (row.finished or row.job.stopped.is_set()):
+                            lanes.release(event.lane)
+                        if event.lane.finish is not None:
+                            del rows[event.lane]
+                            self._finish(row.job, row.done(prompt, event.lane.cached_tokens))
+                    with self._cond:
+                        self.running = len(lanes)
+            except Exception as exc:  # noqa: BLE001 - reported to the clients as a 500
+                for row, _ in rows.values():
+                    self._finish(row.job, Done("error", error=exc))
+            finally:
+                with self._cond:
+                    self.running = 0
+
+    def _admit(self, lanes, rows: dict) -> bool:
+        """Admit waiting jobs (FIFO, while the head may be a lane) as lanes; a job the lanes
+        refuse is marked to run alone, one without room now waits for a lane to end."""
+        while len(lanes) < self.max_batch:
+            with self._cond:
+                if self._closed or not self._waiting or not self._waiting[0].laneable:
+                    return False
+                job = self._waiting.popleft()
+            r, opts = job.request, job.opts
+            try:
+                with self.rt.prepared(r.ctx, max_new_tokens=opts.max_new_tokens, repair=r.repair,
+                                      salt=r.salt) as prepared:
+                    call = FinalCall.tails([prepared.assembly], decode=opts)
+                job.alone = lanes.refuses(call)
+                lane = None if job.alone else lanes.admit(call)
+            except Exception as exc:  # noqa: BLE001 - a bad request (4xx) or a failure (500), the client's
+                self._finish(job, Done("error", error=exc))
+                continue
+            if lane is None:
+                if not job.alone and not len(lanes):
+                    job.alone = "it does not fit the static buffers beside nothing"
+                with self._cond:
+                    self._waiting.appendleft(job)
+                return False
+            self.counts["lanes"] += 1
+            rows[lane] = (Row(job, self.rt.tokenizer, eos_ids(self.rt.generation_config.eos_token_id)),
+                          prepared.assembly.prompt.num_tokens)
+        return False
 
     def _run(self, group: list[Job]) -> None:
         self.counts["batches"] += 1
