@@ -1,18 +1,23 @@
 """Concurrent chat sessions sharing a long system prompt: the scheduler vs the alternatives.
 
-In-process (no HTTP: the GPU box has no fastapi/uvicorn), the same workload four ways:
+In-process (no HTTP: the GPU box has no fastapi/uvicorn), the same workload six ways:
 
-- ``lone``: ONE session through the scheduler (a group of one: ``Runtime.generate``, the
-  static executor on a GPU);
-- ``scheduler``: S sessions at once through the scheduler (waiting turns run as one
-  batched call, eager rows);
+- ``lone``: ONE session calling ``Runtime.generate`` (the static executor's own decode
+  loop on a GPU): the fastest single-session path, the reference of every ratio;
+- ``lone_lanes``: ONE session through the continuous scheduler (a lane alone);
+- ``lanes``: S sessions at once through the continuous scheduler (``engine.lanes``: turns
+  join and leave the running decode between steps);
+- ``grouped``: S sessions through the scheduler without lanes (waiting turns run as one
+  batched call when the model frees; what the server did before lanes);
 - ``lock``: S threads calling ``Runtime.generate`` directly (serialised by its lock);
 - ``hf_threads``: S threads calling HF ``model.generate`` on the full prompt (no reuse), as
   an in-process server over plain transformers does.
 
-Each session runs ``--turns`` turns: a user message, a reply of exactly ``--new-tokens``
-tokens (min_new_tokens), the reply appended. TTFT is measured from a turn's submission to
-its first token (queueing included). Writes JSON to ``--out``; prints a table.
+Each session runs ``--turns`` turns: a user message, a reply of up to ``--new-tokens``
+tokens (``--exact``: exactly, through ``min_new_tokens``; random weights almost never emit
+EOS, and the tokens actually made are counted), the reply appended. TTFT is measured from
+a turn's submission to its first token (queueing included). Writes JSON to ``--out``;
+prints a table.
 
     python benchmarks/serve_gpu.py --model llama-3.1-8b --out $OUT/serve_gpu.json
     python benchmarks/serve_gpu.py --model tiny-llama --device cpu --system-tokens 256   # dry run
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import queue
 import statistics
@@ -73,9 +79,12 @@ def turn_context(system: str, tag: str, session: int, history: list[tuple[str, s
     return Context.chat(msgs)
 
 
+EXTRA: dict = {}  # min_new_tokens with --exact
+
+
 def via_scheduler(scheduler: Scheduler, rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]:
     events: queue.Queue = queue.Queue()
-    kwargs = {"min_new_tokens": new_tokens}
+    kwargs = dict(EXTRA)
     job = Job(events.put, request=GenRequest(ctx, new_tokens, kwargs), opts=rt.options(new_tokens, **kwargs))
     start = time.perf_counter()
     scheduler.submit(job)
@@ -92,7 +101,7 @@ def via_scheduler(scheduler: Scheduler, rt: Runtime, ctx: Context, new_tokens: i
 
 def via_lock(rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]:
     streamer, start = FirstToken(), time.perf_counter()
-    result = rt.generate(ctx, new_tokens, min_new_tokens=new_tokens, streamer=streamer)
+    result = rt.generate(ctx, new_tokens, streamer=streamer, **EXTRA)
     return result.text, (streamer.at or time.perf_counter()) - start, len(result.token_ids)
 
 
@@ -101,8 +110,8 @@ def via_hf(rt: Runtime, ctx: Context, new_tokens: int) -> tuple[str, float, int]
     streamer, start = FirstToken(), time.perf_counter()
     with torch.inference_mode():
         out = rt.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
-                                pad_token_id=rt.pad_token_id)
+                                do_sample=False, streamer=streamer,
+                                pad_token_id=rt.pad_token_id, **EXTRA)
     new = out[0, ids.shape[1]:].tolist()
     return rt.tokenizer.decode(new, skip_special_tokens=True), (streamer.at or time.perf_counter()) - start, len(new)
 
@@ -129,7 +138,20 @@ def run_sessions(ask, tag: str, sessions: int, turns: int, system: str, new_toke
     wall = time.perf_counter() - start
     return {"sessions": sessions, "turns": turns, "tokens": tokens[0], "wall_s": wall,
             "tokens_per_s": tokens[0] / wall, "ttft_p50_ms": 1000 * statistics.median(ttfts),
-            "ttft_p90_ms": 1000 * sorted(ttfts)[int(0.9 * (len(ttfts) - 1))], "turn_ttfts_ms": [1000 * t for t in ttfts]}
+            "ttft_p90_ms": 1000 * sorted(ttfts)[math.ceil(0.9 * (len(ttfts) - 1))], "turn_ttfts_ms": [1000 * t for t in ttfts]}
+
+
+def agreement(rt: Runtime, scheduler: Scheduler, system: str, sessions: int, new_tokens: int) -> dict:
+    """The first turn of each session alone (``Runtime.generate``), then all at once as lanes:
+    how many replies are identical (bf16: a row's arithmetic depends on its batch)."""
+    contexts = [turn_context(system, "agree", s, [], 0) for s in range(sessions)]
+    alone = [via_lock(rt, ctx, new_tokens)[0] for ctx in contexts]
+    with ThreadPoolExecutor(sessions) as pool:
+        together = list(pool.map(lambda ctx: via_scheduler(scheduler, rt, ctx, new_tokens)[0], contexts))
+    same = [a == b for a, b in zip(alone, together)]
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                  for a, b in zip(alone, together)]
+    return {"identical": sum(same), "of": sessions, "first_difference_at_char": first_diff}
 
 
 def main() -> None:
@@ -140,43 +162,59 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--system-tokens", type=int, default=2048)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--modes", default="lone,scheduler,lock,hf_threads")
+    parser.add_argument("--modes", default="lone,lone_lanes,lanes,grouped,lock,hf_threads")
+    parser.add_argument("--exact", action="store_true", help="replies of exactly --new-tokens (min_new_tokens)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.exact:
+        EXTRA["min_new_tokens"] = args.new_tokens
 
     model, tokenizer = load_preset(args.model, device=args.device)
-    rt = Runtime(model, tokenizer, store_bytes=8 << 30 if args.device == "cuda" else 1 << 30)
-    scheduler = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions)
+    rt = Runtime(model, tokenizer, store_bytes=8 << 30 if args.device == "cuda" else 1 << 30,
+                 **({} if args.device == "cuda" else {"executor": "static"}))  # lanes need the static executor
+    started = time.perf_counter()
+    warm = rt.engine.warm_up_rows(range(2, args.sessions + 1))  # as the server does at start
+    print(f"warm_up_rows: {time.perf_counter() - started:.1f} s ({warm})", flush=True)
+    lanes = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions, continuous=True)
+    grouped = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions, continuous=False)
     system = system_prompt(args.system_tokens)
-    asks = {"lone": lambda c, n: via_scheduler(scheduler, rt, c, n),
-            "scheduler": lambda c, n: via_scheduler(scheduler, rt, c, n),
+    asks = {"lone": lambda c, n: via_lock(rt, c, n), "lone_lanes": lambda c, n: via_scheduler(lanes, rt, c, n),
+            "lanes": lambda c, n: via_scheduler(lanes, rt, c, n),
+            "grouped": lambda c, n: via_scheduler(grouped, rt, c, n),
             "lock": lambda c, n: via_lock(rt, c, n), "hf_threads": lambda c, n: via_hf(rt, c, n)}
-    # warm-up: the system prompt is stored, the static executor captures, batched rows run once
-    run_sessions(asks["scheduler"], "warm", args.sessions, 1, system, 4)
-    run_sessions(asks["lone"], "warm", 1, args.turns, system, args.new_tokens)
+    # warm-up: the system prompt is stored, every path has run once
+    for mode in ("lanes", "grouped", "lone"):
+        run_sessions(asks[mode], "warm" + mode, args.sessions if mode != "lone" else 1, 1, system, 4)
     results, failures = {}, {}
+    agree = agreement(rt, lanes, system, args.sessions, args.new_tokens)
+    print(f"lanes vs alone: {agree['identical']}/{agree['of']} identical replies", flush=True)
     for mode in args.modes.split(","):
-        sessions = 1 if mode == "lone" else args.sessions
-        batches = len(scheduler.batch_sizes)
+        sessions = 1 if mode.startswith("lone") else args.sessions
+        batches, counts = len(grouped.batch_sizes), dict(lanes.counts)
         try:
             results[mode] = run_sessions(asks[mode], mode, sessions, args.turns, system, args.new_tokens)
         except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' figures
             traceback.print_exc()
             failures[mode] = repr(exc)
             continue
-        if mode in ("lone", "scheduler"):
-            results[mode]["batch_sizes"] = scheduler.batch_sizes[batches:]
+        if mode == "grouped":
+            results[mode]["batch_sizes"] = grouped.batch_sizes[batches:]
+        if mode in ("lanes", "lone_lanes"):
+            steps = lanes.counts["lane_steps"] - counts.get("lane_steps", 0)
+            results[mode]["lane_steps"] = steps
+            results[mode]["tokens_per_step"] = results[mode]["tokens"] / max(steps, 1)
         print(f"{mode:>11}: {results[mode]['tokens_per_s']:8.1f} tok/s  TTFT p50 {results[mode]['ttft_p50_ms']:8.1f} ms"
               f"  p90 {results[mode]['ttft_p90_ms']:8.1f} ms  ({results[mode]['tokens']} tokens, "
               f"{results[mode]['wall_s']:.1f} s)", flush=True)
-    scheduler.close()
+    lanes.close()
+    grouped.close()
     lone = results.get("lone")
     if lone:
         for mode, r in results.items():
             r["vs_lone_throughput"] = r["tokens_per_s"] / lone["tokens_per_s"]
             r["vs_lone_ttft_p50"] = r["ttft_p50_ms"] / lone["ttft_p50_ms"]
             print(f"{mode:>11}: throughput {r['vs_lone_throughput']:.2f}x lone, TTFT p50 {r['vs_lone_ttft_p50']:.2f}x lone")
-    record = {"args": vars(args), "results": results, "failures": failures,
+    record = {"args": vars(args), "results": results, "failures": failures, "agreement": agree,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
