@@ -41,6 +41,7 @@ import transformers
 from transformers.generation.streamers import BaseStreamer
 
 from spanctx import Context, Runtime
+from spanctx.engine.calls import FinalCall
 from spanctx.presets import load_preset
 from spanctx.serve.jobs import Done, Job
 from spanctx.serve.protocol import GenRequest
@@ -141,17 +142,42 @@ def run_sessions(ask, tag: str, sessions: int, turns: int, system: str, new_toke
             "ttft_p90_ms": 1000 * sorted(ttfts)[math.ceil(0.9 * (len(ttfts) - 1))], "turn_ttfts_ms": [1000 * t for t in ttfts]}
 
 
-def agreement(rt: Runtime, scheduler: Scheduler, system: str, sessions: int, new_tokens: int) -> dict:
-    """The first turn of each session alone (``Runtime.generate``), then all at once as lanes:
-    how many replies are identical (bf16: a row's arithmetic depends on its batch)."""
-    contexts = [turn_context(system, "agree", s, [], 0) for s in range(sessions)]
-    alone = [via_lock(rt, ctx, new_tokens)[0] for ctx in contexts]
-    with ThreadPoolExecutor(sessions) as pool:
-        together = list(pool.map(lambda ctx: via_scheduler(scheduler, rt, ctx, new_tokens)[0], contexts))
-    same = [a == b for a, b in zip(alone, together)]
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                  for a, b in zip(alone, together)]
-    return {"identical": sum(same), "of": sessions, "first_difference_at_char": first_diff}
+def lanes_direct(rt: Runtime, system: str, sessions: int, new_tokens: int) -> dict:
+    """The first turn of each session run as lanes directly (``Engine.lanes``, no threads):
+    what admitting them costs, the step they join in, the decode steps after; then each
+    alone through ``Runtime.generate``: how many replies have identical token ids (bf16: a
+    row's arithmetic depends on its batch), and where the first difference is."""
+    def sync() -> float:
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    contexts = [turn_context(system, "direct", s, [], 0) for s in range(sessions)]
+    opts = rt.options(new_tokens, **EXTRA)
+    made = []
+    with rt.holding(), rt.engine.lanes(sessions) as lanes:
+        started = sync()
+        for ctx in contexts:
+            with rt.prepared(ctx, max_new_tokens=new_tokens) as prepared:
+                call = FinalCall.tails([prepared.assembly], decode=opts)
+            assert lanes.refuses(call) is None
+            made.append(lanes.admit(call))
+        admitted = sync()
+        tail_tokens = sum(lane.tail_ids.shape[0] for lane in lanes.lanes)
+        lanes.step()
+        joined = sync()
+        steps = []
+        while len(lanes):
+            before = sync()
+            lanes.step()
+            steps.append(sync() - before)
+    tokens = [lane.tokens for lane in made]
+    alone = [list(rt.generate(ctx, new_tokens, **EXTRA).token_ids) for ctx in contexts]
+    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(alone, tokens)]
+    return {"admit_ms": 1000 * (admitted - started), "join_step_ms": 1000 * (joined - admitted),
+            "join_tail_tokens": tail_tokens, "decode_step_ms_p50": 1000 * statistics.median(steps),
+            "identical": sum(a == b for a, b in zip(alone, tokens)), "of": sessions,
+            "first_difference_at_token": first_diff}
 
 
 def main() -> None:
@@ -186,11 +212,11 @@ def main() -> None:
     for mode in ("lanes", "grouped", "lone"):
         run_sessions(asks[mode], "warm" + mode, args.sessions if mode != "lone" else 1, 1, system, 4)
     results, failures = {}, {}
-    agree = agreement(rt, lanes, system, args.sessions, args.new_tokens)
-    print(f"lanes vs alone: {agree['identical']}/{agree['of']} identical replies", flush=True)
+    direct = lanes_direct(rt, system, args.sessions, args.new_tokens)
+    print(f"lanes direct: {direct}", flush=True)
     for mode in args.modes.split(","):
         sessions = 1 if mode.startswith("lone") else args.sessions
-        batches, counts = len(grouped.batch_sizes), dict(lanes.counts)
+        batches, counts, seconds = len(grouped.batch_sizes), dict(lanes.counts), dict(lanes.seconds)
         try:
             results[mode] = run_sessions(asks[mode], mode, sessions, args.turns, system, args.new_tokens)
         except Exception as exc:  # noqa: BLE001 - one failing mode must not lose the others' figures
@@ -203,6 +229,8 @@ def main() -> None:
             steps = lanes.counts["lane_steps"] - counts.get("lane_steps", 0)
             results[mode]["lane_steps"] = steps
             results[mode]["tokens_per_step"] = results[mode]["tokens"] / max(steps, 1)
+            results[mode]["join_steps"] = lanes.counts["join_steps"] - counts.get("join_steps", 0)
+            results[mode]["seconds"] = {k: v - seconds.get(k, 0.0) for k, v in lanes.seconds.items()}
         print(f"{mode:>11}: {results[mode]['tokens_per_s']:8.1f} tok/s  TTFT p50 {results[mode]['ttft_p50_ms']:8.1f} ms"
               f"  p90 {results[mode]['ttft_p90_ms']:8.1f} ms  ({results[mode]['tokens']} tokens, "
               f"{results[mode]['wall_s']:.1f} s)", flush=True)
@@ -214,7 +242,7 @@ def main() -> None:
             r["vs_lone_throughput"] = r["tokens_per_s"] / lone["tokens_per_s"]
             r["vs_lone_ttft_p50"] = r["ttft_p50_ms"] / lone["ttft_p50_ms"]
             print(f"{mode:>11}: throughput {r['vs_lone_throughput']:.2f}x lone, TTFT p50 {r['vs_lone_ttft_p50']:.2f}x lone")
-    record = {"args": vars(args), "results": results, "failures": failures, "agreement": agree,
+    record = {"args": vars(args), "results": results, "failures": failures, "lanes_direct": direct,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -221,7 +221,8 @@ class Lanes:
             owners[region.start:region.start + region.piece.num_tokens].bitwise_or_(bit)
         self.executor.buffers.overwrite(own, own + own_tokens)
         chooser = TokenChooser.from_options(self.executor.model, call.decode, self.executor.device, row.num_tokens)
-        lane = Lane(index, call, chooser, tuple(chains), own, row.input_ids[row.start:].cpu())
+        tail = torch.tensor(call.prompts[0].token_ids[row.start:], dtype=torch.long)  # host ids: no device sync
+        lane = Lane(index, call, chooser, tuple(chains), own, tail)
         self.lanes.append(lane)
         return lane
 

@@ -6,29 +6,35 @@ Policy (docs/serving.md says the same for users):
   jobs, all or none (a request's ``n`` choices come together, so they batch together); a
   queue without room raises ``QueueFull`` at once (the server answers 429). Running jobs
   do not count against the queue.
-- **Batching when the model frees.** One worker thread owns the model. Each time it is
-  free it takes the oldest waiting job and, when that job can share a batch, every other
-  waiting job compatible with it (same sampling options; FIFO, at most ``max_batch``), and
-  runs them as ONE call: a left-padded batch over each row's own stored spans (the
-  session's row calls, as ``Runtime.generate_batch`` uses; greedy rows give the tokens
-  they give alone). A group of one runs as a single ``generate`` (on a GPU, the static
-  executor). Jobs that cannot share a batch run alone: a ``seed`` (its tokens must not
-  depend on the other rows), an ``adapter``, a context with parallel groups (its
-  positions are not the batch's), and checks. Rows with different ``max_tokens`` share a
-  batch: each row stops at its own limit.
+- **Lanes: step-level admission (a runtime with a static executor: a CUDA model, or
+  ``executor="static"``).** One worker thread owns the model. While the queue's head can
+  be a lane (a generation without ``seed`` or ``adapter``), the worker runs a continuous
+  batch (``spanctx.engine.lanes``): before every decode step, waiting jobs join in FIFO
+  order while fewer than ``max_batch`` run and their slots fit; a new job's prompt tail is
+  prefilled in the same model step that decodes the running ones; a job leaves at EOS,
+  its ``max_tokens``, a stop string or a cancel, and the next one takes its place at the
+  next step. Stored prefix spans the lanes share (a system prompt) are laid once in the
+  buffers. A job the lanes refuse (see ``Lanes.refuses``) is marked to run alone and
+  waits, at the queue's head, for the lanes to drain. Greedy lanes give the tokens they
+  give alone. Without a static executor (the eager CPU default), or with
+  ``continuous=False``, waiting jobs are batched per call instead:
+- **Batching when the model frees.** Each time the worker is free it takes the oldest
+  waiting job and, when that job can share a batch, every other waiting job compatible
+  with it (same sampling options; FIFO, at most ``max_batch``), and runs them as ONE call:
+  a left-padded batch over each row's own stored spans (the session's row calls, as
+  ``Runtime.generate_batch`` uses; greedy rows give the tokens they give alone). A group
+  of one runs as a single ``generate``. Jobs that cannot share a batch run alone: a
+  ``seed`` (its tokens must not depend on the other rows), an ``adapter``, a context with
+  parallel groups (its positions are not the batch's), and checks. Rows with different
+  ``max_tokens`` share a batch: each row stops at its own limit. A job arriving mid-batch
+  waits for that batch to end.
 - **Streaming and stops.** Every row streams its text as it is decoded (``Delta`` events,
   with each token's log-probability when the request asks for them); ``stop`` strings are
   matched on the text (cut before the match) and end that row at once.
 - **Cancellation.** ``Job.cancel`` (the server calls it when a client disconnects) drops
-  a waiting job from the queue, or ends a running row at the next decode step; the batch
-  goes on for the other rows and the worker takes new jobs when the call ends.
-- **Batch size.** ``max_batch`` defaults to 8. On a CUDA GPU the static executor packs a
-  batch's rows into its buffers (the spans they share laid once) and decodes them in
-  one captured step per token; elsewhere they run as a left-padded eager batch.
-- **What is not done.** Jobs are admitted only between calls (no step-level continuous
-  batching: HF ``generate``'s loop is closed). A job arriving mid-batch waits for that
-  batch to end. Step-level admission needs an executor that runs one decode step of a
-  changing batch; ``Executor`` below is the seam where it plugs in (see docs/serving.md).
+  a waiting job from the queue, or ends a running row at the next decode step (a lane's
+  slots are freed then); the other rows go on.
+- **Batch size.** ``max_batch`` (default 8) bounds the lanes, or a call's rows.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -62,8 +69,7 @@ class QueueFull(ApiError):
 
 class Executor(Protocol):
     """Runs a group of compatible generation jobs as one model call, feeding each job's
-    ``Row``. Today: ``run_rows`` (HF generate over a padded batch, eager); a batched static
-    executor (fixed buffers, graphs) would implement the same and replace it."""
+    ``Row`` (the per-call batching; default ``run_rows``)."""
 
     def __call__(self, rt: Runtime, jobs: Sequence[Job], rows: Sequence[Row]) -> list[tuple[int, int]]: ...
 
@@ -88,6 +94,7 @@ class Scheduler:
         self.running = 0
         self.counts = collections.Counter()  # submitted, rejected, cancelled, completed, failed, batches, rows
         self.batch_sizes: list[int] = []  # every call's rows, in order (for the metrics and tests)
+        self.seconds = collections.Counter()  # lanes: admitting (prompts assembled) and stepping, wall time
         self._thread = threading.Thread(target=self._loop, name="spanctx-scheduler", daemon=True)
         self._thread.start()
 
@@ -176,10 +183,19 @@ class Scheduler:
         rows: dict = {}  # Lane -> (Row, prompt tokens)
         with self.rt.holding(), self.rt.engine.lanes(self.max_batch) as lanes:
             try:
-                while self._admit(lanes, rows) or len(lanes):
+                while True:  # admit, then step while any lane runs
+                    started = time.perf_counter()
+                    self._admit(lanes, rows)
+                    stepped = time.perf_counter()
+                    self.seconds["admit"] += stepped - started
+                    if not len(lanes):
+                        break
                     wanted = frozenset(lane for lane, (row, _) in rows.items() if row.top is not None)
+                    joined = any(not lane.fed for lane in lanes.lanes)
                     events = lanes.step(logits_for=wanted)
                     self.counts["lane_steps"] += 1
+                    self.counts["join_steps"] += joined
+                    self.seconds["join_steps" if joined else "decode_steps"] += time.perf_counter() - stepped
                     for event in events:
                         row, prompt = rows[event.lane]
                         row.add(event.token, event.logits)
@@ -197,13 +213,13 @@ class Scheduler:
                 with self._cond:
                     self.running = 0
 
-    def _admit(self, lanes, rows: dict) -> bool:
+    def _admit(self, lanes, rows: dict) -> None:
         """Admit waiting jobs (FIFO, while the head may be a lane) as lanes; a job the lanes
         refuse is marked to run alone, one without room now waits for a lane to end."""
         while len(lanes) < self.max_batch:
             with self._cond:
                 if self._closed or not self._waiting or not self._waiting[0].laneable:
-                    return False
+                    return
                 job = self._waiting.popleft()
             r, opts = job.request, job.opts
             try:
@@ -220,11 +236,10 @@ class Scheduler:
                     job.alone = "it does not fit the static buffers beside nothing"
                 with self._cond:
                     self._waiting.appendleft(job)
-                return False
+                return
             self.counts["lanes"] += 1
             rows[lane] = (Row(job, self.rt.tokenizer, eos_ids(self.rt.generation_config.eos_token_id)),
                           prepared.assembly.prompt.num_tokens)
-        return False
 
     def _run(self, group: list[Job]) -> None:
         self.counts["batches"] += 1
