@@ -233,18 +233,16 @@ class Lanes:
     # -- steps -------------------------------------------------------------------------
 
     def step(self, *, logits_for: frozenset[Lane] = frozenset()) -> list[LaneEvent]:
-        """One model step of every lane (see the module docstring): a token per lane, in
-        ``lanes`` order; lanes that ended with it are released. ``logits_for``: lanes whose
+        """One model step of every lane (see the module docstring): a token per lane, the
+        running lanes' first, then the new ones'; lanes that ended with it are released. ``logits_for``: lanes whose
         events carry their step's logits."""
         if not self.lanes:
             return []
         running, fresh = [lane for lane in self.lanes if lane.fed], [lane for lane in self.lanes if not lane.fed]
-        ids, positions, slots, rows, keep = [], [], [], [], []
-        for lane in running:
-            token, position, slot = lane.feed()
-            keep.append(len(ids))
-            ids.append(token), positions.append(position), slots.append(slot), rows.append(lane.index)
-        ids_tail = [torch.tensor(ids, dtype=torch.long)]
+        fed = [lane.feed() for lane in running]  # (token, position, slot)
+        positions, slots = [p for _, p, _ in fed], [s for _, _, s in fed]
+        rows, keep = [lane.index for lane in running], list(range(len(running)))
+        ids_tail = [torch.tensor([t for t, _, _ in fed], dtype=torch.long)]
         for lane in fresh:
             row, tail = lane.row, lane.tail_ids.shape[0]
             ids_tail.append(lane.tail_ids)
