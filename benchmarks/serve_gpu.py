@@ -190,18 +190,32 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--modes", default="lone,lone_lanes,lanes,grouped,lock,hf_threads")
     parser.add_argument("--exact", action="store_true", help="replies of exactly --new-tokens (min_new_tokens)")
+    parser.add_argument("--join-tokens", type=int, default=None, help="the lanes' join budget (Scheduler)")
+    parser.add_argument("--check-model", default="tiny-trained",
+                        help="first, lanes vs Runtime.generate on this model in fp32 (token agreement); '' to skip")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.exact:
         EXTRA["min_new_tokens"] = args.new_tokens
 
+    check = None
+    if args.check_model:  # lanes against alone where the arithmetic is exact enough to compare tokens
+        small, small_tokenizer = load_preset(args.check_model, device=args.device, dtype=torch.float32)
+        small_rt = Runtime(small, small_tokenizer, store_bytes=1 << 30,
+                           **({} if args.device == "cuda" else {"executor": "static"}))
+        small_rt.engine.warm_up_rows(range(2, args.sessions + 1))
+        check = lanes_direct(small_rt, system_prompt(512), args.sessions, 24)
+        print(f"{args.check_model} fp32, lanes vs alone: {check}", flush=True)
+        small_rt.close()
+        del small, small_rt
     model, tokenizer = load_preset(args.model, device=args.device)
     rt = Runtime(model, tokenizer, store_bytes=8 << 30 if args.device == "cuda" else 1 << 30,
                  **({} if args.device == "cuda" else {"executor": "static"}))  # lanes need the static executor
     started = time.perf_counter()
     warm = rt.engine.warm_up_rows(range(2, args.sessions + 1))  # as the server does at start
     print(f"warm_up_rows: {time.perf_counter() - started:.1f} s ({warm})", flush=True)
-    lanes = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions, continuous=True)
+    budget = {} if args.join_tokens is None else {"join_tokens": args.join_tokens}
+    lanes = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions, continuous=True, **budget)
     grouped = Scheduler(rt, max_batch=args.sessions, max_queue=4 * args.sessions, continuous=False)
     system = system_prompt(args.system_tokens)
     asks = {"lone": lambda c, n: via_lock(rt, c, n), "lone_lanes": lambda c, n: via_scheduler(lanes, rt, c, n),
@@ -242,7 +256,8 @@ def main() -> None:
             r["vs_lone_throughput"] = r["tokens_per_s"] / lone["tokens_per_s"]
             r["vs_lone_ttft_p50"] = r["ttft_p50_ms"] / lone["ttft_p50_ms"]
             print(f"{mode:>11}: throughput {r['vs_lone_throughput']:.2f}x lone, TTFT p50 {r['vs_lone_ttft_p50']:.2f}x lone")
-    record = {"args": vars(args), "results": results, "failures": failures, "lanes_direct": direct,
+    record = {"args": vars(args), "results": results, "failures": failures, "lanes_direct": direct, "check_fp32": check,
+              "join_tokens": lanes.join_tokens,
               "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "transformers": transformers.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

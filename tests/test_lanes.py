@@ -176,3 +176,31 @@ def test_slot_pool_regions_stay_disjoint_and_merge_back(ops):
     for start in list(taken):
         pool.give(start)
     assert pool.take(127) == 1  # everything merged back into one region
+
+
+def test_the_scheduler_joins_lanes_within_its_token_budget():
+    """Requests queued together join over several steps when their tails exceed
+    ``join_tokens`` (the first always joins), and answer as they do alone."""
+    import queue
+    import threading
+
+    from spanctx.serve.jobs import Done, Job
+    from spanctx.serve.protocol import GenRequest
+    from spanctx.serve.scheduler import Scheduler
+
+    rt, ref = tiny_runtime("llama", executor="static"), tiny_runtime("llama")
+    scheduler = Scheduler(rt, max_batch=4, join_tokens=1)
+    gate = threading.Event()
+    scheduler.submit(Job(lambda event: None, call=lambda rt: gate.wait(60)))  # holds the worker
+    contexts, sinks = contexts_of(3), [queue.Queue() for _ in range(3)]
+    scheduler.submit(*(Job(sink.put, request=GenRequest(ctx, 5, {}), opts=rt.options(5))
+                       for ctx, sink in zip(contexts, sinks)))
+    gate.set()
+    for ctx, sink in zip(contexts, sinks):
+        text = ""
+        while not isinstance(event := sink.get(timeout=60), Done):
+            text += event
+        assert event.error is None and text == ref.generate(ctx, 5, reuse=False).text
+    assert scheduler.counts["lanes"] == 3 and scheduler.counts["join_steps"] == 3  # one tail per step
+    assert scheduler.counts["lane_steps"] < 3 * 5  # while the later ones joined, the first decoded
+    scheduler.close()

@@ -170,6 +170,11 @@ class Lanes:
     def __len__(self) -> int:
         return len(self.lanes)
 
+    @property
+    def joining(self) -> int:
+        """Prompt tokens of the lanes whose tails run at the next step."""
+        return sum(lane.tail_ids.shape[0] for lane in self.lanes if not lane.fed)
+
     # -- admission ---------------------------------------------------------------------
 
     def refuses(self, call: FinalCall) -> str | None:

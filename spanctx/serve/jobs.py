@@ -92,6 +92,7 @@ class Job:
     cancelled: bool = False
     enqueued: float = attrs.field(factory=time.perf_counter)
     alone: str | None = None  # why the running batch (``engine.lanes``) refused it: it runs alone
+    assembled: object = None  # its FinalCall, once assembled for the lanes (held back a step: kept)
 
     @property
     def solo(self) -> bool:

@@ -10,8 +10,9 @@ Policy (docs/serving.md says the same for users):
   ``executor="static"``).** One worker thread owns the model. While the queue's head can
   be a lane (a generation without ``seed`` or ``adapter``), the worker runs a continuous
   batch (``spanctx.engine.lanes``): before every decode step, waiting jobs join in FIFO
-  order while fewer than ``max_batch`` run and their slots fit; a new job's prompt tail is
-  prefilled in the same model step that decodes the running ones; a job leaves at EOS,
+  order while fewer than ``max_batch`` run, their slots fit and the tails joining in that
+  step stay within ``join_tokens`` (default 512; the first joins whatever its length); a
+  new job's prompt tail is prefilled in the same model step that decodes the running ones; a job leaves at EOS,
   its ``max_tokens``, a stop string or a cancel, and the next one takes its place at the
   next step. Stored prefix spans the lanes share (a system prompt) are laid once in the
   buffers. A job the lanes refuse (see ``Lanes.refuses``) is marked to run alone and
@@ -59,6 +60,9 @@ if TYPE_CHECKING:
 __all__ = ["QueueFull", "Scheduler"]
 
 DEFAULT_MAX_BATCH = 8
+# New prompt tokens joining the lanes in one step (more wait for the next): eight requests
+# arriving at once then get first tokens over a few short steps, not all after one long one.
+DEFAULT_JOIN_TOKENS = 512
 
 
 class QueueFull(ApiError):
@@ -78,7 +82,8 @@ class Scheduler:
     """Owns ``rt``'s model through one worker thread (see the module's policy)."""
 
     def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64,
-                 executor: Executor | None = None, continuous: bool | None = None) -> None:
+                 executor: Executor | None = None, continuous: bool | None = None,
+                 join_tokens: int = DEFAULT_JOIN_TOKENS) -> None:
         max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
@@ -88,6 +93,7 @@ class Scheduler:
         self.executor = executor or run_rows
         # step-level admission (engine.lanes) where the runtime has a static executor
         self.continuous = rt.engine.static is not None if continuous is None else continuous
+        self.join_tokens = join_tokens  # prompt tokens that may join the lanes in one step
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -178,8 +184,8 @@ class Scheduler:
     # -- continuous batching ------------------------------------------------------------
 
     def _run_lanes(self) -> None:
-        """Run lanes (``engine.lanes``) until none runs and the queue's head cannot join:
-        before each step, waiting jobs join in FIFO order while lanes and slots are free."""
+        """Run lanes (``engine.lanes``) until none runs and the queue's head cannot join;
+        waiting jobs join before each step (``_admit``)."""
         rows: dict = {}  # Lane -> (Row, prompt tokens)
         with self.rt.holding(), self.rt.engine.lanes(self.max_batch) as lanes:
             try:
@@ -214,8 +220,10 @@ class Scheduler:
                     self.running = 0
 
     def _admit(self, lanes, rows: dict) -> None:
-        """Admit waiting jobs (FIFO, while the head may be a lane) as lanes; a job the lanes
-        refuse is marked to run alone, one without room now waits for a lane to end."""
+        """Admit waiting jobs (FIFO, while the head may be a lane) as lanes, while the tails
+        joining at the next step stay within ``join_tokens`` (the first always joins); a job
+        the lanes refuse is marked to run alone, one without room now waits for a lane to
+        end. A job held back keeps its assembled call for the next step."""
         while len(lanes) < self.max_batch:
             with self._cond:
                 if self._closed or not self._waiting or not self._waiting[0].laneable:
@@ -223,11 +231,14 @@ class Scheduler:
                 job = self._waiting.popleft()
             r, opts = job.request, job.opts
             try:
-                with self.rt.prepared(r.ctx, max_new_tokens=opts.max_new_tokens, repair=r.repair,
-                                      salt=r.salt) as prepared:
-                    call = FinalCall.tails([prepared.assembly], decode=opts)
+                if job.assembled is None:
+                    with self.rt.prepared(r.ctx, max_new_tokens=opts.max_new_tokens, repair=r.repair,
+                                          salt=r.salt) as prepared:
+                        job.assembled = FinalCall.tails([prepared.assembly], decode=opts)
+                call, row = job.assembled, job.assembled.rows[0]
                 job.alone = lanes.refuses(call)
-                lane = None if job.alone else lanes.admit(call)
+                later = lanes.joining and lanes.joining + row.num_tokens - row.start > self.join_tokens
+                lane = None if job.alone or later else lanes.admit(call)
             except Exception as exc:  # noqa: BLE001 - a bad request (4xx) or a failure (500), the client's
                 self._finish(job, Done("error", error=exc))
                 continue
@@ -239,7 +250,7 @@ class Scheduler:
                 return
             self.counts["lanes"] += 1
             rows[lane] = (Row(job, self.rt.tokenizer, eos_ids(self.rt.generation_config.eos_token_id)),
-                          prepared.assembly.prompt.num_tokens)
+                          call.prompts[0].num_tokens)
 
     def _run(self, group: list[Job]) -> None:
         self.counts["batches"] += 1
