@@ -4,7 +4,12 @@
 (the first ``Lb`` slots of each row's buffer; see ``spanctx.slots``) under an additive
 mask, and computes plain softmax attention (no soft-capping, no sinks). The ``Lb`` slots
 are cut into ``chunks`` pieces attended in parallel and merged by their log-sum-exp
-("flash-decoding"), so one query over a long cache still keeps every SM busy. On CUDA each
+("flash-decoding"), so one query over a long cache can keep every SM busy. A piece in
+which a row sees no slot is left out of the merge. On an H200 (2026-12-03), pieces merged
+from the CUDA kernel's outputs disagreed with one piece by up to 3 logits (fp32; the
+errors depended on the stale tokens of unseen slots), so the static executor runs one
+piece on CUDA (``StaticExecutor._chunk_count``); the guard against unseen pieces was
+added after that measurement and is not yet verified there. On CUDA each
 piece runs in PyTorch's memory-efficient attention kernel, which takes a mask and returns
 the log-sum-exp (never the math backend); on CPU it is float32 arithmetic. The query heads
 that share a KV head are folded into the query rows: GQA without copying keys.
@@ -57,8 +62,12 @@ def split_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out, lse = _partial_attention(q, k, v, bias, scale)  # [BH, C, M, D], [BH, C, M] float32
     if chunks == 1:
         return out[:, 0].reshape(B, H, M, D)
-    weight = torch.softmax(lse, dim=1)[..., None]  # [BH, C, M, 1]
-    merged = (out.float() * weight).sum(dim=1)  # [BH, M, D]
+    # a piece where a row sees no slot is left out of the merge: the kernel's output and
+    # log-sum-exp for such a row follow its own conventions (measured wrong on an H200)
+    seen = (mask.reshape(B, M, chunks, n) > torch.finfo(mask.dtype).min / 2).any(-1).transpose(1, 2)  # [B, C, M]
+    seen = seen[:, None].expand(B, H, chunks, M).reshape(B * H, chunks, M)
+    weight = torch.softmax(lse.masked_fill(~seen, float("-inf")), dim=1)[..., None]  # [BH, C, M, 1]
+    merged = (out.float().masked_fill(~seen[..., None], 0.0) * weight).sum(dim=1)  # [BH, M, D]
     return merged.to(query.dtype).reshape(B, H, M, D)
 
 
@@ -80,10 +89,11 @@ def _partial_attention(q, k, v, bias, scale):
 def works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether ``split_attention`` runs here (on CUDA: inside a captured CUDA graph) and
     agrees with float64 attention on random data: a padded row start, a partly used
-    buffer, two query heads per KV head."""
-    tokens, length, used_end, start = 8, 512, 300, 5
+    buffer whose unused slots hold junk, pieces no row sees, two query heads per KV head."""
+    tokens, length, used_end, start = 8, 1024, 300, 5  # the pieces past 512 are seen by no row
     q = torch.randn(1, 4, tokens, head_dim, device=device, dtype=dtype)
     k, v = (torch.randn(1, 2, length, head_dim, device=device, dtype=dtype) for _ in range(2))
+    v[:, :, used_end:] = 1e4  # junk in slots nobody sees (a buffer's stale tokens) must not leak
     slots = torch.arange(used_end - tokens, used_end, device=device)
     j = torch.arange(length, device=device)
     visible = (j >= start) & (j <= slots[:, None])  # [Tb, Lb]
@@ -91,7 +101,7 @@ def works(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     folded_mask = mask.repeat(2, 1)[None, None]  # query rows folded per KV head: [1, 1, 2 * Tb, Lb]
 
     def attend() -> torch.Tensor:  # [1, 4, Tb, D]
-        return split_attention(q.reshape(1, 2, 2 * tokens, head_dim), k, v, folded_mask, None, 2).reshape(q.shape)
+        return split_attention(q.reshape(1, 2, 2 * tokens, head_dim), k, v, folded_mask, None, 4).reshape(q.shape)
 
     try:
         if device.type == "cuda":

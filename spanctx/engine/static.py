@@ -109,8 +109,8 @@ class StaticExecutor(Sizing):
     (split-KV attention, ``spanctx.attention``; for models whose attention is plain
     softmax: SDPA or eager without soft-capping), "hf" (the model's own attention function
     with the executor's masks), or "auto" (split on CUDA for an SDPA model where its
-    kernel runs, else hf). ``chunks`` fixes the split's piece count (default: about one
-    block per SM).
+    kernel runs, else hf). ``chunks`` fixes the split's piece count (default: one on CUDA,
+    where merged pieces were measured wrong; a few on CPU).
     """
 
     name = "static"
@@ -139,7 +139,6 @@ class StaticExecutor(Sizing):
         self._model_reason = model_reason(text, self.graphs)
         # a vision-language model: ids from the text vocabulary on are image placeholders
         self._vocab = text.vocab_size if getattr(model.config, "vision_config", None) is not None else None
-        self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.graphs else 0
         ints, slots = dict(dtype=torch.long, device=self.device), self.buffers.max_tokens  # a padded tail's too
         # the step's inputs, per step token: id, position, slot, row; and per slot its owner and position
         self._ids, self._pos, self._slots, self._who, self._keep = (torch.zeros(slots, **ints) for _ in range(5))
@@ -403,9 +402,10 @@ class StaticExecutor(Sizing):
             return 1
         if self._chunks is not None:
             return self._chunks
+        if self.device.type == "cuda":  # pieces merged from the CUDA kernel's log-sum-exp were measured
+            return 1  # wrong on an H200 (benchmarks/results/serve/lanes_check*.json): one piece, exact
         rows = self.kv_heads * -(-(self._group * bucket.tokens) // 64)  # KV heads x query blocks
-        target, least = (self._sms, 256) if self.device.type == "cuda" else (8, 16)
-        return kernels.chunk_count(bucket.length, rows, target=target, min_chunk=least)
+        return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
 
     def _stats(self, call: _Call, steps: int) -> ExecStats:
         built = self._steps.stats.since(call.builds_before)
