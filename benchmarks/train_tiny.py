@@ -7,9 +7,9 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
   plain text, shipped with every CPython; Python Software Foundation License 2.0),
   every tenth topic held out;
 - synthetic RAG episodes of the training split (``retrieval``: fresh letter-string values
-  that never occur in the held-out set; the seen hand-written paraphrases and, half of
-  the time, one of thousands of generated ones kept apart from the held-out templates,
-  ``spanctx.bench.paraphrases``; ``--paraphrases hand`` leaves those out): a system line,
+  that never occur in the held-out set; the seen hand-written paraphrases, and with
+  ``--paraphrases generated`` half of the time one of thousands of generated ones kept
+  apart from the held-out templates, ``spanctx.bench.paraphrases``): a system line,
   K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
   then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
   questions, ``CODE_QUESTIONS`` of them about codes. Answer tokens weigh ``ANSWER_WEIGHT``.
@@ -73,7 +73,7 @@ class Rows(IterableDataset):
     from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents;
     ``generated``: the generated paraphrases are in the mix."""
 
-    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, generated: bool = True) -> None:
+    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, generated: bool = False) -> None:
         self.seq_len, self.seed, self.parallel, self.generated = seq_len, seed, parallel, generated
         if generated:  # built once here, before the loader's workers fork
             paraphrases.training_facts(), paraphrases.training_questions()
@@ -199,8 +199,9 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--parallel", type=float, default=PARALLEL_EPISODES,
                         help="fraction of the synthetic episodes whose documents are parallel spans")
-    parser.add_argument("--paraphrases", choices=("generated", "hand"), default="generated",
-                        help="training templates: hand-written and generated, or the hand-written ones only")
+    parser.add_argument("--paraphrases", choices=("hand", "generated"), default="hand",
+                        help="training templates: the hand-written ones only (the shipped preset), or half of "
+                             "the time a generated one (spanctx.bench.paraphrases)")
     parser.add_argument("--attention", choices=("flex", "sdpa"), default="flex",
                         help="flex: block-sparse masks (GPU); sdpa: dense masks (any device, slow)")
     parser.add_argument("--lr", type=float, default=2e-3)

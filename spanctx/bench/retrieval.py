@@ -9,8 +9,9 @@ only answer by reading (copying from) its documents:
   ones, so no held-out answer was ever seen in training;
 - **paraphrases**: each fact and each question has five or six hand-written templates;
   the last one of each is never used in training (``FACTS``, ``QUESTIONS``). Training
-  worlds also draw, ``GENERATED_SHARE`` of the time, from hundreds of generated
-  paraphrases kept apart from the held-out ones (``spanctx.bench.paraphrases``);
+  worlds can also draw (``generated=True``), ``GENERATED_SHARE`` of the time, from
+  thousands of generated paraphrases kept apart from the held-out ones
+  (``spanctx.bench.paraphrases``; the shipped preset was trained without them);
 - **filler**: every document carries zero to two prose sentences of natural English;
 - **chain-of-lookup**: a two-document question asks about someone's manager ("Where does
   the manager of Mira work?") where the manager fact and the manager's fact sit in
@@ -167,9 +168,9 @@ def _template(rng: random.Random, hand: Sequence[str], generated: Sequence[str],
 
 
 def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "train",
-               generated: bool = True) -> World:
+               generated: bool = False) -> World:
     """K documents over ``people_for(k)`` people, values and templates of ``split``
-    (training: with the generated paraphrases unless ``generated`` is False).
+    (training: with the generated paraphrases too when ``generated``).
 
     Facts are shuffled and dealt round-robin, so document sizes differ by at most one
     fact; each document gets 0, 1, 1 or 2 ``filler`` sentences at random places."""
@@ -211,7 +212,7 @@ def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "
 
 
 def ask(rng: random.Random, world: World, kind: str, split: str = "train",
-        attribute: str | None = None, generated: bool = True) -> Question | None:
+        attribute: str | None = None, generated: bool = False) -> Question | None:
     """A random question of ``kind`` about ``world``, its template from ``split``'s (as in
     ``make_world``), about ``attribute`` (None: any, uniformly). Two-document questions are asked only where the
     manager fact and the manager's fact sit in different documents (None: no such person)."""

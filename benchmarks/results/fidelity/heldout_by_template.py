@@ -45,12 +45,13 @@ def needs(heldout: retrieval.HeldOut, prompt: retrieval.Prompt) -> list[str]:
 
 
 @torch.no_grad()
-def right(model, tok, heldout, prompt) -> bool:
+def right(model, tok, heldout, prompt) -> tuple[bool, str]:
+    """Whether every answer byte is the argmax, and the argmax bytes (teacher-forced)."""
     answer = retrieval.answer_text(prompt.answer)
     ids = [tok.bos_token_id] + tok(heldout.text(prompt) + answer, add_special_tokens=False)["input_ids"]
     n = len(answer.encode())
     predicted = model(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1].argmax(-1)
-    return bool((predicted == torch.tensor(ids[-n:])).all())
+    return bool((predicted == torch.tensor(ids[-n:])).all()), tok.decode(predicted.tolist()).strip()
 
 
 def nearest(template: str) -> tuple[str, int]:
@@ -65,15 +66,20 @@ def nearest(template: str) -> tuple[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ks", default="2,4,8,16")
+    parser.add_argument("--weights", default=str(PRESETS["tiny-trained"].weights_dir), help="a tiny-trained folder")
     parser.add_argument("--out", default=str(Path(__file__).parent / "heldout-by-template.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    model = LlamaForCausalLM.from_pretrained(PRESETS["tiny-trained"].path, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(args.weights, dtype=torch.float32).eval()
     tok = byte_tokenizer()
     heldout = retrieval.load_heldout()
     rows: dict[str, dict] = {}
+    wrong = []
     for p in heldout.select([int(k) for k in args.ks.split(",")]):
-        ok = right(model, tok, heldout, p)
+        ok, said = right(model, tok, heldout, p)
+        if not ok:
+            wrong.append({"k": p.k, "kind": p.kind, "question": p.question, "answer": p.answer, "argmax": said,
+                          "needs": needs(heldout, p)})
         for key in needs(heldout, p) or ["(seen templates only)"]:
             row = rows.setdefault(key, {"single": [0, 0], "two": [0, 0]})
             row[p.kind][0] += ok
@@ -86,7 +92,8 @@ def main() -> None:
     for key, row in sorted(rows.items()):
         cells = [f"{r[0]}/{r[1]}" for r in (row["single"], row["two"])]
         print(f"{key:45s} {cells[0]:>8s} {cells[1]:>8s}  {row.get('nearest_training', '')} ({row.get('edits', '')})")
-    Path(args.out).write_text(json.dumps({"ks": args.ks, "by_template": rows}, indent=1) + "\n")
+    record = {"weights": args.weights, "ks": args.ks, "by_template": rows, "wrong": wrong}
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
