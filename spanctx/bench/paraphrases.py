@@ -13,6 +13,8 @@ held-out one, neither contains the other (case, spacing and punctuation aside), 
 are at least ``MIN_EDITS`` word edits apart, and it uses none of ``HELD_OUT_MARKERS``:
 the words that make each held-out template a paraphrase ("working", "owns", "managed",
 "tell", a leading "Name", a colon) occur in no training template of any kind.
+Training worlds use them with ``retrieval.make_world(..., generated=True)``; the shipped
+``tiny-trained`` preset was trained without them (docs/fidelity.md says what they did).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import functools
 import re
 from itertools import product
 
-__all__ = ["FACTS", "HELD_OUT_MARKERS", "MIN_EDITS", "QUESTIONS", "held_out_templates", "training_facts",
+__all__ = ["FACTS", "HELD_OUT_MARKERS", "MIN_EDITS", "QUESTIONS", "edits", "held_out_templates", "training_facts",
            "training_questions", "words"]
 
 # per attribute, fact templates: the last one is held out of training
@@ -121,7 +123,8 @@ def words(template: str) -> list[str]:
     return re.findall(r"\{\w+\}|[a-z0-9]+|[^\sa-z0-9]", template.lower())
 
 
-def _edits(a: list[str], b: list[str]) -> int:
+def edits(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance between two word lists (substitutions, insertions, deletions)."""
     row = list(range(len(b) + 1))
     for i, x in enumerate(a, 1):
         prev, row[0] = row[0], i
@@ -141,7 +144,7 @@ def _held_out_words() -> tuple[tuple[str, ...], ...]:
 
 
 def _apart(template: str, body: str | None = None) -> bool:
-    """The module's rule: ``template`` is far from every held-out template (docstring);
+    """The module's rule: ``template`` is far from every held-out template (module docstring);
     the edit distance is taken on its ``body`` (without lead-in and tail) when given."""
     mine, core = words(template), words(body or template)
     joined = " ".join(mine)
@@ -149,7 +152,7 @@ def _apart(template: str, body: str | None = None) -> bool:
         theirs = " ".join(held)
         if joined in theirs or theirs in joined:
             return False
-        if abs(len(core) - len(held)) < MIN_EDITS and _edits(core, list(held)) < MIN_EDITS:
+        if abs(len(core) - len(held)) < MIN_EDITS and edits(core, list(held)) < MIN_EDITS:
             return False
     return not HELD_OUT_MARKERS.search(joined)
 

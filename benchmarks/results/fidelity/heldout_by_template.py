@@ -60,7 +60,7 @@ def nearest(template: str) -> tuple[str, int]:
         + [t for ts in paraphrases.training_facts().values() for t in ts] \
         + [t for d in paraphrases.training_questions().values() for ts in d.values() for t in ts]
     mine = paraphrases.words(template)
-    return min((paraphrases._edits(paraphrases.words(t), mine), t) for t in training)[::-1]
+    return min((paraphrases.edits(paraphrases.words(t), mine), t) for t in training)[::-1]
 
 
 def main() -> None:
