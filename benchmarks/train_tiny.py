@@ -7,7 +7,9 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
   plain text, shipped with every CPython; Python Software Foundation License 2.0),
   every tenth topic held out;
 - synthetic RAG episodes of the training split (``retrieval``: fresh letter-string values
-  that never occur in the held-out set, the seen paraphrases only): a system line,
+  that never occur in the held-out set; the seen hand-written paraphrases, and with
+  ``--paraphrases generated`` half of the time one of thousands of generated ones kept
+  apart from the held-out templates, ``spanctx.bench.paraphrases``): a system line,
   K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
   then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
   questions, ``CODE_QUESTIONS`` of them about codes. Answer tokens weigh ``ANSWER_WEIGHT``.
@@ -45,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from spanctx.bench import retrieval  # noqa: E402
+from spanctx.bench import paraphrases, retrieval  # noqa: E402
 from spanctx.bench.parallel_training import Layout, block_mask, dense_mask, use_span_attention  # noqa: E402
 from spanctx.tokenizer import byte_tokenizer  # noqa: E402
 
@@ -68,10 +70,13 @@ def model_config() -> LlamaConfig:
 
 class Rows(IterableDataset):
     """Endless ``(ids [T+1], weights [T+1], layout [4, T+1])`` rows; worker ``w`` draws
-    from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents."""
+    from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents;
+    ``generated``: the generated paraphrases are in the mix."""
 
-    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES) -> None:
-        self.seq_len, self.seed, self.parallel = seq_len, seed, parallel
+    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, generated: bool = False) -> None:
+        self.seq_len, self.seed, self.parallel, self.generated = seq_len, seed, parallel, generated
+        if generated:  # built once here, before the loader's workers fork
+            paraphrases.training_facts(), paraphrases.training_questions()
         tok = byte_tokenizer()
         self.ascii = tok("".join(map(chr, range(128))), add_special_tokens=False)["input_ids"]
         assert len(self.ascii) == 128
@@ -96,7 +101,8 @@ class Rows(IterableDataset):
         system = [self.bos] + self.encode(rng.choice(retrieval.SYSTEM_LINES))
         per_doc = DOC_BYTES + (len(system) if parallel else 0)
         fits = max(1, min(MAX_DOCS, (room - 500) // per_doc))
-        world = retrieval.make_world(rng, rng.randint(1, MAX_DOCS if first else fits), self.filler)
+        world = retrieval.make_world(rng, rng.randint(1, MAX_DOCS if first else fits), self.filler,
+                                     generated=self.generated)
         row.start_episode()
         row.add(system[:1], 0.0)
         row.add(system[1:])
@@ -108,7 +114,8 @@ class Rows(IterableDataset):
             kind = "two" if rng.random() < 0.5 else "single"
             others = [a for a in retrieval.QUESTIONS[kind] if a != "code"]
             attribute = "code" if rng.random() < CODE_QUESTIONS else rng.choice(others)
-            q = retrieval.ask(rng, world, kind, attribute=attribute) or retrieval.ask(rng, world, "single")
+            q = retrieval.ask(rng, world, kind, attribute=attribute, generated=self.generated) \
+                or retrieval.ask(rng, world, "single", generated=self.generated)
             row.add(self.encode(retrieval.question_text(q.text)))
             row.add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
 
@@ -192,6 +199,9 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--parallel", type=float, default=PARALLEL_EPISODES,
                         help="fraction of the synthetic episodes whose documents are parallel spans")
+    parser.add_argument("--paraphrases", choices=("hand", "generated"), default="hand",
+                        help="training templates: the hand-written ones only (the shipped preset), or half of "
+                             "the time a generated one (spanctx.bench.paraphrases)")
     parser.add_argument("--attention", choices=("flex", "sdpa"), default="flex",
                         help="flex: block-sparse masks (GPU); sdpa: dense masks (any device, slow)")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -239,7 +249,8 @@ def main() -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
-    loader = DataLoader(Rows(args.seq_len, args.seed, args.parallel), batch_size=args.batch,
+    loader = DataLoader(Rows(args.seq_len, args.seed, args.parallel, args.paraphrases == "generated"),
+                        batch_size=args.batch,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if args.workers else None)
     make_mask = block_mask if args.attention == "flex" else dense_mask

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from spanctx.bench import retrieval
+from spanctx.bench import paraphrases, retrieval
 
 HELDOUT = retrieval.load_heldout()
 FILLER = "Filler prose goes here."
@@ -46,14 +46,15 @@ def test_every_question_has_exactly_one_answer_in_its_documents(seed):
             assert value in world.documents[doc]
 
 
-def test_training_worlds_use_only_training_values_and_seen_paraphrases():
+@pytest.mark.parametrize("generated", [False, True])
+def test_training_worlds_use_only_training_values_and_seen_paraphrases(generated):
     rng = random.Random(0)
     for _ in range(30):
-        world = retrieval.make_world(rng, rng.randint(1, 32), [FILLER])
+        world = retrieval.make_world(rng, rng.randint(1, 32), [FILLER], generated=generated)
         assert {retrieval.split_of(p.value(a)) for p in world.people for a in retrieval.ATTRIBUTES} == {"train"}
         assert not any(p.match(f) for f in _facts(world.documents) for p in UNSEEN_FACTS) and not world.unseen
         for kind in ("single", "two"):
-            q = retrieval.ask(rng, world, kind)
+            q = retrieval.ask(rng, world, kind, generated=generated)
             assert q is None or not any(p.match(q.text) for p in UNSEEN_QUESTIONS)
 
 
@@ -107,3 +108,35 @@ def test_a_question_can_be_asked_about_a_given_attribute():
     with pytest.raises(ValueError, match="asks about one of"):
         retrieval.ask(rng, world, "two", attribute="manager")  # a manager chain ends on code, city or pet
 
+
+
+def test_generated_training_paraphrases_are_many_and_far_from_every_held_out_one():
+    held = [paraphrases.words(t) for t in paraphrases.held_out_templates()]
+    facts, questions = paraphrases.training_facts(), paraphrases.training_questions()
+    generated = [t for ts in facts.values() for t in ts] + [t for d in questions.values() for ts in d.values() for t in ts]
+    hand = [t for ts in retrieval.FACTS.values() for t in ts[:-1]] \
+        + [t for d in retrieval.QUESTIONS.values() for ts in d.values() for t in ts[:-1]]
+    assert min(map(len, facts.values())) > 500 and min(len(ts) for d in questions.values() for ts in d.values()) > 50
+    for template in hand + generated:
+        mine = " ".join(paraphrases.words(template))
+        assert not any(mine in " ".join(h) or " ".join(h) in mine for h in held), template
+    for template in generated:
+        mine = paraphrases.words(template)
+        assert not re.search(r"\b(working|owns?|managed|tell)\b|:", " ".join(mine)) and mine[0] != "name", template
+        for h in held:  # at least two word edits (substitute, insert, delete) apart
+            if abs(len(mine) - len(h)) < 2:
+                assert sum(a != b for a, b in zip(mine, h)) >= 2 or len(mine) != len(h), (template, h)
+                assert len(mine) == len(h) or not any(mine[:i] + mine[i + 1:] == h or h[:i] + h[i + 1:] == mine
+                                                      for i in range(max(len(mine), len(h)))), (template, h)
+
+
+def test_training_worlds_mix_hand_written_and_generated_paraphrases():
+    rng = random.Random(5)
+    hand = [_pattern(t) for ts in retrieval.FACTS.values() for t in ts]
+    generated = {a: [_pattern(t) for t in ts] for a, ts in paraphrases.training_facts().items()}
+    facts = [f for _ in range(10) for f in _facts(retrieval.make_world(rng, 8, [FILLER], generated=True).documents)]
+    from_hand = sum(any(p.match(f) for p in hand) for f in facts)
+    assert 0.3 * len(facts) < from_hand < 0.8 * len(facts)
+    assert all(any(p.match(f) for p in hand + [q for ps in generated.values() for q in ps]) for f in facts)
+    plain = retrieval.make_world(random.Random(5), 8, [FILLER])  # the shipped preset's training data
+    assert all(any(p.match(f) for p in hand) for f in _facts(plain.documents))

@@ -7,8 +7,11 @@ only answer by reading (copying from) its documents:
   are four-digit numbers. A value belongs to the training or the held-out *split* by a hash
   (``split_of``): training worlds use only training values, held-out worlds only held-out
   ones, so no held-out answer was ever seen in training;
-- **paraphrases**: each fact and each question has five or six templates; the last one of
-  each is never used in training (``FACTS``, ``QUESTIONS``);
+- **paraphrases**: each fact and each question has five or six hand-written templates;
+  the last one of each is never used in training (``FACTS``, ``QUESTIONS``). Training
+  worlds can also draw (``generated=True``), ``GENERATED_SHARE`` of the time, from
+  thousands of generated paraphrases kept apart from the held-out ones
+  (``spanctx.bench.paraphrases``; the shipped preset was trained without them);
 - **filler**: every document carries zero to two prose sentences of natural English;
 - **chain-of-lookup**: a two-document question asks about someone's manager ("Where does
   the manager of Mira work?") where the manager fact and the manager's fact sit in
@@ -36,6 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
+
+from spanctx.bench.paraphrases import FACTS, QUESTIONS, training_facts, training_questions
 
 __all__ = [
     "ANSWER_LEAD",
@@ -72,43 +77,7 @@ SYSTEM_LINES = (
     "Use the documents below to answer.\n",
 )
 ATTRIBUTES = ("code", "city", "pet", "manager")
-# per attribute, fact templates: the last one is held out of training
-FACTS = {
-    "code": ("The code of {name} is {value}.", "{name}'s code is {value}.", "{name} has the code {value}.",
-             "The code for {name} is {value}.", "{name} uses the code {value}.", "Code of {name}: {value}."),
-    "city": ("{name} works in {value}.", "{name} has an office in {value}.", "The office of {name} is in {value}.",
-             "{name} works in the city of {value}.", "The city where {name} works is {value}.",
-             "{name} is working in {value}."),
-    "pet": ("{name} has a pet {value}.", "{name} keeps a pet called {value}.", "The pet of {name} is a {value}.",
-            "{name} has a {value} as a pet.", "The pet that {name} keeps is a {value}.", "{name} owns a pet {value}."),
-    "manager": ("The manager of {name} is {value}.", "{name} reports to {value}.", "{name}'s manager is {value}.",
-                "The boss of {name} is {value}.", "{name} works under {value}.", "{name} is managed by {value}."),
-}
-# per attribute, single-document questions (about {name}) and two-document ones (about
-# {name}'s manager); the last of each is held out of training
-QUESTIONS = {
-    "single": {
-        "code": ("What is the code of {name}?", "What code does {name} have?", "Which code belongs to {name}?",
-                 "What is {name}'s code?", "Give the code of {name}.", "Tell me the code of {name}."),
-        "city": ("Where does {name} work?", "In which city does {name} work?", "What city does {name} work in?",
-                 "Where is the office of {name}?", "Which city does {name} work in?", "Which city is {name} working in?"),
-        "pet": ("What pet does {name} have?", "Which pet does {name} keep?", "What is the pet of {name}?",
-                "What is {name}'s pet?", "Which pet belongs to {name}?", "Name the pet of {name}."),
-        "manager": ("Who is the manager of {name}?", "Who manages {name}?", "To whom does {name} report?",
-                    "Who is the boss of {name}?", "Whom does {name} work under?", "Who is {name}'s manager?"),
-    },
-    "two": {
-        "code": ("What is the code of the manager of {name}?", "What code does the manager of {name} have?",
-                 "What is the code of the boss of {name}?", "Give the code of the manager of {name}.",
-                 "Tell me the code of {name}'s manager."),
-        "city": ("Where does the manager of {name} work?", "In which city does the manager of {name} work?",
-                 "Where does the boss of {name} work?", "What city does the manager of {name} work in?",
-                 "Which city is {name}'s manager working in?"),
-        "pet": ("What pet does the manager of {name} have?", "Which pet does the manager of {name} keep?",
-                "What pet does the boss of {name} have?", "What is the pet of the manager of {name}?",
-                "Name the pet of {name}'s manager."),
-    },
-}
+GENERATED_SHARE = 0.5  # of training facts and questions: a generated paraphrase, the rest hand-written
 _ONSETS = ("b", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr",
            "kl", "pl", "st", "tr", "sh", "ch", "th")
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou", "ee")
@@ -186,12 +155,22 @@ def people_for(k: int) -> int:
     return max(2, math.ceil(k / 2) + 1)
 
 
-def _templates(templates: Sequence[str], split: str) -> Sequence[str]:
-    return templates[:-1] if split == "train" else templates
+def _template(rng: random.Random, hand: Sequence[str], generated: Sequence[str], split: str) -> tuple[str, bool]:
+    """A template and whether it is held out of training: the held-out split draws from
+    all of ``hand``; training from ``hand`` without its last, or (``GENERATED_SHARE`` of
+    the time, when ``generated``) from ``generated``."""
+    if split != "train":
+        t = rng.randrange(len(hand))
+        return hand[t], t == len(hand) - 1
+    if generated and rng.random() < GENERATED_SHARE:
+        return rng.choice(generated), False
+    return hand[rng.randrange(len(hand) - 1)], False
 
 
-def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "train") -> World:
-    """K documents over ``people_for(k)`` people, values and templates of ``split``.
+def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "train",
+               generated: bool = False) -> World:
+    """K documents over ``people_for(k)`` people, values and templates of ``split``
+    (training: with the generated paraphrases too when ``generated``).
 
     Facts are shuffled and dealt round-robin, so document sizes differ by at most one
     fact; each document gets 0, 1, 1 or 2 ``filler`` sentences at random places."""
@@ -217,11 +196,11 @@ def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "
     sentences: list[list[str]] = [[] for _ in range(k)]
     where, unseen = {}, set()
     for i, (person, attribute) in enumerate(facts):
-        choices = _templates(FACTS[attribute], split)
-        t = rng.randrange(len(choices))
-        sentences[i % k].append(choices[t].format(name=person.name, value=person.value(attribute)))
+        template, held_out = _template(rng, FACTS[attribute], training_facts()[attribute] if generated else (),
+                                       split)
+        sentences[i % k].append(template.format(name=person.name, value=person.value(attribute)))
         where[(person.name, attribute)] = i % k
-        if t == len(FACTS[attribute]) - 1:
+        if held_out:
             unseen.add((person.name, attribute))
     documents = []
     for doc in sentences:
@@ -233,9 +212,9 @@ def make_world(rng: random.Random, k: int, filler: Sequence[str], split: str = "
 
 
 def ask(rng: random.Random, world: World, kind: str, split: str = "train",
-        attribute: str | None = None) -> Question | None:
-    """A random question of ``kind`` about ``world``, its template from ``split``'s, about
-    ``attribute`` (None: any, uniformly). Two-document questions are asked only where the
+        attribute: str | None = None, generated: bool = False) -> Question | None:
+    """A random question of ``kind`` about ``world``, its template from ``split``'s (as in
+    ``make_world``), about ``attribute`` (None: any, uniformly). Two-document questions are asked only where the
     manager fact and the manager's fact sit in different documents (None: no such person)."""
     if kind not in QUESTIONS:
         raise ValueError(f"kind must be 'single' or 'two', got {kind!r}")
@@ -254,10 +233,10 @@ def ask(rng: random.Random, world: World, kind: str, split: str = "train",
         person, attribute = rng.choice(pairs)
         needs = [(person.name, "manager"), (person.manager, attribute)]
         answer = f"{person.manager}, {world.person(person.manager).value(attribute)}"
-    choices = _templates(QUESTIONS[kind][attribute], split)
-    t = rng.randrange(len(choices))
-    unseen = t == len(QUESTIONS[kind][attribute]) - 1 or any(n in world.unseen for n in needs)
-    return Question(choices[t].format(name=person.name), answer, kind, tuple(world.where[n] for n in needs), unseen)
+    template, held_out = _template(rng, QUESTIONS[kind][attribute],
+                                   training_questions()[kind][attribute] if generated else (), split)
+    unseen = held_out or any(n in world.unseen for n in needs)
+    return Question(template.format(name=person.name), answer, kind, tuple(world.where[n] for n in needs), unseen)
 
 
 def question_text(question: str) -> str:
