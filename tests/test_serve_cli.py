@@ -53,5 +53,5 @@ def test_serve_options():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["m", "--adapter", "judge=/tmp/a", "--tier", "redis://127.0.0.1:1/0", "--replicas", "2"])
-    assert (args.model, args.adapter, args.tier, args.replicas, args.max_batch) == \
-        ("m", ["judge=/tmp/a"], ["redis://127.0.0.1:1/0"], 2, None)
+    assert (args.model, args.adapter, args.tier, args.replicas, args.max_batch, args.join_tokens) == \
+        ("m", ["judge=/tmp/a"], ["redis://127.0.0.1:1/0"], 2, None, None)

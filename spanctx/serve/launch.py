@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                         help="load a PEFT adapter (LoRA or aLoRA) under NAME (repeatable)")
     parser.add_argument("--max-batch", type=int, default=None,
-                        help="most requests in one batched call (default 8; 1 on the static executor, see docs)")
+                        help="most requests decoding together (default 8): lanes on the static executor, else rows "
+                             "of one batched call")
+    parser.add_argument("--join-tokens", type=int, default=None,
+                        help="new prompt tokens that may join the running lanes in one step (default 512; more wait)")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429 (per replica)")
     parser.add_argument("--replicas", type=int, default=0,
                         help="N > 0: N replicas on Ray Serve with span-affinity routing (pip install 'spanctx[ray]')")
@@ -56,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
         from .ray_app import serve_forever
 
         return serve_forever(spec, name, replicas=args.replicas, host=args.host, port=args.port,
-                             max_batch=args.max_batch, max_queue=args.max_queue, route_depth=args.route_depth,
+                             max_batch=args.max_batch, max_queue=args.max_queue, join_tokens=args.join_tokens,
+                             route_depth=args.route_depth,
                              spill=args.spill, gpus_per_replica=args.gpus_per_replica)
     import uvicorn
 
     from .app import UVICORN_OPTIONS, create_app
     from .local import LocalBackend
 
-    backend = LocalBackend(spec.build(), max_batch=args.max_batch, max_queue=args.max_queue)
+    backend = LocalBackend(spec.build(), max_batch=args.max_batch, max_queue=args.max_queue,
+                           join_tokens=args.join_tokens)
     print(f"spanctx serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(create_app(backend, name), host=args.host, port=args.port, **UVICORN_OPTIONS)
     backend.scheduler.close()

@@ -67,9 +67,10 @@ class Backend(Protocol):
 class LocalBackend:
     """The model in this process, behind a ``Scheduler``."""
 
-    def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64) -> None:
+    def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64,
+                 join_tokens: int | None = None) -> None:
         self.rt = rt
-        self.scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue)
+        self.scheduler = Scheduler(rt, max_batch=max_batch, max_queue=max_queue, join_tokens=join_tokens)
         # the batches' steps are built now (a CUDA runtime that warms up), not on a request
         self.warm_up = rt.engine.warm_up_rows(range(2, self.scheduler.max_batch + 1))
 

@@ -52,8 +52,9 @@ class SpanAffinityRouter(RequestRouter):
 class SpanctxReplica:
     """One runtime behind its scheduler; ``generate`` streams events as plain values."""
 
-    def __init__(self, spec: RuntimeSpec, max_batch: int | None, max_queue: int) -> None:
-        self.backend = LocalBackend(spec.build(), max_batch=max_batch, max_queue=max_queue)
+    def __init__(self, spec: RuntimeSpec, max_batch: int | None, max_queue: int,
+                 join_tokens: int | None = None) -> None:
+        self.backend = LocalBackend(spec.build(), max_batch=max_batch, max_queue=max_queue, join_tokens=join_tokens)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, request: GenRequest, route_key: str | None = None) -> AsyncIterator:
@@ -142,7 +143,7 @@ class _Ingress:
 
 def build_app(spec: RuntimeSpec, model_name: str, *, replicas: int, max_batch: int | None = None,
               max_queue: int = 64, route_depth: int = 1, spill: int = 8, gpus_per_replica: float | None = None,
-              router: str = "affinity"):
+              router: str = "affinity", join_tokens: int | None = None):
     """The Serve application: ``replicas`` model replicas and the ingress. ``router``:
     "affinity" (``SpanAffinityRouter``) or "default" (Ray's power of two choices)."""
     if gpus_per_replica is None:
@@ -157,7 +158,7 @@ def build_app(spec: RuntimeSpec, model_name: str, *, replicas: int, max_batch: i
                                request_router_config=config)
     ingress = serve.deployment(serve.ingress()(_Ingress), name="spanctx-ingress",
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(replica.bind(spec, max_batch, max_queue), model_name, route_depth)
+    return ingress.bind(replica.bind(spec, max_batch, max_queue, join_tokens), model_name, route_depth)
 
 
 def serve_forever(spec: RuntimeSpec, model_name: str, *, replicas: int, host: str, port: int, **options) -> int:

@@ -83,7 +83,7 @@ class Scheduler:
 
     def __init__(self, rt: Runtime, *, max_batch: int | None = None, max_queue: int = 64,
                  executor: Executor | None = None, continuous: bool | None = None,
-                 join_tokens: int = DEFAULT_JOIN_TOKENS) -> None:
+                 join_tokens: int | None = None) -> None:
         max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch}, {max_queue}")
@@ -93,7 +93,10 @@ class Scheduler:
         self.executor = executor or run_rows
         # step-level admission (engine.lanes) where the runtime has a static executor
         self.continuous = rt.engine.static is not None if continuous is None else continuous
-        self.join_tokens = join_tokens  # prompt tokens that may join the lanes in one step
+        # prompt tokens that may join the lanes in one step
+        self.join_tokens = DEFAULT_JOIN_TOKENS if join_tokens is None else join_tokens
+        if self.join_tokens < 1:
+            raise ValueError(f"join_tokens must be >= 1, got {join_tokens}")
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
