@@ -294,6 +294,15 @@ def test_what_it_refuses_and_why():
         StaticExecutor(model, max_tokens=64, attention="flash")
 
 
+def test_a_call_of_the_most_rows_runs():
+    """64 rows (``MAX_ROWS``): the last row's owner bit is the sign bit of the int64 owners."""
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=1024)
+    ids = ids_of(5, seed=3, rows=64)
+    out = ex.forward(one([], ids, 0))
+    torch.testing.assert_close(out.logits[-1].float(), full_logits(model, ids[-1:], 1)[0], atol=ATOL, rtol=0)
+
+
 def test_a_generation_config_that_switches_on_other_processors_is_refused():
     model = model_of("llama")
     ex = StaticExecutor(model, max_tokens=64)

@@ -60,6 +60,7 @@ from .slots import (
     StepAttention,
     attention_switched,
     own_attention,
+    row_bits,
     step_masks,
 )
 from .static_layout import (
@@ -323,7 +324,7 @@ class StaticExecutor(Sizing):
             base, own = packing.bases[r], row.num_tokens - packing.shared_tokens
             copied += self.buffers.place(row.prefix[len(packing.shared):], base)
             self.buffers.overwrite(packing.slot(r, row.start), base + own)
-            owners.append(torch.full((own,), 1 << r))
+            owners.append(row_bits(torch.full((own,), r)))
             positions.append(torch.arange(packing.shared_tokens, row.num_tokens))
         tail_bucket, length = self._buckets(packing, new_tokens)
         self.buffers.overwrite(packing.decode_slot, self.max_tokens)
@@ -402,8 +403,8 @@ class StaticExecutor(Sizing):
             return 1
         if self._chunks is not None:
             return self._chunks
-        if self.device.type == "cuda":  # pieces merged from the CUDA kernel's log-sum-exp were measured
-            return 1  # wrong on an H200 (benchmarks/results/serve/lanes_check*.json): one piece, exact
+        if self.device.type == "cuda":  # pieces merged from the CUDA kernel's log-sum-exp were measured wrong
+            return 1  # on an H200 (benchmarks/results/serve/gpu_h200_lanes_check_run*.json): one piece, exact
         rows = self.kv_heads * -(-(self._group * bucket.tokens) // 64)  # KV heads x query blocks
         return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
 
