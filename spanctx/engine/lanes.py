@@ -77,8 +77,8 @@ class SlotPool:
                 return start
         return None
 
-    def give(self, start: int) -> None:
-        """Free the region taken at ``start``."""
+    def give(self, start: int) -> int:
+        """Free the region taken at ``start``; returns its end."""
         end = self._taken.pop(start)
         merged = sorted([*self._free, (start, end)])
         self._free = []
@@ -87,6 +87,7 @@ class SlotPool:
                 self._free[-1] = (self._free[-1][0], b)
             else:
                 self._free.append((a, b))
+        return end
 
     @property
     def high(self) -> int:
@@ -129,6 +130,10 @@ class Lane:
     @property
     def cached_tokens(self) -> int:
         return self.row.start
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.row.num_tokens
 
     def feed(self) -> tuple[int, int, int]:
         """The next decode step's (token, position, slot) for this lane."""
@@ -239,8 +244,8 @@ class Lanes:
 
     def step(self, *, logits_for: frozenset[Lane] = frozenset()) -> list[LaneEvent]:
         """One model step of every lane (see the module docstring): a token per lane, the
-        running lanes' first, then the new ones'; lanes that ended with it are released. ``logits_for``: lanes whose
-        events carry their step's logits."""
+        running lanes' first, then the new ones'; lanes that ended with it are released.
+        ``logits_for``: lanes whose events carry their step's logits."""
         if not self.lanes:
             return []
         running, fresh = [lane for lane in self.lanes if lane.fed], [lane for lane in self.lanes if not lane.fed]
@@ -320,9 +325,7 @@ class Lanes:
             cache = kvops.as_cache(SpanKV(*self.executor.buffers.views(self.pool.high)))
             self._store(lane.call, cache, lane.own - lane.row.start)
         owners, bit = self.executor.owners, self._bit(lane.index)
-        end = lane.own + lane.row.num_tokens - lane.row.start + max(lane.call.new_tokens - 1, 0)
-        owners[lane.own:end].fill_(OWNER_FREE)
-        self.pool.give(lane.own)
+        owners[lane.own:self.pool.give(lane.own)].fill_(OWNER_FREE)
         for key in lane.chains:
             region = self._regions[key]
             region.users &= ~bit

@@ -189,7 +189,7 @@ class Scheduler:
     def _run_lanes(self) -> None:
         """Run lanes (``engine.lanes``) until none runs and the queue's head cannot join;
         waiting jobs join before each step (``_admit``)."""
-        rows: dict = {}  # Lane -> (Row, prompt tokens)
+        rows: dict = {}  # Lane -> Row
         with self.rt.holding(), self.rt.engine.lanes(self.max_batch) as lanes:
             try:
                 while True:  # admit, then step while any lane runs
@@ -199,24 +199,24 @@ class Scheduler:
                     self.seconds["admit"] += stepped - started
                     if not len(lanes):
                         break
-                    wanted = frozenset(lane for lane, (row, _) in rows.items() if row.top is not None)
-                    joined = any(not lane.fed for lane in lanes.lanes)
+                    wanted = frozenset(lane for lane, row in rows.items() if row.top is not None)
+                    joined = lanes.joining > 0
                     events = lanes.step(logits_for=wanted)
                     self.counts["lane_steps"] += 1
                     self.counts["join_steps"] += joined
                     self.seconds["join_steps" if joined else "decode_steps"] += time.perf_counter() - stepped
                     for event in events:
-                        row, prompt = rows[event.lane]
+                        row = rows[event.lane]
                         row.add(event.token, event.logits)
                         if event.finish is None and (row.finished or row.job.stopped.is_set()):
                             lanes.release(event.lane)
                         if event.lane.finish is not None:
                             del rows[event.lane]
-                            self._finish(row.job, row.done(prompt, event.lane.cached_tokens))
+                            self._finish(row.job, row.done(event.lane.prompt_tokens, event.lane.cached_tokens))
                     with self._cond:
                         self.running = len(lanes)
             except Exception as exc:  # noqa: BLE001 - reported to the clients as a 500
-                for row, _ in rows.values():
+                for row in rows.values():
                     self._finish(row.job, Done("error", error=exc))
             finally:
                 with self._cond:
@@ -238,8 +238,8 @@ class Scheduler:
                     with self.rt.prepared(r.ctx, max_new_tokens=opts.max_new_tokens, repair=r.repair,
                                           salt=r.salt) as prepared:
                         job.assembled = FinalCall.tails([prepared.assembly], decode=opts)
+                    job.alone = lanes.refuses(job.assembled)
                 call, row = job.assembled, job.assembled.rows[0]
-                job.alone = lanes.refuses(call)
                 later = lanes.joining and lanes.joining + row.num_tokens - row.start > self.join_tokens
                 lane = None if job.alone or later else lanes.admit(call)
             except Exception as exc:  # noqa: BLE001 - a bad request (4xx) or a failure (500), the client's
@@ -252,8 +252,7 @@ class Scheduler:
                     self._waiting.appendleft(job)
                 return
             self.counts["lanes"] += 1
-            rows[lane] = (Row(job, self.rt.tokenizer, eos_ids(self.rt.generation_config.eos_token_id)),
-                          call.prompts[0].num_tokens)
+            rows[lane] = Row(job, self.rt.tokenizer, eos_ids(self.rt.generation_config.eos_token_id))
 
     def _run(self, group: list[Job]) -> None:
         self.counts["batches"] += 1
