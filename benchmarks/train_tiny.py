@@ -9,7 +9,9 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
 - synthetic RAG episodes of the training split (``retrieval``: fresh letter-string values
   that never occur in the held-out set; the seen hand-written paraphrases, and with
   ``--paraphrases generated`` half of the time one of thousands of generated ones kept
-  apart from the held-out templates, ``spanctx.bench.paraphrases``): a system line,
+  apart from the held-out templates, ``spanctx.bench.paraphrases``; with ``--paraphrases
+  curriculum`` the generated ones join after ``--curriculum-at`` of the run, once the
+  model copies from the hand-written ones, four-digit codes included): a system line,
   K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
   then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
   questions, ``CODE_QUESTIONS`` of them about codes. Answer tokens weigh ``ANSWER_WEIGHT``.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import platform
 import random
 import sys
@@ -71,11 +74,15 @@ def model_config() -> LlamaConfig:
 class Rows(IterableDataset):
     """Endless ``(ids [T+1], weights [T+1], layout [4, T+1])`` rows; worker ``w`` draws
     from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents;
-    ``generated``: the generated paraphrases are in the mix."""
+    ``generated``: the generated paraphrases are in the mix, from the start or (a
+    curriculum) once ``mix_generated()`` is called; the loader's workers see the switch
+    through shared memory, so the rows they have already queued are the old mix."""
 
-    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, generated: bool = False) -> None:
-        self.seq_len, self.seed, self.parallel, self.generated = seq_len, seed, parallel, generated
-        if generated:  # built once here, before the loader's workers fork
+    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, generated: bool = False,
+                 later: bool = False) -> None:
+        self.seq_len, self.seed, self.parallel = seq_len, seed, parallel
+        self.mixed = multiprocessing.Value("b", int(generated), lock=False)
+        if generated or later:  # built once here, before the loader's workers fork
             paraphrases.training_facts(), paraphrases.training_questions()
         tok = byte_tokenizer()
         self.ascii = tok("".join(map(chr, range(128))), add_special_tokens=False)["input_ids"]
@@ -84,6 +91,13 @@ class Rows(IterableDataset):
         self.natural = tok("\n\n".join(texts.values()), add_special_tokens=False)["input_ids"]
         self.filler = retrieval.filler_sentences(texts)
         self.bos = tok.bos_token_id
+
+    def mix_generated(self) -> None:
+        self.mixed.value = 1
+
+    @property
+    def generated(self) -> bool:
+        return bool(self.mixed.value)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -101,8 +115,9 @@ class Rows(IterableDataset):
         system = [self.bos] + self.encode(rng.choice(retrieval.SYSTEM_LINES))
         per_doc = DOC_BYTES + (len(system) if parallel else 0)
         fits = max(1, min(MAX_DOCS, (room - 500) // per_doc))
+        generated = self.generated
         world = retrieval.make_world(rng, rng.randint(1, MAX_DOCS if first else fits), self.filler,
-                                     generated=self.generated)
+                                     generated=generated)
         row.start_episode()
         row.add(system[:1], 0.0)
         row.add(system[1:])
@@ -114,8 +129,8 @@ class Rows(IterableDataset):
             kind = "two" if rng.random() < 0.5 else "single"
             others = [a for a in retrieval.QUESTIONS[kind] if a != "code"]
             attribute = "code" if rng.random() < CODE_QUESTIONS else rng.choice(others)
-            q = retrieval.ask(rng, world, kind, attribute=attribute, generated=self.generated) \
-                or retrieval.ask(rng, world, "single", generated=self.generated)
+            q = retrieval.ask(rng, world, kind, attribute=attribute, generated=generated) \
+                or retrieval.ask(rng, world, "single", generated=generated)
             row.add(self.encode(retrieval.question_text(q.text)))
             row.add(self.encode(retrieval.answer_text(q.answer)), ANSWER_WEIGHT)
 
@@ -199,9 +214,13 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--parallel", type=float, default=PARALLEL_EPISODES,
                         help="fraction of the synthetic episodes whose documents are parallel spans")
-    parser.add_argument("--paraphrases", choices=("hand", "generated"), default="hand",
-                        help="training templates: the hand-written ones only (the shipped preset), or half of "
-                             "the time a generated one (spanctx.bench.paraphrases)")
+    parser.add_argument("--paraphrases", choices=("hand", "generated", "curriculum"), default="hand",
+                        help="training templates: the hand-written ones only; or half of the time a generated "
+                             "one (spanctx.bench.paraphrases); or hand-written first, generated ones mixed in "
+                             "after --curriculum-at of the run")
+    parser.add_argument("--curriculum-at", type=float, default=0.45,
+                        help="with --paraphrases curriculum: the fraction of the run (of --steps or "
+                             "--time-limit, whichever is further along) after which generated paraphrases join")
     parser.add_argument("--attention", choices=("flex", "sdpa"), default="flex",
                         help="flex: block-sparse masks (GPU); sdpa: dense masks (any device, slow)")
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -249,13 +268,15 @@ def main() -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
-    loader = DataLoader(Rows(args.seq_len, args.seed, args.parallel, args.paraphrases == "generated"),
-                        batch_size=args.batch,
+    rows = Rows(args.seq_len, args.seed, args.parallel, generated=args.paraphrases == "generated",
+                later=args.paraphrases == "curriculum")
+    loader = DataLoader(rows, batch_size=args.batch,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if args.workers else None)
     make_mask = block_mask if args.attention == "flex" else dense_mask
     probe = retrieval.load_heldout().select(worlds=4)
     curve, evals = [], []
+    generated_from = {"step": 0, "seconds": 0.0} if args.paraphrases == "generated" else None
     started = time.perf_counter()
     tokens = 0
     step = 0
@@ -263,9 +284,14 @@ def main() -> int:
     for step, (ids, weights, layout) in enumerate(loader):
         if step >= args.steps or time.perf_counter() - started > args.time_limit:
             break
+        time_progress = (time.perf_counter() - started) / args.time_limit
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup,
-                                (time.perf_counter() - started) / args.time_limit)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, time_progress)
+        if (args.paraphrases == "curriculum" and not rows.generated
+                and max(step / args.steps, time_progress) >= args.curriculum_at):
+            rows.mix_generated()
+            log(f"step {step}: generated paraphrases join the mix ({time.perf_counter() - started:.1f} s)")
+            generated_from = {"step": step, "seconds": round(time.perf_counter() - started, 1)}
         ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
         layout = layout[:, :, :-1].to(device, non_blocking=True)
 
@@ -327,11 +353,13 @@ def main() -> int:
                "natural_text": "pydoc_data.topics (CPython, PSF License 2.0)", "settings": vars(args),
                "steps": step, "tokens": tokens, "train_seconds": round(train_seconds, 1),
                "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "probe_evals": evals,
+               "generated_paraphrases_from": generated_from,
                "heldout_accuracy": accuracy, "heldout_natural_bits_per_byte": bpb,
                "weights_bytes": (weights_dir / "model.safetensors").stat().st_size}
-    keys = ("device", "settings", "steps", "tokens", "train_seconds", "final_loss", "probe_evals", "heldout_accuracy")
+    keys = ("device", "settings", "steps", "tokens", "train_seconds", "final_loss", "probe_evals",
+            "generated_paraphrases_from", "heldout_accuracy")
     phases = earlier.get("phases", [earlier]) if earlier else []
-    summary["phases"] = [{k: ph[k] for k in keys} for ph in phases] + [{k: summary[k] for k in keys}]
+    summary["phases"] = [{k: ph.get(k) for k in keys} for ph in phases] + [{k: summary[k] for k in keys}]
     for key in ("steps", "tokens", "train_seconds"):
         summary[key] = sum(ph[key] for ph in summary["phases"])
     if earlier:

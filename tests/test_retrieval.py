@@ -122,7 +122,7 @@ def test_generated_training_paraphrases_are_many_and_far_from_every_held_out_one
         assert not any(mine in " ".join(h) or " ".join(h) in mine for h in held), template
     for template in generated:
         mine = paraphrases.words(template)
-        assert not re.search(r"\b(working|owns?|managed|tell)\b|:", " ".join(mine)) and mine[0] != "name", template
+        assert not re.search(r"\b(working|owns?|managed|tell)\b", " ".join(mine)) and mine[0] != "name", template
         for h in held:  # at least two word edits (substitute, insert, delete) apart
             if abs(len(mine) - len(h)) < 2:
                 assert sum(a != b for a, b in zip(mine, h)) >= 2 or len(mine) != len(h), (template, h)

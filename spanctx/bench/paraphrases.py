@@ -12,7 +12,10 @@ templates by one rule (``_apart``, tested): a generated template is never equal 
 held-out one, neither contains the other (case, spacing and punctuation aside), the two
 are at least ``MIN_EDITS`` word edits apart, and it uses none of ``HELD_OUT_MARKERS``:
 the words that make each held-out template a paraphrase ("working", "owns", "managed",
-"tell", a leading "Name", a colon) occur in no training template of any kind.
+"tell", a leading "Name") occur in no training template of any kind. A colon is not one of
+them: "key: value" is a format documents use, so generated facts include some ("Mira's
+code: 4821.", "Mira - pet: mokka."); the held-out "Code of {name}: {value}." stays
+unseen and at least ``MIN_EDITS`` away from each of them.
 Training worlds use them with ``retrieval.make_world(..., generated=True)``; the shipped
 ``tiny-trained`` preset was trained without them (docs/fidelity.md says what they did).
 """
@@ -64,7 +67,7 @@ QUESTIONS = {
     },
 }
 MIN_EDITS = 2
-HELD_OUT_MARKERS = re.compile(r"\bworking\b|\bowns?\b|\bmanaged\b|\btell\b|^name\b|:")
+HELD_OUT_MARKERS = re.compile(r"\bworking\b|\bowns?\b|\bmanaged\b|\btell\b|^name\b")
 
 # -- the grammar of the generated training paraphrases ------------------------------------------
 # {n}: the person (a name, or in a two-document question a phrase about the manager)
@@ -73,28 +76,29 @@ _NOUN = {"code": ("code", "access code", "personal code", "code number"),
          "pet": ("pet",),
          "manager": ("manager", "boss", "supervisor", "team lead")}
 _OF = ("{n}'s {x}", "the {x} of {n}", "the {x} for {n}")
+_COLON = ("{n}'s {x}: {value}", "{n} - {x}: {value}", "{x} on file for {n}: {value}")  # "key: value" facts
 _FACT_FRAMES = {
     "code": [f"{s} {p} {{value}}" for s in _OF + ("the {x} that {n} uses", "the {x} assigned to {n}")
              for p in ("is", "reads", "is set to", "is listed as", "is now")]
     + [f"{{n}} {v} {a} {{value}}" for v in ("has", "holds", "was given", "got", "was assigned", "goes by", "keeps")
-       for a in ("the code", "the access code", "code", "the personal code", "the code number")],
+       for a in ("the code", "the access code", "code", "the personal code", "the code number")] + list(_COLON),
     "city": [f"{s} is in {{value}}" for s in _OF + ("the {x} that {n} goes to",)]
     + [f"{{n}} {v} {{value}}" for v in ("works in", "works at an office in", "has a job in", "is currently based in",
                                         "goes to work in", "works out of", "holds a job in", "now works in",
                                         "lives and works in", "took a job in", "has a desk in",
                                         "commutes to work in", "is employed at an office in")]
-    + [f"the city {{n}} works in is {{value}}", "the city of {n}'s office is {value}"],
+    + [f"the city {{n}} works in is {{value}}", "the city of {n}'s office is {value}", *_COLON],
     "pet": [f"{s} is a {{value}}" for s in _OF[:2] + ("the pet {n} keeps", "the animal that {n} keeps",
                                                       "the pet living with {n}", "the animal {n} looks after")]
     + [f"{{n}} {v} {a} {{value}}" for v in ("has", "keeps", "looks after", "lives with", "takes care of",
                                              "adopted", "brought home")
        for a in ("a pet", "a pet called", "a pet named", "one pet, a")]
-    + ["{n} has a {value} at home", "{n} keeps a {value} as a pet", "at home {n} has a {value}"],
+    + ["{n} has a {value} at home", "{n} keeps a {value} as a pet", "at home {n} has a {value}", *_COLON],
     "manager": [f"{s} is {{value}}" for s in _OF[:2] + ("the person {n} reports to", "the one who leads {n}")]
     + [f"{{n}} {v} {{value}}" for v in ("reports to", "works for", "answers to", "works under", "reports directly to",
                                          "is on the team of", "is in the team led by", "has the boss",
                                          "takes orders from", "works on the team of")]
-    + ["{n} has {value} as a manager", "{n} has {value} as a boss", "{n}'s team is led by {value}"],
+    + ["{n} has {value} as a manager", "{n} has {value} as a boss", "{n}'s team is led by {value}", *_COLON],
 }
 _FACT_LEADS = ("", "", "", "", "also, ", "by the way, ", "for the record, ", "as it happens, ", "note that ",
                "these days ", "in short, ")

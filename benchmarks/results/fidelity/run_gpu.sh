@@ -5,7 +5,7 @@
 #   OUT=DIR bash benchmarks/results/fidelity/run_gpu.sh        (from the repository root)
 # Writes DIR/tiny-trained/ (weights, config, training.json, training-log.txt) and
 # DIR/fidelity-k16.json, DIR/fidelity-k2-8.json, DIR/fidelity-k32.json. TRAIN, BENCH, WORLDS16,
-# WORLDS, SPLIT_LIMIT override the settings (a CPU smoke test uses them).
+# WORLDS, SPLIT_LIMIT override the settings (a CPU smoke test uses them); TRAIN=none skips the training.
 set -u -o pipefail
 : "${OUT:?set OUT to the output folder}"
 TRAIN=${TRAIN:---compile --time-limit 330}
@@ -16,8 +16,10 @@ SPLIT_LIMIT=${SPLIT_LIMIT:-210}  # seconds per fidelity process: the call must e
 METHODS=full,naive-concat,parallel:none,parallel:head:4,parallel:head:16,parallel:head:32,parallel:blend:0.15
 METHODS=$METHODS,parallel:head:8+blend:0.05,parallel-root:none
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-python benchmarks/train_tiny.py --out "$OUT" $TRAIN || exit 1
-cp "$OUT"/tiny-trained/{model.safetensors,config.json,training.json,training-log.txt} spanctx/weights/tiny-trained/
+if [ "$TRAIN" != none ]; then  # TRAIN=none: the fidelity matrix of the preset in this tree, no training
+    python benchmarks/train_tiny.py --out "$OUT" $TRAIN || exit 1
+    cp "$OUT"/tiny-trained/{model.safetensors,config.json,training.json,training-log.txt} spanctx/weights/tiny-trained/
+fi
 for split in "16 $WORLDS16 k16" "2,4,8 $WORLDS k2-8" "32 $WORLDS k32"; do
     set -- $split
     (timeout "$SPLIT_LIMIT" python -m spanctx.bench fidelity --model tiny-trained --executor eager --no-progress \
