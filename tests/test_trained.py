@@ -32,8 +32,8 @@ from spanctx.presets import PRESETS
 
 K, WORLDS = 4, 8
 REPAIR = "head:16"  # the runtime's default repair
-FULL_AT_LEAST = 14  # of 16 (measured: 15)
-PARALLEL_SHARE = 0.9  # of full's correct answers (measured: 15 of 15, with head:16 and with none)
+FULL_AT_LEAST = 14  # of 16 (measured: 14; the whole held-out set at K = 4: 28 of 32 on an H200)
+PARALLEL_SHARE = 0.9  # of full's correct answers (measured: 15, with head:16 and with none)
 NAIVE_AT_MOST = 12  # of 16 (measured: 11)
 
 
@@ -88,7 +88,7 @@ def test_the_preset_loads_offline_with_its_weights_and_training_record():
     # 0.95 / 0.70 (docs/fidelity.md says why: unseen paraphrases); the record must say so, not hide it
     accuracy = record["heldout_accuracy"]
     assert {"K<=16/single", "K<=16/two", "single/unseen", "two/seen"} <= set(accuracy)
-    assert accuracy["K<=16/single"]["accuracy"] >= 0.85 and accuracy["K<=16/two"]["accuracy"] >= 0.6
+    assert accuracy["K<=16/single"]["accuracy"] >= 0.95 and accuracy["K<=16/two"]["accuracy"] >= 0.7  # issue 22
     assert record["train_seconds"] <= 10 * 60 and len(record["phases"]) == 1
     assert record["settings"]["parallel"] > 0  # Block-Attention-style episodes in its data
     assert (folder / "training-log.txt").read_text().startswith("spanctx tiny-trained")

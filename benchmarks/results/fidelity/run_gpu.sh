@@ -5,7 +5,7 @@
 #   OUT=DIR bash benchmarks/results/fidelity/run_gpu.sh        (from the repository root)
 # Writes DIR/tiny-trained/ (weights, config, training.json, training-log.txt) and
 # DIR/fidelity-k16.json, DIR/fidelity-k2-8.json, DIR/fidelity-k32.json. TRAIN, BENCH, WORLDS16,
-# WORLDS, SPLIT_LIMIT override the settings (a CPU smoke test uses them); TRAIN=none skips the training.
+# WORLDS, SPLITS, SPLIT_LIMIT override the settings (a CPU smoke test uses them); TRAIN=none skips the training.
 set -u -o pipefail
 : "${OUT:?set OUT to the output folder}"
 TRAIN=${TRAIN:---compile --time-limit 330}
@@ -20,8 +20,9 @@ if [ "$TRAIN" != none ]; then  # TRAIN=none: the fidelity matrix of the preset i
     python benchmarks/train_tiny.py --out "$OUT" $TRAIN || exit 1
     cp "$OUT"/tiny-trained/{model.safetensors,config.json,training.json,training-log.txt} spanctx/weights/tiny-trained/
 fi
-for split in "16 $WORLDS16 k16" "2,4,8 $WORLDS k2-8" "32 $WORLDS k32"; do
-    set -- $split
+SPLITS=${SPLITS:-16:$WORLDS16:k16 2,4,8:$WORLDS:k2-8 32:$WORLDS:k32}  # one process each: Ks:worlds:name
+for split in $SPLITS; do
+    set -- ${split//:/ }
     (timeout "$SPLIT_LIMIT" python -m spanctx.bench fidelity --model tiny-trained --executor eager --no-progress \
         --methods "$METHODS" --fidelity-docs "$1" --fidelity-worlds "$2" --out "/tmp/fidelity-$3" $BENCH \
         > "/tmp/fidelity-$3.log" 2>&1
