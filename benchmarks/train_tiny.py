@@ -1,6 +1,6 @@
 """Train the ``tiny-trained`` preset: a small Llama (RoPE, GQA) on byte tokens.
 
-    python benchmarks/train_tiny.py --out DIR --compile [--time-limit S] [--seed S]   (CUDA; ~6 min on an H200)
+    python benchmarks/train_tiny.py --out DIR --compile [--time-limit S] [--seed S]   (CUDA; ~7 min on an H200)
 
 Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
 - natural English: CPython's ``pydoc_data.topics`` (the language reference's topics as
@@ -10,7 +10,7 @@ Data, drawn on the fly from seeded generators (``spanctx.bench.retrieval``):
   that never occur in the held-out set; the seen hand-written paraphrases, and with
   ``--paraphrases generated`` half of the time one of thousands of generated ones kept
   apart from the held-out templates, ``spanctx.bench.paraphrases``; with ``--paraphrases
-  curriculum`` the generated ones join after ``--curriculum-at`` of the run, once the
+  curriculum``, the default, the generated ones join after ``--curriculum-at`` of the run, once the
   model copies from the hand-written ones, four-digit codes included): a system line,
   K = 1..32 documents of facts about people (code, city, pet, manager) among filler prose,
   then several ``Q: ...\\nA: ...`` pairs, half of them two-document (manager chain)
@@ -214,7 +214,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--parallel", type=float, default=PARALLEL_EPISODES,
                         help="fraction of the synthetic episodes whose documents are parallel spans")
-    parser.add_argument("--paraphrases", choices=("hand", "generated", "curriculum"), default="hand",
+    parser.add_argument("--paraphrases", choices=("hand", "generated", "curriculum"), default="curriculum",
                         help="training templates: the hand-written ones only; or half of the time a generated "
                              "one (spanctx.bench.paraphrases); or hand-written first, generated ones mixed in "
                              "after --curriculum-at of the run")
@@ -229,7 +229,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=14)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--eval-every", type=int, default=1000)
-    parser.add_argument("--time-limit", type=float, default=360.0, help="stop training after this many seconds")
+    parser.add_argument("--time-limit", type=float, default=510.0, help="stop training after this many seconds")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--init", help="continue from this tiny-trained folder (weights and training.json)")
     parser.add_argument("--heldout-worlds", type=int, default=None,

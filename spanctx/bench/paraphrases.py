@@ -17,7 +17,8 @@ them: "key: value" is a format documents use, so generated facts include some ("
 code: 4821.", "Mira - pet: mokka."); the held-out "Code of {name}: {value}." stays
 unseen and at least ``MIN_EDITS`` away from each of them.
 Training worlds use them with ``retrieval.make_world(..., generated=True)``; the shipped
-``tiny-trained`` preset was trained without them (docs/fidelity.md says what they did).
+``tiny-trained`` preset met them after the first 45% of its steps (a curriculum;
+docs/fidelity.md says why).
 """
 
 from __future__ import annotations

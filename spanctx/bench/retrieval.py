@@ -11,7 +11,7 @@ only answer by reading (copying from) its documents:
   the last one of each is never used in training (``FACTS``, ``QUESTIONS``). Training
   worlds can also draw (``generated=True``), ``GENERATED_SHARE`` of the time, from
   thousands of generated paraphrases kept apart from the held-out ones
-  (``spanctx.bench.paraphrases``; the shipped preset was trained without them);
+  (``spanctx.bench.paraphrases``; the shipped preset met them in the later part of its training);
 - **filler**: every document carries zero to two prose sentences of natural English;
 - **chain-of-lookup**: a two-document question asks about someone's manager ("Where does
   the manager of Mira work?") where the manager fact and the manager's fact sit in
