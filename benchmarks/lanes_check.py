@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-trained")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--split-only", action="store_true", help="only split attention with graphs")
+    parser.add_argument("--pieces", default=None,
+                        help="comma-separated piece counts: only split attention in that many pieces, with and "
+                             "without CUDA graphs (the merge of several pieces)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     model, tokenizer = load_preset(args.model, device=args.device, dtype=torch.float32)
@@ -76,6 +79,8 @@ def main() -> None:
                if args.device == "cuda" else [("hf", False, None), ("split", False, 4)])
     if args.split_only:
         configs = [("split", True, None)]
+    if args.pieces:
+        configs = [("split", graphs, int(n)) for n in args.pieces.split(",") for graphs in (True, False)]
     for attention, graphs, chunks in configs:
         for stored in (False, True):
             started = time.perf_counter()

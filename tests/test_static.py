@@ -292,6 +292,20 @@ def test_what_it_refuses_and_why():
         StaticExecutor(model_of("gemma2"), max_tokens=64, attention="split")
     with pytest.raises(ValueError, match="must be one of"):
         StaticExecutor(model, max_tokens=64, attention="flash")
+    with pytest.raises(ValueError, match="power of two"):
+        StaticExecutor(model, max_tokens=64, attention="split", chunks=3)
+
+
+@pytest.mark.parametrize("chunks", [1, 4, 64])
+def test_split_attention_in_pieces_matches_full_prefill(chunks):
+    """A fixed piece count caps the split: a bucket too short for it runs in fewer pieces
+    (64 pieces of 16 slots need 1024; these buckets are shorter), exact either way."""
+    model = model_of("llama")
+    ex = StaticExecutor(model, max_tokens=128, attention="split", chunks=chunks)
+    ids = ids_of(40, seed=2)
+    prefix = prefix_of(model, ids, 29)
+    out = ex.forward(one(prefix, ids, 29), logits_to_keep=3)
+    torch.testing.assert_close(out.logits.float(), full_logits(model, ids, 3), atol=ATOL, rtol=0)
 
 
 def test_a_call_of_the_most_rows_runs():

@@ -110,8 +110,8 @@ class StaticExecutor(Sizing):
     (split-KV attention, ``spanctx.attention``; for models whose attention is plain
     softmax: SDPA or eager without soft-capping), "hf" (the model's own attention function
     with the executor's masks), or "auto" (split on CUDA for an SDPA model where its
-    kernel runs, else hf). ``chunks`` fixes the split's piece count (default: one on CUDA,
-    where merged pieces were measured wrong; a few on CPU).
+    kernel runs, else hf). ``chunks`` caps the split's piece count, a power of two (default: one
+    on CUDA, where merged pieces were measured wrong before the merge's guard; a few on CPU).
     """
 
     name = "static"
@@ -125,6 +125,8 @@ class StaticExecutor(Sizing):
             raise ValueError(f"CUDA graphs need a CUDA model, this one is on {self.device}")
         if max_tokens < 2:
             raise ValueError(f"need max_tokens >= 2, got {max_tokens}")
+        if chunks is not None and (chunks < 1 or chunks & (chunks - 1)):
+            raise ValueError(f"chunks must be a power of two, got {chunks}")
         self.compiled, self._chunks = compile, chunks
         text = model.config.get_text_config()
         layout, self.dtype = probe_layout(model)
@@ -401,10 +403,10 @@ class StaticExecutor(Sizing):
     def _chunk_count(self, bucket: Bucket) -> int:
         if self.attention != "split":
             return 1
-        if self._chunks is not None:
-            return self._chunks
-        if self.device.type == "cuda":  # pieces merged from the CUDA kernel's log-sum-exp were measured wrong
-            return 1  # on an H200 (benchmarks/results/serve/gpu_h200_lanes_check_run*.json): one piece, exact
+        if self._chunks is not None:  # at most that many: as many as cut this bucket into pieces of 16 slots
+            return kernels.chunk_count(bucket.length, 1, target=self._chunks, min_chunk=16)
+        if self.device.type == "cuda":  # merged pieces were measured wrong on an H200, then exact with the merge's
+            return 1  # guard (benchmarks/results/serve/gpu_h200_lanes_check_run*.json); throughput not re-measured
         rows = self.kv_heads * -(-(self._group * bucket.tokens) // 64)  # KV heads x query blocks
         return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
 
