@@ -41,6 +41,7 @@ from spanctx.hf import cache_kwargs  # noqa: E402
 VARIANTS = {  # name: StaticExecutor kwargs, most important first
     "static graph split compiled": dict(attention="split", compile=True),
     "static graph split": dict(attention="split"),
+    "static graph split 1 piece": dict(attention="split", chunks=1),
     "static graph hf-sdpa": dict(attention="hf"),
 }
 

@@ -7,9 +7,8 @@ are cut into ``chunks`` pieces attended in parallel and merged by their log-sum-
 ("flash-decoding"), so one query over a long cache can keep every SM busy. A piece in
 which a row sees no slot is left out of the merge. On an H200 (2026-12-03), pieces merged
 from the CUDA kernel's outputs disagreed with one piece by up to 3 logits (fp32; the
-errors depended on the stale tokens of unseen slots), so the static executor runs one
-piece on CUDA (``StaticExecutor._chunk_count``); with the guard against unseen pieces,
-added after that measurement, 2-128 pieces agreed to 6e-5 there (the same night,
+errors depended on the stale tokens of unseen slots); with the guard against unseen
+pieces, added after that measurement, 2-128 pieces agreed to 6e-5 there (the same night,
 ``benchmarks/results/serve/gpu_h200_lanes_check_run4_pieces.json``). On CUDA each
 piece runs in PyTorch's memory-efficient attention kernel, which takes a mask and returns
 the log-sum-exp (never the math backend); on CPU it is float32 arithmetic. The query heads

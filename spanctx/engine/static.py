@@ -110,8 +110,8 @@ class StaticExecutor(Sizing):
     (split-KV attention, ``spanctx.attention``; for models whose attention is plain
     softmax: SDPA or eager without soft-capping), "hf" (the model's own attention function
     with the executor's masks), or "auto" (split on CUDA for an SDPA model where its
-    kernel runs, else hf). ``chunks`` caps the split's piece count, a power of two (default: one
-    on CUDA, where merged pieces were measured wrong before the merge's guard; a few on CPU).
+    kernel runs, else hf). ``chunks`` caps the split's piece count, a power of two (default: about
+    one block per SM on CUDA, a few on CPU).
     """
 
     name = "static"
@@ -142,6 +142,8 @@ class StaticExecutor(Sizing):
         self._model_reason = model_reason(text, self.graphs)
         # a vision-language model: ids from the text vocabulary on are image placeholders
         self._vocab = text.vocab_size if getattr(model.config, "vision_config", None) is not None else None
+        cuda = self.device.type == "cuda"
+        self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         ints, slots = dict(dtype=torch.long, device=self.device), self.buffers.max_tokens  # a padded tail's too
         # the step's inputs, per step token: id, position, slot, row; and per slot its owner and position
         self._ids, self._pos, self._slots, self._who, self._keep = (torch.zeros(slots, **ints) for _ in range(5))
@@ -405,10 +407,9 @@ class StaticExecutor(Sizing):
             return 1
         if self._chunks is not None:  # at most that many: as many as cut this bucket into pieces of 16 slots
             return kernels.chunk_count(bucket.length, 1, target=self._chunks, min_chunk=16)
-        if self.device.type == "cuda":  # merged pieces were measured wrong on an H200, then exact with the merge's
-            return 1  # guard (benchmarks/results/serve/gpu_h200_lanes_check_run*.json); throughput not re-measured
         rows = self.kv_heads * -(-(self._group * bucket.tokens) // 64)  # KV heads x query blocks
-        return kernels.chunk_count(bucket.length, rows, target=8, min_chunk=16)
+        target, least = (self._sms, 256) if self.device.type == "cuda" else (8, 16)  # about a block per SM
+        return kernels.chunk_count(bucket.length, rows, target=target, min_chunk=least)
 
     def _stats(self, call: _Call, steps: int) -> ExecStats:
         built = self._steps.stats.since(call.builds_before)
