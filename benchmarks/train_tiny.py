@@ -74,15 +74,15 @@ def model_config() -> LlamaConfig:
 class Rows(IterableDataset):
     """Endless ``(ids [T+1], weights [T+1], layout [4, T+1])`` rows; worker ``w`` draws
     from seed ``(seed, w)``; ``parallel`` of the episodes have parallel documents;
-    ``generated``: the generated paraphrases are in the mix, from the start or (a
-    curriculum) once ``mix_generated()`` is called; the loader's workers see the switch
-    through shared memory, so the rows they have already queued are the old mix."""
+    ``mix`` as ``--paraphrases``: the generated paraphrases are in the mix never
+    ("hand"), from the start ("generated"), or once ``mix_generated()`` is called
+    ("curriculum"); the loader's workers see the switch through shared memory, so the
+    rows they have already queued are the old mix."""
 
-    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, generated: bool = False,
-                 later: bool = False) -> None:
+    def __init__(self, seq_len: int, seed: int, parallel: float = PARALLEL_EPISODES, mix: str = "hand") -> None:
         self.seq_len, self.seed, self.parallel = seq_len, seed, parallel
-        self.mixed = multiprocessing.Value("b", int(generated), lock=False)
-        if generated or later:  # built once here, before the loader's workers fork
+        self.mixed = multiprocessing.Value("b", mix == "generated", lock=False)
+        if mix != "hand":  # built once here, before the loader's workers fork
             paraphrases.training_facts(), paraphrases.training_questions()
         tok = byte_tokenizer()
         self.ascii = tok("".join(map(chr, range(128))), add_special_tokens=False)["input_ids"]
@@ -268,8 +268,7 @@ def main() -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     forward = torch.compile(model) if args.compile else model
-    rows = Rows(args.seq_len, args.seed, args.parallel, generated=args.paraphrases == "generated",
-                later=args.paraphrases == "curriculum")
+    rows = Rows(args.seq_len, args.seed, args.parallel, args.paraphrases)
     loader = DataLoader(rows, batch_size=args.batch,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if args.workers else None)
@@ -284,14 +283,14 @@ def main() -> int:
     for step, (ids, weights, layout) in enumerate(loader):
         if step >= args.steps or time.perf_counter() - started > args.time_limit:
             break
-        time_progress = (time.perf_counter() - started) / args.time_limit
+        elapsed = time.perf_counter() - started
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, time_progress)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, elapsed / args.time_limit)
         if (args.paraphrases == "curriculum" and not rows.generated
-                and max(step / args.steps, time_progress) >= args.curriculum_at):
+                and max(step / args.steps, elapsed / args.time_limit) >= args.curriculum_at):
             rows.mix_generated()
-            log(f"step {step}: generated paraphrases join the mix ({time.perf_counter() - started:.1f} s)")
-            generated_from = {"step": step, "seconds": round(time.perf_counter() - started, 1)}
+            log(f"step {step}: generated paraphrases join the mix ({elapsed:.1f} s)")
+            generated_from = {"step": step, "seconds": round(elapsed, 1)}
         ids, weights = ids.to(device, non_blocking=True), weights.to(device, non_blocking=True)
         layout = layout[:, :, :-1].to(device, non_blocking=True)
 

@@ -11,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from test_retrieval import _pattern  # noqa: E402
+
 from spanctx.bench import retrieval  # noqa: E402
 from spanctx.tokenizer import byte_tokenizer  # noqa: E402
 
@@ -24,8 +26,7 @@ def _train_tiny():
     return module
 
 
-HAND_QUESTIONS = [re.compile(re.escape(t).replace(r"\{name\}", r"\S+") + "$")
-                  for kind in retrieval.QUESTIONS.values() for ts in kind.values() for t in ts[:-1]]
+HAND_QUESTIONS = [_pattern(t) for kind in retrieval.QUESTIONS.values() for ts in kind.values() for t in ts[:-1]]
 
 
 def _questions(ids: torch.Tensor) -> list[str]:
@@ -40,7 +41,7 @@ def _hand_share(batches) -> tuple[int, int]:
 
 def test_the_curriculum_switch_reaches_the_loader_workers():
     train_tiny = _train_tiny()
-    rows = train_tiny.Rows(2048, seed=1, later=True)
+    rows = train_tiny.Rows(2048, seed=1, mix="curriculum")
     loader = iter(torch.utils.data.DataLoader(rows, batch_size=4, num_workers=2, prefetch_factor=1))
     before = [next(loader) for _ in range(3)]
     hand, total = _hand_share(before)

@@ -83,7 +83,7 @@ def main() -> int:
     config.num_attention_heads, config.num_key_value_heads = 4, 2
     model = LlamaForCausalLM(config)
     use_span_attention(model)
-    rows = iter(train_tiny.Rows(640, 0, parallel=0.0, generated=args.paraphrases == "generated"))
+    rows = iter(train_tiny.Rows(640, 0, parallel=0.0, mix=args.paraphrases))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     started, step = time.perf_counter(), 0
     while time.perf_counter() - started < args.seconds:

@@ -8,7 +8,7 @@
 # WORLDS, SPLITS, SPLIT_LIMIT override the settings (a CPU smoke test uses them); TRAIN=none skips the training.
 set -u -o pipefail
 : "${OUT:?set OUT to the output folder}"
-TRAIN=${TRAIN:---compile --paraphrases curriculum --time-limit 510}
+TRAIN=${TRAIN:---compile}  # train_tiny.py's defaults are the shipped recipe
 BENCH=${BENCH:-}
 WORLDS16=${WORLDS16:-16}
 WORLDS=${WORLDS:-4}
